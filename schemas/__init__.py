@@ -1,0 +1,27 @@
+"""Wire contracts of the license telemetry service, as pydantic models.
+
+Other teams read this package: it holds the message formats and nothing else.
+`python -m schemas.export DIR` writes them as JSON Schema files.
+"""
+
+from __future__ import annotations
+
+from schemas.agent_events import (
+    AGENT_EVENT_ADAPTER,
+    AgentEvent,
+    DeviceKind,
+    Heartbeat,
+    Install,
+    Uninstall,
+    UserProfile,
+)
+
+__all__ = [
+    "AGENT_EVENT_ADAPTER",
+    "AgentEvent",
+    "DeviceKind",
+    "Heartbeat",
+    "Install",
+    "Uninstall",
+    "UserProfile",
+]

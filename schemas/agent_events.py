@@ -1,0 +1,90 @@
+"""Inbound agent events, schema version 1 (topics `agent.heartbeat.v1`, `agent.lifecycle.v1`).
+
+Strict where a wrong value would corrupt accounting (ids, timestamps, `type`), tolerant of
+unknown extra fields, which are dropped and never reach the database.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+
+MAX_ID_LENGTH = 200
+MAX_TEXT_LENGTH = 512
+
+
+# Ids are keys, log fields and Kafka keys: control characters or surrounding white space
+# there are always an agent bug or an attack, and NUL cannot be stored in Postgres text.
+# Patterns (not Python validators) keep validation in pydantic-core's fast path.
+_IDENTIFIER_PATTERN = r"^[^\x00-\x20\x7f](?:[^\x00-\x1f\x7f]*[^\x00-\x20\x7f])?$"
+_NO_NUL_PATTERN = r"^[^\x00]*$"
+
+Identifier = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=_IDENTIFIER_PATTERN),
+]
+FreeText = Annotated[str, StringConstraints(max_length=MAX_TEXT_LENGTH, pattern=_NO_NUL_PATTERN)]
+
+
+class DeviceKind(StrEnum):
+    BUSINESS = "business"
+    PERSONAL = "personal"
+
+
+class _AgentEventBase(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    schema_version: Literal[1]
+    event_id: Identifier
+    customer_id: Identifier
+    device_id: Identifier
+    user_id: Identifier | None = None
+    occurred_at: AwareDatetime
+    agent_version: FreeText | None = None
+
+    @property
+    def names_user(self) -> bool:
+        """Whether the event says who the device's user is (an explicit null does)."""
+        return "user_id" in self.model_fields_set
+
+
+class UserProfile(BaseModel):
+    """Personal data of a user (licensing rule 5: purged 90 days after release)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    email: FreeText | None = None
+    display_name: FreeText | None = None
+
+
+class Heartbeat(_AgentEventBase):
+    type: Literal["heartbeat"]
+    device_kind: DeviceKind | None = None
+
+
+class Install(_AgentEventBase):
+    type: Literal["install"]
+    device_kind: DeviceKind
+    hostname: FreeText
+    os: FreeText
+    user: UserProfile | None = None
+
+
+class Uninstall(_AgentEventBase):
+    type: Literal["uninstall"]
+
+
+AgentEvent = Annotated[Heartbeat | Install | Uninstall, Field(discriminator="type")]
+AGENT_EVENT_ADAPTER: TypeAdapter[Heartbeat | Install | Uninstall] = TypeAdapter(AgentEvent)
+
+__all__ = [
+    "AGENT_EVENT_ADAPTER",
+    "AgentEvent",
+    "DeviceKind",
+    "Heartbeat",
+    "Install",
+    "Uninstall",
+    "UserProfile",
+]

@@ -1,0 +1,127 @@
+"""Fixtures shared by the integration and acceptance tests: real Kafka and real Postgres.
+
+Where `KAFKA_BOOTSTRAP_SERVERS` and `DATABASE_URL` are set (CI, `make test`), they are used.
+Otherwise a Docker engine, if one answers, starts both with testcontainers; otherwise
+`deploy/local/services.sh` starts them from the Kafka jars and the Postgres binaries.
+Every test gets its own database (copied from a migrated template) and its own topics.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.support import Services, create_topics, migrate_database
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _services_from_environment() -> Services | None:
+    kafka, database = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("DATABASE_URL")
+    if kafka and database:
+        return Services(kafka_bootstrap_servers=kafka, database_url=database)
+    return None
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env().ping()
+    except Exception:
+        return False
+    return True
+
+
+def _start_with_testcontainers() -> Iterator[Services]:
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.postgres import PostgresContainer
+
+    with (
+        KafkaContainer("apache/kafka:4.1.1").with_kraft() as kafka,
+        PostgresContainer("postgres:15", driver=None) as postgres,
+    ):
+        yield Services(kafka.get_bootstrap_server(), postgres.get_connection_url())
+
+
+def _start_with_local_script(state_dir: Path) -> Iterator[Services]:
+    script = REPO_ROOT / "deploy" / "local" / "services.sh"
+    output = subprocess.run(
+        ["bash", str(script), "start", str(state_dir)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    values = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in output.splitlines()
+        if line.startswith("export ")
+    )
+    try:
+        yield Services(
+            values["KAFKA_BOOTSTRAP_SERVERS"], values["DATABASE_URL"], state_dir=state_dir
+        )
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(state_dir)], check=False, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    from_environment = _services_from_environment()
+    if from_environment is not None:
+        yield from_environment
+    elif _docker_answers():
+        yield from _start_with_testcontainers()
+    else:
+        yield from _start_with_local_script(tmp_path_factory.mktemp("services"))
+
+
+@pytest.fixture(scope="session")
+async def template_database(services: Services) -> str:
+    """A database with every migration applied, copied for each test."""
+    name = f"license_template_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(services.admin_url())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    await migrate_database(services.database_url_for(name))
+    return name
+
+
+@pytest.fixture
+async def database_url(services: Services, template_database: str) -> AsyncIterator[str]:
+    name = f"license_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(services.admin_url())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    finally:
+        await admin.close()
+    yield services.database_url_for(name)
+    admin = await asyncpg.connect(services.admin_url())
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def topics(services: Services) -> dict[str, str]:
+    """Fresh topic names for one test, so tests never read each other's messages."""
+    suffix = uuid.uuid4().hex[:10]
+    names = {
+        "heartbeat_topic": f"agent.heartbeat.{suffix}",
+        "lifecycle_topic": f"agent.lifecycle.{suffix}",
+        "dlq_topic": f"agent.events.dlq.{suffix}",
+        "license_events_topic": f"license.events.{suffix}",
+        "consumer_group": f"license-telemetry-{suffix}",
+    }
+    await create_topics(services.kafka_bootstrap_servers, names, partitions=4)
+    return names

@@ -1,0 +1,238 @@
+"""Helpers for tests that talk to the real Kafka and Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from worker.clock import Clock
+from worker.repository import Repository
+from worker.service import Worker
+from worker.settings import Settings
+from worker.sql_files import load_migrations
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Services:
+    kafka_bootstrap_servers: str
+    database_url: str
+    state_dir: Path | None = None
+
+    def database_url_for(self, name: str) -> str:
+        parts = urlsplit(self.database_url)
+        return urlunsplit(parts._replace(path=f"/{name}"))
+
+    def admin_url(self) -> str:
+        return self.database_url_for("postgres")
+
+    def services_script(self, command: str) -> None:
+        """Stops or starts one local service (only where deploy/local/services.sh runs them)."""
+        if self.state_dir is None:
+            import pytest
+
+            pytest.skip("needs services started by deploy/local/services.sh")
+        script = REPO_ROOT / "deploy" / "local" / "services.sh"
+        subprocess.run(
+            ["bash", str(script), command, str(self.state_dir)],
+            check=True,
+            timeout=180,
+            capture_output=True,
+        )
+
+
+async def migrate_database(database_url: str) -> None:
+    repository = await Repository.connect(database_url, 1)
+    try:
+        await repository.apply_migrations(load_migrations())
+    finally:
+        await repository.close()
+
+
+async def create_topics(bootstrap: str, names: Mapping[str, str], partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(names[key], num_partitions=partitions, replication_factor=1)
+                for key in (
+                    "heartbeat_topic",
+                    "lifecycle_topic",
+                    "dlq_topic",
+                    "license_events_topic",
+                )
+            ]
+        )
+    finally:
+        await admin.close()
+
+
+def make_settings(
+    services: Services, database_url: str, topics: Mapping[str, str], **overrides: Any
+) -> Settings:
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": services.kafka_bootstrap_servers,
+        "database_url": database_url,
+        "batch_max_wait_ms": 100,
+        "retry_initial_seconds": 0.05,
+        "retry_max_seconds": 1.0,
+        **topics,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The environment variables that reproduce `settings` in a subprocess."""
+    environment = dict(os.environ)
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            environment[name.upper()] = str(value)
+    environment["DATABASE_URL"] = settings.database_url.get_secret_value()
+    environment["LOG_FORMAT"] = "json"
+    return environment
+
+
+async def produce(
+    bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None]]
+) -> int:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    count = 0
+    try:
+        for key, value in messages:
+            await producer.send(topic, value=value, key=key)
+            count += 1
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return count
+
+
+def encode(event: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(event)
+
+
+async def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 30) -> list[Any]:
+    """Reads a topic from the beginning until `expected` records arrived or time ran out."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(records) < expected and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for partition_records in batch.values():
+                records.extend(partition_records)
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], timeout: float = 60, interval: float = 0.2
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if await condition():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+async def fetch(database_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    connection = await asyncpg.connect(database_url)
+    try:
+        return list(await connection.fetch(sql, *args))
+    finally:
+        await connection.close()
+
+
+async def fetchval(database_url: str, sql: str, *args: Any) -> Any:
+    connection = await asyncpg.connect(database_url)
+    try:
+        return await connection.fetchval(sql, *args)
+    finally:
+        await connection.close()
+
+
+async def committed_offsets_total(bootstrap: str, group: str, topics: Iterable[str]) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    except KafkaError:  # the group's coordinator is still being elected
+        return -1
+    finally:
+        await admin.close()
+    wanted = set(topics)
+    return sum(
+        meta.offset for tp, meta in offsets.items() if tp.topic in wanted and meta.offset > 0
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, clock: Clock | None = None) -> AsyncIterator[Worker]:
+    """The worker in this process, stopped the way SIGTERM stops it."""
+    worker = Worker(settings, clock)
+    task = asyncio.create_task(worker.run(), name="worker-under-test")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, timeout=60)
+
+
+class WorkerProcess:
+    """`license-worker run` as a real subprocess, for crash and acceptance tests."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self._environment = settings_environment(settings)
+        self._log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        log_file = self._log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run"],
+            env=self._environment,
+            stdout=log_file,
+            stderr=log_file,
+            cwd=REPO_ROOT,
+        )
+        log_file.close()
+        return self
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def log_text(self) -> str:
+        return self._log_path.read_text(errors="replace")

@@ -1,0 +1,86 @@
+"""One consumed batch, sorted into events to store and messages to dead-letter. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from worker.dead_letters import DeadLetter
+from worker.decoding import AgentEventModel, Rejection, decode_agent_event
+
+
+class Record(Protocol):
+    """The parts of an aiokafka ConsumerRecord the worker reads."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionProgress:
+    topic: str
+    partition: int
+    next_offset: int
+    last_message_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRecord:
+    record: Record
+    event: AgentEventModel
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    good: list[DecodedRecord] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    # The offset to commit per (topic, partition): last consumed offset + 1.
+    next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    progress: list[PartitionProgress] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.good) + len(self.dead_letters)
+
+
+def dead_letter_for(record: Record, rejection: Rejection) -> DeadLetter:
+    return DeadLetter(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        headers=list(record.headers or ()),
+        rejection=rejection,
+    )
+
+
+def decode_batch(records: Mapping[Any, Iterable[Record]], max_message_bytes: int) -> DecodedBatch:
+    batch = DecodedBatch()
+    for partition_records in records.values():
+        last: Record | None = None
+        for record in partition_records:
+            decoded = decode_agent_event(record.value, max_message_bytes)
+            if isinstance(decoded, Rejection):
+                batch.dead_letters.append(dead_letter_for(record, decoded))
+            else:
+                batch.good.append(DecodedRecord(record, decoded))
+            last = record
+        if last is not None:
+            batch.next_offsets[(last.topic, last.partition)] = last.offset + 1
+            batch.progress.append(
+                PartitionProgress(
+                    last.topic,
+                    last.partition,
+                    last.offset + 1,
+                    datetime.fromtimestamp(last.timestamp / 1000, UTC),
+                )
+            )
+    return batch

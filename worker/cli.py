@@ -1,0 +1,122 @@
+"""The `license-worker` command."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import click
+import structlog
+
+from worker.logs import configure_logging
+from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+def _settings() -> Settings:
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+@click.group()
+def main() -> None:
+    """License telemetry worker: agent signals from Kafka into license accounting in Postgres.
+
+    Configuration comes from environment variables; see the README."""
+
+
+@main.command()
+def migrate() -> None:
+    """Apply the database migrations not applied yet (safe to run twice, or concurrently)."""
+    from worker.repository import Repository  # noqa: PLC0415 - keep `--help` fast
+    from worker.sql_files import load_migrations  # noqa: PLC0415
+
+    settings = _settings()
+
+    async def apply() -> None:
+        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
+        try:
+            applied = await repository.apply_migrations(load_migrations())
+        finally:
+            await repository.close()
+        log.info("migrate.done", applied=[migration.version for migration in applied])
+
+    asyncio.run(apply())
+
+
+@main.command()
+def run() -> None:
+    """Consume agent events until SIGTERM or SIGINT."""
+    from worker.service import Worker, install_signal_handlers  # noqa: PLC0415
+
+    settings = _settings()
+
+    async def serve() -> None:
+        worker = Worker(settings)
+        install_signal_handlers(worker)
+        await worker.run()
+
+    asyncio.run(serve())
+
+
+@main.command("create-topics")
+@click.option("--partitions", default=4, show_default=True, help="Partitions of each topic.")
+@click.option("--replication-factor", default=1, show_default=True)
+def create_topics(partitions: int, replication_factor: int) -> None:
+    """Create the service's Kafka topics that do not exist yet."""
+    from worker.kafka_clients import ensure_topics  # noqa: PLC0415
+
+    settings = _settings()
+    created = asyncio.run(ensure_topics(settings, partitions, replication_factor))
+    log.info("topics.created", topics=created)
+
+
+@main.command("export-schemas")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def export_schemas(directory: Path) -> None:
+    """Write the wire contracts as JSON Schema files into DIRECTORY."""
+    from schemas.export import export_json_schemas  # noqa: PLC0415
+
+    for path in export_json_schemas(directory):
+        click.echo(str(path))
+
+
+@main.command()
+@click.option("--customers", default=3, show_default=True)
+@click.option("--devices-per-customer", default=20, show_default=True)
+@click.option("--rounds", default=5, show_default=True, help="Heartbeats per device.")
+def simulate(customers: int, devices_per_customer: int, rounds: int) -> None:
+    """Produce a small simulated fleet's installs and heartbeats (for the demo)."""
+    from worker.fleet_producer import produce_fleet  # noqa: PLC0415
+
+    settings = _settings()
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5 * rounds)
+    sent = asyncio.run(produce_fleet(settings, customers, devices_per_customer, rounds, start))
+    click.echo(f"produced {sent} agent events")
+
+
+@main.command()
+def status() -> None:
+    """Print what is stored: customers, users, devices, and ingestion progress."""
+    from worker.repository import Repository  # noqa: PLC0415
+
+    settings = _settings()
+
+    async def show() -> None:
+        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
+        try:
+            summary = await repository.summary()
+        finally:
+            await repository.close()
+        for name, value in summary.items():
+            click.echo(f"{name:>28}: {value}")
+
+    asyncio.run(show())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

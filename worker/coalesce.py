@@ -1,0 +1,155 @@
+"""Folds a batch of agent events into one change per device, per user and per customer.
+
+Pure: no I/O, the receive time is passed in. The database applies the same "newest event
+time wins" rules again when it merges these changes, so folding first only saves writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from schemas.agent_events import Heartbeat, Install, Uninstall
+
+AgentEventModel = Heartbeat | Install | Uninstall
+
+
+@dataclass(slots=True)
+class DeviceChange:
+    customer_id: str
+    device_id: str
+    first_seen_at: datetime
+    last_seen_at: datetime
+    last_present_at: datetime | None = None
+    last_installed_at: datetime | None = None
+    last_uninstalled_at: datetime | None = None
+    user_id: str | None = None
+    user_reported_at: datetime | None = None
+    device_kind: str | None = None
+    kind_reported_at: datetime | None = None
+    hostname: str | None = None
+    os: str | None = None
+    details_reported_at: datetime | None = None
+    agent_version: str | None = None
+    agent_version_reported_at: datetime | None = None
+    # Latest signal that named no user: credited to whoever the device belongs to.
+    unattributed_seen_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class UserChange:
+    customer_id: str
+    user_id: str
+    first_seen_at: datetime
+    last_seen_at: datetime
+    email: str | None = None
+    display_name: str | None = None
+    profile_reported_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleRecord:
+    customer_id: str
+    event_id: str
+    device_id: str
+    event_type: str
+    occurred_at: datetime
+
+
+@dataclass(slots=True)
+class BatchChanges:
+    devices: dict[tuple[str, str], DeviceChange] = field(default_factory=dict)
+    users: dict[tuple[str, str], UserChange] = field(default_factory=dict)
+    lifecycle: dict[tuple[str, str], LifecycleRecord] = field(default_factory=dict)
+    clamped_events: int = 0
+
+    @property
+    def customer_ids(self) -> list[str]:
+        return sorted({customer_id for customer_id, _ in self.devices})
+
+    def sorted_devices(self) -> list[DeviceChange]:
+        return [self.devices[key] for key in sorted(self.devices)]
+
+    def sorted_users(self) -> list[UserChange]:
+        return [self.users[key] for key in sorted(self.users)]
+
+    def sorted_lifecycle(self) -> list[LifecycleRecord]:
+        return [self.lifecycle[key] for key in sorted(self.lifecycle)]
+
+
+def clamp_event_time(
+    occurred_at: datetime, received_at: datetime, tolerance: timedelta
+) -> datetime:
+    """An agent clock in the future is not trusted past the receive time plus a tolerance."""
+    return min(occurred_at, received_at + tolerance)
+
+
+def coalesce(
+    events: Iterable[AgentEventModel], received_at: datetime, future_tolerance: timedelta
+) -> BatchChanges:
+    changes = BatchChanges()
+    for event in events:
+        at = clamp_event_time(event.occurred_at, received_at, future_tolerance)
+        if at != event.occurred_at:
+            changes.clamped_events += 1
+        _fold_device(changes, event, at)
+        if event.user_id is not None and not isinstance(event, Uninstall):
+            _fold_user(changes, event, event.user_id, at)
+        if not isinstance(event, Heartbeat):
+            key = (event.customer_id, event.event_id)
+            changes.lifecycle[key] = LifecycleRecord(
+                event.customer_id, event.event_id, event.device_id, event.type, at
+            )
+    return changes
+
+
+def _fold_device(changes: BatchChanges, event: AgentEventModel, at: datetime) -> None:
+    key = (event.customer_id, event.device_id)
+    device = changes.devices.get(key)
+    if device is None:
+        device = changes.devices[key] = DeviceChange(event.customer_id, event.device_id, at, at)
+    device.first_seen_at = min(device.first_seen_at, at)
+    device.last_seen_at = max(device.last_seen_at, at)
+    if isinstance(event, Uninstall):
+        device.last_uninstalled_at = _later(device.last_uninstalled_at, at)
+        device.unattributed_seen_at = _later(device.unattributed_seen_at, at)
+        return
+    device.last_present_at = _later(device.last_present_at, at)
+    if event.agent_version is not None and _is_newer(at, device.agent_version_reported_at):
+        device.agent_version, device.agent_version_reported_at = event.agent_version, at
+    if event.names_user:
+        if _is_newer(at, device.user_reported_at):
+            device.user_id, device.user_reported_at = event.user_id, at
+    else:
+        device.unattributed_seen_at = _later(device.unattributed_seen_at, at)
+    if event.device_kind is not None and _is_newer(at, device.kind_reported_at):
+        device.device_kind, device.kind_reported_at = event.device_kind.value, at
+    if isinstance(event, Install):
+        device.last_installed_at = _later(device.last_installed_at, at)
+        if _is_newer(at, device.details_reported_at):
+            device.hostname, device.os, device.details_reported_at = event.hostname, event.os, at
+
+
+def _fold_user(
+    changes: BatchChanges, event: Heartbeat | Install, user_id: str, at: datetime
+) -> None:
+    key = (event.customer_id, user_id)
+    user = changes.users.get(key)
+    if user is None:
+        user = changes.users[key] = UserChange(event.customer_id, user_id, at, at)
+    user.first_seen_at = min(user.first_seen_at, at)
+    user.last_seen_at = max(user.last_seen_at, at)
+    profile = event.user if isinstance(event, Install) else None
+    if profile is not None and _is_newer(at, user.profile_reported_at):
+        user.email, user.display_name = profile.email, profile.display_name
+        user.profile_reported_at = at
+
+
+def _is_newer(at: datetime, reported_at: datetime | None) -> bool:
+    # Ties go to the later message, as in the database merge (`>=`).
+    return reported_at is None or at >= reported_at
+
+
+def _later(current: datetime | None, candidate: datetime) -> datetime:
+    return candidate if current is None else max(current, candidate)

@@ -1,0 +1,86 @@
+"""Raw Kafka message bytes to a validated agent event, or a reason it cannot be one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import orjson
+from pydantic import ValidationError
+
+from schemas import AGENT_EVENT_ADAPTER
+from schemas.agent_events import Heartbeat, Install, Uninstall
+
+AgentEventModel = Heartbeat | Install | Uninstall
+
+
+class RejectReason(StrEnum):
+    """Why a message went to the DLQ; a stable label for metrics, headers and alerts."""
+
+    OVERSIZED = "oversized"
+    EMPTY = "empty"
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
+    UNKNOWN_TYPE = "unknown_type"
+    SCHEMA_VIOLATION = "schema_violation"
+    DATABASE_REJECTED = "database_rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: RejectReason
+    detail: str
+
+
+MAX_DETAIL_LENGTH = 1000
+
+
+def decode_agent_event(value: bytes | None, max_bytes: int) -> AgentEventModel | Rejection:
+    if not value:
+        return Rejection(RejectReason.EMPTY, "message has no value")
+    if len(value) > max_bytes:
+        # Checked before parsing: a huge message must not cost memory or CPU to reject.
+        return Rejection(RejectReason.OVERSIZED, f"{len(value)} bytes exceeds {max_bytes}")
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError as error:
+        return _json_rejection(value, error)
+    if not isinstance(document, dict):
+        return Rejection(RejectReason.NOT_AN_OBJECT, f"top level is {type(document).__name__}")
+    try:
+        return AGENT_EVENT_ADAPTER.validate_python(document)
+    except ValidationError as error:
+        return _validation_rejection(document, error)
+
+
+def _json_rejection(value: bytes, error: orjson.JSONDecodeError) -> Rejection:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as unicode_error:
+        return Rejection(RejectReason.INVALID_UTF8, _bounded(str(unicode_error)))
+    return Rejection(RejectReason.INVALID_JSON, _bounded(str(error)))
+
+
+def _validation_rejection(document: dict[str, object], error: ValidationError) -> Rejection:
+    if document.get("schema_version", 1) != 1:
+        version = _bounded(repr(document.get("schema_version")), 50)
+        return Rejection(RejectReason.UNSUPPORTED_SCHEMA_VERSION, f"schema_version {version}")
+    first_types = {detail["type"] for detail in error.errors()}
+    if first_types & {"union_tag_invalid", "union_tag_not_found"}:
+        return Rejection(RejectReason.UNKNOWN_TYPE, _bounded(_describe(error)))
+    return Rejection(RejectReason.SCHEMA_VIOLATION, _bounded(_describe(error)))
+
+
+def _describe(error: ValidationError) -> str:
+    # Field locations and messages only: input values may hold personal data and must not
+    # reach headers or logs.
+    return "; ".join(
+        f"{'.'.join(str(part) for part in detail['loc'])}: {detail['msg']}"
+        for detail in error.errors(include_input=False, include_url=False)
+    )
+
+
+def _bounded(text: str, limit: int = MAX_DETAIL_LENGTH) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

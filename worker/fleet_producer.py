@@ -1,0 +1,31 @@
+"""Produces a simulated fleet's events into Kafka (demo and tests)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from worker.kafka_clients import create_producer, start_with_retry
+from worker.settings import Settings
+from worker.simulator import agent_event, build_fleet, encode, heartbeat_rounds
+
+
+async def produce_fleet(
+    settings: Settings, customers: int, devices_per_customer: int, rounds: int, start: datetime
+) -> int:
+    fleet = build_fleet(customers, devices_per_customer)
+    producer = create_producer(settings)
+    await start_with_retry("kafka-producer", producer.start, settings, attempts=5)
+    sent = 0
+    try:
+        for device in fleet:
+            event = agent_event(device, "install", start - timedelta(minutes=1))
+            await producer.send(settings.lifecycle_topic, encode(event), key=device.key)
+            sent += 1
+        for device, at in heartbeat_rounds(fleet, rounds, start, timedelta(minutes=5)):
+            event = agent_event(device, "heartbeat", at)
+            await producer.send(settings.heartbeat_topic, encode(event), key=device.key)
+            sent += 1
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return sent

@@ -1,0 +1,274 @@
+"""The ingestion loop: Kafka batch in, one Postgres transaction, then the offsets.
+
+Order per batch: decode; dead-letter bad messages (acknowledged by the broker); write the
+good ones in one transaction; commit `last offset + 1` per partition. An offset is only
+committed for messages that reached the database or the DLQ. Every write is idempotent
+(newest event time wins, lifecycle events keyed by event id), so a batch redelivered after a
+crash or a rebalance changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+from worker import metrics
+from worker.backoff import Backoff
+from worker.batch import DecodedBatch, DecodedRecord, dead_letter_for, decode_batch
+from worker.clock import Clock
+from worker.coalesce import BatchChanges, coalesce
+from worker.dead_letters import DeadLetter, publish_dead_letters
+from worker.decoding import AgentEventModel, Rejection, RejectReason
+from worker.repository import Repository, is_transient_database_error
+from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+class ShutdownDuringRetry(Exception):
+    """The worker was asked to stop while waiting out an outage; the batch is abandoned
+    uncommitted and will be redelivered."""
+
+
+class FlushBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Lets the batch in hand finish and commit before its partitions move elsewhere."""
+
+    def __init__(self, batch_lock: asyncio.Lock, timeout_seconds: float) -> None:
+        self._batch_lock = batch_lock
+        self._timeout = timeout_seconds
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if not revoked:
+            return
+        metrics.REBALANCES.inc()
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._batch_lock.acquire()
+            self._batch_lock.release()
+            log.info("partitions.revoked", partitions=_names(revoked))
+        except TimeoutError:
+            # The batch is stuck behind an outage; its commit will be refused and the new
+            # owner re-reads it. Idempotent writes make that harmless.
+            log.warning("partitions.revoked_mid_batch", partitions=_names(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("partitions.assigned", partitions=_names(assigned))
+
+
+class IngestionLoop:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        consumer: Any,
+        producer: Any,
+        repository: Repository,
+        clock: Clock,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._settings = settings
+        self._consumer = consumer
+        self._producer = producer
+        self._repository = repository
+        self._clock = clock
+        self._stopping = stopping
+        self.batch_lock = asyncio.Lock()
+        self.last_progress_monotonic = time.monotonic()
+
+    def rebalance_listener(self) -> FlushBeforeRevoke:
+        return FlushBeforeRevoke(self.batch_lock, self._settings.rebalance_flush_timeout_seconds)
+
+    async def run(self) -> None:
+        log.info("ingest.started", topics=list(self._settings.agent_topics))
+        while not self._stopping.is_set():
+            records = await self._consumer.getmany(
+                timeout_ms=self._settings.batch_max_wait_ms,
+                max_records=self._settings.batch_max_records,
+            )
+            self.last_progress_monotonic = time.monotonic()
+            if not records:
+                continue
+            async with self.batch_lock:
+                try:
+                    await self.process(records)
+                except ShutdownDuringRetry:
+                    log.warning("batch.abandoned_for_shutdown")
+                    return
+        log.info("ingest.stopped")
+
+    async def process(self, records: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        batch = decode_batch(records, self._settings.max_message_bytes)
+        metrics.BATCH_SIZE.observe(batch.size)
+        started = time.perf_counter()
+        stored = await self._store(batch)
+        metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - started)
+        letters = batch.dead_letters + stored.refused
+        if letters:
+            await self._retry_kafka("dead_letter", lambda: self._publish(letters))
+        await self._commit(batch.next_offsets)
+        _count(batch, stored, letters)
+        log.debug("batch.committed", messages=batch.size, dead_letters=len(letters))
+
+    async def _store(self, batch: DecodedBatch) -> _Stored:
+        """Writes the batch in one transaction. If the database refuses it as data (not an
+        outage), writes message by message so only the refused ones go to the DLQ."""
+        changes = self._coalesce(item.event for item in batch.good)
+        try:
+            result = await self._retry_database(
+                lambda: self._repository.write_batch(changes, batch.progress)
+            )
+        except _PermanentDatabaseError:
+            return await self._store_one_by_one(batch)
+        metrics.CLAMPED_EVENTS.inc(changes.clamped_events)
+        return _Stored(refused=[], new_lifecycle_events=result.inserted_lifecycle_events)
+
+    async def _store_one_by_one(self, batch: DecodedBatch) -> _Stored:
+        stored = _Stored(refused=[], new_lifecycle_events=set())
+        for item in batch.good:
+            changes = self._coalesce([item.event])
+            try:
+                result = await self._retry_database(
+                    lambda c=changes: self._repository.write_batch(c, [])  # type: ignore[misc]
+                )
+            except _PermanentDatabaseError as error:
+                stored.refused.append(_database_rejection(item, error))
+                continue
+            metrics.CLAMPED_EVENTS.inc(changes.clamped_events)
+            stored.new_lifecycle_events |= result.inserted_lifecycle_events
+        await self._retry_database(
+            lambda: self._repository.write_batch(self._coalesce([]), batch.progress)
+        )
+        return stored
+
+    def _coalesce(self, events: Iterable[AgentEventModel]) -> BatchChanges:
+        return coalesce(events, self._clock.now(), self._settings.future_tolerance)
+
+    async def _retry_database(self, operation: Callable[[], Awaitable[T]]) -> T:
+        backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
+        while True:
+            try:
+                return await operation()
+            except Exception as error:
+                if not is_transient_database_error(error):
+                    metrics.DATABASE_ERRORS.labels("permanent").inc()
+                    log.error("database.rejected_batch", error=_error_name(error))
+                    raise _PermanentDatabaseError(error) from error
+                metrics.DATABASE_ERRORS.labels("transient").inc()
+                delay = backoff.next_delay()
+                log.warning(
+                    "database.unavailable",
+                    error=_error_name(error),
+                    attempt=backoff.attempts,
+                    retry_in_seconds=round(delay, 2),
+                )
+                await self._wait_keeping_membership(delay)
+
+    async def _retry_kafka(self, operation_name: str, operation: Callable[[], Awaitable[T]]) -> T:
+        backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
+        while True:
+            try:
+                return await operation()
+            except KafkaError as error:
+                metrics.KAFKA_ERRORS.labels(operation_name).inc()
+                delay = backoff.next_delay()
+                log.warning(
+                    "kafka.unavailable",
+                    operation=operation_name,
+                    error=_error_name(error),
+                    attempt=backoff.attempts,
+                    retry_in_seconds=round(delay, 2),
+                )
+                await self._wait_keeping_membership(delay)
+
+    async def _wait_keeping_membership(self, delay: float) -> None:
+        """Waits out an outage while still polling Kafka with every partition paused, so the
+        group does not count this worker as dead after `max_poll_interval_ms`."""
+        if self._stopping.is_set():
+            raise ShutdownDuringRetry
+        assignment = self._consumer.assignment()
+        self._consumer.pause(*assignment)
+        try:
+            unexpected = await self._consumer.getmany(timeout_ms=int(delay * 1000))
+            # A partition assigned while we waited is not paused: put back what it returned.
+            for partition, records in unexpected.items():
+                self._consumer.seek(partition, records[0].offset)
+        finally:
+            self._consumer.resume(*self._consumer.assignment())
+        self.last_progress_monotonic = time.monotonic()
+        if self._stopping.is_set():
+            raise ShutdownDuringRetry
+
+    async def _publish(self, letters: Sequence[DeadLetter]) -> None:
+        await publish_dead_letters(
+            self._producer, self._settings.dlq_topic, letters, self._clock.now()
+        )
+
+    async def _commit(self, next_offsets: Mapping[tuple[str, int], int]) -> None:
+        assigned = self._consumer.assignment()
+        offsets = {
+            TopicPartition(topic, partition): offset
+            for (topic, partition), offset in next_offsets.items()
+            if TopicPartition(topic, partition) in assigned
+        }
+        if not offsets:
+            return
+        try:
+            await self._retry_kafka("commit", lambda: self._consumer.commit(offsets))
+        except (CommitFailedError, IllegalStateError) as error:
+            # The group moved on: the new owner re-reads from the last committed offset and
+            # the idempotent writes make the repeat harmless.
+            metrics.KAFKA_ERRORS.labels("commit_refused").inc()
+            log.warning("batch.commit_refused", error=_error_name(error))
+
+
+@dataclass(slots=True)
+class _Stored:
+    refused: list[DeadLetter]
+    # (customer_id, event_id) of lifecycle events recorded for the first time.
+    new_lifecycle_events: set[tuple[str, str]]
+
+
+def _count(batch: DecodedBatch, stored: _Stored, letters: Sequence[DeadLetter]) -> None:
+    refused = {(letter.topic, letter.partition, letter.offset) for letter in stored.refused}
+    first_seen = set(stored.new_lifecycle_events)
+    for item in batch.good:
+        record, event = item.record, item.event
+        if (record.topic, record.partition, record.offset) in refused:
+            continue
+        outcome = "stored"
+        if event.type != "heartbeat":
+            key = (event.customer_id, event.event_id)
+            outcome = "stored" if key in first_seen else "duplicate"
+            first_seen.discard(key)
+        metrics.EVENTS.labels(record.topic, event.type, outcome).inc()
+    for letter in letters:
+        metrics.EVENTS.labels(letter.topic, "unknown", "dead_lettered").inc()
+        metrics.DEAD_LETTERS.labels(letter.topic, letter.rejection.reason.value).inc()
+
+
+class _PermanentDatabaseError(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(_error_name(cause))
+        self.cause = cause
+
+
+def _database_rejection(item: DecodedRecord, error: _PermanentDatabaseError) -> DeadLetter:
+    return dead_letter_for(
+        item.record, Rejection(RejectReason.DATABASE_REJECTED, _error_name(error.cause))
+    )
+
+
+def _error_name(error: BaseException) -> str:
+    return type(error).__name__
+
+
+def _names(partitions: set[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)

@@ -1,0 +1,95 @@
+"""Creates the aiokafka clients with the shared connection and security options."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from worker.backoff import Backoff
+from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+def create_consumer(settings: Settings) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        **settings.kafka_client_options(),
+        group_id=settings.consumer_group,
+        client_id="license-worker",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        # Several batches of headroom without unbounded memory.
+        max_partition_fetch_bytes=1_048_576,
+        fetch_max_bytes=16_777_216,
+    )
+
+
+def create_producer(settings: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        **settings.kafka_client_options(),
+        client_id="license-worker",
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+    )
+
+
+async def start_with_retry(
+    name: str, start: Callable[[], Awaitable[T]], settings: Settings, attempts: int | None = None
+) -> T:
+    """Waits for Kafka to be reachable at start-up instead of crash-looping."""
+    backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
+    while True:
+        try:
+            return await start()
+        except (KafkaConnectionError, OSError) as error:
+            if attempts is not None and backoff.attempts + 1 >= attempts:
+                raise
+            delay = backoff.next_delay()
+            log.warning(
+                "startup.waiting",
+                service=name,
+                error=type(error).__name__,
+                retry_in=round(delay, 2),
+            )
+            await asyncio.sleep(delay)
+
+
+async def ensure_topics(settings: Settings, partitions: int, replication_factor: int) -> list[str]:
+    """Creates the service's topics that do not exist yet; returns the names created."""
+    admin = AIOKafkaAdminClient(**settings.kafka_client_options())
+    await admin.start()
+    try:
+        wanted = [
+            *settings.agent_topics,
+            settings.dlq_topic,
+            settings.license_events_topic,
+        ]
+        existing = set(await admin.list_topics())
+        missing = [name for name in wanted if name not in existing]
+        created = []
+        for name in missing:
+            try:
+                await admin.create_topics(
+                    [
+                        NewTopic(
+                            name, num_partitions=partitions, replication_factor=replication_factor
+                        )
+                    ]
+                )
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass
+            except KafkaError as error:
+                log.error("topics.create_failed", topic=name, error=type(error).__name__)
+                raise
+        return created
+    finally:
+        await admin.close()

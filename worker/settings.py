@@ -1,0 +1,100 @@
+"""The worker's configuration: one frozen object, read once from the environment at start-up."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+class Settings(BaseSettings):
+    """Every variable is upper-case in the environment: `kafka_bootstrap_servers` is
+    `KAFKA_BOOTSTRAP_SERVERS`. Defaults suit the local services of `deploy/local/services.sh`."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", env_file=None)
+
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/license")
+    database_pool_size: int = Field(default=4, ge=1, le=100)
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    kafka_ssl_check_hostname: bool = True
+
+    heartbeat_topic: str = "agent.heartbeat.v1"
+    lifecycle_topic: str = "agent.lifecycle.v1"
+    dlq_topic: str = "agent.events.dlq.v1"
+    license_events_topic: str = "license.events.v1"
+    consumer_group: str = "license-telemetry"
+
+    batch_max_records: int = Field(default=5000, ge=1, le=100_000)
+    batch_max_wait_ms: int = Field(default=200, ge=1, le=60_000)
+    max_message_bytes: int = Field(default=65_536, ge=256, le=10_485_760)
+    future_tolerance_seconds: float = Field(default=300.0, ge=0)
+    rebalance_flush_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    retry_initial_seconds: float = Field(default=0.2, gt=0)
+    retry_max_seconds: float = Field(default=30.0, gt=0)
+
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables the endpoint")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @property
+    def future_tolerance(self) -> timedelta:
+        return timedelta(seconds=self.future_tolerance_seconds)
+
+    @property
+    def agent_topics(self) -> tuple[str, str]:
+        return (self.heartbeat_topic, self.lifecycle_topic)
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Connection and security options shared by every aiokafka client we create."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap_servers,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = self._ssl_context()
+        if self.kafka_security_protocol.startswith("SASL"):
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism or "SCRAM-SHA-512"
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            password = self.kafka_sasl_password
+            options["sasl_plain_password"] = password.get_secret_value() if password else None
+        return options
+
+    def _ssl_context(self) -> Any:
+        from aiokafka.helpers import create_ssl_context  # noqa: PLC0415 - only with TLS
+
+        context = create_ssl_context(
+            cafile=self.kafka_ssl_cafile,
+            certfile=self.kafka_ssl_certfile,
+            keyfile=self.kafka_ssl_keyfile,
+        )
+        context.check_hostname = self.kafka_ssl_check_hostname
+        return context
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration for the start-up log, secrets masked."""
+        shown = self.model_dump(mode="json")
+        shown["database_url"] = _mask_url_password(self.database_url.get_secret_value())
+        return shown
+
+
+def _mask_url_password(url: str) -> str:
+    scheme, separator, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{separator}{user}:***@{host}"

@@ -1,0 +1,67 @@
+"""Finds the SQL files: named queries from `sql/queries.sql` and the ordered migrations."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+_NAME_LINE = re.compile(r"^-- name: (?P<name>[a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+_MIGRATION_FILE = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
+
+
+def sql_directory() -> Path:
+    """`worker/sql` in an installed wheel, the repository's `sql/` in a checkout."""
+    packaged = Path(__file__).parent / "sql"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "sql"
+
+
+def parse_named_queries(text: str) -> dict[str, str]:
+    names = list(_NAME_LINE.finditer(text))
+    queries: dict[str, str] = {}
+    for match, following in zip(names, [*names[1:], None], strict=True):
+        end = following.start() if following else len(text)
+        name = match.group("name")
+        if name in queries:
+            raise ValueError(f"query {name!r} is defined twice")
+        queries[name] = text[match.end() : end].strip()
+    return queries
+
+
+@cache
+def queries() -> dict[str, str]:
+    return parse_named_queries((sql_directory() / "queries.sql").read_text(encoding="utf-8"))
+
+
+def query(name: str) -> str:
+    return queries()[name]
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    """Every migration file in version order; a badly named file is an error, not skipped."""
+    directory = directory or sql_directory() / "migrations"
+    migrations = []
+    for path in sorted(directory.iterdir()):
+        match = _MIGRATION_FILE.match(path.name)
+        if match is None:
+            raise ValueError(f"migration file name {path.name!r} is not NNNN_snake_case.sql")
+        migrations.append(
+            Migration(int(match.group("version")), match.group("name"), path.read_text("utf-8"))
+        )
+    versions = [migration.version for migration in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise ValueError(f"migration versions must be 1..n without gaps, found {versions}")
+    return migrations

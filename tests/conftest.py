@@ -25,7 +25,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def _services_from_environment() -> Services | None:
     kafka, database = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("DATABASE_URL")
     if kafka and database:
-        return Services(kafka_bootstrap_servers=kafka, database_url=database)
+        # Set by `.ci/run` and `make test`: lets the outage tests stop and start a service.
+        state_dir = os.environ.get("LOCAL_SERVICES_DIR")
+        return Services(kafka, database, state_dir=Path(state_dir) if state_dir else None)
     return None
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 import structlog
+from pydantic import ValidationError
 
 from worker.logs import configure_logging
 from worker.settings import Settings
@@ -17,7 +18,14 @@ log = structlog.get_logger(__name__)
 
 
 def _settings() -> Settings:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{str(detail['loc'][0]).upper()}: {detail['msg']}"
+            for detail in error.errors(include_url=False)
+        )
+        raise click.ClickException(f"invalid configuration: {problems}") from None
     configure_logging(settings.log_level, settings.log_format)
     return settings
 

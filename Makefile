@@ -1,0 +1,40 @@
+# One command per task. `make demo` and `make test` work on a fresh machine: they install
+# the Python environment (uv, from PyPI) and start real Kafka and Postgres themselves.
+
+UV_VERSION := 0.13.8
+# uv through the interpreter, so no PATH or shim set-up is needed after installing it.
+export UV := python3 -m uv
+SERVICES := deploy/local/services.sh
+export KAFKA_LIB_DIR ?= $(CURDIR)/.local/kafka-lib
+
+.PHONY: setup demo test lint bench services services-stop schemas clean
+
+setup: ## Install the locked Python environment into .venv
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) sync --frozen
+
+demo: setup ## Local services, a simulated fleet, the worker, and what it stored
+	bash scripts/demo.sh
+
+test: setup ## Lint, then every test against real Kafka and Postgres
+	bash scripts/test.sh
+
+lint: setup ## ruff, format check, mypy --strict
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen mypy
+
+bench: setup ## Ingestion benchmark against the local services (see docs/benchmarks.md)
+	bash scripts/bench.sh
+
+services: ## Start local Kafka and Postgres (.local/services) and print their variables
+	bash $(SERVICES) start
+
+services-stop: ## Stop the local services
+	bash $(SERVICES) stop
+
+schemas: setup ## Export the wire contracts as JSON Schema into schemas/json
+	$(UV) run --frozen license-worker export-schemas schemas/json
+
+clean: services-stop
+	rm -rf .local/services .local/test-services .venv

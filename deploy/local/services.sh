@@ -1,0 +1,582 @@
+#!/usr/bin/env bash
+# Local Kafka (KRaft, single node) + PostgreSQL for development and tests,
+# without Docker.  Kafka runs from jars fetched from Maven Central
+# (deploy/local/pom.xml) with the installed JDK; Postgres runs from the
+# distribution's server binaries.  Everything lives under one STATE_DIR and
+# listens on 127.0.0.1 only, on free ports picked at first start.
+#
+# Usage: deploy/local/services.sh COMMAND [--clean] [STATE_DIR]
+#
+#   start          start Kafka and Postgres (idempotent: if they already run,
+#                  only reprint the env); prints the env lines on stdout
+#   stop [--clean] stop both (SIGTERM, then SIGKILL after 30 s for Kafka;
+#                  pg_ctl stop -m fast); --clean also deletes STATE_DIR
+#   clean          same as stop --clean
+#   env            print the env lines if both services are running
+#   status         show what is running (stderr), exit 0 if both run
+#   stop-postgres / start-postgres   stop/restart only Postgres, same port
+#   stop-kafka    / start-kafka      stop/restart only Kafka, same ports
+#
+# STATE_DIR defaults to <repo>/.local/services.  stdout carries only the two
+# env lines, so this works:
+#     env_lines="$(deploy/local/services.sh start)" && eval "$env_lines"
+# which exports
+#     KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:<port>
+#     DATABASE_URL=postgresql://postgres@127.0.0.1:<port>/license
+# (the same lines are written to STATE_DIR/env).  All progress messages go
+# to stderr.
+#
+# Environment overrides:
+#   KAFKA_LIB_DIR        jar cache (default STATE_DIR/../kafka-lib); filled
+#                        with mvn unless it already has kafka_2.13-*.jar
+#   KAFKA_HEAP_OPTS      default "-Xms256m -Xmx512m"
+#   KAFKA_START_TIMEOUT  seconds to wait for "Kafka Server started" (90)
+#   PG_BIN               Postgres server binaries (default: newest
+#                        /usr/lib/postgresql/*/bin, preferring 15)
+#   SERVICES_AUTO_INSTALL=1
+#                        when running as root with apt-get, install missing
+#                        JDK/Maven/Postgres packages instead of failing.
+#                        Off by default: a script that silently changes the
+#                        system's packages is a surprise, and the Debian
+#                        postgresql package may also create/start its own
+#                        cluster on port 5432.  CI on a fresh machine can
+#                        set it.
+#
+# As root, Postgres runs as the `postgres` user (initdb refuses root); every
+# directory above STATE_DIR must then be traversable by that user.
+set -euo pipefail
+umask 022
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
+POM="$SCRIPT_DIR/pom.xml"
+LOG4J_CONFIG="$SCRIPT_DIR/log4j2.yaml"
+PG_DB=license
+PG_SUPERUSER=postgres
+
+log() { printf '[services] %s\n' "$*" >&2; }
+die() { printf '[services] ERROR: %s\n' "$*" >&2; exit 1; }
+
+usage() {
+  sed -n '8,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+# ---------------------------------------------------------------- arguments
+[ $# -ge 1 ] || usage
+CMD="$1"; shift
+CLEAN=0
+STATE_ARG=""
+for a in "$@"; do
+  case "$a" in
+    --clean) CLEAN=1 ;;
+    -h|--help) usage ;;
+    -*) die "unknown option: $a" ;;
+    *) [ -z "$STATE_ARG" ] || die "only one STATE_DIR may be given"; STATE_ARG="$a" ;;
+  esac
+done
+STATE_DIR="${STATE_ARG:-$REPO_ROOT/.local/services}"
+case "$STATE_DIR" in /*) ;; *) STATE_DIR="$PWD/$STATE_DIR" ;; esac
+STATE_DIR="${STATE_DIR%/}"
+[ -n "$STATE_DIR" ] && [ "$STATE_DIR" != "/" ] || die "refusing STATE_DIR '/'"
+
+KAFKA_DIR="$STATE_DIR/kafka"
+KAFKA_DATA="$KAFKA_DIR/data"
+KAFKA_PROPS="$KAFKA_DIR/server.properties"
+KAFKA_PID="$KAFKA_DIR/kafka.pid"
+KAFKA_LOG="$KAFKA_DIR/server.log"
+KAFKA_OUT="$KAFKA_DIR/kafka.out"
+PG_DIR="$STATE_DIR/pg"
+PG_DATA="$PG_DIR/data"
+PG_LOG="$PG_DIR/postgres.log"
+PORTS_FILE="$STATE_DIR/ports"
+ENV_FILE="$STATE_DIR/env"
+MARKER="$STATE_DIR/.local-services"   # lets `clean` know the dir is ours
+
+KAFKA_PORT="" CONTROLLER_PORT="" PG_PORT=""
+
+# ------------------------------------------------------------- small helpers
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# Run a Postgres server program as the postgres user when we are root.
+# Run from PG_DIR so the (unprivileged) user never sits in an unreadable cwd.
+as_pg() {
+  if is_root; then
+    (cd "$PG_DIR" && runuser -u postgres -- "$@")
+  else
+    (cd "$PG_DIR" && "$@")
+  fi
+}
+
+# Echo N free TCP ports on 127.0.0.1 (distinct; all sockets held at once).
+free_ports() {
+  python3 - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+for s in socks:
+    s.close()
+EOF
+}
+
+# True if PORT can be bound on 127.0.0.1 (SO_REUSEADDR like the servers use).
+port_free() {
+  python3 - "$1" <<'EOF'
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)
+finally:
+    s.close()
+EOF
+}
+
+load_ports() {
+  [ -f "$PORTS_FILE" ] || return 1
+  # shellcheck disable=SC1090
+  . "$PORTS_FILE"
+  [ -n "$KAFKA_PORT" ] && [ -n "$CONTROLLER_PORT" ] && [ -n "$PG_PORT" ]
+}
+
+save_ports() {
+  printf 'KAFKA_PORT=%s\nCONTROLLER_PORT=%s\nPG_PORT=%s\n' \
+    "$KAFKA_PORT" "$CONTROLLER_PORT" "$PG_PORT" >"$PORTS_FILE.tmp"
+  mv "$PORTS_FILE.tmp" "$PORTS_FILE"
+}
+
+env_lines() {
+  printf 'export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:%s\n' "$KAFKA_PORT"
+  printf 'export DATABASE_URL=postgresql://%s@127.0.0.1:%s/%s\n' "$PG_SUPERUSER" "$PG_PORT" "$PG_DB"
+}
+
+# Serialise concurrent invocations on the same STATE_DIR (e.g. several test
+# processes calling `start` at once).  Daemons are started with fd 9 closed
+# so they never hold the lock.
+take_lock() {
+  mkdir -p "$STATE_DIR"
+  if command -v flock >/dev/null 2>&1; then
+    exec 9>"$STATE_DIR/.lock"
+    flock 9
+  fi
+}
+
+# ------------------------------------------------------------- prerequisites
+apt_install() {
+  if [ "${SERVICES_AUTO_INSTALL:-0}" = 1 ] && is_root && command -v apt-get >/dev/null 2>&1; then
+    log "installing $* with apt-get (SERVICES_AUTO_INSTALL=1)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+    return 0
+  fi
+  return 1
+}
+
+require_java_maven() {
+  local missing=()
+  command -v java >/dev/null 2>&1 || missing+=(java)
+  if ! command -v mvn >/dev/null 2>&1 && ! kafka_lib_cached; then missing+=(mvn); fi
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt_install openjdk-17-jre-headless maven ||
+      die "missing: ${missing[*]}. Install a JDK >= 17 and Maven, e.g.:
+    apt-get install -y openjdk-17-jre-headless maven
+(or rerun as root with SERVICES_AUTO_INSTALL=1)"
+  fi
+  local ver
+  ver="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java\.specification\.version = //p')"
+  case "$ver" in
+    1.*|9|10|11|12|13|14|15|16)
+      die "Kafka 4.x needs Java >= 17, found java $ver ($(command -v java)).
+    apt-get install -y openjdk-17-jre-headless" ;;
+  esac
+}
+
+find_pg_bin() {
+  if [ -n "${PG_BIN:-}" ]; then
+    [ -x "$PG_BIN/initdb" ] || die "PG_BIN=$PG_BIN has no initdb"
+    return
+  fi
+  if [ -x /usr/lib/postgresql/15/bin/initdb ]; then
+    PG_BIN=/usr/lib/postgresql/15/bin; return
+  fi
+  local d
+  d="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
+  if [ -n "$d" ] && [ -x "$d/initdb" ]; then PG_BIN="$d"; return; fi
+  if command -v initdb >/dev/null 2>&1; then PG_BIN="$(dirname "$(command -v initdb)")"; return; fi
+  if command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/initdb" ]; then
+    PG_BIN="$(pg_config --bindir)"; return
+  fi
+  PG_BIN=""
+}
+
+require_postgres() {
+  find_pg_bin
+  if [ -z "$PG_BIN" ]; then
+    if apt_install postgresql-15; then find_pg_bin; fi
+    [ -n "$PG_BIN" ] || die "PostgreSQL server binaries (initdb, pg_ctl) not found.
+Install them, e.g.:
+    apt-get install -y postgresql-15      (Debian bookworm; or: postgresql)
+or point PG_BIN at the directory holding initdb/pg_ctl
+(or rerun as root with SERVICES_AUTO_INSTALL=1)"
+  fi
+  if is_root; then
+    id postgres >/dev/null 2>&1 ||
+      die "running as root but there is no 'postgres' user to run the server as (initdb refuses root)"
+    command -v runuser >/dev/null 2>&1 || die "runuser (util-linux) is needed to run Postgres as the postgres user"
+  fi
+}
+
+kafka_lib_dir() { printf '%s\n' "${KAFKA_LIB_DIR:-$(dirname "$STATE_DIR")/kafka-lib}"; }
+kafka_lib_cached() { compgen -G "$(kafka_lib_dir)/kafka_2.13-*.jar" >/dev/null; }
+
+fetch_kafka_lib() {
+  KAFKA_LIB="$(kafka_lib_dir)"
+  if kafka_lib_cached; then return; fi
+  command -v mvn >/dev/null 2>&1 || die "mvn not found; apt-get install -y maven"
+  log "fetching Kafka jars into $KAFKA_LIB (mvn, Maven Central)"
+  mkdir -p "$KAFKA_LIB"
+  # Copy into a temp dir first so an interrupted download is not mistaken for
+  # a complete cache.
+  local tmp="$KAFKA_LIB.tmp.$$"
+  rm -rf "$tmp"
+  if ! mvn -B -q -Dstyle.color=never -f "$POM" dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$tmp" >"$tmp.log" 2>&1 </dev/null; then
+    cat "$tmp.log" >&2
+    rm -rf "$tmp" "$tmp.log"
+    die "mvn could not fetch the Kafka jars (output above; Maven Central must be reachable)"
+  fi
+  rm -f "$tmp.log"
+  mv "$tmp"/*.jar "$KAFKA_LIB"/
+  rm -rf "$tmp"
+  kafka_lib_cached || die "no kafka_2.13-*.jar in $KAFKA_LIB after mvn"
+}
+
+# -------------------------------------------------------------------- Kafka
+kafka_pid() {
+  # Prints the broker pid if it is alive and really is our broker.
+  [ -f "$KAFKA_PID" ] || return 1
+  local pid
+  pid="$(cat "$KAFKA_PID" 2>/dev/null || true)"
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "kafka.Kafka $KAFKA_PROPS" || return 1
+  printf '%s\n' "$pid"
+}
+kafka_running() { kafka_pid >/dev/null; }
+
+write_kafka_config() {
+  mkdir -p "$KAFKA_DIR"
+  cat >"$KAFKA_PROPS.tmp" <<EOF
+# Generated by deploy/local/services.sh -- rewritten on every start.
+# Single-node KRaft broker+controller for local development and tests.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$KAFKA_DATA
+
+# One replica of everything.
+num.partitions=4
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+auto.create.topics.enable=true
+delete.topic.enable=true
+
+# Fast and small: no initial rebalance delay, few threads, small cleaner
+# buffer so -Xmx512m is plenty.
+group.initial.rebalance.delay.ms=0
+num.network.threads=2
+num.io.threads=4
+num.recovery.threads.per.data.dir=1
+background.threads=4
+log.cleaner.threads=1
+log.cleaner.dedupe.buffer.size=16777216
+log.segment.bytes=67108864
+offsets.topic.segment.bytes=16777216
+transaction.state.log.segment.bytes=16777216
+log.retention.hours=168
+EOF
+  mv "$KAFKA_PROPS.tmp" "$KAFKA_PROPS"
+}
+
+format_kafka_storage() {
+  [ -f "$KAFKA_DATA/meta.properties" ] && return 0
+  local cluster_id
+  cluster_id="$(python3 -c '
+import base64, uuid
+while True:
+    cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    if not cid.startswith("-"):
+        print(cid)
+        break
+')"
+  log "formatting Kafka storage (cluster id $cluster_id)"
+  # With a static controller.quorum.voters, Kafka 4.1's StorageTool needs no
+  # --standalone/--initial-controllers flag (those are for dynamic quorums
+  # and require controller.quorum.voters to be absent).
+  # (No log4j2 config here: log4j's default prints only errors, to stderr.)
+  java -cp "$KAFKA_LIB/*" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_PROPS" >&2 9>&- ||
+    die "kafka StorageTool format failed"
+}
+
+start_kafka() {
+  if kafka_running; then log "Kafka already running (pid $(kafka_pid)) on 127.0.0.1:$KAFKA_PORT"; return; fi
+  write_kafka_config
+  format_kafka_storage
+  [ -f "$KAFKA_LOG" ] && mv -f "$KAFKA_LOG" "$KAFKA_LOG.prev"
+  log "starting Kafka on 127.0.0.1:$KAFKA_PORT (controller $CONTROLLER_PORT)"
+  # setsid: own session, so Ctrl-C in the caller's terminal doesn't hit it.
+  # All fds point at files (never the caller's pipes): `$(services.sh start)`
+  # must not hang waiting for the daemon's stdout to close.
+  # shellcheck disable=SC2086
+  nohup setsid java ${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m} \
+      -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError \
+      -Djava.awt.headless=true \
+      -Dlog4j2.configurationFile="$LOG4J_CONFIG" \
+      -Dkafka.logs.dir="$KAFKA_DIR" \
+      -cp "$KAFKA_LIB/*" \
+      kafka.Kafka "$KAFKA_PROPS" \
+      </dev/null >"$KAFKA_OUT" 2>&1 9>&- &
+  local pid=$!
+  echo "$pid" >"$KAFKA_PID"
+
+  local timeout="${KAFKA_START_TIMEOUT:-90}" waited=0
+  while :; do
+    if grep -q 'Kafka Server started' "$KAFKA_LOG" 2>/dev/null; then break; fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      kafka_fail "Kafka exited during startup"
+    fi
+    if [ "$waited" -ge $((timeout * 5)) ]; then
+      kafka_fail "Kafka did not log 'Kafka Server started' within ${timeout}s" "$pid"
+    fi
+    sleep 0.2
+    waited=$((waited + 1))
+  done
+  log "Kafka started (pid $pid)"
+}
+
+kafka_fail() {
+  local msg="$1" pid="${2:-}"
+  {
+    echo "----- last 50 lines of $KAFKA_LOG -----"
+    tail -n 50 "$KAFKA_LOG" 2>/dev/null || echo "(no log)"
+    if [ -s "$KAFKA_OUT" ]; then
+      echo "----- last 20 lines of $KAFKA_OUT -----"
+      tail -n 20 "$KAFKA_OUT"
+    fi
+    echo "-----"
+  } >&2
+  if [ -n "$pid" ]; then kill -KILL "$pid" 2>/dev/null || true; fi
+  rm -f "$KAFKA_PID"
+  die "$msg"
+}
+
+stop_kafka() {
+  local pid
+  if ! pid="$(kafka_pid)"; then
+    rm -f "$KAFKA_PID"
+    log "Kafka not running"
+    return
+  fi
+  log "stopping Kafka (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  local i
+  for i in $(seq 1 150); do   # 30 s
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "Kafka did not stop within 30s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$KAFKA_PID"
+  log "Kafka stopped"
+}
+
+# ----------------------------------------------------------------- Postgres
+pg_running() {
+  [ -f "$PG_DATA/PG_VERSION" ] || return 1
+  [ -n "${PG_BIN:-}" ] || find_pg_bin
+  [ -n "$PG_BIN" ] || return 1
+  as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1
+}
+
+init_postgres() {
+  mkdir -p "$PG_DIR"
+  if is_root; then
+    chown postgres: "$PG_DIR"
+    chmod 700 "$PG_DIR"
+    chmod a+x "$STATE_DIR"
+    runuser -u postgres -- test -w "$PG_DIR" 2>/dev/null || die \
+      "user 'postgres' cannot reach $PG_DIR: every parent directory must be traversable (o+x) by it; choose another STATE_DIR"
+  fi
+  [ -f "$PG_DATA/PG_VERSION" ] && return 0
+  rm -rf "$PG_DATA"
+  log "initdb $PG_DATA"
+  as_pg "$PG_BIN/initdb" -D "$PG_DATA" -U "$PG_SUPERUSER" --auth=trust \
+      --encoding=UTF8 --no-locale >"$PG_DIR/initdb.log" 2>&1 9>&- || {
+    cat "$PG_DIR/initdb.log" >&2
+    die "initdb failed"
+  }
+}
+
+start_postgres() {
+  init_postgres
+  if pg_running; then log "Postgres already running on 127.0.0.1:$PG_PORT"; else
+    # The unix socket lives in PG_DIR unless that path is too long for
+    # sun_path (107 bytes); clients here use TCP anyway.
+    local sockdir="$PG_DIR"
+    if [ $(( ${#PG_DIR} + 20 )) -gt 100 ]; then sockdir=""; fi
+    log "starting Postgres on 127.0.0.1:$PG_PORT"
+    # fsync/synchronous_commit/full_page_writes off: this is a throwaway
+    # dev/test cluster; a crash may lose or corrupt it, which is fine here
+    # (`clean` and start again).  Never use these settings for real data.
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 \
+        -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k '$sockdir' -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+        start </dev/null >&2 9>&- || {
+      echo "----- last 30 lines of $PG_LOG -----" >&2
+      tail -n 30 "$PG_LOG" >&2 2>/dev/null || true
+      die "Postgres failed to start"
+    }
+  fi
+  local exists
+  exists="$("$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_SUPERUSER" -d postgres -XtAq \
+      -c "select 1 from pg_database where datname = '$PG_DB'" </dev/null)" ||
+    die "cannot connect to Postgres on 127.0.0.1:$PG_PORT"
+  if [ "$exists" != 1 ]; then
+    log "creating database $PG_DB"
+    "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_SUPERUSER" "$PG_DB" </dev/null >&2
+  fi
+}
+
+stop_postgres() {
+  if ! pg_running; then log "Postgres not running"; return; fi
+  log "stopping Postgres"
+  as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop </dev/null >&2 9>&-
+}
+
+# --------------------------------------------------------------------- ports
+# For a fresh STATE_DIR pick new free ports.  For an existing one reuse the
+# saved ports of the services about to start (NAMES); with STRICT=1
+# (start-kafka/start-postgres: "same ports") they must be free, otherwise a
+# taken port is replaced by a new one.
+choose_ports() {
+  local strict="$1"; shift
+  if load_ports; then
+    local name new
+    for name in "$@"; do
+      case "$name" in
+        KAFKA_PORT|CONTROLLER_PORT) kafka_running && continue ;;
+        PG_PORT) pg_running && continue ;;
+      esac
+      if ! port_free "${!name}"; then
+        [ "$strict" = 1 ] && die "port ${!name} ($name) is in use by another process"
+        new="$(free_ports 1)"
+        log "port ${!name} ($name) is taken; using $new"
+        printf -v "$name" '%s' "$new"
+      fi
+    done
+  else
+    read -r KAFKA_PORT CONTROLLER_PORT PG_PORT <<<"$(free_ports 3)"
+  fi
+  save_ports
+}
+
+write_env() {
+  env_lines >"$ENV_FILE.tmp"
+  mv "$ENV_FILE.tmp" "$ENV_FILE"
+}
+
+require_state() {
+  [ -f "$MARKER" ] && load_ports || die "no services state in $STATE_DIR (run: $0 start $STATE_DIR)"
+}
+
+# ------------------------------------------------------------------ commands
+cmd_start() {
+  take_lock
+  touch "$MARKER"
+  if load_ports && kafka_running && pg_running; then
+    log "already running in $STATE_DIR"
+    write_env
+    env_lines
+    return
+  fi
+  require_java_maven
+  require_postgres
+  fetch_kafka_lib
+  choose_ports 0 KAFKA_PORT CONTROLLER_PORT PG_PORT
+  local t0=$SECONDS
+  start_postgres
+  start_kafka
+  write_env
+  log "ready in $((SECONDS - t0))s; env written to $ENV_FILE"
+  env_lines
+}
+
+cmd_stop() {
+  if [ ! -d "$STATE_DIR" ]; then
+    log "nothing in $STATE_DIR"
+    return
+  fi
+  take_lock
+  stop_kafka
+  stop_postgres
+  if [ "$CLEAN" = 1 ]; then
+    if [ -f "$MARKER" ] || [ -z "$(ls -A "$STATE_DIR" | grep -v '^\.lock$' || true)" ]; then
+      log "removing $STATE_DIR"
+      rm -rf "$STATE_DIR"
+    else
+      die "$STATE_DIR does not look like a services state dir (no $MARKER); not removing it"
+    fi
+  fi
+}
+
+cmd_env() {
+  load_ports 2>/dev/null || die "services not started in $STATE_DIR"
+  kafka_running || die "Kafka is not running (state $STATE_DIR)"
+  pg_running || die "Postgres is not running (state $STATE_DIR)"
+  env_lines
+}
+
+cmd_status() {
+  local ok=0
+  if ! load_ports 2>/dev/null; then log "no services in $STATE_DIR"; return 1; fi
+  if kafka_running; then log "Kafka: running (pid $(kafka_pid)) 127.0.0.1:$KAFKA_PORT"; else log "Kafka: stopped"; ok=1; fi
+  if pg_running; then log "Postgres: running 127.0.0.1:$PG_PORT"; else log "Postgres: stopped"; ok=1; fi
+  return $ok
+}
+
+case "$CMD" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  clean) CLEAN=1; cmd_stop ;;
+  env) cmd_env ;;
+  status) cmd_status ;;
+  stop-postgres)
+    require_state; take_lock; require_postgres; stop_postgres ;;
+  start-postgres)
+    require_state; take_lock; require_postgres; choose_ports 1 PG_PORT; start_postgres ;;
+  stop-kafka)
+    require_state; take_lock; stop_kafka ;;
+  start-kafka)
+    require_state; take_lock; require_java_maven; fetch_kafka_lib; choose_ports 1 KAFKA_PORT CONTROLLER_PORT; start_kafka ;;
+  -h|--help|help) usage ;;
+  *) die "unknown command: $CMD (start|stop|clean|env|status|stop-postgres|start-postgres|stop-kafka|start-kafka)" ;;
+esac

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, unit, integration (real Kafka and Postgres), acceptance.
+# Starts its own services in .local/test-services and stops them afterwards, unless
+# KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL already point at running ones.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export KAFKA_LIB_DIR="${KAFKA_LIB_DIR:-$PWD/.local/kafka-lib}"
+UV="${UV:-python3 -m uv}"
+
+$UV run --frozen ruff check .
+$UV run --frozen ruff format --check .
+$UV run --frozen mypy
+
+if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" || -z "${DATABASE_URL:-}" ]]; then
+  state_dir="$PWD/.local/test-services"
+  trap 'bash deploy/local/services.sh stop --clean "$state_dir"' EXIT
+  env_lines="$(bash deploy/local/services.sh start "$state_dir")"
+  eval "$env_lines"
+  export LOCAL_SERVICES_DIR="$state_dir"
+fi
+
+status=0
+$UV run --frozen pytest "$@" || status=$?
+if [[ $status -eq 5 ]]; then
+  echo "pytest collected no tests: that is a failure, not a pass" >&2
+fi
+exit $status

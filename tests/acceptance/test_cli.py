@@ -1,0 +1,115 @@
+"""The real `license-worker` command as a subprocess, as an operator runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.support import (
+    REPO_ROOT,
+    Services,
+    fetchval,
+    make_settings,
+    settings_environment,
+    wait_until,
+)
+
+pytestmark = pytest.mark.acceptance
+
+CLI = [sys.executable, "-m", "worker.cli"]
+
+
+def run_cli(environment: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *arguments],
+        env=environment,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+async def empty_database_url(services: Services) -> str:
+    name = f"license_cli_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(services.admin_url())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return services.database_url_for(name)
+
+
+async def test_migrate_create_topics_simulate_run_status(
+    services: Services, empty_database_url: str, tmp_path: Path
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    topics = {
+        "heartbeat_topic": f"cli.heartbeat.{suffix}",
+        "lifecycle_topic": f"cli.lifecycle.{suffix}",
+        "dlq_topic": f"cli.dlq.{suffix}",
+        "license_events_topic": f"cli.license.{suffix}",
+        "consumer_group": f"cli-{suffix}",
+    }
+    environment = settings_environment(make_settings(services, empty_database_url, topics))
+
+    for _ in range(2):  # migrate is safe to repeat
+        migrated = run_cli(environment, "migrate")
+        assert migrated.returncode == 0, migrated.stderr
+    assert "migrate.done" in migrated.stderr
+    created = run_cli(environment, "create-topics", "--partitions", "2")
+    assert created.returncode == 0, created.stderr
+    simulated = run_cli(
+        environment, "simulate", "--customers", "2", "--devices-per-customer", "10", "--rounds", "3"
+    )
+    assert simulated.returncode == 0, simulated.stderr
+    assert "produced 80 agent events" in simulated.stdout
+
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log_file:
+        worker = subprocess.Popen(
+            [*CLI, "run"], env=environment, cwd=REPO_ROOT, stdout=log_file, stderr=log_file
+        )
+    try:
+
+        async def stored() -> bool:
+            return await fetchval(empty_database_url, "SELECT count(*) FROM devices") == 20
+
+        await wait_until(stored, timeout=60)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(worker.wait, 60)
+    assert exit_code == 0, log_path.read_text()
+    log_text = log_path.read_text()
+    assert '"event": "worker.stopped"' in log_text
+    assert "postgres@" in log_text and "***" not in log_text  # no password configured here
+
+    status = run_cli(environment, "status")
+    assert status.returncode == 0, status.stderr
+    assert "devices: 20" in status.stdout
+    assert "lifecycle_events: 20" in status.stdout
+
+
+def test_invalid_configuration_fails_fast_with_a_clear_message() -> None:
+    environment = {**os.environ, "BATCH_MAX_RECORDS": "0"}
+    result = run_cli(environment, "run")
+    assert result.returncode != 0
+    assert "invalid configuration: BATCH_MAX_RECORDS" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_export_schemas_writes_json_schema(tmp_path: Path) -> None:
+    result = run_cli(dict(os.environ), "export-schemas", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    written = tmp_path / "agent-event.v1.schema.json"
+    assert written.exists()
+    assert '"heartbeat"' in written.read_text()

@@ -1,0 +1,187 @@
+"""Crashes, outages and rebalances with real worker processes: nothing lost, nothing doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from tests.support import (
+    Services,
+    WorkerProcess,
+    committed_offsets_total,
+    fetch,
+    fetchval,
+    make_settings,
+    wait_until,
+)
+from worker.settings import Settings
+from worker.simulator import agent_event, build_fleet, encode, heartbeat_rounds
+
+pytestmark = pytest.mark.integration
+
+START = datetime(2026, 11, 1, tzinfo=UTC)
+INTERVAL = timedelta(minutes=5)
+
+
+class FleetStream:
+    """Produces a fleet's installs, then heartbeat rounds, at a steady pace in the background."""
+
+    def __init__(self, services: Services, settings: Settings, devices: int, rounds: int) -> None:
+        self.fleet = build_fleet(customers=4, devices_per_customer=devices // 4)
+        self.rounds = rounds
+        self._services = services
+        self._settings = settings
+        self.sent = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.fleet) * (self.rounds + 1)
+
+    @property
+    def last_heartbeat_at(self) -> datetime:
+        return START + INTERVAL * (self.rounds - 1)
+
+    async def run(self, pause_every: int = 500, pause_seconds: float = 0.05) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._services.kafka_bootstrap_servers, acks="all", linger_ms=5
+        )
+        await producer.start()
+        try:
+            for device in self.fleet:
+                event = agent_event(device, "install", START - timedelta(hours=1))
+                await producer.send(self._settings.lifecycle_topic, encode(event), key=device.key)
+                await self._count(pause_every, pause_seconds)
+            for device, at in heartbeat_rounds(self.fleet, self.rounds, START, INTERVAL):
+                event = agent_event(device, "heartbeat", at)
+                await producer.send(self._settings.heartbeat_topic, encode(event), key=device.key)
+                await self._count(pause_every, pause_seconds)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    async def _count(self, pause_every: int, pause_seconds: float) -> None:
+        self.sent += 1
+        if self.sent % pause_every == 0:
+            await asyncio.sleep(pause_seconds)
+
+
+async def stored_offsets(database_url: str) -> int:
+    return int(
+        await fetchval(database_url, "SELECT coalesce(sum(next_offset), 0) FROM ingestion_progress")
+    )
+
+
+async def wait_for_stored(database_url: str, at_least: int, timeout: float = 120) -> None:
+    async def enough() -> bool:
+        return await stored_offsets(database_url) >= at_least
+
+    await wait_until(enough, timeout=timeout, interval=0.05)
+
+
+async def assert_everything_stored_once(
+    services: Services, settings: Settings, database_url: str, stream: FleetStream
+) -> None:
+    topics = list(settings.agent_topics)
+
+    async def all_committed() -> bool:
+        committed = await committed_offsets_total(
+            services.kafka_bootstrap_servers, settings.consumer_group, topics
+        )
+        return committed >= stream.total
+
+    await wait_until(all_committed, timeout=180)
+    devices = await fetch(database_url, "SELECT last_seen_at, protected, user_id FROM devices")
+    assert len(devices) == len(stream.fleet)
+    assert {row["last_seen_at"] for row in devices} == {stream.last_heartbeat_at}
+    assert all(row["protected"] for row in devices)
+    lifecycle = await fetchval(database_url, "SELECT count(*) FROM device_lifecycle_events")
+    assert lifecycle == len(stream.fleet), "each install recorded exactly once"
+    users_behind = await fetchval(
+        database_url,
+        "SELECT count(*) FROM users WHERE last_seen_at <> $1",
+        stream.last_heartbeat_at,
+    )
+    assert users_behind == 0
+    assert await stored_offsets(database_url) == stream.total
+
+
+async def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
+    services: Services, database_url: str, topics: dict[str, str], tmp_path: Path
+) -> None:
+    settings = make_settings(services, database_url, topics, batch_max_records=300)
+    stream = FleetStream(services, settings, devices=400, rounds=40)
+    producing = asyncio.create_task(stream.run())
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    try:
+        await wait_for_stored(database_url, stream.total // 4)
+        worker.kill()
+        killed_at = await stored_offsets(database_url)
+        assert killed_at < stream.total, "the kill must land in the middle of the stream"
+        worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+        await producing
+        await assert_everything_stored_once(services, settings, database_url, stream)
+        assert worker.terminate() == 0
+    finally:
+        producing.cancel()
+        with contextlib.suppress(Exception):
+            worker.kill()
+
+
+async def test_postgres_restart_under_load_pauses_and_loses_nothing(
+    services: Services, database_url: str, topics: dict[str, str], tmp_path: Path
+) -> None:
+    settings = make_settings(services, database_url, topics, batch_max_records=300)
+    stream = FleetStream(services, settings, devices=400, rounds=30)
+    producing = asyncio.create_task(stream.run())
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    try:
+        await wait_for_stored(database_url, stream.total // 5)
+        await asyncio.to_thread(services.services_script, "stop-postgres")
+        await asyncio.sleep(3)
+        assert worker.process is not None and worker.process.poll() is None, "worker must wait"
+        await asyncio.to_thread(services.services_script, "start-postgres")
+        await producing
+        await assert_everything_stored_once(services, settings, database_url, stream)
+        assert "database.unavailable" in worker.log_text()
+        assert worker.terminate() == 0
+    finally:
+        producing.cancel()
+        with contextlib.suppress(Exception):
+            worker.kill()
+
+
+async def test_two_workers_share_partitions_and_one_takes_over(
+    services: Services, database_url: str, topics: dict[str, str], tmp_path: Path
+) -> None:
+    settings = make_settings(services, database_url, topics, batch_max_records=300)
+    stream = FleetStream(services, settings, devices=400, rounds=40)
+    first = WorkerProcess(settings, tmp_path / "first.log").start()
+    second = WorkerProcess(settings, tmp_path / "second.log").start()
+    producing = asyncio.create_task(stream.run())
+    try:
+
+        async def both_assigned() -> bool:
+            return all(
+                "partitions.assigned" in worker.log_text() and "agent." in worker.log_text()
+                for worker in (first, second)
+            )
+
+        await wait_until(both_assigned, timeout=60)
+        await wait_for_stored(database_url, stream.total // 4)
+        assert first.terminate() == 0, "a stopping worker finishes its batch and exits cleanly"
+        await producing
+        await assert_everything_stored_once(services, settings, database_url, stream)
+        assert (
+            "partitions.revoked" in second.log_text() or "partitions.assigned" in second.log_text()
+        )
+        assert second.terminate() == 0
+    finally:
+        producing.cancel()
+        for worker in (first, second):
+            with contextlib.suppress(Exception):
+                worker.kill()

@@ -186,3 +186,25 @@ async def test_two_workers_share_partitions_and_one_takes_over(
         for worker in (first, second):
             with contextlib.suppress(Exception):
                 worker.kill()
+
+
+async def test_kafka_broker_restart_under_load_is_waited_out(
+    services: Services, database_url: str, topics: dict[str, str], tmp_path: Path
+) -> None:
+    settings = make_settings(services, database_url, topics, batch_max_records=100)
+    stream = FleetStream(services, settings, devices=400, rounds=40)
+    await stream.run()  # everything is in the topic before the broker goes away
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    try:
+        await wait_for_stored(database_url, stream.total // 5)
+        await asyncio.to_thread(services.services_script, "stop-kafka")
+        assert await stored_offsets(database_url) < stream.total, "the outage lands mid-stream"
+        await asyncio.sleep(3)
+        assert worker.process is not None
+        assert worker.process.poll() is None, "the worker waits for the broker"
+        await asyncio.to_thread(services.services_script, "start-kafka")
+        await assert_everything_stored_once(services, settings, database_url, stream)
+        assert worker.terminate() == 0
+    finally:
+        with contextlib.suppress(Exception):
+            worker.kill()

@@ -15,13 +15,16 @@ from schemas.agent_events import (
     Uninstall,
     UserProfile,
 )
+from schemas.license_events import LICENSE_EVENT_ADAPTER, LicenseEvent
 
 __all__ = [
     "AGENT_EVENT_ADAPTER",
+    "LICENSE_EVENT_ADAPTER",
     "AgentEvent",
     "DeviceKind",
     "Heartbeat",
     "Install",
+    "LicenseEvent",
     "Uninstall",
     "UserProfile",
 ]

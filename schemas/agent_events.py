@@ -15,10 +15,13 @@ MAX_ID_LENGTH = 200
 MAX_TEXT_LENGTH = 512
 
 
-# Ids are keys, log fields and Kafka keys: control characters or surrounding white space
-# there are always an agent bug or an attack, and NUL cannot be stored in Postgres text.
+# Ids are keys, log fields and Kafka keys: control or invisible format characters (bidi
+# overrides, zero-width joiners), line separators, or surrounding white space there are an
+# agent bug or an attack, and NUL cannot be stored in Postgres text. Inner spaces are fine.
 # Patterns (not Python validators) keep validation in pydantic-core's fast path.
-_IDENTIFIER_PATTERN = r"^[^\x00-\x20\x7f](?:[^\x00-\x1f\x7f]*[^\x00-\x20\x7f])?$"
+_IDENTIFIER_PATTERN = (
+    r"^[^\p{C}\p{Z}](?:[^\p{Cc}\p{Cf}\p{Zl}\p{Zp}]*[^\p{C}\p{Z}])?$"
+)
 _NO_NUL_PATTERN = r"^[^\x00]*$"
 
 Identifier = Annotated[

@@ -7,10 +7,14 @@ from pathlib import Path
 
 import orjson
 
-from schemas.agent_events import AGENT_EVENT_ADAPTER
+from pydantic import TypeAdapter
 
-CONTRACTS = {
-    "agent-event.v1.schema.json": AGENT_EVENT_ADAPTER,
+from schemas.agent_events import AGENT_EVENT_ADAPTER
+from schemas.license_events import LICENSE_EVENT_ADAPTER
+
+CONTRACTS: dict[str, TypeAdapter[object]] = {
+    "agent-event.v1.schema.json": AGENT_EVENT_ADAPTER,  # type: ignore[dict-item]
+    "license-event.v1.schema.json": LICENSE_EVENT_ADAPTER,  # type: ignore[dict-item]
 }
 
 

@@ -12,7 +12,9 @@ class Backoff:
         self.attempts = 0
 
     def next_delay(self) -> float:
-        ceiling = min(self._max, self._initial * 2**self.attempts)
+        # The exponent stops growing at the cap: a days-long outage must not overflow.
+        doublings = min(self.attempts, 64)
+        ceiling = min(self._max, self._initial * 2.0**doublings)
         self.attempts += 1
         # Full jitter: replicas that failed together do not retry together.
         return random.uniform(ceiling / 2, ceiling)

@@ -35,6 +35,7 @@ class Rejection:
 
 
 MAX_DETAIL_LENGTH = 1000
+KNOWN_TYPES = "heartbeat, install, uninstall"
 
 
 def decode_agent_event(value: bytes | None, max_bytes: int) -> AgentEventModel | Rejection:
@@ -64,18 +65,20 @@ def _json_rejection(value: bytes, error: orjson.JSONDecodeError) -> Rejection:
 
 
 def _validation_rejection(document: dict[str, object], error: ValidationError) -> Rejection:
-    if document.get("schema_version", 1) != 1:
-        version = _bounded(repr(document.get("schema_version")), 50)
-        return Rejection(RejectReason.UNSUPPORTED_SCHEMA_VERSION, f"schema_version {version}")
-    first_types = {detail["type"] for detail in error.errors()}
-    if first_types & {"union_tag_invalid", "union_tag_not_found"}:
-        return Rejection(RejectReason.UNKNOWN_TYPE, _bounded(_describe(error)))
+    version = document.get("schema_version", 1)
+    if version != 1:
+        shown = str(version) if type(version) is int else type(version).__name__
+        return Rejection(RejectReason.UNSUPPORTED_SCHEMA_VERSION, f"schema_version {shown}")
+    error_types = {detail["type"] for detail in error.errors()}
+    if error_types & {"union_tag_invalid", "union_tag_not_found"}:
+        return Rejection(RejectReason.UNKNOWN_TYPE, f"type: must be one of {KNOWN_TYPES}")
     return Rejection(RejectReason.SCHEMA_VIOLATION, _bounded(_describe(error)))
 
 
 def _describe(error: ValidationError) -> str:
     # Field locations and messages only: input values may hold personal data and must not
-    # reach headers or logs.
+    # reach headers or logs. (pydantic's messages name the expected values, not the input;
+    # the one that quotes the input, an unknown union tag, is handled above.)
     return "; ".join(
         f"{'.'.join(str(part) for part in detail['loc'])}: {detail['msg']}"
         for detail in error.errors(include_input=False, include_url=False)

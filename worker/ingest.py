@@ -21,12 +21,19 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from worker import metrics
 from worker.backoff import Backoff
-from worker.batch import DecodedBatch, DecodedRecord, dead_letter_for, decode_batch
+from worker.batch import (
+    DecodedBatch,
+    DecodedRecord,
+    PartitionProgress,
+    dead_letter_for,
+    decode_batch,
+)
 from worker.clock import Clock
 from worker.coalesce import BatchChanges, coalesce
 from worker.dead_letters import DeadLetter, publish_dead_letters
 from worker.decoding import AgentEventModel, Rejection, RejectReason
-from worker.repository import Repository, is_transient_database_error
+from worker.licensing import count_license_changes, decide_groups, groups_of_devices
+from worker.repository import Repository, SignalWriteResult, is_transient_database_error
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -122,9 +129,7 @@ class IngestionLoop:
         outage), writes message by message so only the refused ones go to the DLQ."""
         changes = self._coalesce(item.event for item in batch.good)
         try:
-            result = await self._retry_database(
-                lambda: self._repository.write_batch(changes, batch.progress)
-            )
+            result = await self._retry_database(lambda: self._write(changes, batch.progress))
         except _PermanentDatabaseError:
             return await self._store_one_by_one(batch)
         metrics.CLAMPED_EVENTS.inc(changes.clamped_events)
@@ -136,17 +141,31 @@ class IngestionLoop:
             changes = self._coalesce([item.event])
             try:
                 result = await self._retry_database(
-                    lambda c=changes: self._repository.write_batch(c, [])  # type: ignore[misc]
+                    lambda c=changes: self._write(c, [])  # type: ignore[misc]
                 )
             except _PermanentDatabaseError as error:
                 stored.refused.append(_database_rejection(item, error))
                 continue
             metrics.CLAMPED_EVENTS.inc(changes.clamped_events)
             stored.new_lifecycle_events |= result.inserted_lifecycle_events
-        await self._retry_database(
-            lambda: self._repository.write_batch(self._coalesce([]), batch.progress)
-        )
+        await self._retry_database(lambda: self._write(self._coalesce([]), batch.progress))
         return stored
+
+    async def _write(
+        self, changes: BatchChanges, progress: Sequence[PartitionProgress]
+    ) -> SignalWriteResult:
+        """Signals and the license decisions they cause, in one transaction."""
+        now = self._clock.now()
+        window = self._settings.license_window
+        async with self._repository.transaction() as session:
+            result = await session.write_signals(changes, progress, now - window)
+            groups = groups_of_devices(
+                (d.customer_id, d.device_id, d.user_id, d.previous_user_id)
+                for d in result.license_relevant
+            )
+            decided = await decide_groups(session, groups, now, now, window)
+        count_license_changes(decided)
+        return result
 
     def _coalesce(self, events: Iterable[AgentEventModel]) -> BatchChanges:
         return coalesce(events, self._clock.now(), self._settings.future_tolerance)

@@ -42,3 +42,8 @@ REBALANCES = Counter(
     "license_worker_rebalances_total",
     "Partition revocations seen by this worker.",
 )
+LICENSE_CHANGES = Counter(
+    "license_worker_license_changes_total",
+    "License allocations, releases and basis changes, by subject type and reason.",
+    ["change", "subject_type", "reason"],
+)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -33,9 +35,175 @@ def is_transient_database_error(error: BaseException) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class WriteResult:
+class LicenseRelevantDevice:
+    """A device whose change in this batch can change a license."""
+
+    customer_id: str
+    device_id: str
+    user_id: str | None
+    previous_user_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SignalWriteResult:
     # (customer_id, event_id) of the lifecycle events recorded for the first time.
     inserted_lifecycle_events: set[tuple[str, str]]
+    license_relevant: list[LicenseRelevantDevice]
+
+
+@dataclass(frozen=True, slots=True)
+class LicenseRow:
+    """One license change to write: state, history row and (if any) outbox event."""
+
+    customer_id: str
+    subject_type: str
+    subject_id: str
+    change: str
+    basis: str
+    reason: str | None
+    effective_at: datetime
+    event_id: str | None
+    payload: str | None
+
+
+class Session:
+    """One connection inside one transaction. Every method runs set-based statements."""
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self._connection = connection
+
+    async def write_signals(
+        self,
+        changes: BatchChanges,
+        progress: Sequence[PartitionProgress],
+        window_start: datetime,
+    ) -> SignalWriteResult:
+        connection = self._connection
+        relevant: list[LicenseRelevantDevice] = []
+        if changes.devices:
+            await connection.execute(query("upsert_customers"), changes.customer_ids)
+            await self._upsert_users(changes)
+            relevant = await self._upsert_devices(changes, window_start)
+            await self._credit_device_users(changes)
+        inserted = await self._insert_lifecycle(changes)
+        if progress:
+            await connection.execute(
+                query("record_ingestion_progress"),
+                *_columns(progress, "topic partition next_offset last_message_at"),
+            )
+        return SignalWriteResult(inserted, relevant)
+
+    async def _upsert_users(self, changes: BatchChanges) -> None:
+        users = changes.sorted_users()
+        if users:
+            await self._connection.execute(
+                query("upsert_users"),
+                *_columns(
+                    users,
+                    "customer_id user_id email display_name profile_reported_at "
+                    "first_seen_at last_seen_at",
+                ),
+            )
+
+    async def _upsert_devices(
+        self, changes: BatchChanges, window_start: datetime
+    ) -> list[LicenseRelevantDevice]:
+        rows = await self._connection.fetch(
+            query("upsert_devices"),
+            *_columns(
+                changes.sorted_devices(),
+                "customer_id device_id user_id user_reported_at device_kind kind_reported_at "
+                "hostname os details_reported_at agent_version agent_version_reported_at "
+                "first_seen_at last_seen_at last_present_at last_installed_at "
+                "last_uninstalled_at",
+            ),
+            window_start,
+        )
+        return [LicenseRelevantDevice(*row) for row in rows]
+
+    async def _credit_device_users(self, changes: BatchChanges) -> None:
+        credited = [d for d in changes.sorted_devices() if d.unattributed_seen_at is not None]
+        if credited:
+            await self._connection.execute(
+                query("credit_device_users"),
+                *_columns(credited, "customer_id device_id unattributed_seen_at"),
+            )
+
+    async def _insert_lifecycle(self, changes: BatchChanges) -> set[tuple[str, str]]:
+        records = changes.sorted_lifecycle()
+        if not records:
+            return set()
+        rows = await self._connection.fetch(
+            query("insert_lifecycle_events"),
+            *_columns(records, "customer_id event_id device_id event_type occurred_at"),
+        )
+        return {(row["customer_id"], row["event_id"]) for row in rows}
+
+    async def license_models(self, customer_ids: Sequence[str]) -> dict[str, str]:
+        rows = await self._connection.fetch(query("license_models"), list(customer_ids))
+        return {row["customer_id"]: row["license_model"] for row in rows}
+
+    async def lock_group_devices(
+        self, users: Sequence[tuple[str, str]], devices: Sequence[tuple[str, str]]
+    ) -> list[asyncpg.Record]:
+        return list(
+            await self._connection.fetch(
+                query("lock_group_devices"),
+                [customer for customer, _ in users],
+                [user for _, user in users],
+                [customer for customer, _ in devices],
+                [device for _, device in devices],
+            )
+        )
+
+    async def held_licenses(self, subjects: Sequence[tuple[str, str, str]]) -> list[asyncpg.Record]:
+        return list(
+            await self._connection.fetch(
+                query("held_licenses"),
+                [subject[0] for subject in subjects],
+                [subject[1] for subject in subjects],
+                [subject[2] for subject in subjects],
+            )
+        )
+
+    async def write_license_changes(self, rows: Sequence[LicenseRow], decided_at: datetime) -> None:
+        connection = self._connection
+        allocated = [row for row in rows if row.change == "allocated"]
+        released = [row for row in rows if row.change == "released"]
+        rebased = [row for row in rows if row.change == "basis_changed"]
+        if allocated:
+            await connection.execute(
+                query("allocate_licenses"),
+                *_columns(
+                    allocated, "customer_id subject_type subject_id basis effective_at reason"
+                ),
+            )
+        if released:
+            await connection.execute(
+                query("release_licenses"),
+                *_columns(released, "customer_id subject_type subject_id effective_at reason"),
+            )
+        if rebased:
+            await connection.execute(
+                query("change_license_basis"),
+                *_columns(rebased, "customer_id subject_type subject_id basis"),
+            )
+        if rows:
+            history = _columns(
+                rows, "customer_id subject_type subject_id change basis reason effective_at"
+            )
+            await connection.execute(
+                query("append_license_history"),
+                *history,
+                [decided_at] * len(rows),
+                [row.event_id for row in rows],
+            )
+        events = [row for row in rows if row.event_id is not None]
+        if events:
+            await connection.execute(
+                query("enqueue_license_events"),
+                *_columns(events, "event_id customer_id subject_type subject_id payload"),
+            )
 
 
 class Repository:
@@ -61,75 +229,11 @@ class Repository:
         async with self._pool.acquire() as connection:
             await connection.fetchval("SELECT 1")
 
-    async def write_batch(
-        self, changes: BatchChanges, progress: Sequence[PartitionProgress]
-    ) -> WriteResult:
-        """One transaction for the whole batch, so a crash leaves all of it or none."""
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Session]:
+        """A session whose writes commit together when the block ends, or not at all."""
         async with self._pool.acquire() as connection, connection.transaction():
-            if changes.devices:
-                await connection.execute(query("upsert_customers"), changes.customer_ids)
-                await self._upsert_users(connection, changes)
-                await self._upsert_devices(connection, changes)
-                await self._credit_device_users(connection, changes)
-            inserted = await self._insert_lifecycle(connection, changes)
-            await self._record_progress(connection, progress)
-        return WriteResult(inserted_lifecycle_events=inserted)
-
-    async def _upsert_users(self, connection: asyncpg.Connection, changes: BatchChanges) -> None:
-        users = changes.sorted_users()
-        if not users:
-            return
-        await connection.execute(
-            query("upsert_users"),
-            *_columns(
-                users,
-                "customer_id user_id email display_name profile_reported_at "
-                "first_seen_at last_seen_at",
-            ),
-        )
-
-    async def _upsert_devices(self, connection: asyncpg.Connection, changes: BatchChanges) -> None:
-        await connection.execute(
-            query("upsert_devices"),
-            *_columns(
-                changes.sorted_devices(),
-                "customer_id device_id user_id user_reported_at device_kind kind_reported_at "
-                "hostname os details_reported_at agent_version agent_version_reported_at "
-                "first_seen_at last_seen_at last_present_at last_installed_at "
-                "last_uninstalled_at",
-            ),
-        )
-
-    async def _credit_device_users(
-        self, connection: asyncpg.Connection, changes: BatchChanges
-    ) -> None:
-        credited = [d for d in changes.sorted_devices() if d.unattributed_seen_at is not None]
-        if credited:
-            await connection.execute(
-                query("credit_device_users"),
-                *_columns(credited, "customer_id device_id unattributed_seen_at"),
-            )
-
-    async def _insert_lifecycle(
-        self, connection: asyncpg.Connection, changes: BatchChanges
-    ) -> set[tuple[str, str]]:
-        records = changes.sorted_lifecycle()
-        if not records:
-            return set()
-        rows = await connection.fetch(
-            query("insert_lifecycle_events"),
-            *_columns(records, "customer_id event_id device_id event_type occurred_at"),
-        )
-        return {(row["customer_id"], row["event_id"]) for row in rows}
-
-    async def _record_progress(
-        self, connection: asyncpg.Connection, progress: Sequence[PartitionProgress]
-    ) -> None:
-        if progress:
-            await connection.execute(
-                query("record_ingestion_progress"),
-                *_columns(progress, "topic partition next_offset last_message_at"),
-            )
+            yield Session(connection)
 
     async def summary(self) -> dict[str, Any]:
         async with self._pool.acquire() as connection:
@@ -180,6 +284,3 @@ class MigrationChangedError(RuntimeError):
 def _columns(rows: Sequence[Any], names: str) -> list[list[Any]]:
     """Column arrays for an `unnest(...)` statement, in the order the names are given."""
     return [[getattr(row, name) for row in rows] for name in names.split()]
-
-
-__all__ = ["PartitionProgress", "Repository", "WriteResult", "is_transient_database_error"]

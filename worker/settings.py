@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +44,9 @@ class Settings(BaseSettings):
     future_tolerance_seconds: float = Field(default=300.0, ge=0)
     rebalance_flush_timeout_seconds: float = Field(default=60.0, gt=0)
 
+    license_release_days: int = Field(default=30, ge=1, le=3650)
+    personal_data_retention_days: int = Field(default=90, ge=1, le=3650)
+
     retry_initial_seconds: float = Field(default=0.2, gt=0)
     retry_max_seconds: float = Field(default=30.0, gt=0)
 
@@ -53,6 +57,14 @@ class Settings(BaseSettings):
     @property
     def future_tolerance(self) -> timedelta:
         return timedelta(seconds=self.future_tolerance_seconds)
+
+    @property
+    def license_window(self) -> timedelta:
+        return timedelta(days=self.license_release_days)
+
+    @property
+    def retention(self) -> timedelta:
+        return timedelta(days=self.personal_data_retention_days)
 
     @property
     def agent_topics(self) -> tuple[str, str]:
@@ -92,9 +104,14 @@ class Settings(BaseSettings):
 
 
 def _mask_url_password(url: str) -> str:
-    scheme, separator, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}{separator}{user}:***@{host}"
+    """Hides the password wherever a libpq URL can carry it: user info or `?password=`."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user_info, _, host = netloc.rpartition("@")
+        netloc = f"{user_info.split(':', 1)[0]}:***@{host}"
+    query = [
+        (name, "***" if name.lower() in {"password", "sslpassword"} else value)
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))

@@ -21,7 +21,8 @@ def sql_directory() -> Path:
 def parse_named_queries(text: str) -> dict[str, str]:
     names = list(_NAME_LINE.finditer(text))
     queries: dict[str, str] = {}
-    for match, following in zip(names, [*names[1:], None], strict=True):
+    for index, match in enumerate(names):
+        following = names[index + 1] if index + 1 < len(names) else None
         end = following.start() if following else len(text)
         name = match.group("name")
         if name in queries:

@@ -1,4 +1,5 @@
-"""Fixtures shared by the integration and acceptance tests: real Kafka and real Postgres.
+"""Fixtures of the integration and acceptance tests (imported by their conftest.py): real
+Kafka and real Postgres.
 
 Where `KAFKA_BOOTSTRAP_SERVERS` and `DATABASE_URL` are set (CI, `make test`), they are used.
 Otherwise a Docker engine, if one answers, starts both with testcontainers; otherwise

@@ -1,0 +1,221 @@
+"""`worker.settings.Settings`: one frozen object read from the environment."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from datetime import timedelta
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from worker.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The defaults are what is under test: no variable of the machine may leak in."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults() -> None:
+    settings = Settings()
+    assert settings.kafka_bootstrap_servers == "127.0.0.1:9092"
+    assert settings.kafka_security_protocol == "PLAINTEXT"
+    assert settings.agent_topics == ("agent.heartbeat.v1", "agent.lifecycle.v1")
+    assert settings.dlq_topic == "agent.events.dlq.v1"
+    assert settings.license_events_topic == "license.events.v1"
+    assert settings.max_message_bytes == 65_536
+    assert settings.future_tolerance == timedelta(minutes=5)
+    assert settings.metrics_port == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "attribute", "expected"),
+    [
+        ("KAFKA_BOOTSTRAP_SERVERS", "k1:9092,k2:9", "kafka_bootstrap_servers", "k1:9092,k2:9"),
+        ("HEARTBEAT_TOPIC", "hb", "heartbeat_topic", "hb"),
+        ("CONSUMER_GROUP", "g-2", "consumer_group", "g-2"),
+        ("BATCH_MAX_RECORDS", "10", "batch_max_records", 10),
+        ("MAX_MESSAGE_BYTES", "256", "max_message_bytes", 256),
+        ("FUTURE_TOLERANCE_SECONDS", "0", "future_tolerance", timedelta(0)),
+        ("FUTURE_TOLERANCE_SECONDS", "90.5", "future_tolerance", timedelta(seconds=90.5)),
+        ("RETRY_MAX_SECONDS", "2.5", "retry_max_seconds", 2.5),
+        ("METRICS_PORT", "9100", "metrics_port", 9100),
+        ("LOG_LEVEL", "debug", "log_level", "debug"),
+        ("KAFKA_SSL_CHECK_HOSTNAME", "false", "kafka_ssl_check_hostname", False),
+        ("KAFKA_SASL_MECHANISM", "PLAIN", "kafka_sasl_mechanism", "PLAIN"),
+        ("kafka_security_protocol", "SASL_PLAINTEXT", "kafka_security_protocol", "SASL_PLAINTEXT"),
+    ],
+)
+def test_reads_the_environment(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, attribute: str, expected: object
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert getattr(Settings(), attribute) == expected
+
+
+def test_secrets_from_the_environment_are_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:db-pw@db:5432/license")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "kafka-pw")
+    settings = Settings()
+    assert isinstance(settings.database_url, SecretStr)
+    assert isinstance(settings.kafka_sasl_password, SecretStr)
+    assert settings.database_url.get_secret_value() == "postgresql://app:db-pw@db:5432/license"
+    assert "db-pw" not in repr(settings)
+    assert "kafka-pw" not in repr(settings)
+    assert "kafka-pw" not in str(settings)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MAX_MESSAGE_BYTES", "255"),
+        ("MAX_MESSAGE_BYTES", "10485761"),
+        ("BATCH_MAX_RECORDS", "0"),
+        ("BATCH_MAX_RECORDS", "many"),
+        ("DATABASE_POOL_SIZE", "0"),
+        ("FUTURE_TOLERANCE_SECONDS", "-1"),
+        ("RETRY_INITIAL_SECONDS", "0"),
+        ("METRICS_PORT", "65536"),
+        ("KAFKA_SECURITY_PROTOCOL", "TLS"),
+        ("KAFKA_SASL_MECHANISM", "GSSAPI"),
+        ("LOG_LEVEL", "trace"),
+        ("LOG_FORMAT", "xml"),
+    ],
+)
+def test_invalid_values_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_unknown_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOT_A_SETTING", "x")
+    assert not hasattr(Settings(), "not_a_setting")
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(ValidationError):
+        settings.batch_max_records = 1  # type: ignore[misc]
+
+
+# --- masked ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://app:hunter2@db:5432/license",
+            "postgresql://app:***@db:5432/license",
+        ),
+        ("postgres://app:p@ss@db/license", "postgres://app:***@db/license"),
+        ("postgresql://app:a:b@db/license", "postgresql://app:***@db/license"),
+        ("postgresql://app:%40pw%3A@db/license", "postgresql://app:***@db/license"),
+        (
+            "postgresql://app:pw@db1:5432,db2:5432/license?sslmode=require",
+            "postgresql://app:***@db1:5432,db2:5432/license?sslmode=require",
+        ),
+        ("postgresql://app@db/license", "postgresql://app@db/license"),
+        ("postgresql://db/license", "postgresql://db/license"),
+        ("postgresql://app:@db/license", "postgresql://app:***@db/license"),
+    ],
+    ids=[
+        "password",
+        "at-in-password",
+        "colon-in-password",
+        "escaped-password",
+        "multi-host",
+        "no-password",
+        "no-credentials",
+        "empty-password",
+    ],
+)
+def test_masked_database_url(monkeypatch: pytest.MonkeyPatch, url: str, shown: str) -> None:
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert Settings().masked()["database_url"] == shown
+
+
+def test_masked_hides_a_password_in_the_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app@db:5432/license?password=hunter2")
+    assert "hunter2" not in json.dumps(Settings().masked())
+
+
+def test_masked_hides_every_secret_and_shows_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:db-pw@db:5432/license")
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "worker")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "kafka-pw")
+    shown = Settings().masked()
+    text = json.dumps(shown)  # it must be loggable as JSON
+    assert "db-pw" not in text
+    assert "kafka-pw" not in text
+    assert shown["kafka_sasl_password"] != "kafka-pw"
+    assert shown["kafka_sasl_username"] == "worker"
+    assert shown["kafka_security_protocol"] == "SASL_SSL"
+    assert set(shown) == set(Settings.model_fields)
+
+
+def test_masked_without_sasl_password() -> None:
+    assert Settings().masked()["kafka_sasl_password"] is None
+
+
+# --- Kafka client options -------------------------------------------------------------------
+
+
+def test_plaintext_client_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "k1:9092,k2:9092")
+    assert Settings().kafka_client_options() == {
+        "bootstrap_servers": "k1:9092,k2:9092",
+        "security_protocol": "PLAINTEXT",
+    }
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "expected"),
+    [(None, "SCRAM-SHA-512"), ("PLAIN", "PLAIN"), ("SCRAM-SHA-256", "SCRAM-SHA-256")],
+)
+def test_sasl_plaintext_client_options(
+    monkeypatch: pytest.MonkeyPatch, mechanism: str | None, expected: str
+) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "worker")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "kafka-pw")
+    if mechanism:
+        monkeypatch.setenv("KAFKA_SASL_MECHANISM", mechanism)
+    assert Settings().kafka_client_options() == {
+        "bootstrap_servers": "127.0.0.1:9092",
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": expected,
+        "sasl_plain_username": "worker",
+        "sasl_plain_password": "kafka-pw",
+    }
+
+
+def test_sasl_without_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    options = Settings().kafka_client_options()
+    assert options["sasl_plain_username"] is None
+    assert options["sasl_plain_password"] is None
+
+
+# TLS without certificate files: the system trust store, so no file needs to exist here.
+@pytest.mark.parametrize("protocol", ["SSL", "SASL_SSL"])
+@pytest.mark.parametrize("check_hostname", [True, False])
+def test_tls_client_options(
+    monkeypatch: pytest.MonkeyPatch, protocol: str, check_hostname: bool
+) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", protocol)
+    monkeypatch.setenv("KAFKA_SSL_CHECK_HOSTNAME", str(check_hostname).lower())
+    options = Settings().kafka_client_options()
+    context = options["ssl_context"]
+    assert isinstance(context, ssl.SSLContext)
+    assert context.check_hostname is check_hostname
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    assert ("sasl_mechanism" in options) is (protocol == "SASL_SSL")

@@ -1,0 +1,225 @@
+"""The licensing rules, as pure functions: facts and `now` in, the licenses that should be
+held (and the changes that get there) out. No I/O; the caller reads and writes.
+
+The rules are those of the contract (`docs/licensing.md` states each one):
+- a device counts when it is protected and has signalled within the release window;
+- a user holds a license while at least one of their devices counts;
+- the user license covers one business and two personal counting devices; each further
+  counting device is a device license (`over_allowance`); the covered ones are the earliest
+  first seen of each kind (ties by device id), so a newly added device is the one that
+  takes the extra license and the choice never changes the count;
+- a counting device without a user is a device license (`unassigned`);
+- under the `device` license model every counting device is a device license and users are
+  not counted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+COVERED_PER_KIND = {"business": 1, "personal": 2}
+DEFAULT_KIND = "business"
+LICENSE_EVENT_NAMESPACE = uuid.UUID("6f1f6d2e-4c1a-5b8e-9a43-0d2b7c51e0a1")
+
+
+class SubjectType(StrEnum):
+    USER = "user"
+    DEVICE = "device"
+
+
+class Basis(StrEnum):
+    """Why a subject holds a license."""
+
+    USER = "user"
+    UNASSIGNED = "unassigned"
+    OVER_ALLOWANCE = "over_allowance"
+    DEVICE_MODEL = "device_model"
+
+
+class Reason(StrEnum):
+    FIRST_SIGNAL = "first_signal"
+    REACTIVATED = "reactivated"
+    INACTIVE = "inactive_30d"
+    UNINSTALLED = "uninstalled"
+    COVERED_BY_USER = "covered_by_user"
+    LICENSE_MODEL_CHANGED = "license_model_changed"
+    NO_DEVICES = "no_devices"
+    CUSTOMER_INACTIVATED = "customer_inactivated"
+    RETENTION = "retention_90d"
+
+
+class ChangeKind(StrEnum):
+    ALLOCATED = "allocated"
+    RELEASED = "released"
+    BASIS_CHANGED = "basis_changed"
+
+
+Subject = tuple[SubjectType, str]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFacts:
+    device_id: str
+    user_id: str | None
+    kind: str | None
+    protected: bool
+    first_seen_at: datetime
+    last_seen_at: datetime
+    last_uninstalled_at: datetime | None = None
+
+    @property
+    def effective_kind(self) -> str:
+        return self.kind or DEFAULT_KIND
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLicense:
+    """A license row as stored: active, or released (then `basis` is the last one held)."""
+
+    active: bool
+    basis: Basis
+
+
+@dataclass(frozen=True, slots=True)
+class LicenseChange:
+    kind: ChangeKind
+    subject_type: SubjectType
+    subject_id: str
+    basis: Basis
+    reason: Reason | None
+    effective_at: datetime
+
+    @property
+    def subject(self) -> Subject:
+        return (self.subject_type, self.subject_id)
+
+
+def counts(device: DeviceFacts, now: datetime, window: timedelta) -> bool:
+    """Protected and heard from within the window: 30 days of silence end the count."""
+    return device.protected and now - device.last_seen_at < window
+
+
+def split_allowance(devices: Iterable[DeviceFacts]) -> tuple[list[DeviceFacts], list[DeviceFacts]]:
+    """(covered, over allowance) among one user's counting devices."""
+    covered: list[DeviceFacts] = []
+    over: list[DeviceFacts] = []
+    taken: dict[str, int] = defaultdict(int)
+    for device in sorted(devices, key=lambda d: (d.first_seen_at, d.device_id)):
+        kind = device.effective_kind
+        if taken[kind] < COVERED_PER_KIND[kind]:
+            taken[kind] += 1
+            covered.append(device)
+        else:
+            over.append(device)
+    return covered, over
+
+
+def desired_licenses(
+    devices: Iterable[DeviceFacts], license_model: str, now: datetime, window: timedelta
+) -> dict[Subject, Basis]:
+    """The licenses a set of devices calls for. Pass whole users: a user's allowance is
+    decided from all of their devices."""
+    counting = [device for device in devices if counts(device, now, window)]
+    wanted: dict[Subject, Basis] = {}
+    if license_model == "device":
+        for device in counting:
+            wanted[(SubjectType.DEVICE, device.device_id)] = Basis.DEVICE_MODEL
+        return wanted
+    by_user: dict[str, list[DeviceFacts]] = defaultdict(list)
+    for device in counting:
+        if device.user_id is None:
+            wanted[(SubjectType.DEVICE, device.device_id)] = Basis.UNASSIGNED
+        else:
+            by_user[device.user_id].append(device)
+    for user_id, user_devices in by_user.items():
+        wanted[(SubjectType.USER, user_id)] = Basis.USER
+        for device in split_allowance(user_devices)[1]:
+            wanted[(SubjectType.DEVICE, device.device_id)] = Basis.OVER_ALLOWANCE
+    return wanted
+
+
+def license_changes(
+    devices: Sequence[DeviceFacts],
+    held: Mapping[Subject, HeldLicense],
+    license_model: str,
+    now: datetime,
+    window: timedelta,
+) -> list[LicenseChange]:
+    """What must change so that the held licenses match the rules. `devices` are every
+    device of every user involved; `held` holds every stored license row of those subjects,
+    active or released (a released row makes a new allocation a reactivation)."""
+    wanted = desired_licenses(devices, license_model, now, window)
+    facts = _SubjectFacts(devices, now, window)
+    changes = []
+    for subject, basis in sorted(wanted.items()):
+        current = held.get(subject)
+        if current is None or not current.active:
+            reason = Reason.FIRST_SIGNAL if current is None else Reason.REACTIVATED
+            at = facts.allocated_at(subject, reason)
+            changes.append(LicenseChange(ChangeKind.ALLOCATED, *subject, basis, reason, at))
+        elif current.basis != basis:
+            changes.append(LicenseChange(ChangeKind.BASIS_CHANGED, *subject, basis, None, now))
+    for subject, current in sorted(held.items()):
+        if current.active and subject not in wanted:
+            reason, at = facts.release(subject, license_model)
+            changes.append(LicenseChange(ChangeKind.RELEASED, *subject, current.basis, reason, at))
+    return changes
+
+
+class _SubjectFacts:
+    """Reasons and effective times of changes, derived from the devices behind a subject."""
+
+    def __init__(self, devices: Sequence[DeviceFacts], now: datetime, window: timedelta) -> None:
+        self._now = now
+        self._window = window
+        self._by_device = {device.device_id: device for device in devices}
+        self._by_user: dict[str, list[DeviceFacts]] = defaultdict(list)
+        for device in devices:
+            if device.user_id is not None:
+                self._by_user[device.user_id].append(device)
+
+    def _devices_of(self, subject: Subject) -> list[DeviceFacts]:
+        subject_type, subject_id = subject
+        if subject_type is SubjectType.USER:
+            return self._by_user.get(subject_id, [])
+        device = self._by_device.get(subject_id)
+        return [device] if device else []
+
+    def allocated_at(self, subject: Subject, reason: Reason) -> datetime:
+        counting = [d for d in self._devices_of(subject) if counts(d, self._now, self._window)]
+        if reason is Reason.FIRST_SIGNAL:
+            return min(device.first_seen_at for device in counting)
+        return max(device.last_seen_at for device in counting)
+
+    def release(self, subject: Subject, license_model: str) -> tuple[Reason, datetime]:
+        devices = self._devices_of(subject)
+        protected = [device for device in devices if device.protected]
+        if not devices:
+            return Reason.NO_DEVICES, self._now
+        if any(counts(device, self._now, self._window) for device in protected):
+            # Still counting, yet no longer licensed as this subject.
+            covered = subject[0] is SubjectType.DEVICE and license_model == "user"
+            return (Reason.COVERED_BY_USER if covered else Reason.LICENSE_MODEL_CHANGED), self._now
+        if protected:
+            silent_since = max(device.last_seen_at for device in protected)
+            return Reason.INACTIVE, silent_since + self._window
+        uninstalled = [d.last_uninstalled_at for d in devices if d.last_uninstalled_at]
+        return Reason.UNINSTALLED, max(uninstalled, default=self._now)
+
+
+def license_event_id(
+    customer_id: str, event_type: str, subject_type: str, subject_id: str, effective_at: datetime
+) -> str:
+    """Deterministic: the same decision always gets the same id, so billing can de-duplicate
+    a re-published event."""
+    name = f"{customer_id}|{event_type}|{subject_type}|{subject_id}|{effective_at.isoformat()}"
+    return str(uuid.uuid5(LICENSE_EVENT_NAMESPACE, name))
+
+
+def purge_due_at(released_at: datetime, retention: timedelta) -> datetime:
+    return released_at + retention

@@ -1,0 +1,173 @@
+"""Applies the license rules to the users and devices a change touched, inside the caller's
+transaction: lock their devices, read their licenses, decide (pure), write state, history
+and outbox events together."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import orjson
+
+from worker import metrics
+from worker.license_rules import (
+    Basis,
+    ChangeKind,
+    DeviceFacts,
+    HeldLicense,
+    LicenseChange,
+    Subject,
+    SubjectType,
+    license_changes,
+    license_event_id,
+)
+from worker.repository import LicenseRow, Session
+
+EVENT_TYPES = {ChangeKind.ALLOCATED: "license.allocated", ChangeKind.RELEASED: "license.released"}
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """The unit of a license decision: one user with all their devices, or one device
+    without a user."""
+
+    customer_id: str
+    subject_type: SubjectType
+    subject_id: str
+
+
+async def decide_groups(
+    session: Session,
+    groups: Iterable[Group],
+    now: datetime,
+    emitted_at: datetime,
+    window: timedelta,
+) -> list[LicenseRow]:
+    """Brings the licenses of `groups` in line with the rules as of `now`; returns what changed."""
+    groups = sorted(set(groups), key=lambda g: (g.customer_id, g.subject_type, g.subject_id))
+    if not groups:
+        return []
+    users = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.USER]
+    lone = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.DEVICE]
+    device_rows = await session.lock_group_devices(users, lone)
+    devices_by_customer: dict[str, list[DeviceFacts]] = defaultdict(list)
+    for row in device_rows:
+        devices_by_customer[row["customer_id"]].append(
+            DeviceFacts(
+                device_id=row["device_id"],
+                user_id=row["user_id"],
+                kind=row["device_kind"],
+                protected=row["protected"],
+                first_seen_at=row["first_seen_at"],
+                last_seen_at=row["last_seen_at"],
+                last_uninstalled_at=row["last_uninstalled_at"],
+            )
+        )
+    subjects = {(c, SubjectType.USER.value, u) for c, u in users}
+    subjects |= {
+        (c, SubjectType.DEVICE.value, d.device_id)
+        for c, ds in devices_by_customer.items()
+        for d in ds
+    }
+    held_by_customer: dict[str, dict[Subject, HeldLicense]] = defaultdict(dict)
+    for row in await session.held_licenses(sorted(subjects)):
+        subject = (SubjectType(row["subject_type"]), row["subject_id"])
+        held_by_customer[row["customer_id"]][subject] = HeldLicense(
+            row["active"], Basis(row["basis"])
+        )
+    customers = sorted({g.customer_id for g in groups})
+    models = await session.license_models(customers)
+    rows: list[LicenseRow] = []
+    for customer_id in customers:
+        changes = license_changes(
+            devices_by_customer.get(customer_id, []),
+            held_by_customer.get(customer_id, {}),
+            models.get(customer_id, "user"),
+            now,
+            window,
+        )
+        rows.extend(license_row(customer_id, change, emitted_at) for change in changes)
+    await session.write_license_changes(rows, emitted_at)
+    return rows
+
+
+def groups_of_devices(
+    devices: Iterable[tuple[str, str, str | None, str | None]],
+) -> set[Group]:
+    """(customer, device, user, previous user) to the groups whose decision they affect."""
+    groups = set()
+    for customer_id, device_id, user_id, previous_user_id in devices:
+        if user_id is None:
+            groups.add(Group(customer_id, SubjectType.DEVICE, device_id))
+        else:
+            groups.add(Group(customer_id, SubjectType.USER, user_id))
+        if previous_user_id is not None and previous_user_id != user_id:
+            groups.add(Group(customer_id, SubjectType.USER, previous_user_id))
+    return groups
+
+
+def license_row(customer_id: str, change: LicenseChange, emitted_at: datetime) -> LicenseRow:
+    event_type = EVENT_TYPES.get(change.kind)
+    event_id = payload = None
+    if event_type is not None:
+        event_id = license_event_id(
+            customer_id, event_type, change.subject_type, change.subject_id, change.effective_at
+        )
+        payload = license_event_json(
+            event_id=event_id,
+            event_type=event_type,
+            customer_id=customer_id,
+            subject_type=change.subject_type.value,
+            subject_id=change.subject_id,
+            reason=change.reason.value if change.reason else None,
+            basis=change.basis.value,
+            effective_at=change.effective_at,
+            emitted_at=emitted_at,
+        )
+    return LicenseRow(
+        customer_id=customer_id,
+        subject_type=change.subject_type.value,
+        subject_id=change.subject_id,
+        change=change.kind.value,
+        basis=change.basis.value,
+        reason=change.reason.value if change.reason else None,
+        effective_at=change.effective_at,
+        event_id=event_id,
+        payload=payload,
+    )
+
+
+def license_event_json(
+    *,
+    event_id: str,
+    event_type: str,
+    customer_id: str,
+    subject_type: str | None,
+    subject_id: str | None,
+    reason: str | None,
+    basis: str | None,
+    effective_at: datetime,
+    emitted_at: datetime,
+) -> str:
+    """The outbound event (schemas/license_events.py) as stored in the outbox."""
+    return orjson.dumps(
+        {
+            "schema_version": 1,
+            "event_id": event_id,
+            "type": event_type,
+            "customer_id": customer_id,
+            "subject_type": subject_type,
+            "subject_id": subject_id,
+            "reason": reason,
+            "basis": basis,
+            "effective_at": effective_at,
+            "emitted_at": emitted_at,
+        }
+    ).decode()
+
+
+def count_license_changes(rows: Iterable[LicenseRow]) -> None:
+    for row in rows:
+        metrics.LICENSE_CHANGES.labels(row.change, row.subject_type, row.reason or "").inc()

@@ -150,12 +150,18 @@ SELECT customer_id, license_model FROM customers WHERE customer_id = ANY($1::tex
 -- Every device of the given users ($1, $2) and the given devices ($3, $4), locked in key
 -- order: ingestion and the sweeper deciding the same user wait for each other.
 SELECT d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.first_seen_at,
-       d.last_seen_at, d.last_uninstalled_at
+       d.last_seen_at, d.last_uninstalled_at, d.last_present_at
 FROM devices AS d
-WHERE (d.customer_id, d.user_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-   OR (d.customer_id, d.device_id) IN (SELECT * FROM unnest($3::text[], $4::text[]))
+WHERE (d.customer_id, d.device_id) IN (
+    SELECT u.customer_id, u.device_id
+    FROM devices AS u
+    JOIN unnest($1::text[], $2::text[]) AS g (customer_id, user_id)
+        ON u.customer_id = g.customer_id AND u.user_id = g.user_id
+    UNION ALL
+    SELECT * FROM unnest($3::text[], $4::text[])
+)
 ORDER BY d.customer_id, d.device_id
-FOR UPDATE;
+FOR UPDATE OF d;
 
 -- name: held_licenses
 SELECT l.customer_id, l.subject_type, l.subject_id, l.active, l.basis
@@ -212,3 +218,179 @@ SELECT * FROM unnest(
 INSERT INTO license_outbox (event_id, customer_id, subject_type, subject_id, payload)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
 ON CONFLICT (event_id) DO NOTHING;
+
+-- name: try_lock_sweeper
+-- Session lock: released when the sweep ends or its connection dies, so a crashed
+-- sweeper's work is picked up by the next replica that tries.
+SELECT pg_try_advisory_lock(hashtext('license-telemetry:sweeper'));
+
+-- name: unlock_sweeper
+SELECT pg_advisory_unlock(hashtext('license-telemetry:sweeper'));
+
+-- name: try_lock_relay
+SELECT pg_try_advisory_lock(hashtext('license-telemetry:relay'));
+
+-- name: unlock_relay
+SELECT pg_advisory_unlock(hashtext('license-telemetry:relay'));
+
+-- name: sweep_state
+SELECT scanned_until, last_run_at FROM sweep_state;
+
+-- name: save_sweep_state
+INSERT INTO sweep_state (id, scanned_until, last_run_at) VALUES (true, $1, $2)
+ON CONFLICT (id) DO UPDATE SET scanned_until = greatest(sweep_state.scanned_until, $1),
+                               last_run_at = $2;
+
+-- name: ingestion_progress
+SELECT topic, partition, next_offset, last_message_at FROM ingestion_progress
+WHERE topic = ANY($1::text[]);
+
+-- name: licenses_at_risk
+-- Per customer with devices that fell silent in [$1, $2): the active licenses that would be
+-- released (users with no protected device heard from since $2, device licenses of silent
+-- devices) and all active licenses. Input of the outage guard.
+WITH silent AS (
+    SELECT DISTINCT customer_id, user_id, device_id
+    FROM devices
+    WHERE protected AND last_seen_at >= $1 AND last_seen_at < $2
+),
+users_at_risk AS (
+    SELECT DISTINCT s.customer_id, 'user' AS subject_type, s.user_id AS subject_id
+    FROM silent AS s
+    WHERE s.user_id IS NOT NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM devices AS d
+          WHERE d.customer_id = s.customer_id AND d.user_id = s.user_id
+            AND d.protected AND d.last_seen_at >= $2
+      )
+),
+at_risk AS (
+    SELECT * FROM users_at_risk
+    UNION ALL
+    SELECT customer_id, 'device', device_id FROM silent
+)
+SELECT l.customer_id, count(*) AS at_risk,
+       (SELECT count(*) FROM licenses AS a WHERE a.customer_id = l.customer_id AND a.active)
+           AS active
+FROM at_risk
+JOIN licenses AS l USING (customer_id, subject_type, subject_id)
+WHERE l.active
+GROUP BY l.customer_id;
+
+-- name: silent_devices_page
+-- Keyset page of protected devices silent in [$1, $2), after the cursor ($3, $4, $5).
+SELECT last_seen_at, customer_id, device_id, user_id
+FROM devices
+WHERE protected AND last_seen_at >= $1 AND last_seen_at < $2
+  AND (last_seen_at, customer_id, device_id) > ($3, $4, $5)
+ORDER BY last_seen_at, customer_id, device_id
+LIMIT $6;
+
+-- name: silent_devices_of_customer
+SELECT last_seen_at, customer_id, device_id, user_id
+FROM devices
+WHERE customer_id = $1 AND protected AND last_seen_at >= $2 AND last_seen_at < $3
+  AND (last_seen_at, device_id) > ($4, $5)
+ORDER BY last_seen_at, device_id
+LIMIT $6;
+
+-- name: open_holds
+SELECT id, customer_id, from_boundary, to_boundary, at_risk, active, confirmed_at
+FROM sweep_holds WHERE applied_at IS NULL ORDER BY customer_id;
+
+-- name: hold_customer
+INSERT INTO sweep_holds (customer_id, from_boundary, to_boundary, at_risk, active)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (customer_id) WHERE applied_at IS NULL DO UPDATE SET
+    from_boundary = least(sweep_holds.from_boundary, EXCLUDED.from_boundary),
+    to_boundary = greatest(sweep_holds.to_boundary, EXCLUDED.to_boundary),
+    at_risk = EXCLUDED.at_risk,
+    active = EXCLUDED.active;
+
+-- name: extend_unconfirmed_holds
+-- A held customer's newly silent devices wait with the rest of its hold.
+UPDATE sweep_holds SET to_boundary = greatest(to_boundary, $1)
+WHERE applied_at IS NULL AND confirmed_at IS NULL;
+
+-- name: confirm_hold
+UPDATE sweep_holds SET confirmed_at = $2, confirmed_by = $3
+WHERE customer_id = $1 AND applied_at IS NULL AND confirmed_at IS NULL
+RETURNING id;
+
+-- name: mark_hold_applied
+UPDATE sweep_holds SET applied_at = $2 WHERE id = $1;
+
+-- name: pseudonym_key
+SELECT value FROM service_keys WHERE name = 'pseudonym';
+
+-- name: users_due_for_purge
+SELECT customer_id, subject_id AS user_id, released_at
+FROM licenses
+WHERE NOT active AND subject_type = 'user' AND purged_at IS NULL AND released_at <= $1
+ORDER BY released_at, customer_id, subject_id
+LIMIT $2
+FOR UPDATE SKIP LOCKED;
+
+-- name: purge_users
+-- $1 customers, $2 user ids, $3 pseudonyms, $4 purge time. Removes every personal value of
+-- the users from every table; what audit needs stays under the pseudonym.
+WITH purged AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+        AS p (customer_id, user_id, pseudonym)
+),
+users_done AS (
+    UPDATE users AS u
+    SET user_id = p.pseudonym, email = NULL, display_name = NULL, profile_reported_at = NULL
+    FROM purged AS p
+    WHERE u.customer_id = p.customer_id AND u.user_id = p.user_id
+    RETURNING 1
+),
+devices_done AS (
+    UPDATE devices AS d
+    SET user_id = p.pseudonym, hostname = NULL
+    FROM purged AS p
+    WHERE d.customer_id = p.customer_id AND d.user_id = p.user_id
+    RETURNING 1
+),
+licenses_done AS (
+    UPDATE licenses AS l
+    SET subject_id = p.pseudonym, purged_at = $4, updated_at = now()
+    FROM purged AS p
+    WHERE l.customer_id = p.customer_id AND l.subject_type = 'user' AND l.subject_id = p.user_id
+    RETURNING 1
+),
+history_done AS (
+    UPDATE license_history AS h
+    SET subject_id = p.pseudonym
+    FROM purged AS p
+    WHERE h.customer_id = p.customer_id AND h.subject_type = 'user' AND h.subject_id = p.user_id
+    RETURNING 1
+),
+outbox_done AS (
+    UPDATE license_outbox AS o
+    SET subject_id = p.pseudonym,
+        payload = jsonb_set(o.payload, '{subject_id}', to_jsonb(p.pseudonym))
+    FROM purged AS p
+    WHERE o.customer_id = p.customer_id AND o.subject_type = 'user' AND o.subject_id = p.user_id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM users_done) AS users,
+       (SELECT count(*) FROM devices_done) AS devices,
+       (SELECT count(*) FROM licenses_done) AS licenses,
+       (SELECT count(*) FROM history_done) AS history,
+       (SELECT count(*) FROM outbox_done) AS outbox;
+
+-- name: pending_license_events
+SELECT id, event_id, customer_id, payload::text AS payload
+FROM license_outbox
+WHERE published_at IS NULL
+ORDER BY id
+LIMIT $1;
+
+-- name: mark_license_events_published
+UPDATE license_outbox SET published_at = now() WHERE id = ANY($1::bigint[]);
+
+-- name: outbox_backlog
+SELECT count(*) AS pending,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age_seconds
+FROM license_outbox WHERE published_at IS NULL;

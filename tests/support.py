@@ -22,12 +22,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from worker.clock import Clock
+from worker.kafka_clients import AGENT_TOPIC_CONFIG
 from worker.repository import Repository
 from worker.service import Worker
 from worker.settings import Settings
 from worker.sql_files import load_migrations
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+AGENT_TOPIC_KEYS = ("heartbeat_topic", "lifecycle_topic")
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,12 @@ async def create_topics(bootstrap: str, names: Mapping[str, str], partitions: in
     try:
         await admin.create_topics(
             [
-                NewTopic(names[key], num_partitions=partitions, replication_factor=1)
+                NewTopic(
+                    names[key],
+                    num_partitions=partitions,
+                    replication_factor=1,
+                    topic_configs=AGENT_TOPIC_CONFIG if key in AGENT_TOPIC_KEYS else {},
+                )
                 for key in (
                     "heartbeat_topic",
                     "lifecycle_topic",

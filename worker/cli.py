@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
+import orjson
 import structlog
 from pydantic import ValidationError
 
@@ -69,6 +70,78 @@ def run() -> None:
         await worker.run()
 
     asyncio.run(serve())
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Run one pass and exit (default: every interval).")
+@click.option(
+    "--now",
+    "now_text",
+    metavar="TIME",
+    help="Decide as of this ISO 8601 time instead of the clock (tests, backfills).",
+)
+@click.option("--dry-run", is_flag=True, help="Report what a pass would do; change nothing.")
+def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
+    """Release licenses silent past the window and purge personal data past the retention."""
+    from worker.clock import FixedClock, SystemClock  # noqa: PLC0415
+    from worker.kafka_clients import PartitionEnds  # noqa: PLC0415
+    from worker.repository import Repository  # noqa: PLC0415
+    from worker.sweeper import Sweeper  # noqa: PLC0415
+
+    settings = _settings()
+    clock = FixedClock(_parse_time(now_text)) if now_text else SystemClock()
+
+    async def run_sweeps() -> dict[str, object] | None:
+        repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
+        partition_ends = PartitionEnds(settings)
+        await partition_ends.start()
+        try:
+            sweeper = Sweeper(settings, repository, partition_ends, clock)
+            if once or dry_run:
+                return (await sweeper.run_once(dry_run=dry_run)).as_log()
+            await sweeper.run_forever()
+            return None
+        finally:
+            await partition_ends.stop()
+            await repository.close()
+
+    report = asyncio.run(run_sweeps())
+    if report is not None:
+        click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+
+
+@main.command("confirm-releases")
+@click.argument("customer_id")
+@click.option("--by", "confirmed_by", default="operator", show_default=True)
+def confirm_releases(customer_id: str, confirmed_by: str) -> None:
+    """Let the next sweep apply the releases the outage guard held for CUSTOMER_ID."""
+    from worker.repository import Repository  # noqa: PLC0415
+
+    settings = _settings()
+
+    async def confirm() -> int:
+        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
+        try:
+            rows = await repository.fetch(
+                "confirm_hold", customer_id, datetime.now(UTC), confirmed_by
+            )
+        finally:
+            await repository.close()
+        return len(rows)
+
+    if not asyncio.run(confirm()):
+        raise click.ClickException(f"no unconfirmed hold for customer {customer_id!r}")
+    click.echo(f"confirmed: the next sweep releases the held licenses of {customer_id}")
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not an ISO 8601 time", param_hint="--now") from None
+    if parsed.tzinfo is None:
+        raise click.BadParameter("give a time zone, e.g. 2026-12-30T00:00:00Z", param_hint="--now")
+    return parsed
 
 
 @main.command("create-topics")

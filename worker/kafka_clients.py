@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
@@ -16,6 +16,7 @@ from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+AGENT_TOPIC_CONFIG = {"message.timestamp.type": "LogAppendTime"}
 
 
 def create_consumer(settings: Settings) -> AIOKafkaConsumer:
@@ -76,11 +77,17 @@ async def ensure_topics(settings: Settings, partitions: int, replication_factor:
         missing = [name for name in wanted if name not in existing]
         created = []
         for name in missing:
+            # Agent topics take the broker's clock: lag in seconds and the sweeper's
+            # watermark must not depend on agent clocks.
+            configs = AGENT_TOPIC_CONFIG if name in settings.agent_topics else {}
             try:
                 await admin.create_topics(
                     [
                         NewTopic(
-                            name, num_partitions=partitions, replication_factor=replication_factor
+                            name,
+                            num_partitions=partitions,
+                            replication_factor=replication_factor,
+                            topic_configs=configs,
                         )
                     ]
                 )
@@ -93,3 +100,36 @@ async def ensure_topics(settings: Settings, partitions: int, replication_factor:
         return created
     finally:
         await admin.close()
+
+
+class PartitionEnds:
+    """The end offsets of the agent topics' partitions, for the sweeper's lag check."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._topics = list(settings.agent_topics)
+        self._admin = AIOKafkaAdminClient(**settings.kafka_client_options())
+        self._consumer = AIOKafkaConsumer(
+            **settings.kafka_client_options(),
+            client_id="license-worker-lag",
+            enable_auto_commit=False,
+        )
+
+    async def start(self) -> None:
+        await self._admin.start()
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+        await self._admin.close()
+
+    async def __call__(self) -> dict[tuple[str, int], int]:
+        partitions = [
+            TopicPartition(topic["topic"], partition["partition"])
+            for topic in await self._admin.describe_topics(self._topics)
+            if topic["error_code"] == 0
+            for partition in topic["partitions"]
+        ]
+        if not partitions:
+            return {}
+        ends = await self._consumer.end_offsets(partitions)
+        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}

@@ -71,6 +71,7 @@ class DeviceFacts:
     first_seen_at: datetime
     last_seen_at: datetime
     last_uninstalled_at: datetime | None = None
+    last_present_at: datetime | None = None
 
     @property
     def effective_kind(self) -> str:
@@ -160,13 +161,13 @@ def license_changes(
         current = held.get(subject)
         if current is None or not current.active:
             reason = Reason.FIRST_SIGNAL if current is None else Reason.REACTIVATED
-            at = facts.allocated_at(subject, reason)
+            at = facts.allocated_at(subject)
             changes.append(LicenseChange(ChangeKind.ALLOCATED, *subject, basis, reason, at))
         elif current.basis != basis:
             changes.append(LicenseChange(ChangeKind.BASIS_CHANGED, *subject, basis, None, now))
     for subject, current in sorted(held.items()):
         if current.active and subject not in wanted:
-            reason, at = facts.release(subject, license_model)
+            reason, at = facts.release(subject, current.basis, license_model)
             changes.append(LicenseChange(ChangeKind.RELEASED, *subject, current.basis, reason, at))
     return changes
 
@@ -190,26 +191,34 @@ class _SubjectFacts:
         device = self._by_device.get(subject_id)
         return [device] if device else []
 
-    def allocated_at(self, subject: Subject, reason: Reason) -> datetime:
-        counting = [d for d in self._devices_of(subject) if counts(d, self._now, self._window)]
-        if reason is Reason.FIRST_SIGNAL:
-            return min(device.first_seen_at for device in counting)
-        return max(device.last_seen_at for device in counting)
-
-    def release(self, subject: Subject, license_model: str) -> tuple[Reason, datetime]:
+    def allocated_at(self, subject: Subject) -> datetime:
+        """An allocation takes effect at the newest signal that made the subject count: never
+        back-dated to a device's first sighting, which may predate a move between users."""
         devices = self._devices_of(subject)
-        protected = [device for device in devices if device.protected]
+        return max(d.last_seen_at for d in devices if counts(d, self._now, self._window))
+
+    def release(
+        self, subject: Subject, basis: Basis, license_model: str
+    ) -> tuple[Reason, datetime]:
+        devices = self._devices_of(subject)
         if not devices:
             return Reason.NO_DEVICES, self._now
-        if any(counts(device, self._now, self._window) for device in protected):
+        if any(counts(device, self._now, self._window) for device in devices):
             # Still counting, yet no longer licensed as this subject.
-            covered = subject[0] is SubjectType.DEVICE and license_model == "user"
-            return (Reason.COVERED_BY_USER if covered else Reason.LICENSE_MODEL_CHANGED), self._now
-        if protected:
-            silent_since = max(device.last_seen_at for device in protected)
-            return Reason.INACTIVE, silent_since + self._window
-        uninstalled = [d.last_uninstalled_at for d in devices if d.last_uninstalled_at]
-        return Reason.UNINSTALLED, max(uninstalled, default=self._now)
+            model_changed = (basis is Basis.DEVICE_MODEL) != (license_model == "device")
+            reason = Reason.LICENSE_MODEL_CHANGED if model_changed else Reason.COVERED_BY_USER
+            return reason, self._now
+        # The subject stopped counting when its last device did, for that device's reason.
+        at, stop_reason = max(self._stopped_counting(device) for device in devices)
+        return Reason(stop_reason), at
+
+    def _stopped_counting(self, device: DeviceFacts) -> tuple[datetime, str]:
+        silent_at = (device.last_present_at or device.last_seen_at) + self._window
+        if device.protected or device.last_uninstalled_at is None:
+            return device.last_seen_at + self._window, Reason.INACTIVE.value
+        if device.last_uninstalled_at <= silent_at:
+            return device.last_uninstalled_at, Reason.UNINSTALLED.value
+        return silent_at, Reason.INACTIVE.value
 
 
 def license_event_id(

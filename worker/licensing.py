@@ -63,6 +63,7 @@ async def decide_groups(
                 first_seen_at=row["first_seen_at"],
                 last_seen_at=row["last_seen_at"],
                 last_uninstalled_at=row["last_uninstalled_at"],
+                last_present_at=row["last_present_at"],
             )
         )
     subjects = {(c, SubjectType.USER.value, u) for c, u in users}

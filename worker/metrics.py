@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS = Counter(
     "license_worker_events_total",
@@ -46,4 +46,34 @@ LICENSE_CHANGES = Counter(
     "license_worker_license_changes_total",
     "License allocations, releases and basis changes, by subject type and reason.",
     ["change", "subject_type", "reason"],
+)
+SWEEP_LAST_SUCCESS = Gauge(
+    "license_worker_sweep_last_success_timestamp_seconds",
+    "When the last sweep (not a dry run) finished, as a Unix time.",
+)
+SWEEP_DURATION = Histogram(
+    "license_worker_sweep_duration_seconds",
+    "Duration of sweeps.",
+    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
+)
+SWEEP_FAILURES = Counter("license_worker_sweep_failures_total", "Sweeps that raised an error.")
+SWEEP_LAG_WAITS = Counter(
+    "license_worker_sweep_lag_waits_total",
+    "Sweeps that decided at an earlier time than now because ingestion was behind.",
+)
+SWEEP_INGESTION_LAG = Gauge(
+    "license_worker_sweep_ingestion_lag_seconds",
+    "How far ingestion was behind at the last sweep (NaN: could not be told).",
+)
+SWEEP_HELD = Counter(
+    "license_worker_sweep_held_customers_total",
+    "Customers whose releases the outage guard held, counted per sweep.",
+)
+PURGES = Counter("license_worker_purged_users_total", "Users whose personal data was purged.")
+OUTBOX_PUBLISHED = Counter(
+    "license_worker_outbox_published_total", "License events published to Kafka."
+)
+OUTBOX_PENDING = Gauge("license_worker_outbox_pending", "License events not yet published.")
+OUTBOX_OLDEST_AGE = Gauge(
+    "license_worker_outbox_oldest_age_seconds", "Age of the oldest unpublished license event."
 )

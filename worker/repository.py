@@ -25,6 +25,9 @@ _TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")
 _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03"}
 
 
+_CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
+
+
 def is_transient_database_error(error: BaseException) -> bool:
     if isinstance(error, OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
         return True
@@ -71,6 +74,12 @@ class Session:
 
     def __init__(self, connection: asyncpg.Connection) -> None:
         self._connection = connection
+
+    async def fetch(self, name: str, *arguments: Any) -> list[asyncpg.Record]:
+        return list(await self._connection.fetch(query(name), *arguments))
+
+    async def execute(self, name: str, *arguments: Any) -> str:
+        return str(await self._connection.execute(query(name), *arguments))
 
     async def write_signals(
         self,
@@ -206,6 +215,32 @@ class Session:
             )
 
 
+class ClusterLock:
+    def __init__(self, connection: asyncpg.Connection, name: str) -> None:
+        self._connection = connection
+        self._name = name
+        self.acquired = False
+
+    async def try_acquire(self) -> bool:
+        self.acquired = bool(await self._connection.fetchval(query(f"try_lock_{self._name}")))
+        return self.acquired
+
+    async def still_held(self) -> bool:
+        if not self.acquired:
+            return False
+        try:
+            await self._connection.fetchval("SELECT 1")
+        except _CONNECTION_ERRORS:
+            self.acquired = False
+        return self.acquired
+
+    async def release(self) -> None:
+        if self.acquired and not self._connection.is_closed():
+            with contextlib.suppress(*_CONNECTION_ERRORS):
+                await self._connection.fetchval(query(f"unlock_{self._name}"))
+        self.acquired = False
+
+
 class Repository:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -230,10 +265,43 @@ class Repository:
             await connection.fetchval("SELECT 1")
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Session]:
-        """A session whose writes commit together when the block ends, or not at all."""
-        async with self._pool.acquire() as connection, connection.transaction():
-            yield Session(connection)
+    async def transaction(self, *, rollback: bool = False) -> AsyncIterator[Session]:
+        """A session whose writes commit together when the block ends, or not at all.
+        `rollback=True` undoes them at the end (dry runs)."""
+        async with self._pool.acquire() as connection:
+            transaction = connection.transaction()
+            await transaction.start()
+            try:
+                yield Session(connection)
+            except BaseException:
+                await transaction.rollback()
+                raise
+            if rollback:
+                await transaction.rollback()
+            else:
+                await transaction.commit()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[ClusterLock]:
+        """Tries the named cluster-wide lock (`sweeper`, `relay`) for the block. The lock
+        lives on its own connection and dies with it, so a crashed holder never blocks the
+        others; `ClusterLock.still_held()` tells whether that connection is still alive."""
+        async with self._pool.acquire() as connection:
+            lock = ClusterLock(connection, name)
+            await lock.try_acquire()
+            try:
+                yield lock
+            finally:
+                await lock.release()
+
+    async def fetch(self, name: str, *arguments: Any) -> list[asyncpg.Record]:
+        """Runs a named read-only query outside any explicit transaction."""
+        async with self._pool.acquire() as connection:
+            return list(await connection.fetch(query(name), *arguments))
+
+    async def execute(self, name: str, *arguments: Any) -> str:
+        async with self._pool.acquire() as connection:
+            return str(await connection.execute(query(name), *arguments))
 
     async def summary(self) -> dict[str, Any]:
         async with self._pool.acquire() as connection:

@@ -15,9 +15,16 @@ from prometheus_client import start_http_server
 from worker.backoff import Backoff
 from worker.clock import Clock, SystemClock
 from worker.ingest import IngestionLoop
-from worker.kafka_clients import create_consumer, create_producer, start_with_retry
+from worker.kafka_clients import (
+    PartitionEnds,
+    create_consumer,
+    create_producer,
+    start_with_retry,
+)
+from worker.relay import Relay
 from worker.repository import Repository, is_transient_database_error
 from worker.settings import Settings
+from worker.sweeper import Sweeper
 
 log = structlog.get_logger(__name__)
 
@@ -39,9 +46,11 @@ class Worker:
         repository = await _connect_database(settings)
         producer = create_producer(settings)
         consumer = create_consumer(settings)
+        partition_ends = PartitionEnds(settings)
         try:
             await start_with_retry("kafka-producer", producer.start, settings)
-            loop = IngestionLoop(
+            await start_with_retry("kafka-lag-reader", partition_ends.start, settings)
+            ingest = IngestionLoop(
                 settings=settings,
                 consumer=consumer,
                 producer=producer,
@@ -49,28 +58,40 @@ class Worker:
                 clock=self._clock,
                 stopping=self._stopping,
             )
-            consumer.subscribe(list(settings.agent_topics), listener=loop.rebalance_listener())
+            consumer.subscribe(list(settings.agent_topics), listener=ingest.rebalance_listener())
             await start_with_retry("kafka-consumer", consumer.start, settings)
-            await self._supervise(asyncio.create_task(loop.run(), name="ingest"))
+            tasks = [asyncio.create_task(ingest.run(), name="ingest")]
+            if settings.relay_enabled:
+                relay = Relay(settings, repository, producer)
+                tasks.append(asyncio.create_task(relay.run_forever(self._stopping), name="relay"))
+            if settings.sweep_enabled:
+                sweeper = Sweeper(settings, repository, partition_ends, self._clock, self._stopping)
+                tasks.append(asyncio.create_task(sweeper.run_forever(), name="sweeper"))
+            await self._supervise(tasks)
         finally:
             await consumer.stop()
+            await partition_ends.stop()
             await producer.stop()
             await repository.close()
             log.info("worker.stopped")
 
-    async def _supervise(self, ingest: asyncio.Task[None]) -> None:
-        """Returns when asked to stop and the batch in hand is committed; raises if a task
-        dies, so the process exits loudly instead of limping on."""
+    async def _supervise(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Returns once asked to stop and every task has finished its work in hand. If a task
+        dies, the others are stopped in order and the error is raised: the process exits
+        loudly instead of limping on without, say, its relay."""
         stop_requested = asyncio.create_task(self._stopping.wait(), name="stop-requested")
-        done, _ = await asyncio.wait({ingest, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
-        if ingest in done:
-            stop_requested.cancel()
-            if not self._stopping.is_set():
-                ingest.result()  # re-raises the task's error
-                raise RuntimeError("the ingest task ended without being asked to stop")
-            return
-        log.info("worker.stopping")
-        await ingest
+        done, _ = await asyncio.wait([*tasks, stop_requested], return_when=asyncio.FIRST_COMPLETED)
+        died = [task for task in done if task is not stop_requested and not self._stopping.is_set()]
+        if died:
+            log.error("worker.task_died", task=died[0].get_name())
+        else:
+            log.info("worker.stopping")
+        self._stopping.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stop_requested.cancel()
+        for task in died:
+            task.result()  # re-raises the task's error
+            raise RuntimeError(f"task {task.get_name()} ended without being asked to stop")
 
 
 async def _connect_database(settings: Settings) -> Repository:

@@ -47,6 +47,18 @@ class Settings(BaseSettings):
     license_release_days: int = Field(default=30, ge=1, le=3650)
     personal_data_retention_days: int = Field(default=90, ge=1, le=3650)
 
+    sweep_enabled: bool = True
+    sweep_interval_seconds: float = Field(default=300.0, gt=0)
+    sweep_page_size: int = Field(default=2000, ge=1, le=100_000)
+    guard_max_release_share: float = Field(default=0.2, gt=0, le=1)
+    guard_min_releases: int = Field(default=10, ge=1)
+    guard_override: bool = False
+    pseudonym_key: SecretStr | None = None
+
+    relay_enabled: bool = True
+    relay_batch_size: int = Field(default=500, ge=1, le=10_000)
+    relay_poll_seconds: float = Field(default=0.5, gt=0)
+
     retry_initial_seconds: float = Field(default=0.2, gt=0)
     retry_max_seconds: float = Field(default=30.0, gt=0)
 

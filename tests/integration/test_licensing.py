@@ -1,0 +1,288 @@
+"""The license engine against the real broker and database, with the clock set by the test."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.support import (
+    Services,
+    committed_offsets_total,
+    encode,
+    fetch,
+    make_settings,
+    produce,
+    read_all,
+    running_worker,
+    wait_until,
+)
+from worker.clock import FixedClock
+from worker.kafka_clients import PartitionEnds, create_producer
+from worker.relay import Relay
+from worker.repository import Repository
+from worker.settings import Settings
+from worker.simulator import SimulatedDevice, agent_event
+from worker.sweeper import Sweeper, SweepReport
+
+pytestmark = pytest.mark.integration
+
+# Close to the real time: the sweeper compares its clock with the broker's timestamps.
+DAY0 = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
+
+
+def day(number: float) -> datetime:
+    return DAY0 + timedelta(days=number)
+
+
+ALICE = SimulatedDevice("acme", "alice-laptop", "alice@acme.example", "business")
+ALICE_DEVICES = [
+    ALICE,
+    SimulatedDevice("acme", "alice-phone", "alice@acme.example", "personal"),
+    SimulatedDevice("acme", "alice-tablet", "alice@acme.example", "personal"),
+    SimulatedDevice("acme", "alice-watch", "alice@acme.example", "personal"),  # over allowance
+]
+KIOSK = SimulatedDevice("acme", "kiosk-1", None, "business")  # unassigned
+
+
+async def send(
+    services: Services, settings: Settings, events: list[tuple[SimulatedDevice, str, datetime]]
+) -> int:
+    by_topic: dict[str, list[tuple[bytes, bytes]]] = {}
+    for device, event_type, at in events:
+        topic = settings.heartbeat_topic if event_type == "heartbeat" else settings.lifecycle_topic
+        by_topic.setdefault(topic, []).append(
+            (device.key, encode(agent_event(device, event_type, at)))
+        )
+    for topic, messages in by_topic.items():
+        await produce(services.kafka_bootstrap_servers, topic, messages)
+    return sum(len(messages) for messages in by_topic.values())
+
+
+async def ingest(services: Services, settings: Settings, at: datetime, expected_total: int) -> None:
+    """Runs the worker (clock at `at`) until every message so far is committed."""
+    async with running_worker(settings, clock=FixedClock(at)):
+
+        async def committed() -> bool:
+            total = await committed_offsets_total(
+                services.kafka_bootstrap_servers, settings.consumer_group, settings.agent_topics
+            )
+            return total >= expected_total
+
+        await wait_until(committed, timeout=60)
+
+
+@contextlib.asynccontextmanager
+async def sweeper_at(settings: Settings, at: datetime) -> AsyncIterator[Sweeper]:
+    repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
+    ends = PartitionEnds(settings)
+    await ends.start()
+    try:
+        yield Sweeper(settings, repository, ends, FixedClock(at))
+    finally:
+        await ends.stop()
+        await repository.close()
+
+
+async def sweep(settings: Settings, at: datetime, **options: Any) -> SweepReport:
+    async with sweeper_at(settings, at) as sweeper:
+        report = await sweeper.run_once(**options)
+    await publish_outbox(settings)
+    return report
+
+
+async def publish_outbox(settings: Settings) -> int:
+    repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
+    producer = create_producer(settings)
+    await producer.start()
+    try:
+        return await Relay(settings, repository, producer).publish_pending()
+    finally:
+        await producer.stop()
+        await repository.close()
+
+
+async def billing_view(
+    services: Services, settings: Settings, expected: int
+) -> list[dict[str, Any]]:
+    """What billing receives: the topic's events, de-duplicated by event_id."""
+    records = await read_all(
+        services.kafka_bootstrap_servers, settings.license_events_topic, expected, timeout=20
+    )
+    seen: dict[str, dict[str, Any]] = {}
+    for record in records:
+        event = orjson.loads(record.value)
+        assert record.key == event["customer_id"].encode()
+        seen.setdefault(event["event_id"], event)
+    return list(seen.values())
+
+
+def summary(events: list[dict[str, Any]]) -> Counter[tuple[str, str, str | None]]:
+    return Counter((e["type"], e["subject_id"], e["reason"]) for e in events)
+
+
+@pytest.fixture
+def settings(services: Services, database_url: str, topics: dict[str, str]) -> Settings:
+    return make_settings(
+        services, database_url, topics, sweep_enabled=False, relay_poll_seconds=0.1
+    )
+
+
+async def test_timeline_day_0_29_31_120_emits_exactly_the_expected_events(
+    services: Services, settings: Settings
+) -> None:
+    events = [(d, "install", day(0)) for d in [*ALICE_DEVICES, KIOSK]]
+    events += [(d, "heartbeat", day(0) + timedelta(minutes=5)) for d in [*ALICE_DEVICES, KIOSK]]
+    total = await send(services, settings, events)
+    await ingest(services, settings, day(0) + timedelta(minutes=10), total)
+    await publish_outbox(settings)
+    allocated = await billing_view(services, settings, 3)
+    assert summary(allocated) == Counter(
+        {
+            ("license.allocated", "alice@acme.example", "first_signal"): 1,
+            ("license.allocated", "alice-watch", "first_signal"): 1,
+            ("license.allocated", "kiosk-1", "first_signal"): 1,
+        }
+    )
+    assert {e["basis"] for e in allocated} == {"user", "over_allowance", "unassigned"}
+
+    day29 = await sweep(settings, day(29))
+    assert (day29.released, day29.purged) == (0, 0)
+
+    day31 = await sweep(settings, day(31))
+    assert day31.released == 3
+    released_at = day(30) + timedelta(minutes=5)
+    after_31 = await billing_view(services, settings, 6)
+    releases = [e for e in after_31 if e["type"] == "license.released"]
+    assert summary(releases) == Counter(
+        {
+            ("license.released", "alice@acme.example", "inactive_30d"): 1,
+            ("license.released", "alice-watch", "inactive_30d"): 1,
+            ("license.released", "kiosk-1", "inactive_30d"): 1,
+        }
+    )
+    assert {datetime.fromisoformat(e["effective_at"]) for e in releases} == {released_at}
+
+    day120 = await sweep(settings, day(120) + timedelta(minutes=5))
+    assert day120.purged == 1
+    final = await billing_view(services, settings, 7)
+    purges = [e for e in final if e["type"] == "user.purged"]
+    assert len(final) == 7, "nothing but the expected events"
+    assert [(e["reason"], e["subject_id"].startswith("purged-")) for e in purges] == [
+        ("retention_90d", True)
+    ]
+
+    # Nothing personal survives the purge, in any table.
+    for needle in ("alice@acme.example", "User alice@acme.example", "host-alice-laptop"):
+        assert await rows_containing(settings, needle) == [], needle
+
+
+async def rows_containing(settings: Settings, needle: str) -> list[str]:
+    """Every table of the public schema, searched as text for `needle`."""
+    url = settings.database_url.get_secret_value()
+    tables = [
+        r["table_name"]
+        for r in await fetch(
+            url, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        )
+    ]
+    found = []
+    for table in tables:
+        rows = await fetch(
+            url, f'SELECT t::text AS line FROM "{table}" AS t WHERE t::text LIKE $1', f"%{needle}%"
+        )
+        found += [f"{table}: {row['line']}" for row in rows]
+    return found
+
+
+async def test_late_heartbeat_reactivates_and_future_heartbeat_is_clamped(
+    services: Services, settings: Settings
+) -> None:
+    total = await send(services, settings, [(KIOSK, "install", day(0))])
+    await ingest(services, settings, day(0), total)
+    await sweep(settings, day(31))  # released: silent since day 0
+    # Arrives on day 31, sent by the agent on day 20 (it was offline): inside 30 days.
+    total += await send(services, settings, [(KIOSK, "heartbeat", day(20))])
+    await ingest(services, settings, day(31), total)
+    await publish_outbox(settings)
+    events = await billing_view(services, settings, 3)
+    assert [(e["type"], e["reason"]) for e in sorted(events, key=lambda e: e["effective_at"])] == [
+        ("license.allocated", "first_signal"),
+        ("license.allocated", "reactivated"),
+        ("license.released", "inactive_30d"),
+    ]
+    reactivation = next(e for e in events if e["reason"] == "reactivated")
+    assert datetime.fromisoformat(reactivation["effective_at"]) == day(20)
+
+    total += await send(services, settings, [(KIOSK, "heartbeat", day(400))])  # agent clock ahead
+    await ingest(services, settings, day(31), total)
+    [device] = await fetch(
+        settings.database_url.get_secret_value(), "SELECT last_seen_at FROM devices"
+    )
+    assert device["last_seen_at"] == day(31) + settings.future_tolerance
+
+
+async def test_uninstall_releases_at_once_and_never_counts(
+    services: Services, settings: Settings
+) -> None:
+    phone = ALICE_DEVICES[1]
+    events = [(ALICE, "install", day(0)), (phone, "install", day(0)), (phone, "uninstall", day(1))]
+    total = await send(services, settings, events)
+    await ingest(services, settings, day(1), total)
+    total += await send(services, settings, [(ALICE, "uninstall", day(2))])
+    await ingest(services, settings, day(2), total)
+    await publish_outbox(settings)
+    events_seen = await billing_view(services, settings, 2)
+    assert summary(events_seen) == Counter(
+        {
+            ("license.allocated", "alice@acme.example", "first_signal"): 1,
+            ("license.released", "alice@acme.example", "uninstalled"): 1,
+        }
+    )
+    released = next(e for e in events_seen if e["type"] == "license.released")
+    assert datetime.fromisoformat(released["effective_at"]) == day(2)
+
+
+async def test_sweeper_waits_while_ingestion_lags(services: Services, settings: Settings) -> None:
+    events = [(d, "install", day(0)) for d in ALICE_DEVICES]
+    events += [(d, "heartbeat", day(0)) for d in ALICE_DEVICES]
+    total = await send(services, settings, events)
+    await ingest(services, settings, day(0), total)
+    # Newer heartbeats wait in Kafka, unconsumed: the worker is down.
+    await send(services, settings, [(d, "heartbeat", day(1)) for d in ALICE_DEVICES])
+    report = await sweep(settings, day(31))
+    assert report.waited_for_lag
+    assert report.released == 0, "our own lag must not look like 30 days of silence"
+    assert report.decision_time is not None
+    assert report.decision_time < day(2), "decided as of the last stored message, not the clock"
+
+
+async def test_outage_guard_holds_mass_release_until_confirmed(
+    services: Services, settings: Settings
+) -> None:
+    fleet = [SimulatedDevice("big", f"dev-{n:03d}", None, "business") for n in range(20)]
+    total = await send(services, settings, [(d, "install", day(0)) for d in fleet])
+    total += await send(services, settings, [(d, "heartbeat", day(25)) for d in fleet[:5]])
+    await ingest(services, settings, day(25), total)
+
+    guarded = settings.model_copy(update={"guard_min_releases": 5})
+    held = await sweep(guarded, day(31))
+    assert held.released == 0
+    assert held.held_customers == ["big"]
+    dry = await sweep(guarded, day(31), dry_run=True)
+    assert dry.released == 0
+    assert dry.held_customers == ["big"]
+
+    repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
+    try:
+        assert await repository.fetch("confirm_hold", "big", day(31), "test")
+    finally:
+        await repository.close()
+    confirmed = await sweep(guarded, day(31) + timedelta(hours=1))
+    assert confirmed.applied_holds == ["big"]
+    assert confirmed.released == 15

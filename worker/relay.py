@@ -1,0 +1,83 @@
+"""The outbox relay: publishes pending license events in the order they were decided, then
+marks them published. One replica at a time (advisory lock), so per-customer order holds.
+
+A crash between publishing and marking re-publishes the same rows with the same
+`event_id` after restart: at least once on the topic, exactly once for a consumer that
+de-duplicates by `event_id`, as billing does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+
+from worker import metrics
+from worker.backoff import Backoff
+from worker.repository import Repository
+from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class Relay:
+    def __init__(self, settings: Settings, repository: Repository, producer: Any) -> None:
+        self._settings = settings
+        self._repository = repository
+        self._producer = producer
+
+    async def run_forever(self, stopping: asyncio.Event) -> None:
+        backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
+        while not stopping.is_set():
+            delay = self._settings.relay_poll_seconds
+            try:
+                published = await self.publish_pending()
+                backoff.reset()
+                if published:
+                    delay = 0
+            except Exception as error:
+                # Kafka or Postgres unavailable: nothing is marked that was not acknowledged.
+                delay = backoff.next_delay()
+                log.warning(
+                    "relay.failed", error=type(error).__name__, retry_in_seconds=round(delay, 2)
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+
+    async def publish_pending(self) -> int:
+        """Publishes every pending event (while this replica holds the relay lock)."""
+        total = 0
+        async with self._repository.exclusive("relay") as lock:
+            if not lock.acquired:
+                return 0
+            while rows := await self._repository.fetch(
+                "pending_license_events", self._settings.relay_batch_size
+            ):
+                await self._publish(rows)
+                await self._mark_published([row["id"] for row in rows])
+                total += len(rows)
+        await self._report_backlog()
+        return total
+
+    async def _publish(self, rows: list[Any]) -> None:
+        deliveries = [
+            await self._producer.send(
+                self._settings.license_events_topic,
+                value=row["payload"].encode(),
+                key=row["customer_id"].encode(),
+                headers=[("event_id", str(row["event_id"]).encode())],
+            )
+            for row in rows
+        ]
+        await asyncio.gather(*deliveries)
+        metrics.OUTBOX_PUBLISHED.inc(len(rows))
+
+    async def _mark_published(self, ids: list[int]) -> None:
+        await self._repository.execute("mark_license_events_published", ids)
+
+    async def _report_backlog(self) -> None:
+        [row] = await self._repository.fetch("outbox_backlog")
+        metrics.OUTBOX_PENDING.set(row["pending"])
+        metrics.OUTBOX_OLDEST_AGE.set(max(row["oldest_age_seconds"], 0.0))

@@ -2,128 +2,33 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
-import orjson
 import pytest
 
+from tests.integration.license_support import (
+    ALICE,
+    ALICE_DEVICES,
+    KIOSK,
+    billing_view,
+    day,
+    ingest,
+    publish_outbox,
+    send,
+    summary,
+    sweep,
+)
 from tests.support import (
     Services,
-    committed_offsets_total,
-    encode,
     fetch,
     make_settings,
-    produce,
-    read_all,
-    running_worker,
-    wait_until,
 )
-from worker.clock import FixedClock
-from worker.kafka_clients import PartitionEnds, create_producer
-from worker.relay import Relay
 from worker.repository import Repository
 from worker.settings import Settings
-from worker.simulator import SimulatedDevice, agent_event
-from worker.sweeper import Sweeper, SweepReport
+from worker.simulator import SimulatedDevice
 
 pytestmark = pytest.mark.integration
-
-# Close to the real time: the sweeper compares its clock with the broker's timestamps.
-DAY0 = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
-
-
-def day(number: float) -> datetime:
-    return DAY0 + timedelta(days=number)
-
-
-ALICE = SimulatedDevice("acme", "alice-laptop", "alice@acme.example", "business")
-ALICE_DEVICES = [
-    ALICE,
-    SimulatedDevice("acme", "alice-phone", "alice@acme.example", "personal"),
-    SimulatedDevice("acme", "alice-tablet", "alice@acme.example", "personal"),
-    SimulatedDevice("acme", "alice-watch", "alice@acme.example", "personal"),  # over allowance
-]
-KIOSK = SimulatedDevice("acme", "kiosk-1", None, "business")  # unassigned
-
-
-async def send(
-    services: Services, settings: Settings, events: list[tuple[SimulatedDevice, str, datetime]]
-) -> int:
-    by_topic: dict[str, list[tuple[bytes, bytes]]] = {}
-    for device, event_type, at in events:
-        topic = settings.heartbeat_topic if event_type == "heartbeat" else settings.lifecycle_topic
-        by_topic.setdefault(topic, []).append(
-            (device.key, encode(agent_event(device, event_type, at)))
-        )
-    for topic, messages in by_topic.items():
-        await produce(services.kafka_bootstrap_servers, topic, messages)
-    return sum(len(messages) for messages in by_topic.values())
-
-
-async def ingest(services: Services, settings: Settings, at: datetime, expected_total: int) -> None:
-    """Runs the worker (clock at `at`) until every message so far is committed."""
-    async with running_worker(settings, clock=FixedClock(at)):
-
-        async def committed() -> bool:
-            total = await committed_offsets_total(
-                services.kafka_bootstrap_servers, settings.consumer_group, settings.agent_topics
-            )
-            return total >= expected_total
-
-        await wait_until(committed, timeout=60)
-
-
-@contextlib.asynccontextmanager
-async def sweeper_at(settings: Settings, at: datetime) -> AsyncIterator[Sweeper]:
-    repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
-    ends = PartitionEnds(settings)
-    await ends.start()
-    try:
-        yield Sweeper(settings, repository, ends, FixedClock(at))
-    finally:
-        await ends.stop()
-        await repository.close()
-
-
-async def sweep(settings: Settings, at: datetime, **options: Any) -> SweepReport:
-    async with sweeper_at(settings, at) as sweeper:
-        report = await sweeper.run_once(**options)
-    await publish_outbox(settings)
-    return report
-
-
-async def publish_outbox(settings: Settings) -> int:
-    repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
-    producer = create_producer(settings)
-    await producer.start()
-    try:
-        return await Relay(settings, repository, producer).publish_pending()
-    finally:
-        await producer.stop()
-        await repository.close()
-
-
-async def billing_view(
-    services: Services, settings: Settings, expected: int
-) -> list[dict[str, Any]]:
-    """What billing receives: the topic's events, de-duplicated by event_id."""
-    records = await read_all(
-        services.kafka_bootstrap_servers, settings.license_events_topic, expected, timeout=20
-    )
-    seen: dict[str, dict[str, Any]] = {}
-    for record in records:
-        event = orjson.loads(record.value)
-        assert record.key == event["customer_id"].encode()
-        seen.setdefault(event["event_id"], event)
-    return list(seen.values())
-
-
-def summary(events: list[dict[str, Any]]) -> Counter[tuple[str, str, str | None]]:
-    return Counter((e["type"], e["subject_id"], e["reason"]) for e in events)
 
 
 @pytest.fixture

@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 
 from tests.support import (
@@ -98,6 +100,43 @@ async def test_migrate_create_topics_simulate_run_status(
     assert status.returncode == 0, status.stderr
     assert "devices: 20" in status.stdout
     assert "lifecycle_events: 20" in status.stdout
+
+    active = "SELECT count(*) FROM licenses WHERE active"
+    licensed = await fetchval(empty_database_url, active)
+    assert licensed > 0
+    later = (datetime.now(UTC) + timedelta(days=31)).isoformat().replace("+00:00", "Z")
+    dry = run_cli(environment, "sweep", "--once", "--now", later, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert orjson.loads(dry.stdout)["released"] == licensed
+    assert await fetchval(empty_database_url, active) == licensed, "a dry run changes nothing"
+    swept = run_cli(environment, "sweep", "--once", "--now", later)
+    assert swept.returncode == 0, swept.stderr
+    report = orjson.loads(swept.stdout)
+    assert (report["released"], report["dry_run"], report["waited_for_lag"]) == (
+        licensed,
+        False,
+        False,
+    )
+    assert await fetchval(empty_database_url, active) == 0
+
+
+def test_sweep_rejects_a_time_without_zone_and_confirming_an_unknown_hold() -> None:
+    naive = run_cli(dict(os.environ), "sweep", "--once", "--now", "2026-12-30T00:00:00")
+    assert naive.returncode == 2
+    assert "give a time zone" in naive.stderr
+    garbage = run_cli(dict(os.environ), "sweep", "--once", "--now", "yesterday")
+    assert garbage.returncode == 2
+    assert "not an ISO 8601 time" in garbage.stderr
+
+
+async def test_confirming_releases_without_a_hold_fails_clearly(
+    services: Services, empty_database_url: str
+) -> None:
+    environment = {**os.environ, "DATABASE_URL": empty_database_url}
+    assert run_cli(environment, "migrate").returncode == 0
+    result = run_cli(environment, "confirm-releases", "no-such-customer")
+    assert result.returncode == 1
+    assert "no unconfirmed hold for customer 'no-such-customer'" in result.stderr
 
 
 def test_invalid_configuration_fails_fast_with_a_clear_message() -> None:

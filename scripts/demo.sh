@@ -1,29 +1,55 @@
 #!/usr/bin/env bash
 # The newcomer's tour: local Kafka and Postgres, a small simulated fleet, the worker storing
-# its signals, and a look at what reached Postgres. Services keep running afterwards
-# (`make services-stop` stops them).
+# its signals and allocating licenses, then a simulated timeline: the sweeper at day 31
+# releases the licenses, at day 121 purges the users' personal data, and we read the license
+# events billing receives. Services keep running afterwards (`make services-stop`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export KAFKA_LIB_DIR="${KAFKA_LIB_DIR:-$PWD/.local/kafka-lib}"
 cli=.venv/bin/license-worker
+section() { printf '\n=== %s\n' "$*"; }
 
 env_lines="$(bash deploy/local/services.sh start)"
 eval "$env_lines"
 echo "$env_lines"
-export LOG_FORMAT="${LOG_FORMAT:-console}"
+export LOG_FORMAT="${LOG_FORMAT:-console}" LOG_LEVEL="${LOG_LEVEL:-warning}"
+# A fresh database per demo, so the timeline starts from nothing.
+demo_db="license_demo_$(date +%s)"
+psql "$DATABASE_URL" -qc "CREATE DATABASE $demo_db"
+export DATABASE_URL="${DATABASE_URL%/*}/$demo_db"
+suffix="demo-$(date +%s)"
+export HEARTBEAT_TOPIC="agent.heartbeat.$suffix" LIFECYCLE_TOPIC="agent.lifecycle.$suffix"
+export LICENSE_EVENTS_TOPIC="license.events.$suffix" DLQ_TOPIC="agent.events.dlq.$suffix"
 
+section "day 0: migrate, create topics, a simulated fleet (3 customers x 20 devices)"
 $cli migrate
 $cli create-topics --partitions 4
 $cli simulate --customers 3 --devices-per-customer 20 --rounds 5
 
-echo "--- running the worker for 15 seconds (SIGTERM then stops it in order)"
+section "day 0: the worker runs for 15 seconds (SIGTERM stops it in order)"
 $cli run &
 worker=$!
 sleep 15
 kill -TERM "$worker"
 wait "$worker"
-
-echo "--- what Postgres holds now"
 $cli status
-echo "--- five devices"
-psql "$DATABASE_URL" -c "SELECT customer_id, device_id, user_id, device_kind, protected, last_seen_at FROM devices ORDER BY customer_id, device_id LIMIT 5"
+psql "$DATABASE_URL" -c "SELECT customer_id, subject_type, basis, count(*) AS licenses FROM licenses WHERE active GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+
+day() { date -u -d "+$1 days" +%Y-%m-%dT%H:%M:%SZ; }
+section "day 31: every device has been silent for 30 days"
+$cli sweep --once --now "$(day 31)"
+section "day 121: 90 days after the releases"
+$cli sweep --once --now "$(day 121)"
+psql "$DATABASE_URL" -c "SELECT subject_type, active, release_reason, purged_at IS NOT NULL AS purged, count(*) FROM licenses GROUP BY 1, 2, 3, 4 ORDER BY 1"
+psql "$DATABASE_URL" -c "SELECT user_id, email FROM users ORDER BY user_id LIMIT 3"
+
+section "what billing receives (license.events topic; type, subject, reason)"
+$cli publish-events
+$cli license-events | python3 -c '
+import collections, json, sys
+events = [json.loads(line) for line in sys.stdin]
+for event in events[:3] + events[-3:]:
+    print(json.dumps(event))
+counts = collections.Counter((e["type"], e["reason"]) for e in events)
+for (kind, reason), n in sorted(counts.items()):
+    print(f"{n:5d}  {kind:20s} {reason}")'

@@ -144,6 +144,41 @@ def _parse_time(text: str) -> datetime:
     return parsed
 
 
+@main.command("publish-events")
+def publish_events() -> None:
+    """Publish the pending license events of the outbox now, then exit (the relay inside
+    `run` does this continuously)."""
+    from worker.kafka_clients import create_producer  # noqa: PLC0415
+    from worker.relay import Relay  # noqa: PLC0415
+    from worker.repository import Repository  # noqa: PLC0415
+
+    settings = _settings()
+
+    async def publish() -> int:
+        repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
+        producer = create_producer(settings)
+        await producer.start()
+        try:
+            return await Relay(settings, repository, producer).publish_pending()
+        finally:
+            await producer.stop()
+            await repository.close()
+
+    click.echo(f"published {asyncio.run(publish())} license events")
+
+
+@main.command("license-events")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for more.")
+def license_events(timeout: float) -> None:
+    """Print the license events topic from the beginning, one JSON object a line, as
+    billing receives it."""
+    from worker.kafka_clients import read_topic  # noqa: PLC0415
+
+    settings = _settings()
+    for value in asyncio.run(read_topic(settings, settings.license_events_topic, timeout)):
+        click.echo(value.decode())
+
+
 @main.command("create-topics")
 @click.option("--partitions", default=4, show_default=True, help="Partitions of each topic.")
 @click.option("--replication-factor", default=1, show_default=True)

@@ -133,3 +133,23 @@ class PartitionEnds:
             return {}
         ends = await self._consumer.end_offsets(partitions)
         return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
+
+async def read_topic(settings: Settings, topic: str, idle_seconds: float) -> list[bytes]:
+    """Every value of `topic` from the beginning, until nothing new came for `idle_seconds`."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        **settings.kafka_client_options(),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        while batch := await consumer.getmany(timeout_ms=int(idle_seconds * 1000)):
+            values.extend(
+                record.value for records in batch.values() for record in records if record.value
+            )
+    finally:
+        await consumer.stop()
+    return values

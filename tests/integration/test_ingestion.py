@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.support import (
@@ -257,3 +258,43 @@ async def test_bad_input_goes_to_the_dlq_unchanged_and_good_messages_around_it_a
         assert headers["dlq.source.partition"] == "0"
         assert int(headers["dlq.source.offset"]) == n + 1
         assert datetime.fromisoformat(headers["dlq.failed_at"])
+
+
+async def test_a_message_the_database_refuses_goes_to_the_dlq_and_the_rest_is_stored(
+    services: Services, database_url: str, topics: dict[str, str]
+) -> None:
+    # Stands in for any row Postgres refuses as data (not an outage): a trigger that rejects
+    # one device id with an SQL data error.
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(
+            """
+            CREATE FUNCTION reject_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.device_id = 'poison' THEN
+                    RAISE EXCEPTION 'poison device' USING ERRCODE = '22023';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER reject_poison BEFORE INSERT OR UPDATE ON devices
+                FOR EACH ROW EXECUTE FUNCTION reject_poison();
+            """
+        )
+    finally:
+        await connection.close()
+    events = [heartbeat("c1", name, T0, user_id="alice") for name in ("good-1", "poison", "good-2")]
+    await produce_events(services, topics["heartbeat_topic"], events)
+    settings = make_settings(services, database_url, topics)
+
+    async with running_worker(settings):
+        await wait_for_commits(services, topics, 3)
+
+    stored = {
+        row["device_id"] for row in await fetch(database_url, "SELECT device_id FROM devices")
+    }
+    assert stored == {"good-1", "good-2"}
+    [dead] = await read_all(services.kafka_bootstrap_servers, topics["dlq_topic"], 1)
+    headers = {name: value.decode() for name, value in dead.headers}
+    assert dead.key == b"c1:poison"
+    assert headers["dlq.error.class"] == "database_rejected"
+    assert headers["dlq.error.message"] == "InvalidParameterValueError"

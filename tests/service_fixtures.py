@@ -15,7 +15,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from tests.support import Services, create_topics, migrate_database
@@ -89,30 +88,16 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 @pytest.fixture(scope="session")
 async def template_database(services: Services) -> str:
     """A database with every migration applied, copied for each test."""
-    name = f"license_template_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(services.admin_url())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    await migrate_database(services.database_url_for(name))
-    return name
+    url = await services.create_database("license_template")
+    await migrate_database(url)
+    return url.rsplit("/", 1)[-1]
 
 
 @pytest.fixture
 async def database_url(services: Services, template_database: str) -> AsyncIterator[str]:
-    name = f"license_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(services.admin_url())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    finally:
-        await admin.close()
-    yield services.database_url_for(name)
-    admin = await asyncpg.connect(services.admin_url())
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    url = await services.create_database("license_test", template=template_database)
+    yield url
+    await services.drop_database(url)
 
 
 @pytest.fixture

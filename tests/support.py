@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,24 @@ class Services:
 
     def admin_url(self) -> str:
         return self.database_url_for("postgres")
+
+    async def create_database(self, prefix: str, template: str | None = None) -> str:
+        """A new, uniquely named database (a copy of `template` if given); returns its URL."""
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        copy = f' TEMPLATE "{template}"' if template else ""
+        await self._admin(f'CREATE DATABASE "{name}"{copy}')
+        return self.database_url_for(name)
+
+    async def drop_database(self, url: str) -> None:
+        name = urlsplit(url).path.lstrip("/")
+        await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    async def _admin(self, statement: str) -> None:
+        admin = await asyncpg.connect(self.admin_url())
+        try:
+            await admin.execute(statement)
+        finally:
+            await admin.close()
 
     def services_script(self, command: str) -> None:
         """Stops or starts one local service (only where deploy/local/services.sh runs them)."""

@@ -148,23 +148,10 @@ def _parse_time(text: str) -> datetime:
 def publish_events() -> None:
     """Publish the pending license events of the outbox now, then exit (the relay inside
     `run` does this continuously)."""
-    from worker.kafka_clients import create_producer  # noqa: PLC0415
-    from worker.relay import Relay  # noqa: PLC0415
-    from worker.repository import Repository  # noqa: PLC0415
+    from worker.relay import publish_pending_once  # noqa: PLC0415
 
-    settings = _settings()
-
-    async def publish() -> int:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
-        producer = create_producer(settings)
-        await producer.start()
-        try:
-            return await Relay(settings, repository, producer).publish_pending()
-        finally:
-            await producer.stop()
-            await repository.close()
-
-    click.echo(f"published {asyncio.run(publish())} license events")
+    published = asyncio.run(publish_pending_once(_settings()))
+    click.echo(f"published {published} license events")
 
 
 @main.command("license-events")

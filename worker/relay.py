@@ -16,6 +16,7 @@ import structlog
 
 from worker import metrics
 from worker.backoff import Backoff
+from worker.kafka_clients import create_producer
 from worker.repository import Repository
 from worker.settings import Settings
 
@@ -81,3 +82,15 @@ class Relay:
         [row] = await self._repository.fetch("outbox_backlog")
         metrics.OUTBOX_PENDING.set(row["pending"])
         metrics.OUTBOX_OLDEST_AGE.set(max(row["oldest_age_seconds"], 0.0))
+
+
+async def publish_pending_once(settings: Settings) -> int:
+    """Publishes what is pending with a relay of its own, then closes it (CLI, tests)."""
+    repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
+    producer = create_producer(settings)
+    await producer.start()
+    try:
+        return await Relay(settings, repository, producer).publish_pending()
+    finally:
+        await producer.stop()
+        await repository.close()

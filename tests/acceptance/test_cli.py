@@ -8,10 +8,10 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
 import orjson
 import pytest
 
@@ -42,14 +42,10 @@ def run_cli(environment: dict[str, str], *arguments: str) -> subprocess.Complete
 
 
 @pytest.fixture
-async def empty_database_url(services: Services) -> str:
-    name = f"license_cli_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(services.admin_url())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return services.database_url_for(name)
+async def empty_database_url(services: Services) -> AsyncIterator[str]:
+    url = await services.create_database("license_cli")
+    yield url
+    await services.drop_database(url)
 
 
 async def test_migrate_create_topics_simulate_run_status(

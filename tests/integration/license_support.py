@@ -21,8 +21,8 @@ from tests.support import (
     wait_until,
 )
 from worker.clock import FixedClock
-from worker.kafka_clients import PartitionEnds, create_producer
-from worker.relay import Relay
+from worker.kafka_clients import PartitionEnds
+from worker.relay import publish_pending_once
 from worker.repository import Repository
 from worker.settings import Settings
 from worker.simulator import SimulatedDevice, agent_event
@@ -93,14 +93,7 @@ async def sweep(settings: Settings, at: datetime, **options: Any) -> SweepReport
 
 
 async def publish_outbox(settings: Settings) -> int:
-    repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
-    producer = create_producer(settings)
-    await producer.start()
-    try:
-        return await Relay(settings, repository, producer).publish_pending()
-    finally:
-        await producer.stop()
-        await repository.close()
+    return await publish_pending_once(settings)
 
 
 async def billing_view(

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from tests.support import Services, fetch, migrate_database
@@ -30,13 +28,7 @@ ORDER BY 1
 
 
 async def empty_database(services: Services) -> str:
-    name = f"license_migrate_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(services.admin_url())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return services.database_url_for(name)
+    return await services.create_database("license_migrate")
 
 
 async def test_migrations_build_the_expected_schema(services: Services) -> None:

@@ -166,6 +166,36 @@ def license_events(timeout: float) -> None:
         click.echo(value.decode())
 
 
+@main.command()
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds per service.")
+def check(timeout: float) -> None:
+    """Exit 0 when Postgres and Kafka answer, 1 otherwise (container probes)."""
+    from worker.kafka_clients import cluster_answers  # noqa: PLC0415
+    from worker.repository import Repository  # noqa: PLC0415
+
+    settings = _settings()
+
+    async def database_answers() -> None:
+        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
+        try:
+            await repository.ping()
+        finally:
+            await repository.close()
+
+    failures = []
+    for name, probe in (
+        ("postgres", database_answers),
+        ("kafka", lambda: cluster_answers(settings)),
+    ):
+        try:
+            asyncio.run(asyncio.wait_for(probe(), timeout))
+        except Exception as error:
+            failures.append(f"{name}: {type(error).__name__}")
+    if failures:
+        raise click.ClickException("unreachable: " + ", ".join(failures))
+    click.echo("ok: postgres and kafka answer")
+
+
 @main.command("create-topics")
 @click.option("--partitions", default=4, show_default=True, help="Partitions of each topic.")
 @click.option("--replication-factor", default=1, show_default=True)

@@ -153,3 +153,13 @@ async def read_topic(settings: Settings, topic: str, idle_seconds: float) -> lis
     finally:
         await consumer.stop()
     return values
+
+
+async def cluster_answers(settings: Settings) -> None:
+    """Raises unless the brokers answer a metadata request."""
+    admin = AIOKafkaAdminClient(**settings.kafka_client_options(), request_timeout_ms=5000)
+    await admin.start()
+    try:
+        await admin.describe_cluster()
+    finally:
+        await admin.close()

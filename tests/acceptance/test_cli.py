@@ -149,3 +149,26 @@ def test_export_schemas_writes_json_schema(tmp_path: Path) -> None:
     written = tmp_path / "agent-event.v1.schema.json"
     assert written.exists()
     assert '"heartbeat"' in written.read_text()
+
+
+async def test_check_exits_0_when_services_answer_and_1_when_they_do_not(
+    services: Services,
+) -> None:
+    reachable = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": services.kafka_bootstrap_servers,
+        "DATABASE_URL": services.database_url,
+    }
+    result = await asyncio.to_thread(run_cli, reachable, "check")
+    assert result.returncode == 0, result.stderr
+    unreachable = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1:9/none",
+    }
+    result = await asyncio.to_thread(run_cli, unreachable, "check", "--timeout", "3")
+    assert result.returncode == 1
+    assert (
+        "unreachable: postgres: ConnectionRefusedError, kafka: KafkaConnectionError"
+        in result.stderr
+    )

@@ -41,10 +41,11 @@ WITH batch AS (
     )
 ),
 before AS (
+    -- No FOR UPDATE: a device's partition has one consumer, and locking every row first
+    -- would write each tuple twice.
     SELECT d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.last_seen_at
     FROM devices AS d
     JOIN batch USING (customer_id, device_id)
-    FOR UPDATE OF d
 ),
 upserted AS (
     INSERT INTO devices AS d (
@@ -252,7 +253,9 @@ WHERE topic = ANY($1::text[]);
 WITH silent AS (
     SELECT DISTINCT customer_id, user_id, device_id
     FROM devices
-    WHERE protected AND last_seen_at >= $1 AND last_seen_at < $2
+    WHERE protected
+      AND last_seen_day BETWEEN ($1 AT TIME ZONE 'UTC')::date AND ($2 AT TIME ZONE 'UTC')::date
+      AND last_seen_at >= $1 AND last_seen_at < $2
 ),
 users_at_risk AS (
     SELECT DISTINCT s.customer_id, 'user' AS subject_type, s.user_id AS subject_id
@@ -278,20 +281,24 @@ WHERE l.active
 GROUP BY l.customer_id;
 
 -- name: silent_devices_page
--- Keyset page of protected devices silent in [$1, $2), after the cursor ($3, $4, $5).
-SELECT last_seen_at, customer_id, device_id, user_id
+-- Keyset page of protected devices silent in [$1, $2), after the cursor ($3 day, $4, $5).
+SELECT last_seen_day, customer_id, device_id, user_id
 FROM devices
-WHERE protected AND last_seen_at >= $1 AND last_seen_at < $2
-  AND (last_seen_at, customer_id, device_id) > ($3, $4, $5)
-ORDER BY last_seen_at, customer_id, device_id
+WHERE protected
+  AND last_seen_day BETWEEN ($1 AT TIME ZONE 'UTC')::date AND ($2 AT TIME ZONE 'UTC')::date
+  AND (last_seen_day, customer_id, device_id) > ($3::date, $4, $5)
+  AND last_seen_at >= $1 AND last_seen_at < $2
+ORDER BY last_seen_day, customer_id, device_id
 LIMIT $6;
 
 -- name: silent_devices_of_customer
-SELECT last_seen_at, customer_id, device_id, user_id
+SELECT last_seen_day, customer_id, device_id, user_id
 FROM devices
-WHERE customer_id = $1 AND protected AND last_seen_at >= $2 AND last_seen_at < $3
-  AND (last_seen_at, device_id) > ($4, $5)
-ORDER BY last_seen_at, device_id
+WHERE customer_id = $1 AND protected
+  AND last_seen_day BETWEEN ($2 AT TIME ZONE 'UTC')::date AND ($3 AT TIME ZONE 'UTC')::date
+  AND (last_seen_day, device_id) > ($4::date, $5)
+  AND last_seen_at >= $2 AND last_seen_at < $3
+ORDER BY last_seen_day, device_id
 LIMIT $6;
 
 -- name: open_holds

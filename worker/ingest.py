@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -256,21 +257,28 @@ class _Stored:
 
 
 def _count(batch: DecodedBatch, stored: _Stored, letters: Sequence[DeadLetter]) -> None:
+    """Counts the batch's outcomes, then touches each metric child once (not per message)."""
     refused = {(letter.topic, letter.partition, letter.offset) for letter in stored.refused}
     first_seen = set(stored.new_lifecycle_events)
+    outcomes: Counter[tuple[str, str, str]] = Counter()
     for item in batch.good:
         record, event = item.record, item.event
-        if (record.topic, record.partition, record.offset) in refused:
+        if refused and (record.topic, record.partition, record.offset) in refused:
             continue
         outcome = "stored"
         if event.type != "heartbeat":
             key = (event.customer_id, event.event_id)
             outcome = "stored" if key in first_seen else "duplicate"
             first_seen.discard(key)
-        metrics.EVENTS.labels(record.topic, event.type, outcome).inc()
+        outcomes[(record.topic, event.type, outcome)] += 1
+    reasons: Counter[tuple[str, str]] = Counter()
     for letter in letters:
-        metrics.EVENTS.labels(letter.topic, "unknown", "dead_lettered").inc()
-        metrics.DEAD_LETTERS.labels(letter.topic, letter.rejection.reason.value).inc()
+        outcomes[(letter.topic, "unknown", "dead_lettered")] += 1
+        reasons[(letter.topic, letter.rejection.reason.value)] += 1
+    for (topic, event_type, outcome), count in outcomes.items():
+        metrics.EVENTS.labels(topic, event_type, outcome).inc(count)
+    for (topic, reason), count in reasons.items():
+        metrics.DEAD_LETTERS.labels(topic, reason).inc(count)
 
 
 class _PermanentDatabaseError(Exception):

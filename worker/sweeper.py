@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -208,7 +208,7 @@ class Sweeper:
 
     async def _silent_pages(self, start: datetime, end: datetime) -> Any:
         """Keyset pages of devices that fell silent in [start, end): bounded memory."""
-        cursor: tuple[datetime, str, str] = (BEGINNING, "", "")
+        cursor: tuple[date, str, str] = (BEGINNING.date(), "", "")
         while True:
             rows = await self._repository.fetch(
                 "silent_devices_page", start, end, *cursor, self._settings.sweep_page_size
@@ -217,7 +217,7 @@ class Sweeper:
                 return
             yield rows
             last = rows[-1]
-            cursor = (last["last_seen_at"], last["customer_id"], last["device_id"])
+            cursor = (last["last_seen_day"], last["customer_id"], last["device_id"])
 
     async def _decide_pages(
         self,
@@ -267,7 +267,7 @@ class Sweeper:
             report.applied_holds.append(hold["customer_id"])
 
     async def _customer_pages(self, customer_id: str, start: datetime, end: datetime) -> Any:
-        cursor: tuple[datetime, str] = (BEGINNING, "")
+        cursor: tuple[date, str] = (BEGINNING.date(), "")
         while True:
             rows = await self._repository.fetch(
                 "silent_devices_of_customer",
@@ -280,7 +280,7 @@ class Sweeper:
             if not rows:
                 return
             yield rows
-            cursor = (rows[-1]["last_seen_at"], rows[-1]["device_id"])
+            cursor = (rows[-1]["last_seen_day"], rows[-1]["device_id"])
 
     async def _purge(self, decision_time: datetime, report: SweepReport, dry_run: bool) -> None:
         """Personal data of users released longer ago than the retention, page by page."""

@@ -10,6 +10,7 @@ crash or a rebalance changes nothing the second time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -39,6 +40,8 @@ from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+# While a batch's write takes longer than this, the loop polls Kafka (paused) in between.
+KEEPALIVE_SECONDS = 1.0
 
 
 class ShutdownDuringRetry(Exception):
@@ -95,46 +98,73 @@ class IngestionLoop:
         return FlushBeforeRevoke(self.batch_lock, self._settings.rebalance_flush_timeout_seconds)
 
     async def run(self) -> None:
+        """Fetch and decode the next batch while the previous one is being written: Python
+        and Postgres work at the same time, and offsets are still committed in order, each
+        after its own batch's transaction. Only this loop touches the consumer."""
         log.info("ingest.started", topics=list(self._settings.agent_topics))
-        while not self._stopping.is_set():
-            records = await self._consumer.getmany(
-                timeout_ms=self._settings.batch_max_wait_ms,
-                max_records=self._settings.batch_max_records,
-            )
-            self.last_progress_monotonic = time.monotonic()
-            if not records:
-                continue
-            async with self.batch_lock:
-                try:
-                    await self.process(records)
-                except ShutdownDuringRetry:
-                    log.warning("batch.abandoned_for_shutdown")
-                    return
+        in_flight: _InFlight | None = None
+        try:
+            while not self._stopping.is_set():
+                records = await self._consumer.getmany(
+                    timeout_ms=self._settings.batch_max_wait_ms,
+                    max_records=self._settings.batch_max_records,
+                )
+                self.last_progress_monotonic = time.monotonic()
+                batch = decode_batch(records, self._settings.max_message_bytes) if records else None
+                if in_flight is not None:
+                    await self._finish(in_flight)
+                    in_flight = None
+                if batch is not None:
+                    await self.batch_lock.acquire()
+                    write = asyncio.create_task(self._store(batch), name="ingest-write")
+                    in_flight = _InFlight(batch, write)
+            if in_flight is not None:
+                await self._finish(in_flight)
+        except ShutdownDuringRetry:
+            log.warning("batch.abandoned_for_shutdown")
         log.info("ingest.stopped")
 
-    async def process(self, records: Mapping[TopicPartition, Sequence[Any]]) -> None:
-        batch = decode_batch(records, self._settings.max_message_bytes)
+    async def _finish(self, in_flight: _InFlight) -> None:
+        """Waits for the batch's transaction, dead-letters what it must, commits its offsets."""
+        batch = in_flight.batch
+        try:
+            stored = await self._await_keeping_membership(in_flight.write)
+            letters = batch.dead_letters + stored.refused
+            if letters:
+                await self._retry_kafka("dead_letter", lambda: self._publish(letters))
+            await self._commit(batch.next_offsets)
+        finally:
+            if not in_flight.write.done():
+                in_flight.write.cancel()
+            self.batch_lock.release()
         metrics.BATCH_SIZE.observe(batch.size)
-        started = time.perf_counter()
-        stored = await self._store(batch)
-        metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - started)
-        letters = batch.dead_letters + stored.refused
-        if letters:
-            await self._retry_kafka("dead_letter", lambda: self._publish(letters))
-        await self._commit(batch.next_offsets)
+        metrics.BATCH_WRITE_SECONDS.observe(stored.seconds)
         _count(batch, stored, letters)
         log.debug("batch.committed", messages=batch.size, dead_letters=len(letters))
+
+    async def _await_keeping_membership(self, write: asyncio.Task[_Stored]) -> _Stored:
+        while True:
+            done, _ = await asyncio.wait({write}, timeout=KEEPALIVE_SECONDS)
+            if done:
+                return write.result()
+            # A long write (an outage being waited out): keep polling, paused, so the group
+            # does not count this worker as dead after `max_poll_interval_ms`.
+            await self._poll_paused(0.0)
 
     async def _store(self, batch: DecodedBatch) -> _Stored:
         """Writes the batch in one transaction. If the database refuses it as data (not an
         outage), writes message by message so only the refused ones go to the DLQ."""
+        started = time.perf_counter()
         changes = self._coalesce(item.event for item in batch.good)
         try:
             result = await self._retry_database(lambda: self._write(changes, batch.progress))
         except _PermanentDatabaseError:
-            return await self._store_one_by_one(batch)
-        metrics.CLAMPED_EVENTS.inc(changes.clamped_events)
-        return _Stored(refused=[], new_lifecycle_events=result.inserted_lifecycle_events)
+            stored = await self._store_one_by_one(batch)
+        else:
+            metrics.CLAMPED_EVENTS.inc(changes.clamped_events)
+            stored = _Stored(refused=[], new_lifecycle_events=result.inserted_lifecycle_events)
+        stored.seconds = time.perf_counter() - started
+        return stored
 
     async def _store_one_by_one(self, batch: DecodedBatch) -> _Stored:
         stored = _Stored(refused=[], new_lifecycle_events=set())
@@ -189,7 +219,7 @@ class IngestionLoop:
                     attempt=backoff.attempts,
                     retry_in_seconds=round(delay, 2),
                 )
-                await self._wait_keeping_membership(delay)
+                await self._sleep_unless_stopping(delay)
 
     async def _retry_kafka(self, operation_name: str, operation: Callable[[], Awaitable[T]]) -> T:
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
@@ -208,23 +238,34 @@ class IngestionLoop:
                 )
                 await self._wait_keeping_membership(delay)
 
-    async def _wait_keeping_membership(self, delay: float) -> None:
-        """Waits out an outage while still polling Kafka with every partition paused, so the
-        group does not count this worker as dead after `max_poll_interval_ms`."""
+    async def _sleep_unless_stopping(self, delay: float) -> None:
         if self._stopping.is_set():
             raise ShutdownDuringRetry
-        assignment = self._consumer.assignment()
-        self._consumer.pause(*assignment)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+        if self._stopping.is_set():
+            raise ShutdownDuringRetry
+
+    async def _wait_keeping_membership(self, delay: float) -> None:
+        """Waits out a Kafka outage (DLQ, commit) while still polling, paused."""
+        if self._stopping.is_set():
+            raise ShutdownDuringRetry
+        await self._poll_paused(delay)
+        if self._stopping.is_set():
+            raise ShutdownDuringRetry
+
+    async def _poll_paused(self, seconds: float) -> None:
+        """Polls Kafka with every partition paused: the group keeps this worker as a live
+        member (`max_poll_interval_ms`) and no record is consumed."""
+        self._consumer.pause(*self._consumer.assignment())
         try:
-            unexpected = await self._consumer.getmany(timeout_ms=int(delay * 1000))
+            unexpected = await self._consumer.getmany(timeout_ms=int(seconds * 1000))
             # A partition assigned while we waited is not paused: put back what it returned.
             for partition, records in unexpected.items():
                 self._consumer.seek(partition, records[0].offset)
         finally:
             self._consumer.resume(*self._consumer.assignment())
         self.last_progress_monotonic = time.monotonic()
-        if self._stopping.is_set():
-            raise ShutdownDuringRetry
 
     async def _publish(self, letters: Sequence[DeadLetter]) -> None:
         await publish_dead_letters(
@@ -254,6 +295,13 @@ class _Stored:
     refused: list[DeadLetter]
     # (customer_id, event_id) of lifecycle events recorded for the first time.
     new_lifecycle_events: set[tuple[str, str]]
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    batch: DecodedBatch
+    write: asyncio.Task[_Stored]
 
 
 def _count(batch: DecodedBatch, stored: _Stored, letters: Sequence[DeadLetter]) -> None:

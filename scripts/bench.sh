@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The ingestion benchmark (docs/benchmarks.md). Starts its own Kafka and Postgres in
+# .local/bench-services and stops them afterwards, unless KAFKA_BOOTSTRAP_SERVERS and
+# DATABASE_URL already point at running ones. Arguments go to scripts/bench.py:
+#     bash scripts/bench.sh                 # full: 3 runs of each measurement
+#     bash scripts/bench.sh --quick         # smoke version, under a minute
+#     bash scripts/bench.sh --git-ref HEAD  # the committed worker, not the working tree
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export KAFKA_LIB_DIR="${KAFKA_LIB_DIR:-$PWD/.local/kafka-lib}"
+python=.venv/bin/python
+[[ -x "$python" ]] || { echo "no $python: run 'make setup' first" >&2; exit 1; }
+
+if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" || -z "${DATABASE_URL:-}" ]]; then
+  state_dir="$PWD/.local/bench-services"
+  trap 'bash deploy/local/services.sh stop --clean "$state_dir"' EXIT
+  env_lines="$(bash deploy/local/services.sh start "$state_dir")"
+  eval "$env_lines"
+fi
+
+"$python" scripts/bench.py "$@"

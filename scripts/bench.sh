@@ -5,6 +5,7 @@
 #     bash scripts/bench.sh                 # full: 3 runs of each measurement
 #     bash scripts/bench.sh --quick         # smoke version, under a minute
 #     bash scripts/bench.sh --git-ref HEAD  # the committed worker, not the working tree
+#     bash scripts/bench.sh --sweep         # the sweeper over 1,000,000 devices (bench_sweep.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export KAFKA_LIB_DIR="${KAFKA_LIB_DIR:-$PWD/.local/kafka-lib}"
@@ -18,4 +19,9 @@ if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" || -z "${DATABASE_URL:-}" ]]; then
   eval "$env_lines"
 fi
 
-"$python" scripts/bench.py "$@"
+if [[ "${1:-}" == "--sweep" ]]; then
+  shift
+  "$python" scripts/bench_sweep.py "$@"
+else
+  "$python" scripts/bench.py "$@"
+fi

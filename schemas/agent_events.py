@@ -19,9 +19,7 @@ MAX_TEXT_LENGTH = 512
 # overrides, zero-width joiners), line separators, or surrounding white space there are an
 # agent bug or an attack, and NUL cannot be stored in Postgres text. Inner spaces are fine.
 # Patterns (not Python validators) keep validation in pydantic-core's fast path.
-_IDENTIFIER_PATTERN = (
-    r"^[^\p{C}\p{Z}](?:[^\p{Cc}\p{Cf}\p{Zl}\p{Zp}]*[^\p{C}\p{Z}])?$"
-)
+_IDENTIFIER_PATTERN = r"^[^\p{C}\p{Z}](?:[^\p{Cc}\p{Cf}\p{Zl}\p{Zp}]*[^\p{C}\p{Z}])?$"
 _NO_NUL_PATTERN = r"^[^\x00]*$"
 
 Identifier = Annotated[

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import orjson
-
 from pydantic import TypeAdapter
 
 from schemas.agent_events import AGENT_EVENT_ADAPTER

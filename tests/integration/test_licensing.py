@@ -78,6 +78,10 @@ async def test_timeline_day_0_29_31_120_emits_exactly_the_expected_events(
     final = await billing_view(services, settings, 7)
     purges = [e for e in final if e["type"] == "user.purged"]
     assert len(final) == 7, "nothing but the expected events"
+    # One customer, one partition: billing reads the events in the order they were decided.
+    assert [e["type"] for e in final] == ["license.allocated"] * 3 + ["license.released"] * 3 + [
+        "user.purged"
+    ]
     assert [(e["reason"], e["subject_id"].startswith("purged-")) for e in purges] == [
         ("retention_90d", True)
     ]

@@ -84,7 +84,9 @@ class IngestionLoop:
         repository: Repository,
         clock: Clock,
         stopping: asyncio.Event,
+        beat: Callable[[], None] = lambda: None,
     ) -> None:
+        self._beat = beat
         self._settings = settings
         self._consumer = consumer
         self._producer = producer
@@ -92,7 +94,6 @@ class IngestionLoop:
         self._clock = clock
         self._stopping = stopping
         self.batch_lock = asyncio.Lock()
-        self.last_progress_monotonic = time.monotonic()
 
     def rebalance_listener(self) -> FlushBeforeRevoke:
         return FlushBeforeRevoke(self.batch_lock, self._settings.rebalance_flush_timeout_seconds)
@@ -109,7 +110,7 @@ class IngestionLoop:
                     timeout_ms=self._settings.batch_max_wait_ms,
                     max_records=self._settings.batch_max_records,
                 )
-                self.last_progress_monotonic = time.monotonic()
+                self._beat()
                 batch = decode_batch(records, self._settings.max_message_bytes) if records else None
                 if in_flight is not None:
                     await self._finish(in_flight)
@@ -265,7 +266,7 @@ class IngestionLoop:
                 self._consumer.seek(partition, records[0].offset)
         finally:
             self._consumer.resume(*self._consumer.assignment())
-        self.last_progress_monotonic = time.monotonic()
+        self._beat()
 
     async def _publish(self, letters: Sequence[DeadLetter]) -> None:
         await publish_dead_letters(

@@ -77,3 +77,22 @@ OUTBOX_PENDING = Gauge("license_worker_outbox_pending", "License events not yet 
 OUTBOX_OLDEST_AGE = Gauge(
     "license_worker_outbox_oldest_age_seconds", "Age of the oldest unpublished license event."
 )
+CONSUMER_LAG_MESSAGES = Gauge(
+    "license_worker_consumer_lag_messages",
+    "Messages of an assigned partition not yet stored: end offset minus committed offset.",
+    ["topic", "partition"],
+)
+CONSUMER_LAG_SECONDS = Gauge(
+    "license_worker_consumer_lag_seconds",
+    "While messages wait: now minus the broker timestamp of the last stored message; 0 when "
+    "caught up; +Inf when nothing was ever stored.",
+    ["topic", "partition"],
+)
+STUCK_PARTITIONS = Gauge(
+    "license_worker_stuck_partitions",
+    "Assigned partitions with messages waiting whose committed offset has not moved.",
+)
+CONSUMER_RECREATIONS = Counter(
+    "license_worker_consumer_recreations_total",
+    "Times the Kafka consumer was recreated because a partition was stuck.",
+)

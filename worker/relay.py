@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -24,7 +25,14 @@ log = structlog.get_logger(__name__)
 
 
 class Relay:
-    def __init__(self, settings: Settings, repository: Repository, producer: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        repository: Repository,
+        producer: Any,
+        beat: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._beat = beat
         self._settings = settings
         self._repository = repository
         self._producer = producer
@@ -32,6 +40,7 @@ class Relay:
     async def run_forever(self, stopping: asyncio.Event) -> None:
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
         while not stopping.is_set():
+            self._beat()
             delay = self._settings.relay_poll_seconds
             try:
                 published = await self.publish_pending()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
 
 import structlog
-from prometheus_client import start_http_server
 
+from worker import metrics
 from worker.backoff import Backoff
 from worker.clock import Clock, SystemClock
+from worker.health import Liveness, Readiness, health_app, serve_health
 from worker.ingest import IngestionLoop
 from worker.kafka_clients import (
     PartitionEnds,
@@ -21,6 +23,7 @@ from worker.kafka_clients import (
     create_producer,
     start_with_retry,
 )
+from worker.monitor import Monitor
 from worker.relay import Relay
 from worker.repository import Repository, is_transient_database_error
 from worker.settings import Settings
@@ -34,46 +37,112 @@ class Worker:
         self._settings = settings
         self._clock = clock or SystemClock()
         self._stopping = asyncio.Event()
+        # Set to end the current consumer's life: on stop, or to recreate a stuck consumer.
+        self._consumer_done = asyncio.Event()
+        self._consumer: Any = None
+        self.liveness = Liveness()
+        self.readiness = Readiness()
 
     def stop(self) -> None:
         self._stopping.set()
+        self._consumer_done.set()
 
     async def run(self) -> None:
         settings = self._settings
         log.info("worker.starting", config=settings.masked())
+        server = None
         if settings.metrics_port:
-            start_http_server(settings.metrics_port)
+            server = serve_health(settings.metrics_port, health_app(self.liveness, self.readiness))
         repository = await _connect_database(settings)
         producer = create_producer(settings)
-        consumer = create_consumer(settings)
         partition_ends = PartitionEnds(settings)
         try:
             await start_with_retry("kafka-producer", producer.start, settings)
             await start_with_retry("kafka-lag-reader", partition_ends.start, settings)
+            await self._supervise(self._tasks(repository, producer, partition_ends))
+        finally:
+            await partition_ends.stop()
+            await producer.stop()
+            await repository.close()
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+            log.info("worker.stopped")
+
+    def _tasks(
+        self, repository: Repository, producer: Any, partition_ends: PartitionEnds
+    ) -> list[asyncio.Task[None]]:
+        settings, liveness, slack = (
+            self._settings,
+            self.liveness,
+            self._settings.liveness_slack_seconds,
+        )
+        liveness.register("ingest", slack)
+        tasks = [asyncio.create_task(self._ingest(repository, producer), name="ingest")]
+        if settings.relay_enabled:
+            liveness.register("relay", settings.relay_poll_seconds + slack)
+            relay = Relay(settings, repository, producer, beat=lambda: liveness.beat("relay"))
+            tasks.append(asyncio.create_task(relay.run_forever(self._stopping), name="relay"))
+        if settings.sweep_enabled:
+            liveness.register("sweeper", settings.sweep_interval_seconds + slack)
+            sweeper = Sweeper(
+                settings,
+                repository,
+                partition_ends,
+                self._clock,
+                stopping=self._stopping,
+                beat=lambda: liveness.beat("sweeper"),
+            )
+            tasks.append(asyncio.create_task(sweeper.run_forever(), name="sweeper"))
+        liveness.register("monitor", settings.monitor_interval_seconds + slack)
+        monitor = Monitor(
+            settings=settings,
+            repository=repository,
+            partition_ends=partition_ends,
+            assignment=self._assignment,
+            liveness=liveness,
+            readiness=self.readiness,
+            on_stuck=self._recreate_consumer,
+        )
+        tasks.append(asyncio.create_task(monitor.run_forever(self._stopping), name="monitor"))
+        return tasks
+
+    async def _ingest(self, repository: Repository, producer: Any) -> None:
+        """Runs the ingestion loop on a consumer; recreates the consumer when the monitor
+        finds a partition stuck, until the worker stops."""
+        settings = self._settings
+        while not self._stopping.is_set():
+            self._consumer_done = asyncio.Event()
+            consumer = create_consumer(settings)
             ingest = IngestionLoop(
                 settings=settings,
                 consumer=consumer,
                 producer=producer,
                 repository=repository,
                 clock=self._clock,
-                stopping=self._stopping,
+                stopping=self._consumer_done,
+                beat=lambda: self.liveness.beat("ingest"),
             )
             consumer.subscribe(list(settings.agent_topics), listener=ingest.rebalance_listener())
-            await start_with_retry("kafka-consumer", consumer.start, settings)
-            tasks = [asyncio.create_task(ingest.run(), name="ingest")]
-            if settings.relay_enabled:
-                relay = Relay(settings, repository, producer)
-                tasks.append(asyncio.create_task(relay.run_forever(self._stopping), name="relay"))
-            if settings.sweep_enabled:
-                sweeper = Sweeper(settings, repository, partition_ends, self._clock, self._stopping)
-                tasks.append(asyncio.create_task(sweeper.run_forever(), name="sweeper"))
-            await self._supervise(tasks)
-        finally:
-            await consumer.stop()
-            await partition_ends.stop()
-            await producer.stop()
-            await repository.close()
-            log.info("worker.stopped")
+            try:
+                await start_with_retry("kafka-consumer", consumer.start, settings)
+                self._consumer = consumer
+                await ingest.run()
+            finally:
+                self._consumer = None
+                await consumer.stop()
+            if not self._stopping.is_set():
+                metrics.CONSUMER_RECREATIONS.inc()
+                log.warning("ingest.consumer_recreated")
+
+    def _recreate_consumer(self, stuck: list[tuple[str, int]]) -> None:
+        self._consumer_done.set()
+
+    def _assignment(self) -> set[tuple[str, int]]:
+        consumer = self._consumer
+        if consumer is None:
+            return set()
+        return {(tp.topic, tp.partition) for tp in consumer.assignment()}
 
     async def _supervise(self, tasks: list[asyncio.Task[None]]) -> None:
         """Returns once asked to stop and every task has finished its work in hand. If a task
@@ -86,7 +155,7 @@ class Worker:
             log.error("worker.task_died", task=died[0].get_name())
         else:
             log.info("worker.stopping")
-        self._stopping.set()
+        self.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
         stop_requested.cancel()
         for task in died:

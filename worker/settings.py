@@ -62,7 +62,12 @@ class Settings(BaseSettings):
     retry_initial_seconds: float = Field(default=0.2, gt=0)
     retry_max_seconds: float = Field(default=30.0, gt=0)
 
-    metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables the endpoint")
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="/metrics, /livez, /readyz; 0 disables them"
+    )
+    monitor_interval_seconds: float = Field(default=10.0, gt=0)
+    stuck_partition_seconds: float = Field(default=120.0, gt=0)
+    liveness_slack_seconds: float = Field(default=120.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

@@ -69,8 +69,11 @@ class Sweeper:
         repository: Repository,
         end_offsets: EndOffsets,
         clock: Clock,
+        *,
         stopping: asyncio.Event | None = None,
+        beat: Callable[[], None] = lambda: None,
     ) -> None:
+        self._beat = beat
         self._settings = settings
         self._repository = repository
         self._end_offsets = end_offsets
@@ -100,6 +103,7 @@ class Sweeper:
             log.error("sweep.failed", error=type(error).__name__, detail=str(error)[:300])
 
     async def _sleep(self, seconds: float) -> None:
+        self._beat()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
@@ -228,6 +232,7 @@ class Sweeper:
         dry_run: bool,
     ) -> None:
         async for rows in pages:
+            self._beat()
             if self._stopping.is_set():
                 # Stop between pages; the next run decides the rest (every page is idempotent).
                 raise SweepInterrupted

@@ -123,12 +123,7 @@ class PartitionEnds:
         await self._admin.close()
 
     async def __call__(self) -> dict[tuple[str, int], int]:
-        partitions = [
-            TopicPartition(topic["topic"], partition["partition"])
-            for topic in await self._admin.describe_topics(self._topics)
-            if topic["error_code"] == 0
-            for partition in topic["partitions"]
-        ]
+        partitions = await describe_partitions(self._admin, self._topics)
         if not partitions:
             return {}
         ends = await self._consumer.end_offsets(partitions)
@@ -163,3 +158,18 @@ async def cluster_answers(settings: Settings) -> None:
         await admin.describe_cluster()
     finally:
         await admin.close()
+
+
+async def describe_partitions(
+    admin: AIOKafkaAdminClient, topics: list[str]
+) -> list[TopicPartition]:
+    """The partitions of the topics that exist (a missing topic has none)."""
+    return sorted(
+        (
+            TopicPartition(topic["topic"], partition["partition"])
+            for topic in await admin.describe_topics(topics)
+            if topic["error_code"] == 0
+            for partition in topic["partitions"]
+        ),
+        key=lambda tp: (tp.topic, tp.partition),
+    )

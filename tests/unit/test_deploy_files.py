@@ -1,0 +1,98 @@
+"""The deployment files parse and validate: Kubernetes objects against the Kubernetes
+schemas (kubernetes-validate), the compose file against the compose specification
+(check-jsonschema), and the parts that must agree with the worker do."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from worker.cli import main as cli
+
+ROOT = Path(__file__).resolve().parents[2]
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.31.0"
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [document for document in yaml.safe_load_all(path.read_text()) if document]
+
+
+def all_objects() -> list[dict[str, Any]]:
+    return [obj for path in sorted(KUBERNETES.glob("*.yaml")) for obj in documents(path)]
+
+
+def by_kind(kind: str) -> dict[str, Any]:
+    [found] = [obj for obj in all_objects() if obj["kind"] == kind]
+    return found
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [obj for obj in all_objects() if not obj["apiVersion"].startswith("keda.sh/")],
+    ids=lambda obj: f"{obj['kind']}/{obj['metadata']['name']}",
+)
+def test_core_objects_validate_against_the_kubernetes_schema(obj: dict[str, Any]) -> None:
+    kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_deployment_probes_and_port_match_the_worker() -> None:
+    config = by_kind("ConfigMap")["data"]
+    container = by_kind("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    [port] = container["ports"]
+    assert str(port["containerPort"]) == config["METRICS_PORT"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["args"] == ["run"]
+    assert by_kind("Job")["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
+    assert {"run", "migrate", "check"} <= set(cli.commands)
+
+
+def test_keda_scales_the_deployment_on_the_worker_group_capped_at_the_partitions() -> None:
+    scaled = by_kind("ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == by_kind("Deployment")["metadata"]["name"]
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["type"] == "kafka"
+    assert trigger["metadata"]["consumerGroup"] == by_kind("ConfigMap")["data"]["CONSUMER_GROUP"]
+    assert trigger["metadata"]["allowIdleConsumers"] == "false"
+    assert scaled["spec"]["maxReplicaCount"] <= 4, "no more replicas than partitions"
+    assert (
+        trigger["authenticationRef"]["name"] == by_kind("TriggerAuthentication")["metadata"]["name"]
+    )
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("check-jsonschema")),
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(ROOT / "deploy" / "compose.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    services = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]
+    assert {"kafka", "postgres", "migrate", "worker", "prometheus", "grafana"} <= set(services)
+
+
+def test_dockerfile_runs_as_non_root_with_the_check_command() -> None:
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert "USER app" in dockerfile
+    assert 'CMD ["license-worker", "check"]' in dockerfile
+
+
+def test_the_validator_rejects_a_broken_object() -> None:
+    broken = by_kind("Deployment")
+    broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] = []
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)

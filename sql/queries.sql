@@ -401,3 +401,15 @@ UPDATE license_outbox SET published_at = now() WHERE id = ANY($1::bigint[]);
 SELECT count(*) AS pending,
        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age_seconds
 FROM license_outbox WHERE published_at IS NULL;
+
+-- name: license_totals
+-- Totals for the metrics: licenses in use by subject type and basis, and customers holding
+-- any. Per-customer figures are the usage report's business, not a metric's.
+SELECT subject_type, basis, count(*) AS licenses,
+       count(DISTINCT customer_id) AS customers
+FROM licenses
+WHERE active
+GROUP BY subject_type, basis;
+
+-- name: customers_with_licenses
+SELECT count(DISTINCT customer_id) AS customers FROM licenses WHERE active;

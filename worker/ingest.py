@@ -258,7 +258,9 @@ class IngestionLoop:
     async def _poll_paused(self, seconds: float) -> None:
         """Polls Kafka with every partition paused: the group keeps this worker as a live
         member (`max_poll_interval_ms`) and no record is consumed."""
-        self._consumer.pause(*self._consumer.assignment())
+        paused = self._consumer.assignment()
+        self._consumer.pause(*paused)
+        metrics.PAUSED_PARTITIONS.set(len(paused))
         try:
             unexpected = await self._consumer.getmany(timeout_ms=int(seconds * 1000))
             # A partition assigned while we waited is not paused: put back what it returned.
@@ -266,6 +268,7 @@ class IngestionLoop:
                 self._consumer.seek(partition, records[0].offset)
         finally:
             self._consumer.resume(*self._consumer.assignment())
+            metrics.PAUSED_PARTITIONS.set(0)
         self._beat()
 
     async def _publish(self, letters: Sequence[DeadLetter]) -> None:

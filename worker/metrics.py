@@ -96,3 +96,16 @@ CONSUMER_RECREATIONS = Counter(
     "license_worker_consumer_recreations_total",
     "Times the Kafka consumer was recreated because a partition was stuck.",
 )
+LICENSES_ACTIVE = Gauge(
+    "license_worker_licenses_active",
+    "Licenses in use, all customers together, by subject type and basis (after the last sweep).",
+    ["subject_type", "basis"],
+)
+CUSTOMERS_LICENSED = Gauge(
+    "license_worker_customers_licensed",
+    "Customers holding at least one license (after the last sweep).",
+)
+PAUSED_PARTITIONS = Gauge(
+    "license_worker_paused_partitions",
+    "Partitions paused while the worker waits out a Kafka or Postgres outage.",
+)

@@ -40,6 +40,12 @@ from worker.sweep_rules import (
 log = structlog.get_logger(__name__)
 BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)
 LAG_REPORT_THRESHOLD = timedelta(seconds=60)
+LICENSE_KINDS = [
+    ("user", "user"),
+    ("device", "unassigned"),
+    ("device", "over_allowance"),
+    ("device", "device_model"),
+]
 EndOffsets = Callable[[], Any]
 
 
@@ -124,6 +130,7 @@ class Sweeper:
         if not dry_run:
             metrics.SWEEP_LAST_SUCCESS.set(time.time())
             metrics.SWEEP_DURATION.observe(duration)
+            await self._publish_totals()
         log.info("sweep.finished", duration_seconds=round(duration, 3), **report.as_log())
         return report
 
@@ -354,6 +361,18 @@ class Sweeper:
             event_id=event_id,
             payload=payload,
         )
+
+    async def _publish_totals(self) -> None:
+        counts = {
+            (row["subject_type"], row["basis"]): row["licenses"]
+            for row in await self._repository.fetch("license_totals")
+        }
+        for subject_type, basis in LICENSE_KINDS:
+            metrics.LICENSES_ACTIVE.labels(subject_type, basis).set(
+                counts.get((subject_type, basis), 0)
+            )
+        [row] = await self._repository.fetch("customers_with_licenses")
+        metrics.CUSTOMERS_LICENSED.set(row["customers"])
 
     async def _pseudonym_key(self) -> bytes:
         if self._settings.pseudonym_key is not None:

@@ -6,6 +6,7 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.integration.license_support import (
     ALICE,
@@ -58,6 +59,18 @@ async def test_timeline_day_0_29_31_120_emits_exactly_the_expected_events(
 
     day29 = await sweep(settings, day(29))
     assert (day29.released, day29.purged) == (0, 0)
+    in_use = {
+        basis: REGISTRY.get_sample_value(
+            "license_worker_licenses_active", {"subject_type": subject, "basis": basis}
+        )
+        for subject, basis in [
+            ("user", "user"),
+            ("device", "unassigned"),
+            ("device", "over_allowance"),
+        ]
+    }
+    assert in_use == {"user": 1, "unassigned": 1, "over_allowance": 1}
+    assert REGISTRY.get_sample_value("license_worker_customers_licensed") == 1
 
     day31 = await sweep(settings, day(31))
     assert day31.released == 3

@@ -7,7 +7,7 @@ export UV := python3 -m uv
 SERVICES := deploy/local/services.sh
 export KAFKA_LIB_DIR ?= $(CURDIR)/.local/kafka-lib
 
-.PHONY: setup demo test lint bench bench-sweep services services-stop schemas clean
+.PHONY: setup demo test lint bench bench-sweep load-proof services services-stop schemas clean
 
 setup: ## Install the locked Python environment into .venv
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
@@ -29,6 +29,9 @@ bench: setup ## Ingestion benchmark against the local services (see docs/benchma
 
 bench-sweep: setup ## One sweep over 1,000,000 silent devices (see docs/benchmarks.md)
 	bash scripts/bench.sh --sweep
+
+load-proof: setup ## A few minutes under load; writes docs/load-proof.png and .csv
+	bash scripts/bench.sh --load-proof
 
 services: ## Start local Kafka and Postgres (.local/services) and print their variables
 	bash $(SERVICES) start

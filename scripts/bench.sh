@@ -6,6 +6,7 @@
 #     bash scripts/bench.sh --quick         # smoke version, under a minute
 #     bash scripts/bench.sh --git-ref HEAD  # the committed worker, not the working tree
 #     bash scripts/bench.sh --sweep         # the sweeper over 1,000,000 devices (bench_sweep.py)
+#     bash scripts/bench.sh --load-proof    # minutes under load, plotted (load_proof.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export KAFKA_LIB_DIR="${KAFKA_LIB_DIR:-$PWD/.local/kafka-lib}"
@@ -22,6 +23,9 @@ fi
 if [[ "${1:-}" == "--sweep" ]]; then
   shift
   "$python" scripts/bench_sweep.py "$@"
+elif [[ "${1:-}" == "--load-proof" ]]; then
+  shift
+  "$python" scripts/load_proof.py "$@"
 else
   "$python" scripts/bench.py "$@"
 fi

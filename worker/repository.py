@@ -252,8 +252,13 @@ class Repository:
             min_size=1,
             max_size=pool_size,
             command_timeout=60,
-            # Statements are few and fixed; keep their plans prepared per connection.
+            # Statements are few and fixed; keep them prepared per connection.
             statement_cache_size=64,
+            # ...but plan them on every execution: a generic plan made while a table was small
+            # (a fresh database, a new customer's fleet) keeps sequential scans long after
+            # the table grew, until autovacuum happens to analyze it. Planning costs far less
+            # than a batch statement.
+            server_settings={"plan_cache_mode": "force_custom_plan"},
         )
         return cls(pool)
 

@@ -53,24 +53,32 @@ class Worker:
         server = None
         if settings.metrics_port:
             server = serve_health(settings.metrics_port, health_app(self.liveness, self.readiness))
-        repository = await _connect_database(settings)
+        # Two pools: ingestion never waits for a connection held by the relay, the sweeper
+        # (whose leader lock keeps one for good) or the monitor.
+        repository = await _connect_database(settings, settings.database_pool_size)
+        background = await _connect_database(settings, settings.background_pool_size)
         producer = create_producer(settings)
         partition_ends = PartitionEnds(settings)
         try:
             await start_with_retry("kafka-producer", producer.start, settings)
             await start_with_retry("kafka-lag-reader", partition_ends.start, settings)
-            await self._supervise(self._tasks(repository, producer, partition_ends))
+            await self._supervise(self._tasks(repository, background, producer, partition_ends))
         finally:
             await partition_ends.stop()
             await producer.stop()
             await repository.close()
+            await background.close()
             if server is not None:
                 server.shutdown()
                 server.server_close()
             log.info("worker.stopped")
 
     def _tasks(
-        self, repository: Repository, producer: Any, partition_ends: PartitionEnds
+        self,
+        repository: Repository,
+        background: Repository,
+        producer: Any,
+        partition_ends: PartitionEnds,
     ) -> list[asyncio.Task[None]]:
         settings, liveness, slack = (
             self._settings,
@@ -81,13 +89,13 @@ class Worker:
         tasks = [asyncio.create_task(self._ingest(repository, producer), name="ingest")]
         if settings.relay_enabled:
             liveness.register("relay", settings.relay_poll_seconds + slack)
-            relay = Relay(settings, repository, producer, beat=lambda: liveness.beat("relay"))
+            relay = Relay(settings, background, producer, beat=lambda: liveness.beat("relay"))
             tasks.append(asyncio.create_task(relay.run_forever(self._stopping), name="relay"))
         if settings.sweep_enabled:
             liveness.register("sweeper", settings.sweep_interval_seconds + slack)
             sweeper = Sweeper(
                 settings,
-                repository,
+                background,
                 partition_ends,
                 self._clock,
                 stopping=self._stopping,
@@ -97,7 +105,7 @@ class Worker:
         liveness.register("monitor", settings.monitor_interval_seconds + slack)
         monitor = Monitor(
             settings=settings,
-            repository=repository,
+            repository=background,
             partition_ends=partition_ends,
             assignment=self._assignment,
             liveness=liveness,
@@ -163,13 +171,11 @@ class Worker:
             raise RuntimeError(f"task {task.get_name()} ended without being asked to stop")
 
 
-async def _connect_database(settings: Settings) -> Repository:
+async def _connect_database(settings: Settings, pool_size: int) -> Repository:
     backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
     while True:
         try:
-            return await Repository.connect(
-                settings.database_url.get_secret_value(), settings.database_pool_size
-            )
+            return await Repository.connect(settings.database_url.get_secret_value(), pool_size)
         except Exception as error:
             if not is_transient_database_error(error):
                 raise

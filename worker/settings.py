@@ -21,6 +21,7 @@ class Settings(BaseSettings):
 
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/license")
     database_pool_size: int = Field(default=4, ge=1, le=100)
+    background_pool_size: int = Field(default=4, ge=2, le=100)
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"

@@ -32,6 +32,20 @@ from worker.sql_files import load_migrations
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AGENT_TOPIC_KEYS = ("heartbeat_topic", "lifecycle_topic")
 
+# Stands in for any row Postgres refuses as data (not an outage): a trigger that rejects one
+# device id with an SQL data error.
+POISON_TRIGGER = """
+CREATE FUNCTION reject_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.device_id = 'poison' THEN
+        RAISE EXCEPTION 'poison device' USING ERRCODE = '22023';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER reject_poison BEFORE INSERT OR UPDATE ON devices
+    FOR EACH ROW EXECUTE FUNCTION reject_poison();
+"""
+
 
 @dataclass(frozen=True)
 class Services:

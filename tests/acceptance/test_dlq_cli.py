@@ -12,6 +12,7 @@ import pytest
 
 from tests.acceptance.test_cli import run_cli
 from tests.support import (
+    POISON_TRIGGER,
     Services,
     committed_offsets_total,
     encode,
@@ -27,18 +28,6 @@ from worker.settings import Settings
 from worker.simulator import SimulatedDevice, agent_event
 
 pytestmark = pytest.mark.acceptance
-
-POISON_TRIGGER = """
-CREATE FUNCTION reject_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NEW.device_id = 'poison' THEN
-        RAISE EXCEPTION 'poison device' USING ERRCODE = '22023';
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER reject_poison BEFORE INSERT OR UPDATE ON devices
-    FOR EACH ROW EXECUTE FUNCTION reject_poison();
-"""
 
 
 async def execute(database_url: str, sql: str) -> None:

@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 
 from tests.support import (
+    POISON_TRIGGER,
     Services,
     committed_offsets_total,
     encode,
@@ -263,23 +264,9 @@ async def test_bad_input_goes_to_the_dlq_unchanged_and_good_messages_around_it_a
 async def test_a_message_the_database_refuses_goes_to_the_dlq_and_the_rest_is_stored(
     services: Services, database_url: str, topics: dict[str, str]
 ) -> None:
-    # Stands in for any row Postgres refuses as data (not an outage): a trigger that rejects
-    # one device id with an SQL data error.
     connection = await asyncpg.connect(database_url)
     try:
-        await connection.execute(
-            """
-            CREATE FUNCTION reject_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                IF NEW.device_id = 'poison' THEN
-                    RAISE EXCEPTION 'poison device' USING ERRCODE = '22023';
-                END IF;
-                RETURN NEW;
-            END $$;
-            CREATE TRIGGER reject_poison BEFORE INSERT OR UPDATE ON devices
-                FOR EACH ROW EXECUTE FUNCTION reject_poison();
-            """
-        )
+        await connection.execute(POISON_TRIGGER)
     finally:
         await connection.close()
     events = [heartbeat("c1", name, T0, user_id="alice") for name in ("good-1", "poison", "good-2")]

@@ -78,11 +78,10 @@ class BatchChanges:
         return [self.lifecycle[key] for key in sorted(self.lifecycle)]
 
 
-def clamp_event_time(
-    occurred_at: datetime, received_at: datetime, tolerance: timedelta
-) -> datetime:
-    """An agent clock in the future is not trusted past the receive time plus a tolerance."""
-    return min(occurred_at, received_at + tolerance)
+def clamp_event_time(occurred_at: datetime, latest_allowed: datetime) -> datetime:
+    """An agent clock in the future is not trusted past `latest_allowed`: the receive time
+    plus a tolerance, computed once per batch by the caller."""
+    return min(occurred_at, latest_allowed)
 
 
 def _in_utc(at: datetime) -> datetime:
@@ -97,10 +96,9 @@ def coalesce(
     changes = BatchChanges()
     latest_allowed = received_at + future_tolerance
     for event in events:
-        at = event.occurred_at
-        if at > latest_allowed:
-            at = latest_allowed
+        if event.occurred_at > latest_allowed:
             changes.clamped_events += 1
+        at = clamp_event_time(event.occurred_at, latest_allowed)
         at = _in_utc(at)
         _fold_device(changes, event, at)
         if event.user_id is not None and not isinstance(event, Uninstall):

@@ -351,7 +351,7 @@ def test_heartbeat_leaves_the_profile_empty() -> None:
     ids=["past", "received", "at-limit", "just-past-limit", "ten-years-ahead"],
 )
 def test_clamp_event_time(occurred_at: datetime, expected: datetime) -> None:
-    assert clamp_event_time(occurred_at, RECEIVED, TOLERANCE) == expected
+    assert clamp_event_time(occurred_at, RECEIVED + TOLERANCE) == expected
 
 
 def test_future_events_are_clamped_and_counted() -> None:

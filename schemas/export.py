@@ -8,11 +8,13 @@ from pathlib import Path
 import orjson
 from pydantic import TypeAdapter
 
+from schemas.admin_events import ADMIN_EVENT_ADAPTER
 from schemas.agent_events import AGENT_EVENT_ADAPTER
 from schemas.license_events import LICENSE_EVENT_ADAPTER
 
 CONTRACTS: dict[str, TypeAdapter[object]] = {
     "agent-event.v1.schema.json": AGENT_EVENT_ADAPTER,  # type: ignore[dict-item]
+    "admin-event.v1.schema.json": ADMIN_EVENT_ADAPTER,  # type: ignore[dict-item]
     "license-event.v1.schema.json": LICENSE_EVENT_ADAPTER,  # type: ignore[dict-item]
 }
 

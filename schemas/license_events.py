@@ -2,6 +2,10 @@
 
 `event_id` is deterministic: the same decision always has the same id, so billing can
 de-duplicate an event published twice.
+
+License events (`license.*`, `user.purged`) have a user or a device as subject; subscription
+events a subscription; `customer.*` and `usage.snapshot` the customer. Each type may add its
+own fields (a subscription's `status` and `trial_ends_at`, a snapshot's counts).
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ LicenseEventType = Literal[
     "license.allocated",
     "license.released",
     "user.purged",
+    "subscription.attached",
     "subscription.activated",
+    "subscription.cancelled",
+    "subscription.trial_changed",
     "customer.inactivated",
+    "customer.reactivated",
     "usage.snapshot",
 ]
 
@@ -27,11 +35,14 @@ class LicenseEvent(BaseModel):
     event_id: str
     type: LicenseEventType
     customer_id: str
-    subject_type: Literal["user", "device"] | None
+    subject_type: Literal["user", "device", "subscription", "customer"] | None
     subject_id: str | None
     reason: str | None
     # Why a device holds its license: unassigned, over_allowance, device_model (or user).
     basis: str | None = None
+    # The subscription package the license (or subscription) is attributed to; None when the
+    # customer holds no live subscription.
+    package: Literal["core", "core_plus"] | None = None
     effective_at: AwareDatetime
     emitted_at: AwareDatetime
 

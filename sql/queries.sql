@@ -144,8 +144,22 @@ SELECT
     (SELECT max(last_seen_at) FROM devices) AS newest_signal_at,
     (SELECT max(last_message_at) FROM ingestion_progress) AS newest_message_stored_at;
 
--- name: license_models
-SELECT customer_id, license_model FROM customers WHERE customer_id = ANY($1::text[]);
+-- name: customer_terms
+SELECT customer_id, license_model, status, status_changed_at
+FROM customers
+WHERE customer_id = ANY($1::text[]);
+
+-- name: live_subscriptions
+SELECT customer_id, group_id, package
+FROM subscriptions
+WHERE customer_id = ANY($1::text[]) AND status IN ('in_trial', 'active');
+
+-- name: group_memberships
+SELECT m.customer_id, m.user_id, m.group_id
+FROM group_members AS m
+JOIN unnest($1::text[], $2::text[]) AS u (customer_id, user_id)
+    ON m.customer_id = u.customer_id AND m.user_id = u.user_id
+WHERE m.member;
 
 -- name: lock_group_devices
 -- Every device of the given users ($1, $2) and the given devices ($3, $4), locked in key
@@ -165,7 +179,7 @@ ORDER BY d.customer_id, d.device_id
 FOR UPDATE OF d;
 
 -- name: held_licenses
-SELECT l.customer_id, l.subject_type, l.subject_id, l.active, l.basis
+SELECT l.customer_id, l.subject_type, l.subject_id, l.active, l.basis, l.package
 FROM licenses AS l
 JOIN unnest($1::text[], $2::text[], $3::text[]) AS s (customer_id, subject_type, subject_id)
     USING (customer_id, subject_type, subject_id)
@@ -173,14 +187,17 @@ WHERE l.purged_at IS NULL;
 
 -- name: allocate_licenses
 INSERT INTO licenses AS l (
-    customer_id, subject_type, subject_id, active, basis, allocated_at, allocation_reason
+    customer_id, subject_type, subject_id, active, basis, allocated_at, allocation_reason,
+    package
 )
-SELECT c, t, s, true, b, a, r
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
-    AS x (c, t, s, b, a, r)
+SELECT c, t, s, true, b, a, r, p
+FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[]
+) AS x (c, t, s, b, a, r, p)
 ON CONFLICT (customer_id, subject_type, subject_id) DO UPDATE SET
     active = true,
     basis = EXCLUDED.basis,
+    package = EXCLUDED.package,
     allocated_at = EXCLUDED.allocated_at,
     allocation_reason = EXCLUDED.allocation_reason,
     released_at = NULL,
@@ -196,23 +213,24 @@ WHERE l.customer_id = x.customer_id
   AND l.subject_type = x.subject_type
   AND l.subject_id = x.subject_id;
 
--- name: change_license_basis
+-- name: reattribute_licenses
+-- A held license whose basis or package changed.
 UPDATE licenses AS l
-SET basis = x.basis, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-    AS x (customer_id, subject_type, subject_id, basis)
+SET basis = x.basis, package = x.package, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+    AS x (customer_id, subject_type, subject_id, basis, package)
 WHERE l.customer_id = x.customer_id
   AND l.subject_type = x.subject_type
   AND l.subject_id = x.subject_id;
 
 -- name: append_license_history
 INSERT INTO license_history (
-    customer_id, subject_type, subject_id, change, basis, reason, effective_at, decided_at,
-    event_id
+    customer_id, subject_type, subject_id, change, basis, reason, effective_at, package,
+    decided_at, event_id
 )
 SELECT * FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-    $7::timestamptz[], $8::timestamptz[], $9::uuid[]
+    $7::timestamptz[], $8::text[], $9::timestamptz[], $10::uuid[]
 );
 
 -- name: enqueue_license_events
@@ -373,6 +391,13 @@ history_done AS (
     WHERE h.customer_id = p.customer_id AND h.subject_type = 'user' AND h.subject_id = p.user_id
     RETURNING 1
 ),
+memberships_done AS (
+    -- Group membership names the user: it goes too (the console re-adds a returning user).
+    DELETE FROM group_members AS m
+    USING purged AS p
+    WHERE m.customer_id = p.customer_id AND m.user_id = p.user_id
+    RETURNING 1
+),
 outbox_done AS (
     UPDATE license_outbox AS o
     SET subject_id = p.pseudonym,
@@ -385,6 +410,7 @@ SELECT (SELECT count(*) FROM users_done) AS users,
        (SELECT count(*) FROM devices_done) AS devices,
        (SELECT count(*) FROM licenses_done) AS licenses,
        (SELECT count(*) FROM history_done) AS history,
+       (SELECT count(*) FROM memberships_done) AS memberships,
        (SELECT count(*) FROM outbox_done) AS outbox;
 
 -- name: pending_license_events
@@ -413,3 +439,132 @@ GROUP BY subject_type, basis;
 
 -- name: customers_with_licenses
 SELECT count(DISTINCT customer_id) AS customers FROM licenses WHERE active;
+
+-- Administrative events (tenant.admin.v1). Every change carries the console's event time and
+-- is applied only if it is not older than the stored one.
+
+-- name: ensure_customer
+INSERT INTO customers (customer_id) VALUES ($1) ON CONFLICT (customer_id) DO NOTHING;
+
+-- name: update_customer_profile
+-- $1 customer, $2 name (NULL: keep), $3 license model (NULL: keep), $4 occurred_at.
+-- Returns the license model before and after; no row when the change is older.
+WITH previous AS (
+    SELECT customer_id, license_model FROM customers WHERE customer_id = $1 FOR UPDATE
+)
+UPDATE customers AS c
+SET name = coalesce($2, c.name),
+    license_model = coalesce($3, c.license_model),
+    profile_changed_at = $4
+FROM previous AS p
+WHERE c.customer_id = p.customer_id
+  AND (c.profile_changed_at IS NULL OR c.profile_changed_at <= $4)
+RETURNING p.license_model AS previous_model, c.license_model;
+
+-- name: set_customer_status
+-- $1 customer, $2 status, $3 occurred_at. Returns the status before; no row when older.
+WITH previous AS (
+    SELECT customer_id, status FROM customers WHERE customer_id = $1 FOR UPDATE
+)
+UPDATE customers AS c
+SET status = $2, status_changed_at = $3
+FROM previous AS p
+WHERE c.customer_id = p.customer_id
+  AND (c.status_changed_at IS NULL OR c.status_changed_at <= $3)
+RETURNING p.status AS previous_status;
+
+-- name: attach_subscription
+-- $1 customer, $2 subscription, $3 package, $4 group, $5 status, $6 trial end, $7 seats,
+-- $8 occurred_at. Returns the status before (NULL when new); no row when older.
+INSERT INTO subscriptions AS s (
+    customer_id, subscription_id, package, group_id, status, trial_ends_at, seats,
+    attached_at, status_changed_at
+)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
+ON CONFLICT (customer_id, subscription_id) DO UPDATE SET
+    package = EXCLUDED.package,
+    group_id = EXCLUDED.group_id,
+    status = EXCLUDED.status,
+    trial_ends_at = EXCLUDED.trial_ends_at,
+    seats = EXCLUDED.seats,
+    attached_at = EXCLUDED.attached_at,
+    status_changed_at = EXCLUDED.status_changed_at,
+    trial_converted_at = NULL
+WHERE s.status_changed_at <= EXCLUDED.status_changed_at
+RETURNING (SELECT status FROM subscriptions
+           WHERE customer_id = $1 AND subscription_id = $2) AS previous_status,
+          s.package, s.group_id;
+
+-- name: change_subscription_status
+-- $1 customer, $2 subscription, $3 status, $4 trial end (kept when NULL), $5 occurred_at.
+-- A console change wins over the automatic trial conversion it predates (the conversion is
+-- not a console change, so it does not move status_changed_at).
+WITH previous AS (
+    SELECT customer_id, subscription_id, status
+    FROM subscriptions
+    WHERE customer_id = $1 AND subscription_id = $2
+    FOR UPDATE
+)
+UPDATE subscriptions AS s
+SET status = $3,
+    trial_ends_at = coalesce($4, s.trial_ends_at),
+    status_changed_at = $5,
+    trial_converted_at = NULL
+FROM previous AS p
+WHERE s.customer_id = p.customer_id AND s.subscription_id = p.subscription_id
+  AND s.status_changed_at <= $5
+RETURNING p.status AS previous_status, s.package, s.group_id, s.trial_ends_at;
+
+-- name: subscription_exists
+SELECT EXISTS (
+    SELECT 1 FROM subscriptions WHERE customer_id = $1 AND subscription_id = $2
+);
+
+-- name: set_group_membership
+-- $1 customer, $2 group, $3 user, $4 member, $5 occurred_at. Returns whether the user was a
+-- member before (NULL when never); no row when older.
+INSERT INTO group_members AS m (customer_id, group_id, user_id, member, changed_at)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (customer_id, group_id, user_id) DO UPDATE SET
+    member = EXCLUDED.member,
+    changed_at = EXCLUDED.changed_at
+WHERE m.changed_at <= EXCLUDED.changed_at
+RETURNING (SELECT member FROM group_members
+           WHERE customer_id = $1 AND group_id = $2 AND user_id = $3) AS previous_member;
+
+-- name: decision_groups_of_customer
+-- Every unit of license decision of one customer: each user with devices or a license,
+-- each device without a user.
+SELECT 'user' AS subject_type, user_id AS subject_id
+FROM devices WHERE customer_id = $1 AND user_id IS NOT NULL
+UNION
+SELECT 'device', device_id FROM devices WHERE customer_id = $1 AND user_id IS NULL
+UNION
+SELECT 'user', subject_id FROM licenses
+WHERE customer_id = $1 AND subject_type = 'user' AND active;
+
+-- name: trials_due
+-- In-trial subscriptions whose trial has ended by $1; they turn active.
+UPDATE subscriptions
+SET status = 'active', trial_converted_at = trial_ends_at
+WHERE status = 'in_trial' AND trial_ends_at <= $1
+RETURNING customer_id, subscription_id, package, group_id, trial_ends_at;
+
+-- name: snapshot_counts
+-- Active licenses by kind and package of every active customer without a snapshot for the
+-- day $1 (a customer with none has one row of NULLs and 0).
+SELECT c.customer_id, l.subject_type, l.basis, l.package, count(l.subject_id) AS licenses
+FROM customers AS c
+LEFT JOIN licenses AS l ON l.customer_id = c.customer_id AND l.active
+WHERE c.status = 'active'
+  AND NOT EXISTS (
+      SELECT 1 FROM usage_snapshots AS s WHERE s.customer_id = c.customer_id AND s.day = $1
+  )
+GROUP BY c.customer_id, l.subject_type, l.basis, l.package
+ORDER BY c.customer_id;
+
+-- name: record_usage_snapshots
+INSERT INTO usage_snapshots (customer_id, day, event_id, taken_at)
+SELECT customer_id, $2, event_id, $3
+FROM unnest($1::text[], $4::uuid[]) AS s (customer_id, event_id)
+ON CONFLICT (customer_id, day) DO NOTHING;

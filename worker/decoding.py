@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 import orjson
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from schemas import AGENT_EVENT_ADAPTER
+from schemas.admin_events import ADMIN_EVENT_ADAPTER, ADMIN_EVENT_TYPES, AdminEventModel
 from schemas.agent_events import Heartbeat, Install, Uninstall
 
 AgentEventModel = Heartbeat | Install | Uninstall
+M = TypeVar("M")
 
 
 class RejectReason(StrEnum):
@@ -26,6 +29,7 @@ class RejectReason(StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     SCHEMA_VIOLATION = "schema_violation"
     DATABASE_REJECTED = "database_rejected"
+    UNKNOWN_SUBSCRIPTION = "unknown_subscription"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +39,21 @@ class Rejection:
 
 
 MAX_DETAIL_LENGTH = 1000
-KNOWN_TYPES = "heartbeat, install, uninstall"
+AGENT_TYPES = "heartbeat, install, uninstall"
+ADMIN_TYPES = ", ".join(ADMIN_EVENT_TYPES)
 
 
 def decode_agent_event(value: bytes | None, max_bytes: int) -> AgentEventModel | Rejection:
+    return _decode(value, max_bytes, AGENT_EVENT_ADAPTER, AGENT_TYPES)
+
+
+def decode_admin_event(value: bytes | None, max_bytes: int) -> AdminEventModel | Rejection:
+    return _decode(value, max_bytes, ADMIN_EVENT_ADAPTER, ADMIN_TYPES)
+
+
+def _decode(
+    value: bytes | None, max_bytes: int, adapter: TypeAdapter[M], known_types: str
+) -> M | Rejection:
     if not value:
         return Rejection(RejectReason.EMPTY, "message has no value")
     if len(value) > max_bytes:
@@ -51,9 +66,9 @@ def decode_agent_event(value: bytes | None, max_bytes: int) -> AgentEventModel |
     if not isinstance(document, dict):
         return Rejection(RejectReason.NOT_AN_OBJECT, f"top level is {type(document).__name__}")
     try:
-        return AGENT_EVENT_ADAPTER.validate_python(document)
+        return adapter.validate_python(document)
     except ValidationError as error:
-        return _validation_rejection(document, error)
+        return _validation_rejection(document, error, known_types)
 
 
 def _json_rejection(value: bytes, error: orjson.JSONDecodeError) -> Rejection:
@@ -64,14 +79,16 @@ def _json_rejection(value: bytes, error: orjson.JSONDecodeError) -> Rejection:
     return Rejection(RejectReason.INVALID_JSON, _bounded(str(error)))
 
 
-def _validation_rejection(document: dict[str, object], error: ValidationError) -> Rejection:
+def _validation_rejection(
+    document: dict[str, object], error: ValidationError, known_types: str
+) -> Rejection:
     version = document.get("schema_version", 1)
     if version != 1:
         shown = str(version) if type(version) is int else type(version).__name__
         return Rejection(RejectReason.UNSUPPORTED_SCHEMA_VERSION, f"schema_version {shown}")
     error_types = {detail["type"] for detail in error.errors()}
     if error_types & {"union_tag_invalid", "union_tag_not_found"}:
-        return Rejection(RejectReason.UNKNOWN_TYPE, f"type: must be one of {KNOWN_TYPES}")
+        return Rejection(RejectReason.UNKNOWN_TYPE, f"type: must be one of {known_types}")
     return Rejection(RejectReason.SCHEMA_VIOLATION, _bounded(_describe(error)))
 
 

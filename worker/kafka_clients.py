@@ -19,10 +19,10 @@ T = TypeVar("T")
 AGENT_TOPIC_CONFIG = {"message.timestamp.type": "LogAppendTime"}
 
 
-def create_consumer(settings: Settings) -> AIOKafkaConsumer:
+def create_consumer(settings: Settings, group_id: str | None = None) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         **settings.kafka_client_options(),
-        group_id=settings.consumer_group,
+        group_id=group_id or settings.consumer_group,
         client_id="license-worker",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -72,6 +72,7 @@ async def ensure_topics(settings: Settings, partitions: int, replication_factor:
             *settings.agent_topics,
             settings.dlq_topic,
             settings.license_events_topic,
+            settings.admin_topic,
         ]
         existing = set(await admin.list_topics())
         missing = [name for name in wanted if name not in existing]

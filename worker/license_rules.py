@@ -10,7 +10,10 @@ The rules are those of the contract (`docs/licensing.md` states each one):
   takes the extra license and the choice never changes the count;
 - a counting device without a user is a device license (`unassigned`);
 - under the `device` license model every counting device is a device license and users are
-  not counted.
+  not counted;
+- an inactive customer holds no license: inactivation releases them all
+  (`customer_inactivated`, at the inactivation), and signals while inactive license nothing;
+- every license is attributed to a subscription package (`worker/subscription_rules.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -57,6 +60,7 @@ class ChangeKind(StrEnum):
     ALLOCATED = "allocated"
     RELEASED = "released"
     BASIS_CHANGED = "basis_changed"
+    PACKAGE_CHANGED = "package_changed"
 
 
 Subject = tuple[SubjectType, str]
@@ -84,6 +88,23 @@ class HeldLicense:
 
     active: bool
     basis: Basis
+    package: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerTerms:
+    """What a customer's licenses depend on besides its devices."""
+
+    license_model: str = "user"
+    active: bool = True
+    # When the customer was last inactivated or reactivated (None: never).
+    status_changed_at: datetime | None = None
+    default_package: str | None = None
+    # Users whose groups give them a package; everyone else gets the default.
+    user_packages: Mapping[str, str] = field(default_factory=dict)
+
+    def package_of_user(self, user_id: str) -> str | None:
+        return self.user_packages.get(user_id, self.default_package)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +115,7 @@ class LicenseChange:
     basis: Basis
     reason: Reason | None
     effective_at: datetime
+    package: str | None = None
 
     @property
     def subject(self) -> Subject:
@@ -121,10 +143,18 @@ def split_allowance(devices: Iterable[DeviceFacts]) -> tuple[list[DeviceFacts], 
 
 
 def desired_licenses(
-    devices: Iterable[DeviceFacts], license_model: str, now: datetime, window: timedelta
+    devices: Iterable[DeviceFacts],
+    terms: CustomerTerms | str,
+    now: datetime,
+    window: timedelta,
 ) -> dict[Subject, Basis]:
     """The licenses a set of devices calls for. Pass whole users: a user's allowance is
-    decided from all of their devices."""
+    decided from all of their devices. A license model name stands for an active customer
+    without subscriptions."""
+    terms = _terms(terms)
+    if not terms.active:
+        return {}
+    license_model = terms.license_model
     counting = [device for device in devices if counts(device, now, window)]
     wanted: dict[Subject, Basis] = {}
     if license_model == "device":
@@ -144,40 +174,81 @@ def desired_licenses(
     return wanted
 
 
+def attributed_packages(
+    wanted: Mapping[Subject, Basis], devices: Iterable[DeviceFacts], terms: CustomerTerms
+) -> dict[Subject, str | None]:
+    """The package of each wanted license: a user's own; an over-allowance device's user's;
+    the customer's default for every other device license."""
+    users_of_devices = {device.device_id: device.user_id for device in devices}
+    packages: dict[Subject, str | None] = {}
+    for (subject_type, subject_id), basis in wanted.items():
+        user_id = subject_id if subject_type is SubjectType.USER else None
+        if basis is Basis.OVER_ALLOWANCE:
+            user_id = users_of_devices.get(subject_id)
+        package = terms.default_package if user_id is None else terms.package_of_user(user_id)
+        packages[(subject_type, subject_id)] = package
+    return packages
+
+
 def license_changes(
     devices: Sequence[DeviceFacts],
     held: Mapping[Subject, HeldLicense],
-    license_model: str,
+    terms: CustomerTerms | str,
     now: datetime,
     window: timedelta,
 ) -> list[LicenseChange]:
     """What must change so that the held licenses match the rules. `devices` are every
     device of every user involved; `held` holds every stored license row of those subjects,
     active or released (a released row makes a new allocation a reactivation)."""
-    wanted = desired_licenses(devices, license_model, now, window)
-    facts = _SubjectFacts(devices, now, window)
+    terms = _terms(terms)
+    wanted = desired_licenses(devices, terms, now, window)
+    packages = attributed_packages(wanted, devices, terms)
+    facts = _SubjectFacts(devices, now, window, terms)
     changes = []
     for subject, basis in sorted(wanted.items()):
-        current = held.get(subject)
+        current, package = held.get(subject), packages[subject]
         if current is None or not current.active:
             reason = Reason.FIRST_SIGNAL if current is None else Reason.REACTIVATED
             at = facts.allocated_at(subject)
-            changes.append(LicenseChange(ChangeKind.ALLOCATED, *subject, basis, reason, at))
+            changes.append(
+                LicenseChange(ChangeKind.ALLOCATED, *subject, basis, reason, at, package)
+            )
         elif current.basis != basis:
-            changes.append(LicenseChange(ChangeKind.BASIS_CHANGED, *subject, basis, None, now))
+            changes.append(
+                LicenseChange(ChangeKind.BASIS_CHANGED, *subject, basis, None, now, package)
+            )
+        elif current.package != package:
+            changes.append(
+                LicenseChange(ChangeKind.PACKAGE_CHANGED, *subject, basis, None, now, package)
+            )
     for subject, current in sorted(held.items()):
         if current.active and subject not in wanted:
-            reason, at = facts.release(subject, current.basis, license_model)
-            changes.append(LicenseChange(ChangeKind.RELEASED, *subject, current.basis, reason, at))
+            reason, at = facts.release(subject, current.basis)
+            changes.append(
+                LicenseChange(
+                    ChangeKind.RELEASED, *subject, current.basis, reason, at, current.package
+                )
+            )
     return changes
+
+
+def _terms(terms: CustomerTerms | str) -> CustomerTerms:
+    return terms if isinstance(terms, CustomerTerms) else CustomerTerms(license_model=terms)
 
 
 class _SubjectFacts:
     """Reasons and effective times of changes, derived from the devices behind a subject."""
 
-    def __init__(self, devices: Sequence[DeviceFacts], now: datetime, window: timedelta) -> None:
+    def __init__(
+        self,
+        devices: Sequence[DeviceFacts],
+        now: datetime,
+        window: timedelta,
+        terms: CustomerTerms,
+    ) -> None:
         self._now = now
         self._window = window
+        self._terms = terms
         self._by_device = {device.device_id: device for device in devices}
         self._by_user: dict[str, list[DeviceFacts]] = defaultdict(list)
         for device in devices:
@@ -193,19 +264,22 @@ class _SubjectFacts:
 
     def allocated_at(self, subject: Subject) -> datetime:
         """An allocation takes effect at the newest signal that made the subject count: never
-        back-dated to a device's first sighting, which may predate a move between users."""
+        back-dated to a device's first sighting, which may predate a move between users, nor
+        to before the customer's reactivation."""
         devices = self._devices_of(subject)
-        return max(d.last_seen_at for d in devices if counts(d, self._now, self._window))
+        newest = max(d.last_seen_at for d in devices if counts(d, self._now, self._window))
+        reactivated_at = self._terms.status_changed_at
+        return newest if reactivated_at is None else max(newest, reactivated_at)
 
-    def release(
-        self, subject: Subject, basis: Basis, license_model: str
-    ) -> tuple[Reason, datetime]:
+    def release(self, subject: Subject, basis: Basis) -> tuple[Reason, datetime]:
+        if not self._terms.active:
+            return Reason.CUSTOMER_INACTIVATED, self._terms.status_changed_at or self._now
         devices = self._devices_of(subject)
         if not devices:
             return Reason.NO_DEVICES, self._now
         if any(counts(device, self._now, self._window) for device in devices):
             # Still counting, yet no longer licensed as this subject.
-            model_changed = (basis is Basis.DEVICE_MODEL) != (license_model == "device")
+            model_changed = (basis is Basis.DEVICE_MODEL) != (self._terms.license_model == "device")
             reason = Reason.LICENSE_MODEL_CHANGED if model_changed else Reason.COVERED_BY_USER
             return reason, self._now
         # The subject stopped counting when its last device did, for that device's reason.

@@ -5,9 +5,10 @@ and outbox events together."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import orjson
 
@@ -15,6 +16,7 @@ from worker import metrics
 from worker.license_rules import (
     Basis,
     ChangeKind,
+    CustomerTerms,
     DeviceFacts,
     HeldLicense,
     LicenseChange,
@@ -24,6 +26,7 @@ from worker.license_rules import (
     license_event_id,
 )
 from worker.repository import LicenseRow, Session
+from worker.subscription_rules import LiveSubscription, package_attribution
 
 EVENT_TYPES = {ChangeKind.ALLOCATED: "license.allocated", ChangeKind.RELEASED: "license.released"}
 
@@ -76,22 +79,53 @@ async def decide_groups(
     for row in await session.held_licenses(sorted(subjects)):
         subject = (SubjectType(row["subject_type"]), row["subject_id"])
         held_by_customer[row["customer_id"]][subject] = HeldLicense(
-            row["active"], Basis(row["basis"])
+            row["active"], Basis(row["basis"]), row["package"]
         )
     customers = sorted({g.customer_id for g in groups})
-    models = await session.license_models(customers)
+    terms = await customer_terms(session, customers, users)
     rows: list[LicenseRow] = []
     for customer_id in customers:
         changes = license_changes(
             devices_by_customer.get(customer_id, []),
             held_by_customer.get(customer_id, {}),
-            models.get(customer_id, "user"),
+            terms.get(customer_id, CustomerTerms()),
             now,
             window,
         )
         rows.extend(license_row(customer_id, change, emitted_at) for change in changes)
     await session.write_license_changes(rows, emitted_at)
     return rows
+
+
+async def customer_terms(
+    session: Session, customers: Sequence[str], users: Sequence[tuple[str, str]]
+) -> dict[str, CustomerTerms]:
+    """Each customer's license model, status and package attribution for `users`."""
+    subscriptions: dict[str, list[LiveSubscription]] = defaultdict(list)
+    for row in await session.fetch("live_subscriptions", list(customers)):
+        subscriptions[row["customer_id"]].append(LiveSubscription(row["group_id"], row["package"]))
+    memberships: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    grouped = [(c, u) for c, u in users if any(s.group_id for s in subscriptions.get(c, ()))]
+    if grouped:
+        rows = await session.fetch(
+            "group_memberships", [c for c, _ in grouped], [u for _, u in grouped]
+        )
+        for row in rows:
+            memberships[row["customer_id"]][row["user_id"]].append(row["group_id"])
+    terms = {}
+    for row in await session.fetch("customer_terms", list(customers)):
+        customer_id = row["customer_id"]
+        default_package, user_packages = package_attribution(
+            subscriptions.get(customer_id, ()), memberships.get(customer_id, {})
+        )
+        terms[customer_id] = CustomerTerms(
+            license_model=row["license_model"],
+            active=row["status"] == "active",
+            status_changed_at=row["status_changed_at"],
+            default_package=default_package,
+            user_packages=user_packages,
+        )
+    return terms
 
 
 def groups_of_devices(
@@ -124,6 +158,7 @@ def license_row(customer_id: str, change: LicenseChange, emitted_at: datetime) -
             subject_id=change.subject_id,
             reason=change.reason.value if change.reason else None,
             basis=change.basis.value,
+            package=change.package,
             effective_at=change.effective_at,
             emitted_at=emitted_at,
         )
@@ -137,6 +172,7 @@ def license_row(customer_id: str, change: LicenseChange, emitted_at: datetime) -
         effective_at=change.effective_at,
         event_id=event_id,
         payload=payload,
+        package=change.package,
     )
 
 
@@ -151,8 +187,11 @@ def license_event_json(
     basis: str | None,
     effective_at: datetime,
     emitted_at: datetime,
+    package: str | None = None,
+    **details: Any,
 ) -> str:
-    """The outbound event (schemas/license_events.py) as stored in the outbox."""
+    """The outbound event (schemas/license_events.py) as stored in the outbox. `details`
+    are the type's own fields (a subscription's status, a snapshot's counts)."""
     return orjson.dumps(
         {
             "schema_version": 1,
@@ -163,8 +202,10 @@ def license_event_json(
             "subject_id": subject_id,
             "reason": reason,
             "basis": basis,
+            "package": package,
             "effective_at": effective_at,
             "emitted_at": emitted_at,
+            **details,
         }
     ).decode()
 

@@ -67,6 +67,18 @@ class LicenseRow:
     effective_at: datetime
     event_id: str | None
     payload: str | None
+    package: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """An event for billing that is not a license change (subscription, customer, usage)."""
+
+    event_id: str
+    customer_id: str
+    subject_type: str | None
+    subject_id: str | None
+    payload: str
 
 
 class Session:
@@ -148,10 +160,6 @@ class Session:
         )
         return {(row["customer_id"], row["event_id"]) for row in rows}
 
-    async def license_models(self, customer_ids: Sequence[str]) -> dict[str, str]:
-        rows = await self._connection.fetch(query("license_models"), list(customer_ids))
-        return {row["customer_id"]: row["license_model"] for row in rows}
-
     async def lock_group_devices(
         self, users: Sequence[tuple[str, str]], devices: Sequence[tuple[str, str]]
     ) -> list[asyncpg.Record]:
@@ -175,16 +183,24 @@ class Session:
             )
         )
 
+    async def enqueue_events(self, events: Sequence[OutboxEvent]) -> None:
+        if events:
+            await self._connection.execute(
+                query("enqueue_license_events"),
+                *_columns(events, "event_id customer_id subject_type subject_id payload"),
+            )
+
     async def write_license_changes(self, rows: Sequence[LicenseRow], decided_at: datetime) -> None:
         connection = self._connection
         allocated = [row for row in rows if row.change == "allocated"]
         released = [row for row in rows if row.change == "released"]
-        rebased = [row for row in rows if row.change == "basis_changed"]
+        rebased = [row for row in rows if row.change in ("basis_changed", "package_changed")]
         if allocated:
             await connection.execute(
                 query("allocate_licenses"),
                 *_columns(
-                    allocated, "customer_id subject_type subject_id basis effective_at reason"
+                    allocated,
+                    "customer_id subject_type subject_id basis effective_at reason package",
                 ),
             )
         if released:
@@ -194,12 +210,13 @@ class Session:
             )
         if rebased:
             await connection.execute(
-                query("change_license_basis"),
-                *_columns(rebased, "customer_id subject_type subject_id basis"),
+                query("reattribute_licenses"),
+                *_columns(rebased, "customer_id subject_type subject_id basis package"),
             )
         if rows:
             history = _columns(
-                rows, "customer_id subject_type subject_id change basis reason effective_at"
+                rows,
+                "customer_id subject_type subject_id change basis reason effective_at package",
             )
             await connection.execute(
                 query("append_license_history"),

@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from worker import metrics
+from worker.admin_ingest import AdminLoop
 from worker.backoff import Backoff
 from worker.clock import Clock, SystemClock
 from worker.health import Liveness, Readiness, health_app, serve_health
@@ -87,6 +88,9 @@ class Worker:
         )
         liveness.register("ingest", slack)
         tasks = [asyncio.create_task(self._ingest(repository, producer), name="ingest")]
+        if settings.admin_enabled:
+            liveness.register("admin", settings.batch_max_wait_ms / 1000 + slack)
+            tasks.append(asyncio.create_task(self._admin(repository, producer), name="admin"))
         if settings.relay_enabled:
             liveness.register("relay", settings.relay_poll_seconds + slack)
             relay = Relay(settings, background, producer, beat=lambda: liveness.beat("relay"))
@@ -142,6 +146,26 @@ class Worker:
             if not self._stopping.is_set():
                 metrics.CONSUMER_RECREATIONS.inc()
                 log.warning("ingest.consumer_recreated")
+
+    async def _admin(self, repository: Repository, producer: Any) -> None:
+        """Applies the console's administrative events (own consumer group)."""
+        settings = self._settings
+        consumer = create_consumer(settings, settings.admin_consumer_group)
+        admin = AdminLoop(
+            settings=settings,
+            consumer=consumer,
+            producer=producer,
+            repository=repository,
+            clock=self._clock,
+            stopping=self._stopping,
+            beat=lambda: self.liveness.beat("admin"),
+        )
+        consumer.subscribe([settings.admin_topic], listener=admin.rebalance_listener())
+        try:
+            await start_with_retry("kafka-admin-consumer", consumer.start, settings)
+            await admin.run()
+        finally:
+            await consumer.stop()
 
     def _recreate_consumer(self, stuck: list[tuple[str, int]]) -> None:
         self._consumer_done.set()

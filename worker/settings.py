@@ -37,7 +37,10 @@ class Settings(BaseSettings):
     lifecycle_topic: str = "agent.lifecycle.v1"
     dlq_topic: str = "agent.events.dlq.v1"
     license_events_topic: str = "license.events.v1"
+    admin_topic: str = "tenant.admin.v1"
     consumer_group: str = "license-telemetry"
+    admin_consumer_group: str = "license-telemetry-admin"
+    admin_enabled: bool = True
 
     batch_max_records: int = Field(default=5000, ge=1, le=100_000)
     batch_max_wait_ms: int = Field(default=200, ge=1, le=60_000)
@@ -51,6 +54,7 @@ class Settings(BaseSettings):
     sweep_enabled: bool = True
     sweep_interval_seconds: float = Field(default=300.0, gt=0)
     sweep_page_size: int = Field(default=2000, ge=1, le=100_000)
+    usage_snapshots_enabled: bool = True
     guard_max_release_share: float = Field(default=0.2, gt=0, le=1)
     guard_min_releases: int = Field(default=10, ge=1)
     guard_override: bool = False

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from worker import metrics
+from worker.admin import subject_event
 from worker.clock import Clock
 from worker.license_rules import Reason, SubjectType, license_event_id, purge_due_at
 from worker.licensing import (
@@ -36,6 +37,7 @@ from worker.sweep_rules import (
     ingestion_watermark,
     pseudonym,
 )
+from worker.usage import LicenseCount, usage_totals
 
 log = structlog.get_logger(__name__)
 BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)
@@ -61,6 +63,8 @@ class SweepReport:
     released: int = 0
     basis_changed: int = 0
     purged: int = 0
+    trials_activated: int = 0
+    usage_snapshots: int = 0
     held_customers: list[str] = field(default_factory=list)
     applied_holds: list[str] = field(default_factory=list)
 
@@ -153,6 +157,70 @@ class Sweeper:
         await self._purge(decision_time, report, dry_run)
         if not dry_run:
             await self._repository.execute("save_sweep_state", report.scanned_until, report.now)
+        await self._end_trials(report, dry_run)
+        if self._settings.usage_snapshots_enabled:
+            await self._take_usage_snapshots(report, dry_run)
+
+    async def _end_trials(self, report: SweepReport, dry_run: bool) -> None:
+        """Trials whose end has come turn active, each with a `subscription.activated` event.
+        (A console change before the end has already moved the subscription out of trial.)"""
+        async with self._repository.transaction(rollback=dry_run) as session:
+            ended = await session.fetch("trials_due", report.now)
+            await session.enqueue_events(
+                [
+                    subject_event(
+                        customer_id=row["customer_id"],
+                        event_type="subscription.activated",
+                        subject_type="subscription",
+                        subject_id=row["subscription_id"],
+                        reason="trial_ended",
+                        effective_at=row["trial_ends_at"],
+                        emitted_at=report.now,
+                        package=row["package"],
+                        group_id=row["group_id"],
+                        status="active",
+                        previous_status="in_trial",
+                        trial_ends_at=row["trial_ends_at"],
+                    )
+                    for row in ended
+                ]
+            )
+        report.trials_activated = len(ended)
+
+    async def _take_usage_snapshots(self, report: SweepReport, dry_run: bool) -> None:
+        """The first pass of each UTC day sends every active customer's usage to billing."""
+        day = report.now.astimezone(UTC).date()
+        day_start = datetime.combine(day, datetime.min.time(), UTC)
+        async with self._repository.transaction(rollback=dry_run) as session:
+            counts: dict[str, list[LicenseCount]] = {}
+            for row in await session.fetch("snapshot_counts", day):
+                counts.setdefault(row["customer_id"], []).append(
+                    LicenseCount(row["subject_type"], row["basis"], row["package"], row["licenses"])
+                )
+            events = [
+                subject_event(
+                    customer_id=customer_id,
+                    event_type="usage.snapshot",
+                    subject_type="customer",
+                    subject_id=customer_id,
+                    reason="daily",
+                    effective_at=day_start,
+                    emitted_at=report.now,
+                    day=day.isoformat(),
+                    taken_at=report.now,
+                    **usage_totals(customer_counts).as_dict(),
+                )
+                for customer_id, customer_counts in counts.items()
+            ]
+            await session.enqueue_events(events)
+            await session.execute(
+                "record_usage_snapshots",
+                [event.customer_id for event in events],
+                day,
+                report.now,
+                [event.event_id for event in events],
+            )
+        report.usage_snapshots = len(events)
 
     async def _decision_time(self, report: SweepReport) -> datetime | None:
         """`now`, or less while ingestion is behind: our own lag must not look like silence."""

@@ -75,7 +75,7 @@ async def test_timeline_day_0_29_31_120_emits_exactly_the_expected_events(
     day31 = await sweep(settings, day(31))
     assert day31.released == 3
     released_at = day(30) + timedelta(minutes=5)
-    after_31 = await billing_view(services, settings, 6)
+    after_31 = await billing_view(services, settings, 8)
     releases = [e for e in after_31 if e["type"] == "license.released"]
     assert summary(releases) == Counter(
         {
@@ -88,13 +88,30 @@ async def test_timeline_day_0_29_31_120_emits_exactly_the_expected_events(
 
     day120 = await sweep(settings, day(120) + timedelta(minutes=5))
     assert day120.purged == 1
-    final = await billing_view(services, settings, 7)
+    final = await billing_view(services, settings, 10)
     purges = [e for e in final if e["type"] == "user.purged"]
-    assert len(final) == 7, "nothing but the expected events"
+    assert len(final) == 10, "nothing but the expected events"
     # One customer, one partition: billing reads the events in the order they were decided.
-    assert [e["type"] for e in final] == ["license.allocated"] * 3 + ["license.released"] * 3 + [
-        "user.purged"
+    # Each sweep on a new day ends with the customer's daily usage snapshot.
+    assert [e["type"] for e in final] == [
+        *["license.allocated"] * 3,
+        "usage.snapshot",
+        *["license.released"] * 3,
+        "usage.snapshot",
+        "user.purged",
+        "usage.snapshot",
     ]
+    snapshots = [e for e in final if e["type"] == "usage.snapshot"]
+    assert [(s["day"], s["licensed_users"], s["total_licenses"]) for s in snapshots] == [
+        (day(29).date().isoformat(), 1, 3),
+        (day(31).date().isoformat(), 0, 0),
+        (day(120).date().isoformat(), 0, 0),
+    ]
+    assert snapshots[0]["device_licenses_by_reason"] == {
+        "unassigned": 1,
+        "over_allowance": 1,
+        "device_model": 0,
+    }
     assert [(e["reason"], e["subject_id"].startswith("purged-")) for e in purges] == [
         ("retention_90d", True)
     ]
@@ -132,7 +149,7 @@ async def test_late_heartbeat_reactivates_and_future_heartbeat_is_clamped(
     total += await send(services, settings, [(KIOSK, "heartbeat", day(20))])
     await ingest(services, settings, day(31), total)
     await publish_outbox(settings)
-    events = await billing_view(services, settings, 3)
+    events = [e for e in await billing_view(services, settings, 4) if e["type"] != "usage.snapshot"]
     assert [(e["type"], e["reason"]) for e in sorted(events, key=lambda e: e["effective_at"])] == [
         ("license.allocated", "first_signal"),
         ("license.allocated", "reactivated"),

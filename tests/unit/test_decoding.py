@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 from schemas.agent_events import DeviceKind, Heartbeat, Install, Uninstall, UserProfile
 from worker import decoding
-from worker.decoding import MAX_DETAIL_LENGTH, Rejection, RejectReason, decode_agent_event
+from worker.decoding import (
+    MAX_DETAIL_LENGTH,
+    Rejection,
+    RejectReason,
+    decode_admin_event,
+    decode_agent_event,
+)
 from worker.simulator import SimulatedDevice, agent_event
 
 MAX_BYTES = 65_536
@@ -553,6 +559,7 @@ def test_reject_reasons_are_stable_labels() -> None:
         "unknown_type",
         "schema_violation",
         "database_rejected",
+        "unknown_subscription",
     }
 
 
@@ -660,3 +667,95 @@ def test_valid_heartbeats_round_trip(
     )
     assert event.user_id == user_id
     assert event.occurred_at == occurred_at
+
+
+# --- administrative events ------------------------------------------------------------------
+
+
+ADMIN_BASE = {
+    "schema_version": 1,
+    "event_id": "adm-1",
+    "customer_id": "cust-1",
+    "occurred_at": "2026-11-28T10:00:00Z",
+}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"type": "customer.created", "name": "Contoso", "license_model": "device"},
+        {"type": "customer.updated"},
+        {"type": "customer.inactivated"},
+        {"type": "customer.reactivated"},
+        {
+            "type": "subscription.attached",
+            "subscription_id": "s1",
+            "package": "core_plus",
+            "group_id": "admins",
+            "status": "in_trial",
+            "trial_ends_at": "2026-12-28T00:00:00Z",
+            "seats": 25,
+        },
+        {"type": "subscription.status_changed", "subscription_id": "s1", "status": "cancelled"},
+        {"type": "group.member_added", "group_id": "admins", "user_id": "ann"},
+        {"type": "group.member_removed", "group_id": "admins", "user_id": "ann"},
+    ],
+)
+def test_admin_events_of_every_type_decode(fields: dict[str, object]) -> None:
+    decoded = decode_admin_event(orjson.dumps({**ADMIN_BASE, **fields, "extra": 1}), 65_536)
+    assert not isinstance(decoded, Rejection), decoded
+    assert decoded.type == fields["type"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"type": "customer.deleted"}, RejectReason.UNKNOWN_TYPE),
+        (
+            {
+                "type": "subscription.attached",
+                "subscription_id": "s1",
+                "package": "core",
+                "status": "in_trial",  # a trial without an end
+            },
+            RejectReason.SCHEMA_VIOLATION,
+        ),
+        (
+            {
+                "type": "subscription.attached",
+                "subscription_id": "s1",
+                "package": "enterprise",
+                "status": "active",
+            },
+            RejectReason.SCHEMA_VIOLATION,
+        ),
+        (
+            {
+                "type": "subscription.attached",
+                "subscription_id": "s1",
+                "package": "core",
+                "status": "cancelled",
+            },  # attach as cancelled makes no sense
+            RejectReason.SCHEMA_VIOLATION,
+        ),
+        ({"type": "group.member_added", "group_id": "g"}, RejectReason.SCHEMA_VIOLATION),
+        ({"type": "customer.created", "license_model": "seat"}, RejectReason.SCHEMA_VIOLATION),
+        (
+            {"type": "customer.created", "occurred_at": "2026-11-28T10:00:00"},  # naive
+            RejectReason.SCHEMA_VIOLATION,
+        ),
+    ],
+)
+def test_bad_admin_events_are_rejected_with_a_reason(
+    fields: dict[str, object], reason: RejectReason
+) -> None:
+    decoded = decode_admin_event(orjson.dumps({**ADMIN_BASE, **fields}), 65_536)
+    assert isinstance(decoded, Rejection)
+    assert decoded.reason is reason
+    assert "ann" not in decoded.detail
+
+
+def test_unknown_admin_type_names_the_admin_types() -> None:
+    decoded = decode_admin_event(orjson.dumps({**ADMIN_BASE, "type": "heartbeat"}), 65_536)
+    assert isinstance(decoded, Rejection)
+    assert "subscription.attached" in decoded.detail

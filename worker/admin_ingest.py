@@ -1,0 +1,96 @@
+"""Consumes the console's administrative events (`tenant.admin.v1`) with the guarantees of
+the agent topics: validated, idempotent, bad input to the DLQ, offsets committed only after
+the database has the changes.
+
+The topic is small and each event can touch a whole customer, so events are applied one
+transaction each, in partition order (the topic is keyed by customer). The loop has its own
+consumer group, so a slow admin change never holds up agent ingestion.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
+import structlog
+
+from schemas.admin_events import AdminEventModel
+from worker import metrics
+from worker.admin import AdminOutcome, UnknownSubscription, apply_admin_event
+from worker.batch import Record, dead_letter_for
+from worker.dead_letters import DeadLetter
+from worker.decoding import Rejection, RejectReason, decode_admin_event
+from worker.ingest import IngestionLoop, ShutdownDuringRetry, _PermanentDatabaseError
+from worker.licensing import count_license_changes
+
+log = structlog.get_logger(__name__)
+ADMIN_BATCH_RECORDS = 200
+
+
+class AdminLoop(IngestionLoop):
+    """The ingestion loop's retry, dead-letter and commit machinery, applying admin events."""
+
+    async def run(self) -> None:
+        log.info("admin.started", topic=self._settings.admin_topic)
+        try:
+            while not self._stopping.is_set():
+                records = await self._consumer.getmany(
+                    timeout_ms=self._settings.batch_max_wait_ms, max_records=ADMIN_BATCH_RECORDS
+                )
+                self._beat()
+                if records:
+                    async with self.batch_lock:
+                        await self._handle(records)
+        except ShutdownDuringRetry:
+            log.warning("admin.batch_abandoned_for_shutdown")
+        log.info("admin.stopped")
+
+    async def _handle(self, records: Mapping[object, Iterable[Record]]) -> None:
+        letters: list[DeadLetter] = []
+        outcomes: Counter[tuple[str, str]] = Counter()
+        next_offsets = {}
+        for partition_records in records.values():
+            for record in partition_records:
+                decoded = decode_admin_event(record.value, self._settings.max_message_bytes)
+                if isinstance(decoded, Rejection):
+                    letters.append(dead_letter_for(record, decoded))
+                else:
+                    outcome = await self._apply(record, decoded)
+                    if isinstance(outcome, DeadLetter):
+                        letters.append(outcome)
+                    else:
+                        outcomes[(decoded.type, outcome.value)] += 1
+                next_offsets[(record.topic, record.partition)] = record.offset + 1
+        if letters:
+            await self._retry_kafka("dead_letter", lambda: self._publish(letters))
+        await self._commit(next_offsets)
+        topic = self._settings.admin_topic
+        for (event_type, outcome_name), count in outcomes.items():
+            metrics.EVENTS.labels(topic, event_type, outcome_name).inc(count)
+        for letter in letters:
+            metrics.EVENTS.labels(topic, "unknown", "dead_lettered").inc()
+            metrics.DEAD_LETTERS.labels(topic, letter.rejection.reason.value).inc()
+
+    async def _apply(self, record: Record, event: AdminEventModel) -> AdminOutcome | DeadLetter:
+        async def in_transaction() -> AdminOutcome | None:
+            now = self._clock.now()
+            try:
+                async with self._repository.transaction() as session:
+                    result = await apply_admin_event(
+                        session, event, now, self._settings.license_window
+                    )
+            except UnknownSubscription:
+                return None  # rolled back; not a database error, so no retry
+            count_license_changes(result.license_changes)
+            return result.outcome
+
+        try:
+            outcome = await self._retry_database(in_transaction)
+        except _PermanentDatabaseError as error:
+            name = type(error.cause).__name__
+            return dead_letter_for(record, Rejection(RejectReason.DATABASE_REJECTED, name))
+        if outcome is None:
+            detail = "subscription.status_changed for a subscription never attached"
+            return dead_letter_for(record, Rejection(RejectReason.UNKNOWN_SUBSCRIPTION, detail))
+        log.info("admin.applied", type=event.type, outcome=outcome.value)
+        return outcome

@@ -1,0 +1,68 @@
+"""Subscription rules, as pure functions: which package a user is attributed to, when a trial
+turns active, and whether a change from the console still applies.
+
+- A subscription in `in_trial` or `active` is live; a cancelled one attributes nothing.
+- A user in one or more groups with a live subscription gets the highest of those groups'
+  packages (core_plus above core); any other user, and every device license not covered by a
+  user (unassigned, device model), gets the customer's default: the highest package among the
+  live subscriptions attached to the customer itself. No live subscription: no package.
+- An over-allowance device license has the package of its user.
+- A trial turns active at `trial_ends_at` (the boundary itself included) unless the console
+  changed the status earlier: a console change made before the trial's end wins, even when it
+  reaches us after we converted the trial.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+PACKAGE_RANK = {"core": 1, "core_plus": 2}
+LIVE_STATUSES = frozenset({"in_trial", "active"})
+
+
+def highest_package(packages: Iterable[str]) -> str | None:
+    return max(packages, key=PACKAGE_RANK.__getitem__, default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSubscription:
+    group_id: str | None
+    package: str
+
+
+def package_attribution(
+    subscriptions: Iterable[LiveSubscription], memberships: Mapping[str, Iterable[str]]
+) -> tuple[str | None, dict[str, str]]:
+    """(the customer's default package, the package of each user a group gives one to).
+    `memberships` maps each user to the groups they are a member of."""
+    by_group: dict[str, list[str]] = defaultdict(list)
+    customer_wide = []
+    for subscription in subscriptions:
+        if subscription.group_id is None:
+            customer_wide.append(subscription.package)
+        else:
+            by_group[subscription.group_id].append(subscription.package)
+    user_packages = {}
+    for user_id, groups in memberships.items():
+        package = highest_package(p for group in groups for p in by_group.get(group, ()))
+        if package is not None:
+            user_packages[user_id] = package
+    return highest_package(customer_wide), user_packages
+
+
+def trial_has_ended(status: str, trial_ends_at: datetime | None, now: datetime) -> bool:
+    return status == "in_trial" and trial_ends_at is not None and trial_ends_at <= now
+
+
+def status_event_type(previous: str | None, status: str) -> str | None:
+    """The event billing gets for a status change, or None when nothing changed."""
+    if previous == status and status != "in_trial":
+        return None
+    return {
+        "active": "subscription.activated",
+        "cancelled": "subscription.cancelled",
+        "in_trial": "subscription.trial_changed",
+    }[status]

@@ -1,4 +1,5 @@
-"""Finds the SQL files: named queries from `sql/queries.sql` and the ordered migrations."""
+"""Finds the SQL files: named queries from `sql/*.sql` (one file per area: `queries.sql`,
+`report.sql`, ...) and the ordered migrations in `sql/migrations/`."""
 
 from __future__ import annotations
 
@@ -33,7 +34,14 @@ def parse_named_queries(text: str) -> dict[str, str]:
 
 @cache
 def queries() -> dict[str, str]:
-    return parse_named_queries((sql_directory() / "queries.sql").read_text(encoding="utf-8"))
+    """Every named query of every file; a name defined in two files is an error."""
+    merged: dict[str, str] = {}
+    for path in sorted(sql_directory().glob("*.sql")):
+        for name, text in parse_named_queries(path.read_text(encoding="utf-8")).items():
+            if name in merged:
+                raise ValueError(f"query {name!r} is defined twice ({path.name})")
+            merged[name] = text
+    return merged
 
 
 def query(name: str) -> str:

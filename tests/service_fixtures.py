@@ -109,7 +109,9 @@ async def topics(services: Services) -> dict[str, str]:
         "lifecycle_topic": f"agent.lifecycle.{suffix}",
         "dlq_topic": f"agent.events.dlq.{suffix}",
         "license_events_topic": f"license.events.{suffix}",
+        "admin_topic": f"tenant.admin.{suffix}",
         "consumer_group": f"license-telemetry-{suffix}",
+        "admin_consumer_group": f"license-telemetry-admin-{suffix}",
     }
     await create_topics(services.kafka_bootstrap_servers, names, partitions=4)
     return names

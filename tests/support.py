@@ -118,6 +118,7 @@ async def create_topics(bootstrap: str, names: Mapping[str, str], partitions: in
                     "lifecycle_topic",
                     "dlq_topic",
                     "license_events_topic",
+                    "admin_topic",
                 )
             ]
         )

@@ -57,7 +57,9 @@ async def test_migrate_create_topics_simulate_run_status(
         "lifecycle_topic": f"cli.lifecycle.{suffix}",
         "dlq_topic": f"cli.dlq.{suffix}",
         "license_events_topic": f"cli.license.{suffix}",
+        "admin_topic": f"cli.admin.{suffix}",
         "consumer_group": f"cli-{suffix}",
+        "admin_consumer_group": f"cli-admin-{suffix}",
     }
     environment = settings_environment(make_settings(services, empty_database_url, topics))
 

@@ -130,6 +130,11 @@ class Sweeper:
         report = SweepReport(now=now, dry_run=dry_run)
         started = asyncio.get_running_loop().time()
         await self._sweep(report, dry_run)
+        # Independent of ingestion lag: trials end by the clock, and billing gets a snapshot
+        # every day even while ingestion is behind.
+        await self._end_trials(report, dry_run)
+        if self._settings.usage_snapshots_enabled:
+            await self._take_usage_snapshots(report, dry_run)
         duration = asyncio.get_running_loop().time() - started
         if not dry_run:
             metrics.SWEEP_LAST_SUCCESS.set(time.time())
@@ -157,9 +162,6 @@ class Sweeper:
         await self._purge(decision_time, report, dry_run)
         if not dry_run:
             await self._repository.execute("save_sweep_state", report.scanned_until, report.now)
-        await self._end_trials(report, dry_run)
-        if self._settings.usage_snapshots_enabled:
-            await self._take_usage_snapshots(report, dry_run)
 
     async def _end_trials(self, report: SweepReport, dry_run: bool) -> None:
         """Trials whose end has come turn active, each with a `subscription.activated` event.

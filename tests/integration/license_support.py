@@ -4,6 +4,7 @@ what billing receives."""
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -113,3 +114,44 @@ async def billing_view(
 
 def summary(events: list[dict[str, Any]]) -> Counter[tuple[str, str, str | None]]:
     return Counter((e["type"], e["subject_id"], e["reason"]) for e in events)
+
+
+def admin_event(event_type: str, customer_id: str, at: datetime, **fields: Any) -> dict[str, Any]:
+    """A console message of schemas/admin_events.py."""
+    return {
+        "schema_version": 1,
+        "event_id": str(uuid.uuid4()),
+        "type": event_type,
+        "customer_id": customer_id,
+        "occurred_at": at.isoformat(),
+        **fields,
+    }
+
+
+async def send_admin(
+    services: Services, settings: Settings, events: list[dict[str, Any]] | list[bytes]
+) -> int:
+    """Produces console messages (dicts, or raw bytes for bad input) keyed by customer."""
+    messages = []
+    for event in events:
+        value = event if isinstance(event, bytes) else encode(event)
+        key = event["customer_id"].encode() if isinstance(event, dict) else b"bad"
+        messages.append((key, value))
+    return await produce(services.kafka_bootstrap_servers, settings.admin_topic, messages)
+
+
+async def apply_admin(
+    services: Services, settings: Settings, at: datetime, expected_total: int
+) -> None:
+    """Runs the worker (clock at `at`) until every console message so far is committed."""
+    async with running_worker(settings, clock=FixedClock(at)):
+
+        async def committed() -> bool:
+            total = await committed_offsets_total(
+                services.kafka_bootstrap_servers,
+                settings.admin_consumer_group,
+                [settings.admin_topic],
+            )
+            return total >= expected_total
+
+        await wait_until(committed, timeout=60)

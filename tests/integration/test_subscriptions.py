@@ -1,0 +1,349 @@
+"""Customers, subscriptions, groups and trials from the console topic, against the real
+broker and database: package attribution, trial conversion, inactivation, bad input."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tests.integration.license_support import (
+    admin_event,
+    apply_admin,
+    billing_view,
+    day,
+    ingest,
+    publish_outbox,
+    send,
+    send_admin,
+    sweep,
+)
+from tests.support import Services, fetch, fetchval, make_settings, read_all
+from worker.settings import Settings
+from worker.simulator import SimulatedDevice
+
+pytestmark = pytest.mark.integration
+
+ACME = "acme"
+ANN = SimulatedDevice(ACME, "ann-laptop", "ann@acme.example", "business")
+BOB = SimulatedDevice(ACME, "bob-laptop", "bob@acme.example", "business")
+CARL = SimulatedDevice(ACME, "carl-laptop", "carl@acme.example", "business")
+KIOSK = SimulatedDevice(ACME, "kiosk-1", None, "business")
+
+
+@pytest.fixture
+def settings(services: Services, database_url: str, topics: dict[str, str]) -> Settings:
+    return make_settings(
+        services, database_url, topics, sweep_enabled=False, relay_poll_seconds=0.1
+    )
+
+
+class Console:
+    """Sends console messages and lets the worker apply them on a set clock."""
+
+    def __init__(self, services: Services, settings: Settings) -> None:
+        self._services = services
+        self._settings = settings
+        self.sent = 0
+
+    async def send(self, at: datetime, *events: dict[str, Any] | bytes) -> None:
+        messages: list[Any] = list(events)
+        self.sent += await send_admin(self._services, self._settings, messages)
+        await apply_admin(self._services, self._settings, at, self.sent)
+
+
+class Agents:
+    def __init__(self, services: Services, settings: Settings) -> None:
+        self._services = services
+        self._settings = settings
+        self.sent = 0
+
+    async def send(self, at: datetime, *events: tuple[SimulatedDevice, str, datetime]) -> None:
+        self.sent += await send(self._services, self._settings, list(events))
+        await ingest(self._services, self._settings, at, self.sent)
+
+
+def subscription(
+    subscription_id: str, package: str, at: datetime, group_id: str | None = None, **fields: Any
+) -> dict[str, Any]:
+    return admin_event(
+        "subscription.attached",
+        ACME,
+        at,
+        subscription_id=subscription_id,
+        package=package,
+        group_id=group_id,
+        **{"status": "active", **fields},
+    )
+
+
+def member(group_id: str, user_id: str, at: datetime, added: bool = True) -> dict[str, Any]:
+    event_type = "group.member_added" if added else "group.member_removed"
+    return admin_event(event_type, ACME, at, group_id=group_id, user_id=user_id)
+
+
+async def packages(settings: Settings) -> dict[str, tuple[bool, str | None]]:
+    rows = await fetch(
+        settings.database_url.get_secret_value(),
+        "SELECT subject_id, active, package FROM licenses WHERE customer_id = $1",
+        ACME,
+    )
+    return {row["subject_id"]: (row["active"], row["package"]) for row in rows}
+
+
+async def test_group_members_get_the_group_package_and_new_members_get_it_automatically(
+    services: Services, settings: Settings
+) -> None:
+    console, agents = Console(services, settings), Agents(services, settings)
+    await console.send(
+        day(0),
+        admin_event("customer.created", ACME, day(0), name="Acme Ltd"),
+        subscription("s-core", "core", day(0)),
+        subscription("s-plus", "core_plus", day(0), group_id="admins"),
+        member("admins", ANN.user_id, day(0)),  # type: ignore[arg-type]
+        member("admins", CARL.user_id, day(0)),  # type: ignore[arg-type]
+    )
+    await agents.send(
+        day(0) + timedelta(minutes=10),
+        *[(d, "install", day(0) + timedelta(minutes=1)) for d in (ANN, BOB, KIOSK)],
+    )
+    assert await packages(settings) == {
+        "ann@acme.example": (True, "core_plus"),
+        "bob@acme.example": (True, "core"),  # in no group: the customer's default
+        "kiosk-1": (True, "core"),  # unassigned device: the default
+    }
+
+    # Bob joins the group: his license moves to the group's package without a new license.
+    await console.send(day(1), member("admins", BOB.user_id, day(1)))  # type: ignore[arg-type]
+    assert (await packages(settings))["bob@acme.example"] == (True, "core_plus")
+    history = await fetch(
+        settings.database_url.get_secret_value(),
+        "SELECT change, package FROM license_history WHERE subject_id = $1 ORDER BY id",
+        BOB.user_id,
+    )
+    assert [(r["change"], r["package"]) for r in history] == [
+        ("allocated", "core"),
+        ("package_changed", "core_plus"),
+    ]
+
+    # Carl was added before his first signal: his first license already has the package.
+    await agents.send(day(2), (CARL, "install", day(2) - timedelta(minutes=5)))
+    assert (await packages(settings))["carl@acme.example"] == (True, "core_plus")
+    await publish_outbox(settings)
+    events = await billing_view(services, settings, 7)
+    allocations = {
+        e["subject_id"]: e["package"] for e in events if e["type"] == "license.allocated"
+    }
+    assert allocations == {
+        "ann@acme.example": "core_plus",
+        "bob@acme.example": "core",
+        "kiosk-1": "core",
+        "carl@acme.example": "core_plus",
+    }
+    attached = [e for e in events if e["type"] == "subscription.attached"]
+    assert {(e["subject_id"], e["package"], e["group_id"]) for e in attached} == {
+        ("s-core", "core", None),
+        ("s-plus", "core_plus", "admins"),
+    }
+
+
+async def test_group_package_precedence_and_leaving_a_group(
+    services: Services, settings: Settings
+) -> None:
+    console, agents = Console(services, settings), Agents(services, settings)
+    await console.send(
+        day(0),
+        subscription("s-default", "core_plus", day(0)),
+        subscription("s-helpdesk", "core", day(0), group_id="helpdesk"),
+        subscription("s-admins", "core_plus", day(0), group_id="admins"),
+        member("helpdesk", ANN.user_id, day(0)),  # type: ignore[arg-type]
+        member("helpdesk", BOB.user_id, day(0)),  # type: ignore[arg-type]
+        member("admins", BOB.user_id, day(0)),  # type: ignore[arg-type]
+    )
+    await agents.send(day(0) + timedelta(minutes=5), *[(d, "install", day(0)) for d in (ANN, BOB)])
+    assert await packages(settings) == {
+        # A group's package applies even when the customer's default is higher.
+        "ann@acme.example": (True, "core"),
+        # In two groups: the highest package.
+        "bob@acme.example": (True, "core_plus"),
+    }
+    # A late "added" older than the removal does not bring Bob back into the group.
+    await console.send(
+        day(1),
+        member("admins", BOB.user_id, day(1), added=False),  # type: ignore[arg-type]
+        member("admins", BOB.user_id, day(0) + timedelta(hours=1)),  # type: ignore[arg-type]
+    )
+    assert (await packages(settings))["bob@acme.example"] == (True, "core")
+
+
+async def test_a_trial_turns_active_at_its_end_exactly_once(
+    services: Services, settings: Settings
+) -> None:
+    ends = day(2)
+    console = Console(services, settings)
+    await console.send(
+        day(0), subscription("s-trial", "core_plus", day(0), status="in_trial", trial_ends_at=ends)
+    )
+    before = await sweep(settings, ends - timedelta(seconds=1))
+    assert before.trials_activated == 0
+    at_end = await sweep(settings, ends)  # the boundary itself ends the trial
+    assert at_end.trials_activated == 1
+    again = await sweep(settings, ends + timedelta(days=1))
+    assert again.trials_activated == 0
+    url = settings.database_url.get_secret_value()
+    status = await fetchval(
+        url, "SELECT status FROM subscriptions WHERE subscription_id = 's-trial'"
+    )
+    assert status == "active"
+    events = await billing_view(services, settings, 2)
+    [activated] = [e for e in events if e["type"] == "subscription.activated"]
+    assert (activated["reason"], datetime.fromisoformat(activated["effective_at"])) == (
+        "trial_ended",
+        ends,
+    )
+    assert (activated["package"], activated["previous_status"]) == ("core_plus", "in_trial")
+
+
+async def test_a_console_change_before_the_trial_end_wins(
+    services: Services, settings: Settings
+) -> None:
+    ends = day(5)
+    console, agents = Console(services, settings), Agents(services, settings)
+    await console.send(
+        day(0),
+        subscription("s-early", "core", day(0), status="in_trial", trial_ends_at=ends),
+        subscription("s-late", "core_plus", day(0), status="in_trial", trial_ends_at=ends),
+    )
+    await agents.send(day(0) + timedelta(minutes=5), (ANN, "install", day(0)))
+    # Activated by hand two days before the end: the trial end then has nothing to do.
+    await console.send(
+        day(3),
+        admin_event(
+            "subscription.status_changed", ACME, day(3), subscription_id="s-early", status="active"
+        ),
+    )
+    # s-late: the sweeper converts it at its end; a cancellation the admin made an hour
+    # before the end reaches us only afterwards, and still wins.
+    report = await sweep(settings, ends + timedelta(minutes=1))
+    assert report.trials_activated == 1
+    await console.send(
+        ends + timedelta(hours=1),
+        admin_event(
+            "subscription.status_changed",
+            ACME,
+            ends - timedelta(hours=1),
+            subscription_id="s-late",
+            status="cancelled",
+        ),
+    )
+    url = settings.database_url.get_secret_value()
+    rows = await fetch(url, "SELECT subscription_id, status FROM subscriptions ORDER BY 1")
+    assert [(r["subscription_id"], r["status"]) for r in rows] == [
+        ("s-early", "active"),
+        ("s-late", "cancelled"),
+    ]
+    # With core+ cancelled, Ann's license falls back to core.
+    assert (await packages(settings))["ann@acme.example"] == (True, "core")
+    await publish_outbox(settings)
+    events = await billing_view(services, settings, 7)
+    status_events = [
+        (e["type"], e["subject_id"], e["reason"])
+        for e in events
+        if e["type"] in ("subscription.activated", "subscription.cancelled")
+    ]
+    assert status_events == [
+        ("subscription.activated", "s-early", "manual"),
+        ("subscription.activated", "s-late", "trial_ended"),
+        ("subscription.cancelled", "s-late", "manual"),
+    ]
+
+
+async def test_inactivation_releases_everything_and_stops_billing_until_reactivation(
+    services: Services, settings: Settings
+) -> None:
+    console, agents = Console(services, settings), Agents(services, settings)
+    await console.send(day(0), subscription("s-core", "core", day(0)))
+    await agents.send(
+        day(0) + timedelta(minutes=5), *[(d, "install", day(0)) for d in (ANN, BOB, KIOSK)]
+    )
+    inactivated_at = day(1)
+    await console.send(day(1), admin_event("customer.inactivated", ACME, inactivated_at))
+    assert set((await packages(settings)).values()) == {(False, "core")}
+    url = settings.database_url.get_secret_value()
+    reasons = await fetch(url, "SELECT DISTINCT release_reason, released_at FROM licenses")
+    assert [(r["release_reason"], r["released_at"]) for r in reasons] == [
+        ("customer_inactivated", inactivated_at)
+    ]
+
+    # Signals keep being stored for audit, and license nothing: not Ann again, not Carl.
+    await agents.send(
+        day(2), (ANN, "heartbeat", day(2) - timedelta(minutes=1)), (CARL, "install", day(2))
+    )
+    last_seen = await fetchval(
+        url, "SELECT last_seen_at FROM devices WHERE device_id = $1", ANN.device_id
+    )
+    assert last_seen == day(2) - timedelta(minutes=1)
+    assert "carl@acme.example" not in await packages(settings)
+    assert not any(active for active, _ in (await packages(settings)).values())
+    snapshot_day = await sweep(settings, day(2))
+    assert snapshot_day.usage_snapshots == 0, "an inactive customer is not billed"
+
+    reactivated_at = day(3)
+    await console.send(day(3), admin_event("customer.reactivated", ACME, reactivated_at))
+    licensed = await packages(settings)
+    assert {k for k, (active, _) in licensed.items() if active} == {
+        "ann@acme.example",
+        "bob@acme.example",
+        "carl@acme.example",
+        "kiosk-1",
+    }
+    await publish_outbox(settings)
+    events = await billing_view(services, settings, 13)
+    kinds = [(e["type"], e["reason"]) for e in events if e["type"] != "subscription.attached"]
+    assert kinds == [
+        *[("license.allocated", "first_signal")] * 3,
+        *[("license.released", "customer_inactivated")] * 3,
+        ("customer.inactivated", "customer_inactivated"),
+        *[("license.allocated", "reactivated")] * 3,
+        ("license.allocated", "first_signal"),  # Carl, first licensed at the reactivation
+        ("customer.reactivated", "customer_reactivated"),
+    ]
+    reallocations = [e for e in events if e["reason"] in ("reactivated",)]
+    assert {datetime.fromisoformat(e["effective_at"]) for e in reallocations} == {reactivated_at}
+
+
+async def test_bad_console_messages_go_to_the_dlq_and_changes_apply_once(
+    services: Services, settings: Settings
+) -> None:
+    console = Console(services, settings)
+    attach = subscription("s-core", "core", day(0))
+    renamed = admin_event("customer.updated", ACME, day(0) + timedelta(hours=2), name="New")
+    older_name = admin_event("customer.updated", ACME, day(0) + timedelta(hours=1), name="Old")
+    await console.send(
+        day(1),
+        b"{not json",
+        admin_event("customer.deleted", ACME, day(0)),  # unknown type
+        admin_event("subscription.attached", ACME, day(0), subscription_id="s", package="gold"),
+        admin_event(
+            "subscription.status_changed", ACME, day(0), subscription_id="nope", status="active"
+        ),
+        attach,
+        attach,  # redelivered: the same message twice
+        renamed,
+        older_name,  # late: older than the rename already applied
+    )
+    letters = await read_all(services.kafka_bootstrap_servers, settings.dlq_topic, 4)
+    reasons = sorted(dict(r.headers)["dlq.error.class"].decode() for r in letters)
+    assert reasons == ["invalid_json", "schema_violation", "unknown_subscription", "unknown_type"]
+    assert {dict(r.headers)["dlq.source.topic"].decode() for r in letters} == {settings.admin_topic}
+    url = settings.database_url.get_secret_value()
+    assert await fetchval(url, "SELECT count(*) FROM subscriptions") == 1
+    assert await fetchval(url, "SELECT name FROM customers WHERE customer_id = $1", ACME) == "New"
+    assert (
+        await fetchval(
+            url,
+            "SELECT count(*) FROM license_outbox WHERE payload->>'type' = 'subscription.attached'",
+        )
+        == 1
+    )

@@ -30,6 +30,7 @@ ANN = SimulatedDevice(ACME, "ann-laptop", "ann@acme.example", "business")
 BOB = SimulatedDevice(ACME, "bob-laptop", "bob@acme.example", "business")
 CARL = SimulatedDevice(ACME, "carl-laptop", "carl@acme.example", "business")
 KIOSK = SimulatedDevice(ACME, "kiosk-1", None, "business")
+ANN_USER, BOB_USER, CARL_USER = "ann@acme.example", "bob@acme.example", "carl@acme.example"
 
 
 @pytest.fixture
@@ -101,8 +102,8 @@ async def test_group_members_get_the_group_package_and_new_members_get_it_automa
         admin_event("customer.created", ACME, day(0), name="Acme Ltd"),
         subscription("s-core", "core", day(0)),
         subscription("s-plus", "core_plus", day(0), group_id="admins"),
-        member("admins", ANN.user_id, day(0)),  # type: ignore[arg-type]
-        member("admins", CARL.user_id, day(0)),  # type: ignore[arg-type]
+        member("admins", ANN_USER, day(0)),
+        member("admins", CARL_USER, day(0)),
     )
     await agents.send(
         day(0) + timedelta(minutes=10),
@@ -115,7 +116,7 @@ async def test_group_members_get_the_group_package_and_new_members_get_it_automa
     }
 
     # Bob joins the group: his license moves to the group's package without a new license.
-    await console.send(day(1), member("admins", BOB.user_id, day(1)))  # type: ignore[arg-type]
+    await console.send(day(1), member("admins", BOB_USER, day(1)))
     assert (await packages(settings))["bob@acme.example"] == (True, "core_plus")
     history = await fetch(
         settings.database_url.get_secret_value(),
@@ -157,9 +158,9 @@ async def test_group_package_precedence_and_leaving_a_group(
         subscription("s-default", "core_plus", day(0)),
         subscription("s-helpdesk", "core", day(0), group_id="helpdesk"),
         subscription("s-admins", "core_plus", day(0), group_id="admins"),
-        member("helpdesk", ANN.user_id, day(0)),  # type: ignore[arg-type]
-        member("helpdesk", BOB.user_id, day(0)),  # type: ignore[arg-type]
-        member("admins", BOB.user_id, day(0)),  # type: ignore[arg-type]
+        member("helpdesk", ANN_USER, day(0)),
+        member("helpdesk", BOB_USER, day(0)),
+        member("admins", BOB_USER, day(0)),
     )
     await agents.send(day(0) + timedelta(minutes=5), *[(d, "install", day(0)) for d in (ANN, BOB)])
     assert await packages(settings) == {
@@ -171,8 +172,8 @@ async def test_group_package_precedence_and_leaving_a_group(
     # A late "added" older than the removal does not bring Bob back into the group.
     await console.send(
         day(1),
-        member("admins", BOB.user_id, day(1), added=False),  # type: ignore[arg-type]
-        member("admins", BOB.user_id, day(0) + timedelta(hours=1)),  # type: ignore[arg-type]
+        member("admins", BOB_USER, day(1), added=False),
+        member("admins", BOB_USER, day(0) + timedelta(hours=1)),
     )
     assert (await packages(settings))["bob@acme.example"] == (True, "core")
 

@@ -3,7 +3,7 @@ broker and database: package attribution, trial conversion, inactivation, bad in
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import pytest
@@ -348,3 +348,28 @@ async def test_bad_console_messages_go_to_the_dlq_and_changes_apply_once(
         )
         == 1
     )
+
+
+async def test_one_usage_snapshot_per_customer_and_day(
+    services: Services, settings: Settings
+) -> None:
+    console, agents = Console(services, settings), Agents(services, settings)
+    await console.send(day(0), subscription("s-core", "core", day(0)))
+    await agents.send(
+        day(0) + timedelta(minutes=5), (ANN, "install", day(0)), (KIOSK, "install", day(0))
+    )
+    noon = datetime.combine(day(1).date(), time(12), UTC)
+    first, second = await sweep(settings, noon), await sweep(settings, noon + timedelta(hours=1))
+    next_day = await sweep(settings, noon + timedelta(days=1))
+    assert (first.usage_snapshots, second.usage_snapshots, next_day.usage_snapshots) == (1, 0, 1)
+    await publish_outbox(settings)
+    events = await billing_view(services, settings, 5)
+    snapshots = [e for e in events if e["type"] == "usage.snapshot"]
+    assert [(s["day"], s["licensed_users"], s["by_package"]) for s in snapshots] == [
+        (
+            d.isoformat(),
+            1,
+            {"core": {"licensed_users": 1, "device_licenses": 1, "total_licenses": 2}},
+        )
+        for d in (noon.date(), noon.date() + timedelta(days=1))
+    ]

@@ -114,8 +114,8 @@ def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
     async def run_sweeps() -> dict[str, object] | None:
         repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
         partition_ends = PartitionEnds(settings)
-        await start_once("kafka-lag-reader", partition_ends.start, settings)
         try:
+            await start_once("kafka-lag-reader", partition_ends.start, settings)
             sweeper = Sweeper(settings, repository, partition_ends, clock)
             if once or dry_run:
                 return (await sweeper.run_once(dry_run=dry_run)).as_log()

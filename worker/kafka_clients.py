@@ -106,8 +106,8 @@ async def diagnose_connection(name: str, settings: Settings) -> BaseException | 
 async def ensure_topics(settings: Settings, partitions: int, replication_factor: int) -> list[str]:
     """Creates the service's topics that do not exist yet; returns the names created."""
     admin = AIOKafkaAdminClient(**settings.kafka_client_options())
-    await start_once("kafka-admin", admin.start, settings)
     try:
+        await start_once("kafka-admin", admin.start, settings)
         wanted = [
             *settings.agent_topics,
             settings.dlq_topic,
@@ -178,9 +178,9 @@ async def read_topic(settings: Settings, topic: str, idle_seconds: float) -> lis
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
-    await start_once("kafka-consumer", consumer.start, settings)
     values: list[bytes] = []
     try:
+        await start_once("kafka-consumer", consumer.start, settings)
         while batch := await consumer.getmany(timeout_ms=int(idle_seconds * 1000)):
             values.extend(
                 record.value for records in batch.values() for record in records if record.value
@@ -193,8 +193,8 @@ async def read_topic(settings: Settings, topic: str, idle_seconds: float) -> lis
 async def cluster_answers(settings: Settings) -> None:
     """Raises unless the brokers answer a metadata request."""
     admin = AIOKafkaAdminClient(**settings.kafka_client_options(), request_timeout_ms=5000)
-    await start_once("kafka-admin", admin.start, settings)
     try:
+        await start_once("kafka-admin", admin.start, settings)
         await admin.describe_cluster()
     finally:
         await admin.close()

@@ -97,8 +97,8 @@ async def publish_pending_once(settings: Settings) -> int:
     """Publishes what is pending with a relay of its own, then closes it (CLI, tests)."""
     repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
     producer = create_producer(settings)
-    await start_once("kafka-producer", producer.start, settings)
     try:
+        await start_once("kafka-producer", producer.start, settings)
         return await Relay(settings, repository, producer).publish_pending()
     finally:
         await producer.stop()

@@ -153,6 +153,7 @@ ONE_SHOT_COMMANDS = [
     ("dlq", "inspect"),
     ("dlq", "replay"),
     ("sweep", "--once"),
+    ("simulate", "--customers", "1", "--devices-per-customer", "1", "--rounds", "1"),
 ]
 
 

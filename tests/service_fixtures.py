@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Services, create_topics, migrate_database
+from tests.support import SecureKafka, Services, create_topics, migrate_database
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,10 @@ def _services_from_environment() -> Services | None:
     if kafka and database:
         # Set by `.ci/run` and `make test`: lets the outage tests stop and start a service.
         state_dir = os.environ.get("LOCAL_SERVICES_DIR")
-        return Services(kafka, database, state_dir=Path(state_dir) if state_dir else None)
+        if not state_dir:
+            return Services(kafka, database)
+        path = Path(state_dir)
+        return Services(kafka, database, state_dir=path, secure=SecureKafka.from_state_dir(path))
     return None
 
 
@@ -68,7 +71,10 @@ def _start_with_local_script(state_dir: Path) -> Iterator[Services]:
     )
     try:
         yield Services(
-            values["KAFKA_BOOTSTRAP_SERVERS"], values["DATABASE_URL"], state_dir=state_dir
+            values["KAFKA_BOOTSTRAP_SERVERS"],
+            values["DATABASE_URL"],
+            state_dir=state_dir,
+            secure=SecureKafka.from_state_dir(state_dir),
         )
     finally:
         subprocess.run(["bash", str(script), "stop", str(state_dir)], check=False, timeout=120)

@@ -21,6 +21,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
+from pydantic import SecretStr
 
 from worker.clock import Clock
 from worker.kafka_clients import AGENT_TOPIC_CONFIG
@@ -48,10 +49,33 @@ CREATE TRIGGER reject_poison BEFORE INSERT OR UPDATE ON devices
 
 
 @dataclass(frozen=True)
+class SecureKafka:
+    """The SASL_SSL listener of the same broker (deploy/local/services.sh writes it to
+    STATE_DIR/env-secure): the same topics, reached over TLS with a SCRAM user."""
+
+    settings: Mapping[str, str]
+
+    @classmethod
+    def from_state_dir(cls, state_dir: Path) -> SecureKafka | None:
+        path = state_dir / "env-secure"
+        if not path.exists():
+            return None
+        lines = path.read_text().splitlines()
+        values = dict(line.removeprefix("export ").split("=", 1) for line in lines if line)
+        return cls({name.lower(): value for name, value in values.items()})
+
+    def overrides(self, **changes: str) -> dict[str, str]:
+        """Settings values that point a worker at this listener (for make_settings)."""
+        return {**self.settings, **changes}
+
+
+@dataclass(frozen=True)
 class Services:
     kafka_bootstrap_servers: str
     database_url: str
     state_dir: Path | None = None
+    # Only where deploy/local/services.sh runs the broker.
+    secure: SecureKafka | None = None
 
     def database_url_for(self, name: str) -> str:
         parts = urlsplit(self.database_url)
@@ -147,7 +171,10 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump(mode="json").items():
         if value is not None:
             environment[name.upper()] = str(value)
-    environment["DATABASE_URL"] = settings.database_url.get_secret_value()
+    for name in Settings.model_fields:  # secrets are masked in the dump above
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            environment[name.upper()] = value.get_secret_value()
     environment["LOG_FORMAT"] = "json"
     return environment
 

@@ -35,7 +35,23 @@ def _settings() -> Settings:
     return settings
 
 
-@click.group()
+class _Commands(click.Group):
+    """Turns a Kafka refusal (wrong credentials, untrusted certificate) into a one-line error
+    and exit status 1 instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except Exception as error:
+            # Imported here: the module needs aiokafka, which `--help` should not load.
+            from worker.kafka_refusals import KafkaAccessRefused  # noqa: PLC0415
+
+            if isinstance(error, KafkaAccessRefused):
+                raise click.ClickException(str(error)) from None
+            raise
+
+
+@click.group(cls=_Commands)
 def main() -> None:
     """License telemetry worker: agent signals from Kafka into license accounting in Postgres.
 
@@ -88,7 +104,7 @@ def run() -> None:
 def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
     """Release licenses silent past the window and purge personal data past the retention."""
     from worker.clock import FixedClock, SystemClock  # noqa: PLC0415
-    from worker.kafka_clients import PartitionEnds  # noqa: PLC0415
+    from worker.kafka_clients import PartitionEnds, start_once  # noqa: PLC0415
     from worker.repository import Repository  # noqa: PLC0415
     from worker.sweeper import Sweeper  # noqa: PLC0415
 
@@ -98,8 +114,8 @@ def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
     async def run_sweeps() -> dict[str, object] | None:
         repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
         partition_ends = PartitionEnds(settings)
-        await partition_ends.start()
         try:
+            await start_once("kafka-lag-reader", partition_ends.start, settings)
             sweeper = Sweeper(settings, repository, partition_ends, clock)
             if once or dry_run:
                 return (await sweeper.run_once(dry_run=dry_run)).as_log()
@@ -175,6 +191,7 @@ def license_events(timeout: float) -> None:
 def check(timeout: float) -> None:
     """Exit 0 when Postgres and Kafka answer, 1 otherwise (container probes)."""
     from worker.kafka_clients import cluster_answers  # noqa: PLC0415
+    from worker.kafka_refusals import KafkaAccessRefused  # noqa: PLC0415
     from worker.repository import Repository  # noqa: PLC0415
 
     settings = _settings()
@@ -193,6 +210,8 @@ def check(timeout: float) -> None:
     ):
         try:
             asyncio.run(asyncio.wait_for(probe(), timeout))
+        except KafkaAccessRefused as error:
+            failures.append(f"{name}: {error}")
         except Exception as error:
             failures.append(f"{name}: {type(error).__name__}")
     if failures:

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from worker.dead_letters import HEADER_PREFIX
-from worker.kafka_clients import create_producer, describe_partitions
+from worker.kafka_clients import create_producer, describe_partitions, start_once
 from worker.settings import Settings
 
 REPLAYED_FROM_HEADER = "dlq.replayed_from"
@@ -77,8 +77,8 @@ async def read_dead_letters(settings: Settings) -> AsyncIterator[DeadLetterRecor
     """Every message in the DLQ up to its end when the read started (no consumer group, so
     reading changes nothing)."""
     admin = AIOKafkaAdminClient(**settings.kafka_client_options())
-    await admin.start()
     try:
+        await start_once("kafka-admin", admin.start, settings)
         partitions = await describe_partitions(admin, [settings.dlq_topic])
     finally:
         await admin.close()
@@ -87,8 +87,8 @@ async def read_dead_letters(settings: Settings) -> AsyncIterator[DeadLetterRecor
     consumer = AIOKafkaConsumer(
         **settings.kafka_client_options(), enable_auto_commit=False, auto_offset_reset="earliest"
     )
-    await consumer.start()
     try:
+        await start_once("kafka-consumer", consumer.start, settings)
         consumer.assign(partitions)
         ends = await consumer.end_offsets(partitions)
         remaining = {tp for tp in partitions if ends[tp] > await consumer.position(tp)}
@@ -114,9 +114,9 @@ async def replay(
     unchanged, plus where it came from in the DLQ. Ingestion is idempotent, so a message
     replayed twice changes nothing the second time."""
     producer = create_producer(settings)
-    await producer.start()
     sent = 0
     try:
+        await start_once("kafka-producer", producer.start, settings)
         for record in records:
             if record.source_topic is None:
                 continue

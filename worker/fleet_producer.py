@@ -14,9 +14,9 @@ async def produce_fleet(
 ) -> int:
     fleet = build_fleet(customers, devices_per_customer)
     producer = create_producer(settings)
-    await start_with_retry("kafka-producer", producer.start, settings, attempts=5)
     sent = 0
     try:
+        await start_with_retry("kafka-producer", producer.start, settings, attempts=5)
         for device in fleet:
             event = agent_event(device, "install", start - timedelta(minutes=1))
             await producer.send(settings.lifecycle_topic, encode(event), key=device.key)

@@ -9,14 +9,17 @@ from typing import TypeVar
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from worker.backoff import Backoff
+from worker.kafka_refusals import KafkaAccessRefused, refusal_message
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 AGENT_TOPIC_CONFIG = {"message.timestamp.type": "LogAppendTime"}
+DIAGNOSIS_TIMEOUT_SECONDS = 10.0
 
 
 def create_consumer(settings: Settings, group_id: str | None = None) -> AIOKafkaConsumer:
@@ -45,12 +48,14 @@ def create_producer(settings: Settings) -> AIOKafkaProducer:
 async def start_with_retry(
     name: str, start: Callable[[], Awaitable[T]], settings: Settings, attempts: int | None = None
 ) -> T:
-    """Waits for Kafka to be reachable at start-up instead of crash-looping."""
+    """Waits for Kafka to be reachable at start-up instead of crash-looping, but raises
+    KafkaAccessRefused at once when Kafka refuses the credentials or the certificate."""
     backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
     while True:
         try:
             return await start()
         except (KafkaConnectionError, OSError) as error:
+            cause = await diagnose_connection(name, settings)
             if attempts is not None and backoff.attempts + 1 >= attempts:
                 raise
             delay = backoff.next_delay()
@@ -58,16 +63,51 @@ async def start_with_retry(
                 "startup.waiting",
                 service=name,
                 error=type(error).__name__,
+                cause=type(cause).__name__ if cause else None,
                 retry_in=round(delay, 2),
             )
             await asyncio.sleep(delay)
 
 
+async def start_once(name: str, start: Callable[[], Awaitable[T]], settings: Settings) -> T:
+    """Starts a client of a one-shot command: no waiting, but a refusal is told as such."""
+    return await start_with_retry(name, start, settings, attempts=1)
+
+
+async def diagnose_connection(name: str, settings: Settings) -> BaseException | None:
+    """Connects to each bootstrap server directly: aiokafka's start() reports every failure
+    as "Unable to bootstrap" and drops the cause. Raises KafkaAccessRefused if a server
+    refused us; otherwise returns the last connection error (None if a server answered)."""
+    options = settings.kafka_client_options()
+    last_error: BaseException | None = None
+    for host, port, _ in collect_hosts(options.pop("bootstrap_servers"), randomize=False):
+        address = f"{host}:{port}"
+        try:
+            async with asyncio.timeout(DIAGNOSIS_TIMEOUT_SECONDS):
+                connection = await create_conn(host, port, client_id="license-worker", **options)
+        except (OSError, KafkaError, TimeoutError) as error:
+            reason = refusal_message(error, settings, address)
+            if reason is not None:
+                log.error(
+                    "kafka.access_refused",
+                    service=name,
+                    address=address,
+                    error=type(error).__name__,
+                    reason=reason,
+                )
+                raise KafkaAccessRefused(reason) from error
+            last_error = error
+        else:
+            connection.close()
+            return None
+    return last_error
+
+
 async def ensure_topics(settings: Settings, partitions: int, replication_factor: int) -> list[str]:
     """Creates the service's topics that do not exist yet; returns the names created."""
     admin = AIOKafkaAdminClient(**settings.kafka_client_options())
-    await admin.start()
     try:
+        await start_once("kafka-admin", admin.start, settings)
         wanted = [
             *settings.agent_topics,
             settings.dlq_topic,
@@ -139,9 +179,9 @@ async def read_topic(settings: Settings, topic: str, idle_seconds: float) -> lis
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
-    await consumer.start()
     values: list[bytes] = []
     try:
+        await start_once("kafka-consumer", consumer.start, settings)
         while batch := await consumer.getmany(timeout_ms=int(idle_seconds * 1000)):
             values.extend(
                 record.value for records in batch.values() for record in records if record.value
@@ -154,8 +194,8 @@ async def read_topic(settings: Settings, topic: str, idle_seconds: float) -> lis
 async def cluster_answers(settings: Settings) -> None:
     """Raises unless the brokers answer a metadata request."""
     admin = AIOKafkaAdminClient(**settings.kafka_client_options(), request_timeout_ms=5000)
-    await admin.start()
     try:
+        await start_once("kafka-admin", admin.start, settings)
         await admin.describe_cluster()
     finally:
         await admin.close()

@@ -17,7 +17,7 @@ import structlog
 
 from worker import metrics
 from worker.backoff import Backoff
-from worker.kafka_clients import create_producer
+from worker.kafka_clients import create_producer, start_once
 from worker.repository import Repository
 from worker.settings import Settings
 
@@ -97,8 +97,8 @@ async def publish_pending_once(settings: Settings) -> int:
     """Publishes what is pending with a relay of its own, then closes it (CLI, tests)."""
     repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
     producer = create_producer(settings)
-    await producer.start()
     try:
+        await start_once("kafka-producer", producer.start, settings)
         return await Relay(settings, repository, producer).publish_pending()
     finally:
         await producer.stop()

@@ -16,6 +16,7 @@
 #   status         show what is running (stderr), exit 0 if both run
 #   stop-postgres / start-postgres   stop/restart only Postgres, same port
 #   stop-kafka    / start-kafka      stop/restart only Kafka, same ports
+#   env-secure     print the env lines of the secured (SASL_SSL) listener
 #
 # STATE_DIR defaults to <repo>/.local/services.  stdout carries only the two
 # env lines, so this works:
@@ -25,6 +26,22 @@
 #     DATABASE_URL=postgresql://postgres@127.0.0.1:<port>/license
 # (the same lines are written to STATE_DIR/env).  All progress messages go
 # to stderr.
+#
+# Beside the PLAINTEXT listener the broker always has a SASL_SSL listener on
+# a second free port: TLS with a throw-away CA and broker certificate
+# (generated with openssl under STATE_DIR/kafka/tls, valid for localhost and
+# 127.0.0.1, renewed when it expires within a day) and SCRAM-SHA-512 with one
+# user, `license-worker`, whose random password is kept in
+# STATE_DIR/kafka/sasl-password and registered with Kafka's own tools
+# (StorageTool --add-scram when the storage is formatted; kafka-configs for a
+# state dir formatted by an older version of this script).  The settings for
+# it are written to STATE_DIR/env-secure (never to stdout), in the same
+# `export NAME=value` form:
+#     KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:<secure port>
+#     KAFKA_SECURITY_PROTOCOL=SASL_SSL   KAFKA_SASL_MECHANISM=SCRAM-SHA-512
+#     KAFKA_SASL_USERNAME=license-worker KAFKA_SASL_PASSWORD=<password>
+#     KAFKA_SSL_CAFILE=STATE_DIR/kafka/tls/ca.pem
+# The controller and inter-broker traffic stay PLAINTEXT on 127.0.0.1.
 #
 # Environment overrides:
 #   KAFKA_LIB_DIR        jar cache (default STATE_DIR/../kafka-lib); filled
@@ -58,7 +75,7 @@ log() { printf '[services] %s\n' "$*" >&2; }
 die() { printf '[services] ERROR: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-  sed -n '8,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '8,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -86,14 +103,20 @@ KAFKA_PROPS="$KAFKA_DIR/server.properties"
 KAFKA_PID="$KAFKA_DIR/kafka.pid"
 KAFKA_LOG="$KAFKA_DIR/server.log"
 KAFKA_OUT="$KAFKA_DIR/kafka.out"
+TLS_DIR="$KAFKA_DIR/tls"
+SASL_PASSWORD_FILE="$KAFKA_DIR/sasl-password"
+SCRAM_MARKER="$KAFKA_DIR/scram-user-created"   # the user exists in the cluster metadata
+SASL_USER=license-worker
+SASL_MECHANISM=SCRAM-SHA-512
 PG_DIR="$STATE_DIR/pg"
 PG_DATA="$PG_DIR/data"
 PG_LOG="$PG_DIR/postgres.log"
 PORTS_FILE="$STATE_DIR/ports"
 ENV_FILE="$STATE_DIR/env"
+SECURE_ENV_FILE="$STATE_DIR/env-secure"
 MARKER="$STATE_DIR/.local-services"   # lets `clean` know the dir is ours
 
-KAFKA_PORT="" CONTROLLER_PORT="" PG_PORT=""
+KAFKA_PORT="" CONTROLLER_PORT="" PG_PORT="" KAFKA_SECURE_PORT=""
 
 # ------------------------------------------------------------- small helpers
 is_root() { [ "$(id -u)" -eq 0 ]; }
@@ -142,18 +165,29 @@ load_ports() {
   [ -f "$PORTS_FILE" ] || return 1
   # shellcheck disable=SC1090
   . "$PORTS_FILE"
+  # KAFKA_SECURE_PORT may be missing: state dirs from before the secured
+  # listener get one in choose_ports.
   [ -n "$KAFKA_PORT" ] && [ -n "$CONTROLLER_PORT" ] && [ -n "$PG_PORT" ]
 }
 
 save_ports() {
-  printf 'KAFKA_PORT=%s\nCONTROLLER_PORT=%s\nPG_PORT=%s\n' \
-    "$KAFKA_PORT" "$CONTROLLER_PORT" "$PG_PORT" >"$PORTS_FILE.tmp"
+  printf 'KAFKA_PORT=%s\nCONTROLLER_PORT=%s\nPG_PORT=%s\nKAFKA_SECURE_PORT=%s\n' \
+    "$KAFKA_PORT" "$CONTROLLER_PORT" "$PG_PORT" "$KAFKA_SECURE_PORT" >"$PORTS_FILE.tmp"
   mv "$PORTS_FILE.tmp" "$PORTS_FILE"
 }
 
 env_lines() {
   printf 'export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:%s\n' "$KAFKA_PORT"
   printf 'export DATABASE_URL=postgresql://%s@127.0.0.1:%s/%s\n' "$PG_SUPERUSER" "$PG_PORT" "$PG_DB"
+}
+
+secure_env_lines() {
+  printf 'export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:%s\n' "$KAFKA_SECURE_PORT"
+  printf 'export KAFKA_SECURITY_PROTOCOL=SASL_SSL\n'
+  printf 'export KAFKA_SASL_MECHANISM=%s\n' "$SASL_MECHANISM"
+  printf 'export KAFKA_SASL_USERNAME=%s\n' "$SASL_USER"
+  printf 'export KAFKA_SASL_PASSWORD=%s\n' "$(cat "$SASL_PASSWORD_FILE")"
+  printf 'export KAFKA_SSL_CAFILE=%s\n' "$TLS_DIR/ca.pem"
 }
 
 # Serialise concurrent invocations on the same STATE_DIR (e.g. several test
@@ -277,12 +311,21 @@ write_kafka_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_SSL://127.0.0.1:$KAFKA_SECURE_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_SSL://127.0.0.1:$KAFKA_SECURE_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
 log.dirs=$KAFKA_DATA
+
+# The secured listener: TLS (PEM keystore: key, certificate, CA) and
+# SCRAM-SHA-512 users stored in the cluster metadata.  No client
+# certificates, no authorizer: any authenticated user may do anything.
+sasl.enabled.mechanisms=$SASL_MECHANISM
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$TLS_DIR/broker-keystore.pem
+listener.name.sasl_ssl.ssl.client.auth=none
 
 # One replica of everything.
 num.partitions=4
@@ -331,12 +374,94 @@ while True:
   # --standalone/--initial-controllers flag (those are for dynamic quorums
   # and require controller.quorum.voters to be absent).
   # (No log4j2 config here: log4j's default prints only errors, to stderr.)
-  java -cp "$KAFKA_LIB/*" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_PROPS" >&2 9>&- ||
-    die "kafka StorageTool format failed"
+  # The SCRAM user goes into the bootstrap metadata: no extra JVM run later.
+  java -cp "$KAFKA_LIB/*" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_PROPS" \
+      --add-scram "$SASL_MECHANISM=[name=$SASL_USER,password=$(cat "$SASL_PASSWORD_FILE")]" \
+      >&2 9>&- || die "kafka StorageTool format failed"
+  touch "$SCRAM_MARKER"
+}
+
+# A throw-away CA and a broker certificate signed by it, for localhost and
+# 127.0.0.1.  Made when missing or when the broker certificate expires within
+# a day (a state dir may live for years on a laptop).
+ensure_tls_material() {
+  if [ -s "$TLS_DIR/broker-keystore.pem" ] && [ -s "$TLS_DIR/ca.pem" ] &&
+     openssl x509 -checkend 86400 -noout -in "$TLS_DIR/broker-cert.pem" >/dev/null 2>&1; then
+    return
+  fi
+  command -v openssl >/dev/null 2>&1 || die "openssl is needed to make the test TLS certificates"
+  log "generating a throw-away CA and broker certificate in $TLS_DIR"
+  rm -rf "$TLS_DIR"
+  mkdir -p "$TLS_DIR"
+  chmod 700 "$TLS_DIR"
+  (
+    cd "$TLS_DIR"
+    umask 077
+    openssl req -x509 -newkey rsa:2048 -nodes -days 825 -sha256 \
+        -subj "/CN=license-telemetry local test CA" \
+        -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        -keyout ca-key.pem -out ca.pem
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+        -keyout broker-key.pem -out broker.csr
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" \
+        "keyUsage=critical,digitalSignature,keyEncipherment" \
+        "extendedKeyUsage=serverAuth" \
+        "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        "subjectKeyIdentifier=hash" \
+        "authorityKeyIdentifier=keyid,issuer" >broker.ext
+    openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca-key.pem -set_serial "0x$(openssl rand -hex 16)" \
+        -days 825 -sha256 -extfile broker.ext -out broker-cert.pem
+    # Kafka's PEM keystore: the unencrypted PKCS#8 key, then the chain.
+    cat broker-key.pem broker-cert.pem ca.pem >broker-keystore.pem
+    rm -f broker.csr broker.ext
+  ) >"$KAFKA_DIR/tls.log" 2>&1 || { cat "$KAFKA_DIR/tls.log" >&2; die "openssl could not make the TLS certificates"; }
+}
+
+ensure_sasl_password() {
+  [ -s "$SASL_PASSWORD_FILE" ] && return
+  # A new password means the cluster does not know it yet.
+  rm -f "$SCRAM_MARKER"
+  (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(18))' >"$SASL_PASSWORD_FILE")
+}
+
+# For a state dir formatted before the secured listener existed: register the
+# SCRAM user with kafka-configs (ConfigCommand) over the PLAINTEXT listener.
+ensure_scram_user() {
+  [ -f "$SCRAM_MARKER" ] && return
+  log "creating the SCRAM user $SASL_USER (kafka-configs)"
+  java -cp "$KAFKA_LIB/*" kafka.admin.ConfigCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" \
+      --alter --entity-type users --entity-name "$SASL_USER" \
+      --add-config "$SASL_MECHANISM=[password=$(cat "$SASL_PASSWORD_FILE")]" \
+      </dev/null >&2 9>&- || die "kafka-configs could not create the SCRAM user $SASL_USER"
+  touch "$SCRAM_MARKER"
+}
+
+# True when the running broker was started with the secured listener (a broker
+# started by an older version of this script has none until it restarts).
+secure_listener_running() {
+  [ -n "$KAFKA_SECURE_PORT" ] && kafka_running &&
+    grep -qF "SASL_SSL://127.0.0.1:$KAFKA_SECURE_PORT," "$KAFKA_PROPS" 2>/dev/null &&
+    [ -f "$SCRAM_MARKER" ] && [ -s "$SASL_PASSWORD_FILE" ]
+}
+
+write_secure_env() {
+  if secure_listener_running; then
+    (umask 077 && secure_env_lines >"$SECURE_ENV_FILE.tmp")
+    mv "$SECURE_ENV_FILE.tmp" "$SECURE_ENV_FILE"
+  else
+    rm -f "$SECURE_ENV_FILE"
+    if kafka_running; then
+      log "the running Kafka has no SASL_SSL listener (started by an older version of this script); restart it (stop-kafka, start-kafka) to get one"
+    fi
+  fi
 }
 
 start_kafka() {
   if kafka_running; then log "Kafka already running (pid $(kafka_pid)) on 127.0.0.1:$KAFKA_PORT"; return; fi
+  mkdir -p "$KAFKA_DIR"
+  ensure_tls_material
+  ensure_sasl_password
   write_kafka_config
   format_kafka_storage
   [ -f "$KAFKA_LOG" ] && mv -f "$KAFKA_LOG" "$KAFKA_LOG.prev"
@@ -368,7 +493,8 @@ start_kafka() {
     sleep 0.2
     waited=$((waited + 1))
   done
-  log "Kafka started (pid $pid)"
+  log "Kafka started (pid $pid); SASL_SSL on 127.0.0.1:$KAFKA_SECURE_PORT"
+  ensure_scram_user
 }
 
 kafka_fail() {
@@ -483,10 +609,15 @@ choose_ports() {
     local name new
     for name in "$@"; do
       case "$name" in
-        KAFKA_PORT|CONTROLLER_PORT) kafka_running && continue ;;
+        KAFKA_PORT|CONTROLLER_PORT|KAFKA_SECURE_PORT) kafka_running && continue ;;
         PG_PORT) pg_running && continue ;;
       esac
-      if ! port_free "${!name}"; then
+      if [ -z "${!name}" ]; then
+        # A state dir from before the secured listener: give it a port now.
+        new="$(free_ports 1)"
+        log "choosing port $new for $name"
+        printf -v "$name" '%s' "$new"
+      elif ! port_free "${!name}"; then
         [ "$strict" = 1 ] && die "port ${!name} ($name) is in use by another process"
         new="$(free_ports 1)"
         log "port ${!name} ($name) is taken; using $new"
@@ -494,7 +625,7 @@ choose_ports() {
       fi
     done
   else
-    read -r KAFKA_PORT CONTROLLER_PORT PG_PORT <<<"$(free_ports 3)"
+    read -r KAFKA_PORT CONTROLLER_PORT PG_PORT KAFKA_SECURE_PORT <<<"$(free_ports 4)"
   fi
   save_ports
 }
@@ -515,17 +646,19 @@ cmd_start() {
   if load_ports && kafka_running && pg_running; then
     log "already running in $STATE_DIR"
     write_env
+    write_secure_env
     env_lines
     return
   fi
   require_java_maven
   require_postgres
   fetch_kafka_lib
-  choose_ports 0 KAFKA_PORT CONTROLLER_PORT PG_PORT
+  choose_ports 0 KAFKA_PORT CONTROLLER_PORT KAFKA_SECURE_PORT PG_PORT
   local t0=$SECONDS
   start_postgres
   start_kafka
   write_env
+  write_secure_env
   log "ready in $((SECONDS - t0))s; env written to $ENV_FILE"
   env_lines
 }
@@ -555,10 +688,16 @@ cmd_env() {
   env_lines
 }
 
+cmd_env_secure() {
+  load_ports 2>/dev/null || die "services not started in $STATE_DIR"
+  secure_listener_running || die "Kafka is not running with a SASL_SSL listener (state $STATE_DIR)"
+  secure_env_lines
+}
+
 cmd_status() {
   local ok=0
   if ! load_ports 2>/dev/null; then log "no services in $STATE_DIR"; return 1; fi
-  if kafka_running; then log "Kafka: running (pid $(kafka_pid)) 127.0.0.1:$KAFKA_PORT"; else log "Kafka: stopped"; ok=1; fi
+  if kafka_running; then log "Kafka: running (pid $(kafka_pid)) 127.0.0.1:$KAFKA_PORT, SASL_SSL 127.0.0.1:${KAFKA_SECURE_PORT:-none}"; else log "Kafka: stopped"; ok=1; fi
   if pg_running; then log "Postgres: running 127.0.0.1:$PG_PORT"; else log "Postgres: stopped"; ok=1; fi
   return $ok
 }
@@ -568,6 +707,7 @@ case "$CMD" in
   stop) cmd_stop ;;
   clean) CLEAN=1; cmd_stop ;;
   env) cmd_env ;;
+  env-secure) cmd_env_secure ;;
   status) cmd_status ;;
   stop-postgres)
     require_state; take_lock; require_postgres; stop_postgres ;;
@@ -576,7 +716,8 @@ case "$CMD" in
   stop-kafka)
     require_state; take_lock; stop_kafka ;;
   start-kafka)
-    require_state; take_lock; require_java_maven; fetch_kafka_lib; choose_ports 1 KAFKA_PORT CONTROLLER_PORT; start_kafka ;;
+    require_state; take_lock; require_java_maven; fetch_kafka_lib
+    choose_ports 1 KAFKA_PORT CONTROLLER_PORT KAFKA_SECURE_PORT; start_kafka; write_secure_env ;;
   -h|--help|help) usage ;;
-  *) die "unknown command: $CMD (start|stop|clean|env|status|stop-postgres|start-postgres|stop-kafka|start-kafka)" ;;
+  *) die "unknown command: $CMD (start|stop|clean|env|env-secure|status|stop-postgres|start-postgres|stop-kafka|start-kafka)" ;;
 esac

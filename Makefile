@@ -7,7 +7,7 @@ export UV := python3 -m uv
 SERVICES := deploy/local/services.sh
 export KAFKA_LIB_DIR ?= $(CURDIR)/.local/kafka-lib
 
-.PHONY: setup demo test lint bench bench-sweep load-proof services services-stop schemas clean
+.PHONY: setup demo test lint audit bench bench-sweep load-proof services services-stop schemas clean
 
 setup: ## Install the locked Python environment into .venv
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
@@ -23,6 +23,9 @@ lint: setup ## ruff, format check, mypy --strict
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 	$(UV) run --frozen mypy
+
+audit: setup ## Known vulnerabilities in the locked dependencies (pip-audit; warns if no service answers)
+	bash scripts/audit.sh
 
 bench: setup ## Ingestion benchmark against the local services (see docs/benchmarks.md)
 	bash scripts/bench.sh

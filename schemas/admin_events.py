@@ -11,9 +11,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from schemas.agent_events import FreeText, Identifier
+from schemas.agent_events import EventTime, FreeText, Identifier
 
 
 class Package(StrEnum):
@@ -40,7 +40,7 @@ class _AdminEventBase(BaseModel):
     schema_version: Literal[1]
     event_id: Identifier
     customer_id: Identifier
-    occurred_at: AwareDatetime
+    occurred_at: EventTime
 
 
 class CustomerUpserted(_AdminEventBase):
@@ -71,7 +71,7 @@ class SubscriptionAttached(_AdminEventBase):
     package: Package
     group_id: Identifier | None = None
     status: Literal[SubscriptionStatus.IN_TRIAL, SubscriptionStatus.ACTIVE]
-    trial_ends_at: AwareDatetime | None = None
+    trial_ends_at: EventTime | None = None
     seats: int | None = Field(default=None, ge=0, le=10_000_000)
 
     @model_validator(mode="after")
@@ -87,7 +87,7 @@ class SubscriptionStatusChanged(_AdminEventBase):
     type: Literal["subscription.status_changed"]
     subscription_id: Identifier
     status: SubscriptionStatus
-    trial_ends_at: AwareDatetime | None = None
+    trial_ends_at: EventTime | None = None
 
     @model_validator(mode="after")
     def _trial_has_an_end(self) -> Self:

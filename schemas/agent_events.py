@@ -6,10 +6,18 @@ unknown extra fields, which are dropped and never reach the database.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+)
 
 MAX_ID_LENGTH = 200
 MAX_TEXT_LENGTH = 512
@@ -28,6 +36,24 @@ Identifier = Annotated[
 ]
 FreeText = Annotated[str, StringConstraints(max_length=MAX_TEXT_LENGTH, pattern=_NO_NUL_PATTERN)]
 
+# No agent clock is legitimately before the Unix epoch (a reset clock reads 1970 or 1601), and
+# every accepted time must stay representable in UTC: year 1 at +14:00 is year 0 in UTC, which
+# Python cannot convert and the worker would crash on. A clock far in the future is clamped by
+# the worker; the upper bound here only keeps it representable. (pydantic's lax mode would
+# also read a number, or a text of digits, as Unix seconds or milliseconds, and `true` as
+# schema version 1: worker/decoding.py refuses those wrong wire types before validation,
+# where the check costs a fraction of what a model validator would.)
+EARLIEST_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_EVENT_TIME = datetime(9999, 12, 30, tzinfo=UTC)
+EventTime = Annotated[
+    AwareDatetime,
+    Field(
+        ge=EARLIEST_EVENT_TIME,
+        le=LATEST_EVENT_TIME,
+        description="RFC 3339 text with an offset, from 1970-01-01T00:00:00Z to 9999-12-30.",
+    ),
+]
+
 
 class DeviceKind(StrEnum):
     BUSINESS = "business"
@@ -42,7 +68,7 @@ class _AgentEventBase(BaseModel):
     customer_id: Identifier
     device_id: Identifier
     user_id: Identifier | None = None
-    occurred_at: AwareDatetime
+    occurred_at: EventTime
     agent_version: FreeText | None = None
 
     @property

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, unit, integration (real Kafka and Postgres), acceptance.
+# The whole test suite: lint, dependency audit, unit, integration (real Kafka and Postgres), acceptance.
 # Starts its own services in .local/test-services and stops them afterwards, unless
 # KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL already point at running ones.
 set -euo pipefail
@@ -10,6 +10,8 @@ UV="${UV:-python3 -m uv}"
 $UV run --frozen ruff check .
 $UV run --frozen ruff format --check .
 $UV run --frozen mypy
+# Fails on a known vulnerability; only warns when no vulnerability service answers.
+UV="$UV" bash scripts/audit.sh
 
 if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" || -z "${DATABASE_URL:-}" ]]; then
   state_dir="$PWD/.local/test-services"

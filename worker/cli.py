@@ -13,7 +13,7 @@ import orjson
 import structlog
 from pydantic import ValidationError
 
-from worker.logs import configure_logging
+from worker.logs import configure_logging, crash_fields
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -89,7 +89,13 @@ def run() -> None:
         install_signal_handlers(worker)
         await worker.run()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except Exception as error:
+        # Python's traceback would print the error's message, which can quote a personal
+        # value (a row Postgres refused, say): the crash is logged by class and place instead.
+        log.critical("worker.crashed", **crash_fields(error))
+        raise SystemExit(1) from None
 
 
 @main.command()

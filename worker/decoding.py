@@ -66,9 +66,23 @@ def _decode(
     if not isinstance(document, dict):
         return Rejection(RejectReason.NOT_AN_OBJECT, f"top level is {type(document).__name__}")
     try:
-        return adapter.validate_python(document)
+        event = adapter.validate_python(document)
     except ValidationError as error:
         return _validation_rejection(document, error, known_types)
+    return _lax_type_rejection(document) or event
+
+
+def _lax_type_rejection(document: dict[str, object]) -> Rejection | None:
+    """Wrong wire types that pydantic's lax mode accepted: `true` as schema version 1, and a
+    number or a text of digits as `occurred_at` in Unix seconds or milliseconds (guessed from
+    its size, so a typo could date a signal decades off). Checked here, on valid events only,
+    because a model validator would cost a quarter of the decoding time."""
+    if type(document["schema_version"]) is bool:
+        return Rejection(RejectReason.UNSUPPORTED_SCHEMA_VERSION, "schema_version bool")
+    occurred_at = document["occurred_at"]
+    if not (isinstance(occurred_at, str) and occurred_at[4:5] == "-"):
+        return Rejection(RejectReason.SCHEMA_VIOLATION, "occurred_at: must be RFC 3339 text")
+    return None
 
 
 def _json_rejection(value: bytes, error: orjson.JSONDecodeError) -> Rejection:
@@ -83,7 +97,7 @@ def _validation_rejection(
     document: dict[str, object], error: ValidationError, known_types: str
 ) -> Rejection:
     version = document.get("schema_version", 1)
-    if version != 1:
+    if version != 1 or type(version) is bool:
         shown = str(version) if type(version) is int else type(version).__name__
         return Rejection(RejectReason.UNSUPPORTED_SCHEMA_VERSION, f"schema_version {shown}")
     error_types = {detail["type"] for detail in error.errors()}

@@ -299,9 +299,16 @@ def license_event_id(
     customer_id: str, event_type: str, subject_type: str, subject_id: str, effective_at: datetime
 ) -> str:
     """Deterministic: the same decision always gets the same id, so billing can de-duplicate
-    a re-published event."""
-    name = f"{customer_id}|{event_type}|{subject_type}|{subject_id}|{effective_at.isoformat()}"
+    a re-published event. Ids may contain the separator: it is escaped, so two customers'
+    decisions never hash alike (the outbox would keep only one of them)."""
+    parts = (customer_id, event_type, subject_type, subject_id, effective_at.isoformat())
+    name = "|".join(_escape_separator(part) for part in parts)
     return str(uuid.uuid5(LICENSE_EVENT_NAMESPACE, name))
+
+
+def _escape_separator(part: str) -> str:
+    # Ids without `\` or `|` are unchanged, and so are the ids of their events.
+    return part.replace("\\", "\\\\").replace("|", "\\|")
 
 
 def purge_due_at(released_at: datetime, retention: timedelta) -> datetime:

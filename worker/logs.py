@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
 import structlog
 
@@ -27,3 +28,24 @@ def configure_logging(level: str = "info", output_format: str = "auto") -> None:
     )
     # Library loggers (aiokafka) go through the standard library: keep them to warnings.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(message)s")
+
+
+def error_fields(error: BaseException) -> dict[str, str]:
+    """What a log line may say about an error: its class and, from Postgres, its SQLSTATE.
+    Never its message: Postgres and driver messages quote values (`invalid input syntax for
+    type uuid: "alice@contoso.example"`, or a trigger's text), and a value may be personal."""
+    fields = {"error": type(error).__name__}
+    sqlstate = getattr(error, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        fields["sqlstate"] = sqlstate
+    return fields
+
+
+def crash_fields(error: BaseException, frames: int = 8) -> dict[str, object]:
+    """`error_fields` and where the error was raised (innermost frames, file:line function),
+    for a crash log that replaces Python's traceback, which prints the message."""
+    stack = traceback.extract_tb(error.__traceback__)[-frames:]
+    return {
+        **error_fields(error),
+        "raised_at": [f"{frame.filename}:{frame.lineno} {frame.name}" for frame in stack],
+    }

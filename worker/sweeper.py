@@ -28,6 +28,7 @@ from worker.licensing import (
     groups_of_devices,
     license_event_json,
 )
+from worker.logs import error_fields
 from worker.repository import LicenseRow, Repository
 from worker.settings import Settings
 from worker.sweep_rules import (
@@ -110,7 +111,7 @@ class Sweeper:
         except Exception as error:
             # A failed run is retried at the next interval; its work is idempotent.
             metrics.SWEEP_FAILURES.inc()
-            log.error("sweep.failed", error=type(error).__name__, detail=str(error)[:300])
+            log.error("sweep.failed", **error_fields(error))
 
     async def _sleep(self, seconds: float) -> None:
         self._beat()

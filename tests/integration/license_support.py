@@ -16,6 +16,7 @@ from tests.support import (
     Services,
     committed_offsets_total,
     encode,
+    fetch,
     produce,
     read_all,
     running_worker,
@@ -155,3 +156,21 @@ async def apply_admin(
             return total >= expected_total
 
         await wait_until(committed, timeout=60)
+
+
+async def rows_containing(settings: Settings, needle: str) -> list[str]:
+    """Every table of the public schema, searched as text for `needle`."""
+    url = settings.database_url.get_secret_value()
+    tables = [
+        r["table_name"]
+        for r in await fetch(
+            url, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        )
+    ]
+    found = []
+    for table in tables:
+        rows = await fetch(
+            url, f'SELECT t::text AS line FROM "{table}" AS t WHERE t::text LIKE $1', f"%{needle}%"
+        )
+        found += [f"{table}: {row['line']}" for row in rows]
+    return found

@@ -16,6 +16,7 @@ from tests.integration.license_support import (
     day,
     ingest,
     publish_outbox,
+    rows_containing,
     send,
     summary,
     sweep,
@@ -119,24 +120,6 @@ async def test_timeline_day_0_29_31_120_emits_exactly_the_expected_events(
     # Nothing personal survives the purge, in any table.
     for needle in ("alice@acme.example", "User alice@acme.example", "host-alice-laptop"):
         assert await rows_containing(settings, needle) == [], needle
-
-
-async def rows_containing(settings: Settings, needle: str) -> list[str]:
-    """Every table of the public schema, searched as text for `needle`."""
-    url = settings.database_url.get_secret_value()
-    tables = [
-        r["table_name"]
-        for r in await fetch(
-            url, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
-        )
-    ]
-    found = []
-    for table in tables:
-        rows = await fetch(
-            url, f'SELECT t::text AS line FROM "{table}" AS t WHERE t::text LIKE $1', f"%{needle}%"
-        )
-        found += [f"{table}: {row['line']}" for row in rows]
-    return found
 
 
 async def test_late_heartbeat_reactivates_and_future_heartbeat_is_clamped(

@@ -4,9 +4,6 @@ flipping /livez and recovering by itself, readiness."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import urllib.error
-import urllib.request
 from datetime import UTC, datetime
 
 import orjson
@@ -14,33 +11,20 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from tests.support import Services, encode, fetchval, make_settings, running_worker, wait_until
+from tests.support import (
+    Services,
+    encode,
+    fetchval,
+    free_port,
+    make_settings,
+    metric,
+    running_worker,
+    wait_until,
+)
+from tests.support import http_get as get
 from worker.simulator import SimulatedDevice, agent_event
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float | None:
-    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix) :])
-    return None
 
 
 async def broker_lag(services: Services, group: str, partition: TopicPartition) -> int:

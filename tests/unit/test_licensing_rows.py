@@ -3,6 +3,7 @@ outbound events."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from schemas.license_events import LICENSE_EVENT_ADAPTER
 from worker.license_rules import (
+    LICENSE_EVENT_NAMESPACE,
     Basis,
     ChangeKind,
     LicenseChange,
@@ -280,3 +282,48 @@ def test_every_event_payload_validates(
     )
     assert (event.effective_at, event.emitted_at) == (effective_at, emitted_at)
     assert license_row(customer_id, change, emitted_at).event_id == row.event_id
+
+
+SEPARATOR_COLLISIONS = [
+    (("acme", "x|license.allocated|user|bob"), ("acme|license.allocated|user|x", "bob")),
+    (("a\\", "b"), ("a", "\\b")),
+    (("a\\|b", "c"), ("a", "\\|b|c")),
+    (("a|", "b"), ("a", "|b")),
+]
+
+
+@pytest.mark.parametrize(("first", "second"), SEPARATOR_COLLISIONS)
+def test_event_ids_of_ids_that_spell_each_other_differ(
+    first: tuple[str, str], second: tuple[str, str]
+) -> None:
+    def event_id(customer_id: str, subject_id: str) -> str:
+        return license_event_id(customer_id, "license.allocated", "user", subject_id, EMITTED)
+
+    assert event_id(*first) != event_id(*second)
+
+
+def test_event_ids_of_plain_ids_did_not_change() -> None:
+    # Published events keep their ids across the upgrade that escaped the separator.
+    name = f"cust-042|license.allocated|user|alice@contoso.example|{EMITTED.isoformat()}"
+    expected = str(uuid.uuid5(LICENSE_EVENT_NAMESPACE, name))
+    actual = license_event_id(
+        "cust-042", "license.allocated", "user", "alice@contoso.example", EMITTED
+    )
+    assert actual == expected
+
+
+separator_heavy = st.text(alphabet="ab|\\", max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    first=st.tuples(separator_heavy, separator_heavy),
+    second=st.tuples(separator_heavy, separator_heavy),
+)
+def test_event_ids_differ_whenever_customer_or_subject_differ(
+    first: tuple[str, str], second: tuple[str, str]
+) -> None:
+    def event_id(customer_id: str, subject_id: str) -> str:
+        return license_event_id(customer_id, "license.allocated", "user", subject_id, EMITTED)
+
+    assert (event_id(*first) == event_id(*second)) is (first == second)

@@ -89,8 +89,12 @@ def run() -> None:
         install_signal_handlers(worker)
         await worker.run()
 
+    from worker.kafka_refusals import KafkaAccessRefused  # noqa: PLC0415
+
     try:
         asyncio.run(serve())
+    except KafkaAccessRefused:
+        raise  # a configuration problem, told as such by the command group (exit 1)
     except Exception as error:
         # Python's traceback would print the error's message, which can quote a personal
         # value (a row Postgres refused, say): the crash is logged by class and place instead.

@@ -144,8 +144,10 @@ async def test_events_of_one_customer_never_touch_another_with_the_same_ids(
 
     await publish_outbox(settings)
     events = await billing_view(services, settings, 100)
-    by_customer = Counter(e["customer_id"] for e in events)
+    by_customer = Counter(e["customer_id"] for e in events if e["type"].startswith("license."))
     assert by_customer[B] == 6, "B: three devices allocated, then released on day 55"
+    snapshots = {e["customer_id"]: e for e in events if e["type"] == "usage.snapshot"}
+    assert {c: s["total_licenses"] for c, s in snapshots.items()} == {A: 0, B: 0, C: 0}
     purges = [e for e in events if e["type"] == "user.purged"]
     assert [e["customer_id"] for e in purges] == [A]
 

@@ -169,7 +169,8 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     """The environment variables that reproduce `settings` in a subprocess."""
     environment = dict(os.environ)
     for name, value in settings.model_dump(mode="json").items():
-        if value is not None:
+        # A *_FILE variable's secret is already in the value it fed (DATABASE_URL).
+        if value is not None and not name.endswith("_file"):
             environment[name.upper()] = str(value)
     for name in Settings.model_fields:  # secrets are masked in the dump above
         value = getattr(settings, name)

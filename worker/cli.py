@@ -6,7 +6,7 @@ import asyncio
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -26,13 +26,17 @@ def _settings() -> Settings:
     try:
         settings = Settings()
     except ValidationError as error:
-        problems = "; ".join(
-            f"{str(detail['loc'][0]).upper()}: {detail['msg']}"
-            for detail in error.errors(include_url=False)
-        )
+        problems = "; ".join(_problem(detail) for detail in error.errors(include_url=False))
         raise click.ClickException(f"invalid configuration: {problems}") from None
     configure_logging(settings.log_level, settings.log_format)
     return settings
+
+
+def _problem(detail: Any) -> str:
+    """One refused setting; checks across variables (the *_FILE ones) name theirs."""
+    if not detail["loc"]:
+        return str(detail["msg"]).removeprefix("Value error, ")
+    return f"{str(detail['loc'][0]).upper()}: {detail['msg']}"
 
 
 class _Commands(click.Group):

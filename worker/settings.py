@@ -101,7 +101,7 @@ class Settings(BaseSettings):
                     "DATABASE_URL carries a password and DATABASE_PASSWORD_FILE is set: "
                     "give the password one way only"
                 )
-            password = _read_secret_file("DATABASE_PASSWORD_FILE", database_file)
+            password = read_secret_file("DATABASE_PASSWORD_FILE", database_file)
             data["database_url"] = _url_with_password(url, password)
         sasl_file = data.get("kafka_sasl_password_file") or None
         data["kafka_sasl_password_file"] = sasl_file
@@ -111,7 +111,7 @@ class Settings(BaseSettings):
                     "KAFKA_SASL_PASSWORD and KAFKA_SASL_PASSWORD_FILE are both set: "
                     "give the password one way only"
                 )
-            data["kafka_sasl_password"] = _read_secret_file("KAFKA_SASL_PASSWORD_FILE", sasl_file)
+            data["kafka_sasl_password"] = read_secret_file("KAFKA_SASL_PASSWORD_FILE", sasl_file)
         return data
 
     @property
@@ -170,7 +170,7 @@ def _plain(value: Any) -> str:
     return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
 
 
-def _read_secret_file(variable: str, path: str | Path) -> str:
+def read_secret_file(variable: str, path: str | Path) -> str:
     """The file's text without the one trailing newline that `echo` or an editor adds."""
     try:
         text = Path(path).read_text(encoding="utf-8")

@@ -48,6 +48,11 @@ def query(name: str) -> str:
     return queries()[name]
 
 
+def role_setup_queries() -> dict[str, str]:
+    """The blocks of `sql/roles.sql` that create the service's roles, in the order they run."""
+    return parse_named_queries((sql_directory() / "roles.sql").read_text(encoding="utf-8"))
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int

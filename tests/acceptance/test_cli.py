@@ -16,11 +16,15 @@ import orjson
 import pytest
 
 from tests.support import (
+    OWNER_PASSWORD,
     REPO_ROOT,
+    ROLES,
+    WORKER_PASSWORD,
     Services,
     fetchval,
     make_settings,
     settings_environment,
+    url_as,
     wait_until,
 )
 
@@ -61,12 +65,41 @@ async def test_migrate_create_topics_simulate_run_status(
         "consumer_group": f"cli-{suffix}",
         "admin_consumer_group": f"cli-admin-{suffix}",
     }
-    environment = settings_environment(make_settings(services, empty_database_url, topics))
+    # The operator's order: a DBA creates the roles, the release job migrates as the owner,
+    # the worker runs as the worker role; both passwords come from files (mounted secrets).
+    admin = settings_environment(make_settings(services, empty_database_url, topics))
+    owner_password, worker_password = tmp_path / "owner-password", tmp_path / "worker-password"
+    owner_password.write_text(OWNER_PASSWORD + "\n")
+    worker_password.write_text(WORKER_PASSWORD + "\n")
+    roles = run_cli(
+        admin,
+        "create-roles",
+        "--owner-password-file",
+        str(owner_password),
+        "--worker-password-file",
+        str(worker_password),
+    )
+    assert roles.returncode == 0, roles.stderr
+    assert "migrate as license_owner, run the worker as license_worker" in roles.stdout
+    owner = {
+        **admin,
+        "DATABASE_URL": url_as(empty_database_url, ROLES.owner, None),
+        "DATABASE_PASSWORD_FILE": str(owner_password),
+    }
+    environment = {
+        **admin,
+        "DATABASE_URL": url_as(empty_database_url, ROLES.worker, None),
+        "DATABASE_PASSWORD_FILE": str(worker_password),
+    }
 
     for _ in range(2):  # migrate is safe to repeat
-        migrated = run_cli(environment, "migrate")
+        migrated = run_cli(owner, "migrate")
         assert migrated.returncode == 0, migrated.stderr
     assert "migrate.done" in migrated.stderr
+    refused = run_cli(environment, "migrate")
+    assert refused.returncode == 1
+    assert "role license_worker may not change the schema" in refused.stderr
+    assert "Traceback" not in refused.stderr
     created = run_cli(environment, "create-topics", "--partitions", "2")
     assert created.returncode == 0, created.stderr
     simulated = run_cli(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import trustme
 
 from tests.support import (
     OWNER_PASSWORD,
@@ -207,3 +208,33 @@ async def test_check_exits_0_when_services_answer_and_1_when_they_do_not(
         "unreachable: postgres: ConnectionRefusedError, kafka: KafkaConnectionError"
         in result.stderr
     )
+
+
+async def test_check_over_tls_and_with_an_untrusted_postgres_certificate(
+    services: Services, tmp_path: Path
+) -> None:
+    if services.state_dir is None or not (services.state_dir / "pg-tls" / "ca.crt").exists():
+        pytest.skip("needs Postgres with TLS from deploy/local/services.sh")
+    other_ca = tmp_path / "other-ca.crt"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    base = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": services.kafka_bootstrap_servers}
+    for root_certificate, expected_code in (
+        (services.state_dir / "pg-tls" / "ca.crt", 0),
+        (other_ca, 1),
+    ):
+        url = f"{services.database_url}?sslmode=verify-full&sslrootcert={root_certificate}"
+        result = await asyncio.to_thread(run_cli, {**base, "DATABASE_URL": url}, "check")
+        assert result.returncode == expected_code, result.stderr
+    assert "unreachable: postgres: SSLCertVerificationError" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unreadable_password_file_stops_start_up_with_a_clear_message(tmp_path: Path) -> None:
+    environment = {**os.environ, "DATABASE_PASSWORD_FILE": str(tmp_path / "missing")}
+    result = run_cli(environment, "check")
+    assert result.returncode == 1
+    assert (
+        f"invalid configuration: DATABASE_PASSWORD_FILE: cannot read {tmp_path / 'missing'}: "
+        "No such file or directory"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr

@@ -122,7 +122,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 -- name: keep_migrations_table_private
 -- The migrations' bookkeeping is the migrating role's alone: the default privileges of
--- sql/roles.sql would otherwise let the worker role rewrite it.
+-- sql/roles/create_roles.sql would otherwise let the worker role rewrite it.
 DO $private$
 DECLARE
     grantee_name text;

@@ -6,8 +6,8 @@ Otherwise a Docker engine, if one answers, starts both with testcontainers; othe
 `deploy/local/services.sh` starts them from the Kafka jars and the Postgres binaries.
 Every test gets its own database (copied from a migrated template) and its own topics.
 The template is migrated by the owner role, and `database_url` connects as the worker role:
-every test runs the worker with least privilege (sql/roles.sql). A test that needs more
-asks `services.owner_url(...)` or `services.superuser_url(...)` for it.
+every test runs the worker with least privilege (sql/roles/create_roles.sql). A test that
+needs more asks `services.owner_url(...)` or `services.superuser_url(...)` for it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The service's two Postgres roles (sql/roles.sql) and the verifiers of their passwords."""
+"""The service's two Postgres roles (sql/roles/create_roles.sql) and the verifiers of their
+passwords."""
 
 from __future__ import annotations
 

@@ -350,9 +350,9 @@ class Repository:
     async def set_up_roles(
         self, owner: str, worker: str, owner_verifier: str, worker_verifier: str
     ) -> None:
-        """Runs sql/roles.sql in one transaction: creates the two roles if missing, sets
-        the passwords whose verifiers are given ("" leaves one unchanged), and grants each
-        role what it needs in this database, and nothing more."""
+        """Runs sql/roles/create_roles.sql in one transaction: creates the two roles if
+        missing, sets the passwords whose verifiers are given ("" leaves one unchanged), and
+        grants each role what it needs in this database, and nothing more."""
         blocks = role_setup_queries()
         async with self._pool.acquire() as connection, connection.transaction():
             try:

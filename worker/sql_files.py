@@ -49,8 +49,10 @@ def query(name: str) -> str:
 
 
 def role_setup_queries() -> dict[str, str]:
-    """The blocks of `sql/roles.sql` that create the service's roles, in the order they run."""
-    return parse_named_queries((sql_directory() / "roles.sql").read_text(encoding="utf-8"))
+    """The blocks that create the service's roles, in the order they run. Kept apart from
+    `queries()`: a superuser runs them, never the worker."""
+    path = sql_directory() / "roles" / "create_roles.sql"
+    return parse_named_queries(path.read_text(encoding="utf-8"))
 
 
 @dataclass(frozen=True)

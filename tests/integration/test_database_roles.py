@@ -1,5 +1,6 @@
-"""The service's database roles (sql/roles.sql): the worker role reads and writes rows and
-can do nothing else. Every other integration test already runs the worker as that role."""
+"""The service's database roles (sql/roles/create_roles.sql): the worker role reads and
+writes rows and can do nothing else. Every other integration test already runs the worker as
+that role."""
 
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ Where `KAFKA_BOOTSTRAP_SERVERS` and `DATABASE_URL` are set (CI, `make test`), th
 Otherwise a Docker engine, if one answers, starts both with testcontainers; otherwise
 `deploy/local/services.sh` starts them from the Kafka jars and the Postgres binaries.
 Every test gets its own database (copied from a migrated template) and its own topics.
+The template is migrated by the owner role, and `database_url` connects as the worker role:
+every test runs the worker with least privilege (sql/roles/create_roles.sql). A test that
+needs more asks `services.owner_url(...)` or `services.superuser_url(...)` for it.
 """
 
 from __future__ import annotations
@@ -93,16 +96,21 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 
 @pytest.fixture(scope="session")
 async def template_database(services: Services) -> str:
-    """A database with every migration applied, copied for each test."""
+    """A database with the service's roles and every migration applied (by the owner role),
+    copied for each test."""
     url = await services.create_database("license_template")
-    await migrate_database(url)
+    await services.set_up_roles(url, set_passwords=True)
+    await migrate_database(services.owner_url(url))
     return url.rsplit("/", 1)[-1]
 
 
 @pytest.fixture
 async def database_url(services: Services, template_database: str) -> AsyncIterator[str]:
+    """A fresh migrated database, as the worker role sees it."""
     url = await services.create_database("license_test", template=template_database)
-    yield url
+    # A copied database keeps the tables' grants but not the database's own (CONNECT).
+    await services.set_up_roles(url)
+    yield services.worker_url(url)
     await services.drop_database(url)
 
 

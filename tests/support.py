@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
 from worker.clock import Clock
+from worker.database_roles import DatabaseRoles, scram_sha256_verifier
 from worker.kafka_clients import AGENT_TOPIC_CONFIG
 from worker.repository import Repository
 from worker.service import Worker
@@ -35,6 +36,13 @@ from worker.sql_files import load_migrations
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AGENT_TOPIC_KEYS = ("heartbeat_topic", "lifecycle_topic")
+
+# The tests use the roles an operator creates (`license-worker create-roles`): migrations run
+# as the owner, the worker and the tests' queries as the worker role. The passwords are
+# fixed, so test sessions sharing a cluster never lock each other out.
+ROLES = DatabaseRoles()
+OWNER_PASSWORD = "owner-test-password"
+WORKER_PASSWORD = "worker-test-password"
 
 # Stands in for any row Postgres refuses as data (not an outage): a trigger that rejects one
 # device id with an SQL data error.
@@ -75,7 +83,7 @@ class SecureKafka:
 @dataclass(frozen=True)
 class Services:
     kafka_bootstrap_servers: str
-    database_url: str
+    database_url: str  # a superuser's
     state_dir: Path | None = None
     # Only where deploy/local/services.sh runs the broker.
     secure: SecureKafka | None = None
@@ -86,6 +94,28 @@ class Services:
 
     def admin_url(self) -> str:
         return self.database_url_for("postgres")
+
+    def superuser_url(self, url: str) -> str:
+        """`url`'s database as the superuser (schema changes the migrations do not make)."""
+        return self.database_url_for(urlsplit(url).path.lstrip("/"))
+
+    def owner_url(self, url: str) -> str:
+        return url_as(self.superuser_url(url), ROLES.owner, OWNER_PASSWORD)
+
+    def worker_url(self, url: str) -> str:
+        return url_as(self.superuser_url(url), ROLES.worker, WORKER_PASSWORD)
+
+    async def set_up_roles(self, url: str, *, set_passwords: bool = False) -> None:
+        """What `license-worker create-roles` does, in `url`'s database, as the superuser."""
+        verifiers = [
+            scram_sha256_verifier(password) if set_passwords else ""
+            for password in (OWNER_PASSWORD, WORKER_PASSWORD)
+        ]
+        repository = await Repository.connect(self.superuser_url(url), 1)
+        try:
+            await repository.set_up_roles(ROLES.owner, ROLES.worker, *verifiers)
+        finally:
+            await repository.close()
 
     async def create_database(self, prefix: str, template: str | None = None) -> str:
         """A new, uniquely named database (a copy of `template` if given); returns its URL."""
@@ -118,6 +148,14 @@ class Services:
             timeout=180,
             capture_output=True,
         )
+
+
+def url_as(url: str, user: str, password: str | None) -> str:
+    """`url` with other credentials (no password: none in the URL)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    credentials = user if password is None else f"{user}:{password}"
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{host}"))
 
 
 async def migrate_database(database_url: str) -> None:
@@ -172,7 +210,8 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     """The environment variables that reproduce `settings` in a subprocess."""
     environment = dict(os.environ)
     for name, value in settings.model_dump(mode="json").items():
-        if value is not None:
+        # A *_FILE variable's secret is already in the value it fed (DATABASE_URL).
+        if value is not None and not name.endswith("_file"):
             environment[name.upper()] = str(value)
     for name in Settings.model_fields:  # secrets are masked in the dump above
         value = getattr(settings, name)

@@ -6,7 +6,7 @@ import asyncio
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -26,13 +26,17 @@ def _settings() -> Settings:
     try:
         settings = Settings()
     except ValidationError as error:
-        problems = "; ".join(
-            f"{str(detail['loc'][0]).upper()}: {detail['msg']}"
-            for detail in error.errors(include_url=False)
-        )
+        problems = "; ".join(_problem(detail) for detail in error.errors(include_url=False))
         raise click.ClickException(f"invalid configuration: {problems}") from None
     configure_logging(settings.log_level, settings.log_format)
     return settings
+
+
+def _problem(detail: Any) -> str:
+    """One refused setting; checks across variables (the *_FILE ones) name theirs."""
+    if not detail["loc"]:
+        return str(detail["msg"]).removeprefix("Value error, ")
+    return f"{str(detail['loc'][0]).upper()}: {detail['msg']}"
 
 
 class _Commands(click.Group):
@@ -61,7 +65,12 @@ def main() -> None:
 @main.command()
 def migrate() -> None:
     """Apply the database migrations not applied yet (safe to run twice, or concurrently)."""
-    from worker.repository import Repository  # noqa: PLC0415 - keep `--help` fast
+    # Imported here, as in every command: keeps `--help` fast.
+    from worker.repository import (  # noqa: PLC0415
+        MigrationChangedError,
+        MigrationNotPermittedError,
+        Repository,
+    )
     from worker.sql_files import load_migrations  # noqa: PLC0415
 
     settings = _settings()
@@ -74,7 +83,79 @@ def migrate() -> None:
             await repository.close()
         log.info("migrate.done", applied=[migration.version for migration in applied])
 
-    asyncio.run(apply())
+    try:
+        asyncio.run(apply())
+    except (MigrationChangedError, MigrationNotPermittedError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+@main.command("create-roles")
+@click.option(
+    "--owner",
+    default="license_owner",
+    show_default=True,
+    help="Owns the tables; `migrate` runs as it.",
+)
+@click.option(
+    "--worker",
+    default="license_worker",
+    show_default=True,
+    help="`run` and the other commands run as it.",
+)
+@click.option(
+    "--owner-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Sets the owner's password to this file's content (else left as it is).",
+)
+@click.option(
+    "--worker-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Sets the worker's password to this file's content (else left as it is).",
+)
+def create_roles(
+    owner: str, worker: str, owner_password_file: Path | None, worker_password_file: Path | None
+) -> None:
+    """Create the service's database roles and grant them what they need, no more.
+
+    Run by a DBA with DATABASE_URL naming a superuser and the service's database, before the
+    first `migrate`; safe to run again (after migrations, to change a password). Only the
+    SCRAM verifiers of the passwords are sent, never the passwords."""
+    from worker.database_roles import DatabaseRoles, scram_sha256_verifier  # noqa: PLC0415
+    from worker.repository import Repository, RoleSetupRefusedError  # noqa: PLC0415
+    from worker.settings import read_secret_file  # noqa: PLC0415
+
+    settings = _settings()
+    try:
+        roles = DatabaseRoles(owner, worker)
+        verifiers = [
+            scram_sha256_verifier(read_secret_file(option, path)) if path else ""
+            for option, path in (
+                ("--owner-password-file", owner_password_file),
+                ("--worker-password-file", worker_password_file),
+            )
+        ]
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+
+    async def set_up() -> None:
+        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
+        try:
+            await repository.set_up_roles(roles.owner, roles.worker, *verifiers)
+        finally:
+            await repository.close()
+
+    try:
+        asyncio.run(set_up())
+    except RoleSetupRefusedError as error:
+        raise click.ClickException(f"create-roles refused: {error}") from None
+    click.echo(
+        f"roles ready: migrate as {roles.owner}, run the worker as {roles.worker}"
+        + "".join(
+            f"; {role}'s password left unchanged"
+            for role, verifier in zip((roles.owner, roles.worker), verifiers, strict=True)
+            if not verifier
+        )
+    )
 
 
 @main.command()

@@ -14,15 +14,17 @@ import structlog
 
 from worker.batch import PartitionProgress
 from worker.coalesce import BatchChanges
-from worker.sql_files import Migration, query
+from worker.sql_files import Migration, query, role_setup_queries
 
 log = structlog.get_logger(__name__)
 
 # Errors after which the same statement can succeed later: the server went away, is
-# starting or shutting down, or the transaction lost a race. Anything else is a property of
-# the data and retrying it would block the partition forever.
-_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")
-_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03"}
+# starting or shutting down, or the transaction lost a race; or the server refused the role
+# itself (class 28: a wrong or rotated password; 42501: a missing grant), which an operator
+# fixes without the data changing, so it must never send messages to the DLQ. Anything else
+# is a property of the data and retrying it would block the partition forever.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "28", "53", "57", "58")
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "42501"}
 
 
 _CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
@@ -337,9 +339,30 @@ class Repository:
             await connection.execute(query("lock_migrations"))
             try:
                 await connection.execute(query("create_migrations_table"))
+                await connection.execute(query("keep_migrations_table_private"))
                 return await _apply_missing(connection, migrations)
+            except asyncpg.InsufficientPrivilegeError as error:
+                role = connection.get_settings().session_authorization
+                raise MigrationNotPermittedError(role, error) from error
             finally:
                 await connection.execute(query("unlock_migrations"))
+
+    async def set_up_roles(
+        self, owner: str, worker: str, owner_verifier: str, worker_verifier: str
+    ) -> None:
+        """Runs sql/roles/create_roles.sql in one transaction: creates the two roles if
+        missing, sets the passwords whose verifiers are given ("" leaves one unchanged), and
+        grants each role what it needs in this database, and nothing more."""
+        blocks = role_setup_queries()
+        async with self._pool.acquire() as connection, connection.transaction():
+            try:
+                await connection.execute(
+                    blocks["choose_roles"], owner, worker, owner_verifier, worker_verifier
+                )
+                for name in ("create_roles", "grant_database_access", "grant_schema_access"):
+                    await connection.execute(blocks[name])
+            except asyncpg.PostgresError as error:
+                raise RoleSetupRefusedError(str(error)) from error
 
 
 async def _apply_missing(
@@ -369,6 +392,18 @@ class MigrationChangedError(RuntimeError):
             f"migration {migration.version:04d}_{migration.name} was changed after it was "
             "applied; add a new migration instead of editing an applied one"
         )
+
+
+class MigrationNotPermittedError(RuntimeError):
+    def __init__(self, role: str, error: BaseException) -> None:
+        super().__init__(
+            f"role {role} may not change the schema ({error}); run migrate with the owner "
+            "role's credentials (see `license-worker create-roles`)"
+        )
+
+
+class RoleSetupRefusedError(RuntimeError):
+    """Postgres refused to create or grant the roles: not a superuser, or a role in the way."""
 
 
 def _columns(rows: Sequence[Any], names: str) -> list[list[Any]]:

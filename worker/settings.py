@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/license"
 
 
 class Settings(BaseSettings):
     """Every variable is upper-case in the environment: `kafka_bootstrap_servers` is
     `KAFKA_BOOTSTRAP_SERVERS`. Defaults suit the local services of `deploy/local/services.sh`."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", env_file=None)
+    # hide_input_in_errors: a refused value may be, or sit next to, a secret.
+    model_config = SettingsConfigDict(
+        frozen=True, extra="ignore", env_file=None, hide_input_in_errors=True
+    )
 
-    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/license")
+    database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
+    # Container platforms mount secrets as files: the password is read from the file once,
+    # at start-up, and put into DATABASE_URL (which must then carry none of its own).
+    database_password_file: Path | None = None
     database_pool_size: int = Field(default=4, ge=1, le=100)
     background_pool_size: int = Field(default=4, ge=2, le=100)
 
@@ -28,6 +36,7 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: SaslMechanism | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None
     kafka_ssl_cafile: str | None = None
     kafka_ssl_certfile: str | None = None
     kafka_ssl_keyfile: str | None = None
@@ -75,6 +84,35 @@ class Settings(BaseSettings):
     liveness_slack_seconds: float = Field(default=120.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_password_files(cls, data: Any) -> Any:
+        """Resolves the *_FILE variables into the secrets they name, before validation."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        database_file = data.get("database_password_file") or None
+        data["database_password_file"] = database_file
+        if database_file is not None:
+            url = _plain(data.get("database_url", DEFAULT_DATABASE_URL))
+            if _url_has_password(url):
+                raise ValueError(
+                    "DATABASE_URL carries a password and DATABASE_PASSWORD_FILE is set: "
+                    "give the password one way only"
+                )
+            password = read_secret_file("DATABASE_PASSWORD_FILE", database_file)
+            data["database_url"] = _url_with_password(url, password)
+        sasl_file = data.get("kafka_sasl_password_file") or None
+        data["kafka_sasl_password_file"] = sasl_file
+        if sasl_file is not None:
+            if data.get("kafka_sasl_password") is not None:
+                raise ValueError(
+                    "KAFKA_SASL_PASSWORD and KAFKA_SASL_PASSWORD_FILE are both set: "
+                    "give the password one way only"
+                )
+            data["kafka_sasl_password"] = read_secret_file("KAFKA_SASL_PASSWORD_FILE", sasl_file)
+        return data
 
     @property
     def future_tolerance(self) -> timedelta:
@@ -125,6 +163,38 @@ class Settings(BaseSettings):
         return shown
 
 
+_URL_PASSWORD_PARAMETERS = {"password", "sslpassword"}
+
+
+def _plain(value: Any) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
+def read_secret_file(variable: str, path: str | Path) -> str:
+    """The file's text without the one trailing newline that `echo` or an editor adds."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ValueError(f"{variable}: cannot read {path}: {reason}") from None
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        raise ValueError(f"{variable}: {path} is empty")
+    return secret
+
+
+def _url_has_password(url: str) -> bool:
+    parts = urlsplit(url)
+    query_names = {name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    return parts.password is not None or "password" in query_names
+
+
+def _url_with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
 def _mask_url_password(url: str) -> str:
     """Hides the password wherever a libpq URL can carry it: user info or `?password=`."""
     parts = urlsplit(url)
@@ -132,8 +202,13 @@ def _mask_url_password(url: str) -> str:
     if parts.password is not None:
         user_info, _, host = netloc.rpartition("@")
         netloc = f"{user_info.split(':', 1)[0]}:***@{host}"
-    query = [
-        (name, "***" if name.lower() in {"password", "sslpassword"} else value)
-        for name, value in parse_qsl(parts.query, keep_blank_values=True)
-    ]
-    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
+    parameters = parse_qsl(parts.query, keep_blank_values=True)
+    query = parts.query
+    if any(name.lower() in _URL_PASSWORD_PARAMETERS for name, _ in parameters):
+        masked = [
+            (name, "***" if name.lower() in _URL_PASSWORD_PARAMETERS else value)
+            for name, value in parameters
+        ]
+        # Paths (sslrootcert=/etc/...) stay readable.
+        query = urlencode(masked, safe="*/:")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -48,6 +48,13 @@ def query(name: str) -> str:
     return queries()[name]
 
 
+def role_setup_queries() -> dict[str, str]:
+    """The blocks that create the service's roles, in the order they run. Kept apart from
+    `queries()`: a superuser runs them, never the worker."""
+    path = sql_directory() / "roles" / "create_roles.sql"
+    return parse_named_queries(path.read_text(encoding="utf-8"))
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int

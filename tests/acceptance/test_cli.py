@@ -14,13 +14,18 @@ from pathlib import Path
 
 import orjson
 import pytest
+import trustme
 
 from tests.support import (
+    OWNER_PASSWORD,
     REPO_ROOT,
+    ROLES,
+    WORKER_PASSWORD,
     Services,
     fetchval,
     make_settings,
     settings_environment,
+    url_as,
     wait_until,
 )
 
@@ -61,12 +66,41 @@ async def test_migrate_create_topics_simulate_run_status(
         "consumer_group": f"cli-{suffix}",
         "admin_consumer_group": f"cli-admin-{suffix}",
     }
-    environment = settings_environment(make_settings(services, empty_database_url, topics))
+    # The operator's order: a DBA creates the roles, the release job migrates as the owner,
+    # the worker runs as the worker role; both passwords come from files (mounted secrets).
+    admin = settings_environment(make_settings(services, empty_database_url, topics))
+    owner_password, worker_password = tmp_path / "owner-password", tmp_path / "worker-password"
+    owner_password.write_text(OWNER_PASSWORD + "\n")
+    worker_password.write_text(WORKER_PASSWORD + "\n")
+    roles = run_cli(
+        admin,
+        "create-roles",
+        "--owner-password-file",
+        str(owner_password),
+        "--worker-password-file",
+        str(worker_password),
+    )
+    assert roles.returncode == 0, roles.stderr
+    assert "migrate as license_owner, run the worker as license_worker" in roles.stdout
+    owner = {
+        **admin,
+        "DATABASE_URL": url_as(empty_database_url, ROLES.owner, None),
+        "DATABASE_PASSWORD_FILE": str(owner_password),
+    }
+    environment = {
+        **admin,
+        "DATABASE_URL": url_as(empty_database_url, ROLES.worker, None),
+        "DATABASE_PASSWORD_FILE": str(worker_password),
+    }
 
     for _ in range(2):  # migrate is safe to repeat
-        migrated = run_cli(environment, "migrate")
+        migrated = run_cli(owner, "migrate")
         assert migrated.returncode == 0, migrated.stderr
     assert "migrate.done" in migrated.stderr
+    refused = run_cli(environment, "migrate")
+    assert refused.returncode == 1
+    assert "role license_worker may not change the schema" in refused.stderr
+    assert "Traceback" not in refused.stderr
     created = run_cli(environment, "create-topics", "--partitions", "2")
     assert created.returncode == 0, created.stderr
     simulated = run_cli(
@@ -174,3 +208,33 @@ async def test_check_exits_0_when_services_answer_and_1_when_they_do_not(
         "unreachable: postgres: ConnectionRefusedError, kafka: KafkaConnectionError"
         in result.stderr
     )
+
+
+async def test_check_over_tls_and_with_an_untrusted_postgres_certificate(
+    services: Services, tmp_path: Path
+) -> None:
+    if services.state_dir is None or not (services.state_dir / "pg-tls" / "ca.crt").exists():
+        pytest.skip("needs Postgres with TLS from deploy/local/services.sh")
+    other_ca = tmp_path / "other-ca.crt"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    base = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": services.kafka_bootstrap_servers}
+    for root_certificate, expected_code in (
+        (services.state_dir / "pg-tls" / "ca.crt", 0),
+        (other_ca, 1),
+    ):
+        url = f"{services.database_url}?sslmode=verify-full&sslrootcert={root_certificate}"
+        result = await asyncio.to_thread(run_cli, {**base, "DATABASE_URL": url}, "check")
+        assert result.returncode == expected_code, result.stderr
+    assert "unreachable: postgres: SSLCertVerificationError" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unreadable_password_file_stops_start_up_with_a_clear_message(tmp_path: Path) -> None:
+    environment = {**os.environ, "DATABASE_PASSWORD_FILE": str(tmp_path / "missing")}
+    result = run_cli(environment, "check")
+    assert result.returncode == 1
+    assert (
+        f"invalid configuration: DATABASE_PASSWORD_FILE: cannot read {tmp_path / 'missing'}: "
+        "No such file or directory"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr

@@ -55,7 +55,7 @@ async def test_inspect_fix_replay(
 ) -> None:
     settings = make_settings(services, database_url, topics, sweep_enabled=False)
     environment = settings_environment(settings)
-    await execute(database_url, POISON_TRIGGER)
+    await execute(services.owner_url(database_url), POISON_TRIGGER)
     now = datetime.now(UTC)
     messages = [
         (device.key, encode(agent_event(device, "heartbeat", now)))
@@ -75,7 +75,9 @@ async def test_inspect_fix_replay(
     assert "1  invalid_json" in inspected.stdout
     assert "'{not json'" in inspected.stdout
 
-    await execute(database_url, "DROP TRIGGER reject_poison ON devices")  # the fix
+    await execute(
+        services.owner_url(database_url), "DROP TRIGGER reject_poison ON devices"
+    )  # the fix
     dry = await asyncio.to_thread(
         run_cli, environment, "dlq", "replay", "--reason", "database_rejected", "--dry-run"
     )

@@ -264,7 +264,7 @@ async def test_bad_input_goes_to_the_dlq_unchanged_and_good_messages_around_it_a
 async def test_a_message_the_database_refuses_goes_to_the_dlq_and_the_rest_is_stored(
     services: Services, database_url: str, topics: dict[str, str]
 ) -> None:
-    connection = await asyncpg.connect(database_url)
+    connection = await asyncpg.connect(services.owner_url(database_url))
     try:
         await connection.execute(POISON_TRIGGER)
     finally:

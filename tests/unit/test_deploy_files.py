@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import kubernetes_validate
 import pytest
@@ -96,3 +97,40 @@ def test_the_validator_rejects_a_broken_object() -> None:
     broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] = []
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def mounted_paths(pod_spec: dict[str, Any]) -> dict[str, list[str]]:
+    """Every file a Secret volume puts into the pod: volume name -> paths of its keys."""
+    [container] = pod_spec["containers"]
+    mounts = {mount["name"]: mount["mountPath"] for mount in container.get("volumeMounts", [])}
+    return {
+        volume["name"]: [
+            f"{mounts[volume['name']]}/{item['path']}" for item in volume["secret"].get("items", [])
+        ]
+        for volume in pod_spec.get("volumes", [])
+        if volume["name"] in mounts
+    }
+
+
+def test_migrations_run_as_the_owner_role_and_the_worker_as_the_worker_role() -> None:
+    config = by_kind("ConfigMap")["data"]
+    job = by_kind("Job")["spec"]["template"]["spec"]
+    deployment = by_kind("Deployment")["spec"]["template"]["spec"]
+    job_env = {variable["name"]: variable["value"] for variable in job["containers"][0]["env"]}
+
+    worker_url, owner_url = urlsplit(config["DATABASE_URL"]), urlsplit(job_env["DATABASE_URL"])
+    assert (worker_url.username, owner_url.username) == ("license_worker", "license_owner")
+    assert (worker_url.password, owner_url.password) == (None, None), "passwords are files"
+    # Each pod gets its own role's password file, and only that one.
+    assert mounted_paths(deployment)["postgres-password"] == [config["DATABASE_PASSWORD_FILE"]]
+    assert mounted_paths(job)["postgres-password"] == [job_env["DATABASE_PASSWORD_FILE"]]
+    assert config["DATABASE_PASSWORD_FILE"].endswith("/worker-password")
+    assert job_env["DATABASE_PASSWORD_FILE"].endswith("/owner-password")
+    for url, pod in ((worker_url, deployment), (owner_url, job)):
+        query = dict(parse_qsl(url.query))
+        assert query["sslmode"] == "verify-full"
+        [container] = pod["containers"]
+        assert any(
+            query["sslrootcert"].startswith(mount["mountPath"] + "/")
+            for mount in container["volumeMounts"]
+        )

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import ssl
+from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from pydantic import SecretStr, ValidationError
@@ -219,3 +222,195 @@ def test_tls_client_options(
     assert context.check_hostname is check_hostname
     assert context.verify_mode is ssl.CERT_REQUIRED
     assert ("sasl_mechanism" in options) is (protocol == "SASL_SSL")
+
+
+# --- passwords from files (container secrets) -----------------------------------------------
+
+
+def write_secret(tmp_path: Path, text: str, name: str = "secret") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("file_text", "password"),
+    [
+        ("db-pw", "db-pw"),
+        ("db-pw\n", "db-pw"),
+        ("db-pw\r\n", "db-pw"),
+        ("db-pw\n\n", "db-pw\n"),  # only the one newline an editor or `echo` adds
+        (" db pw ", " db pw "),
+    ],
+)
+def test_database_password_from_a_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, file_text: str, password: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://license_worker@db:5432/license")
+    monkeypatch.setenv("DATABASE_PASSWORD_FILE", str(write_secret(tmp_path, file_text)))
+    settings = Settings()
+    assert isinstance(settings.database_url, SecretStr)
+    assert unquote(urlsplit(settings.database_url.get_secret_value()).password or "") == password
+    assert settings.database_password_file == tmp_path / "secret"
+
+
+def test_a_password_from_a_file_keeps_the_rest_of_the_url(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(
+        "DATABASE_URL",
+        "postgresql://license_worker@db1:5432,db2:5432/license"
+        "?sslmode=verify-full&sslrootcert=/etc/pg/ca.crt",
+    )
+    monkeypatch.setenv("DATABASE_PASSWORD_FILE", str(write_secret(tmp_path, "p@ss:w/rd?#%\n")))
+    url = Settings().database_url.get_secret_value()
+    assert url == (
+        "postgresql://license_worker:p%40ss%3Aw%2Frd%3F%23%25@db1:5432,db2:5432/license"
+        "?sslmode=verify-full&sslrootcert=/etc/pg/ca.crt"
+    )
+
+
+def test_a_password_file_works_without_a_user_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://db/license")
+    monkeypatch.setenv("DATABASE_PASSWORD_FILE", str(write_secret(tmp_path, "pw")))
+    assert Settings().database_url.get_secret_value() == "postgresql://:pw@db/license"
+
+
+def test_a_password_file_and_the_default_url(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DATABASE_PASSWORD_FILE", str(write_secret(tmp_path, "pw")))
+    assert Settings().database_url.get_secret_value() == (
+        "postgresql://postgres:pw@127.0.0.1:5432/license"
+    )
+
+
+def test_password_files_work_for_settings_given_in_code(tmp_path: Path) -> None:
+    settings = Settings(
+        database_url=SecretStr("postgresql://app@db/license"),
+        database_password_file=write_secret(tmp_path, "db-pw", "db"),
+        kafka_sasl_password_file=write_secret(tmp_path, "kafka-pw", "kafka"),
+    )
+    assert settings.database_url.get_secret_value() == "postgresql://app:db-pw@db/license"
+    assert settings.kafka_sasl_password == SecretStr("kafka-pw")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://app:inline@db/license", "postgresql://app@db/license?password=inline"],
+    ids=["user-info", "query"],
+)
+def test_a_password_in_the_url_and_a_password_file_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("DATABASE_PASSWORD_FILE", str(write_secret(tmp_path, "from-file")))
+    with pytest.raises(ValidationError, match="give the password one way only") as refused:
+        Settings()
+    assert "inline" not in str(refused.value)
+    assert "from-file" not in str(refused.value)
+
+
+def test_kafka_sasl_password_from_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "worker")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD_FILE", str(write_secret(tmp_path, "kafka-pw\n")))
+    settings = Settings()
+    assert isinstance(settings.kafka_sasl_password, SecretStr)
+    assert settings.kafka_client_options()["sasl_plain_password"] == "kafka-pw"
+
+
+def test_kafka_sasl_password_and_its_file_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "inline")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD_FILE", str(write_secret(tmp_path, "from-file")))
+    with pytest.raises(ValidationError, match="give the password one way only") as refused:
+        Settings()
+    assert "inline" not in str(refused.value)
+
+
+@pytest.mark.parametrize("variable", ["DATABASE_PASSWORD_FILE", "KAFKA_SASL_PASSWORD_FILE"])
+@pytest.mark.parametrize(
+    ("make_path", "problem"),
+    [
+        (lambda tmp: tmp / "missing", "No such file or directory"),
+        (lambda tmp: tmp, "Is a directory"),
+        (lambda tmp: write_secret(tmp, ""), "is empty"),
+        (lambda tmp: write_secret(tmp, "\n"), "is empty"),
+    ],
+    ids=["missing", "directory", "empty", "only-a-newline"],
+)
+def test_an_unusable_password_file_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    variable: str,
+    make_path: Callable[[Path], Path],
+    problem: str,
+) -> None:
+    path = make_path(tmp_path)
+    monkeypatch.setenv(variable, str(path))
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    [error] = refused.value.errors()
+    assert error["msg"] == f"Value error, {variable}: " + (
+        f"{path} {problem}" if problem == "is empty" else f"cannot read {path}: {problem}"
+    )
+
+
+def test_a_password_file_that_is_not_text_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "binary"
+    path.write_bytes(b"\xff\xfe")
+    monkeypatch.setenv("DATABASE_PASSWORD_FILE", str(path))
+    with pytest.raises(ValidationError, match=r"cannot read .*: not UTF-8 text"):
+        Settings()
+
+
+def test_an_empty_file_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_PASSWORD_FILE", "")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD_FILE", "")
+    settings = Settings()
+    assert settings.database_password_file is None
+    assert settings.kafka_sasl_password_file is None
+    assert (
+        settings.database_url.get_secret_value() == "postgresql://postgres@127.0.0.1:5432/license"
+    )
+
+
+def test_masked_never_shows_passwords_from_files(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(
+        "DATABASE_URL",
+        "postgresql://app@db:5432/license?sslmode=verify-full&sslrootcert=/pg/ca.crt",
+    )
+    monkeypatch.setenv("DATABASE_PASSWORD_FILE", str(write_secret(tmp_path, "db-pw", "db")))
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD_FILE", str(write_secret(tmp_path, "kafka-pw", "k")))
+    settings = Settings()
+    shown = settings.masked()
+    text = json.dumps(shown)
+    assert "db-pw" not in text
+    assert "kafka-pw" not in text
+    assert "db-pw" not in repr(settings)
+    assert "kafka-pw" not in repr(settings)
+    assert shown["database_url"] == (
+        "postgresql://app:***@db:5432/license?sslmode=verify-full&sslrootcert=/pg/ca.crt"
+    )
+    assert shown["database_password_file"] == str(tmp_path / "db")
+    assert shown["kafka_sasl_password_file"] == str(tmp_path / "k")
+
+
+def test_masked_keeps_the_tls_parameters_readable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "DATABASE_URL",
+        "postgresql://app:pw@db/license?password=pw2&sslmode=verify-full&sslrootcert=/pg/ca.crt",
+    )
+    shown = Settings().masked()["database_url"]
+    assert shown == (
+        "postgresql://app:***@db/license?password=***&sslmode=verify-full&sslrootcert=/pg/ca.crt"
+    )

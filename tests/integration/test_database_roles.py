@@ -1,0 +1,246 @@
+"""The service's database roles (sql/roles/create_roles.sql): the worker role reads and
+writes rows and can do nothing else. Every other integration test already runs the worker as
+that role."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+from prometheus_client import REGISTRY
+
+from tests.support import (
+    OWNER_PASSWORD,
+    ROLES,
+    Services,
+    encode,
+    fetchval,
+    make_settings,
+    migrate_database,
+    produce,
+    read_all,
+    running_worker,
+    url_as,
+    wait_until,
+)
+from worker.repository import Repository, RoleSetupRefusedError
+from worker.simulator import SimulatedDevice, agent_event
+from worker.sql_files import Migration, load_migrations
+
+pytestmark = pytest.mark.integration
+
+INSUFFICIENT_PRIVILEGE = "42501"
+
+
+def transient_database_errors() -> float:
+    value = REGISTRY.get_sample_value("license_worker_database_errors_total", {"kind": "transient"})
+    return value or 0.0
+
+
+async def refusal(url: str, statement: str) -> asyncpg.PostgresError:
+    connection = await asyncpg.connect(url)
+    try:
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+    return refused.value
+
+
+async def test_the_tests_connect_as_the_worker_role(database_url: str) -> None:
+    assert await fetchval(database_url, "SELECT current_user") == ROLES.worker
+    role = await fetchval(
+        database_url,
+        "SELECT row(rolsuper, rolcreaterole, rolcreatedb, rolbypassrls)::text "
+        "FROM pg_roles WHERE rolname = current_user",
+    )
+    assert role == "(f,f,f,f)"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "CREATE TABLE intruder (a int)",
+        "DROP TABLE devices",
+        "TRUNCATE devices",
+        "ALTER TABLE devices ADD COLUMN intruder int",
+        "CREATE INDEX intruder ON devices (os)",
+        "CREATE TEMPORARY TABLE intruder (a int)",
+        "CREATE SCHEMA intruder",
+        "CREATE FUNCTION intruder() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "CREATE TRIGGER intruder BEFORE INSERT ON devices "
+        "FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()",
+        "INSERT INTO schema_migrations (version, name, checksum) VALUES (99, 'x', 'x')",
+        "DELETE FROM schema_migrations",
+        "SELECT * FROM schema_migrations",
+    ],
+)
+async def test_the_worker_role_is_refused_ddl_and_the_migrations_table(
+    database_url: str, statement: str
+) -> None:
+    error = await refusal(database_url, statement)
+    assert error.sqlstate == INSUFFICIENT_PRIVILEGE, error
+
+
+async def test_the_worker_role_cannot_read_another_schema(
+    services: Services, database_url: str
+) -> None:
+    superuser = await asyncpg.connect(services.superuser_url(database_url))
+    try:
+        await superuser.execute(
+            "CREATE SCHEMA other; CREATE TABLE other.secrets (a int); "
+            "INSERT INTO other.secrets VALUES (1)"
+        )
+    finally:
+        await superuser.close()
+    error = await refusal(database_url, "SELECT * FROM other.secrets")
+    assert error.sqlstate == INSUFFICIENT_PRIVILEGE
+    assert "permission denied for schema other" in str(error)
+
+
+async def test_a_table_a_later_migration_adds_is_the_workers_to_use(
+    services: Services, database_url: str
+) -> None:
+    """Default privileges: the owner's next migration needs no new grant for the worker."""
+    later = Migration(
+        len(load_migrations()) + 1,
+        "add_later_table",
+        "CREATE TABLE later_table (id bigserial PRIMARY KEY, note text NOT NULL);",
+    )
+    owner = await Repository.connect(services.owner_url(database_url), 1)
+    try:
+        assert await owner.apply_migrations([*load_migrations(), later]) == [later]
+    finally:
+        await owner.close()
+
+    worker = await asyncpg.connect(database_url)
+    try:
+        await worker.execute("INSERT INTO later_table (note) VALUES ('a'), ('b')")  # a sequence
+        await worker.execute("UPDATE later_table SET note = 'c' WHERE id = 1")
+        await worker.execute("DELETE FROM later_table WHERE id = 2")
+        assert await worker.fetchval("SELECT string_agg(note, ',') FROM later_table") == "c"
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await worker.execute("TRUNCATE later_table")
+    finally:
+        await worker.close()
+
+
+async def test_migrate_as_the_worker_role_fails_clearly(database_url: str) -> None:
+    worker = await Repository.connect(database_url, 1)
+    try:
+        with pytest.raises(RuntimeError, match=r"role license_worker may not change the schema"):
+            await worker.apply_migrations(load_migrations())
+    finally:
+        await worker.close()
+
+
+@pytest.fixture
+async def empty_database(services: Services) -> AsyncIterator[str]:
+    url = await services.create_database("license_roles")
+    yield url
+    await services.drop_database(url)
+
+
+async def test_create_roles_again_after_migrations_keeps_least_privilege(
+    services: Services, empty_database: str
+) -> None:
+    """An operator may run `create-roles` again at any time: the worker gets the tables that
+    exist, and still not the migrations' bookkeeping."""
+    await services.set_up_roles(empty_database)
+    await migrate_database(services.owner_url(empty_database))
+    superuser = await asyncpg.connect(empty_database)
+    try:  # a DBA's hand-made grant, more than the worker should have
+        await superuser.execute(f"GRANT TRUNCATE ON devices TO {ROLES.worker}")
+    finally:
+        await superuser.close()
+    await services.set_up_roles(empty_database)
+
+    worker_url = services.worker_url(empty_database)
+    assert await fetchval(worker_url, "SELECT count(*) FROM devices") == 0
+    for statement in ("TRUNCATE devices", "SELECT * FROM schema_migrations"):
+        assert (await refusal(worker_url, statement)).sqlstate == INSUFFICIENT_PRIVILEGE
+
+
+async def test_create_roles_refuses_a_role_with_powers(
+    services: Services, empty_database: str
+) -> None:
+    """Never strips a superuser (or any role with powers) of them: it refuses instead."""
+    superuser_name = await fetchval(empty_database, "SELECT current_user")
+    repository = await Repository.connect(empty_database, 1)
+    try:
+        with pytest.raises(RoleSetupRefusedError, match="powers the service must not have"):
+            await repository.set_up_roles(superuser_name, ROLES.worker, "", "")
+    finally:
+        await repository.close()
+    assert await fetchval(
+        empty_database, "SELECT rolsuper FROM pg_roles WHERE rolname = $1", superuser_name
+    )
+
+
+async def test_create_roles_refuses_a_worker_inside_the_owner_role(
+    services: Services, empty_database: str
+) -> None:
+    superuser = await asyncpg.connect(empty_database)
+    try:
+        await superuser.execute(
+            "DO $$ BEGIN CREATE ROLE license_test_owner NOLOGIN; "
+            "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        )
+        await superuser.execute(f"GRANT license_test_owner TO {ROLES.worker}")
+        repository = await Repository.connect(empty_database, 1)
+        try:
+            with pytest.raises(RoleSetupRefusedError, match="would have the owner's powers"):
+                await repository.set_up_roles("license_test_owner", ROLES.worker, "", "")
+        finally:
+            await repository.close()
+    finally:
+        await superuser.execute(f"REVOKE license_test_owner FROM {ROLES.worker}")
+        await superuser.close()
+
+
+async def test_a_wrong_password_is_refused(services: Services, database_url: str) -> None:
+    """The passwords the tests rely on are really checked (not a trusting server)."""
+    wrong = url_as(database_url, ROLES.owner, OWNER_PASSWORD + "-wrong")
+    try:
+        connection = await asyncpg.connect(wrong)
+    except asyncpg.InvalidPasswordError:
+        return
+    await connection.close()
+    pytest.skip("this Postgres trusts connections without checking passwords")
+
+
+async def test_a_missing_grant_makes_ingestion_wait_and_never_dead_letters(
+    services: Services, database_url: str, topics: dict[str, str]
+) -> None:
+    """A grant the role set-up lost is the operator's to fix: the worker waits (counted as a
+    transient database error), stores the batch once the grant is back, and sends nothing
+    to the DLQ."""
+    owner = await asyncpg.connect(services.owner_url(database_url))
+    try:
+        await owner.execute(f"REVOKE INSERT ON devices FROM {ROLES.worker}")
+        device = SimulatedDevice("c1", "d1", "alice", "business")
+        event = agent_event(device, "heartbeat", datetime.now(UTC))
+        await produce(
+            services.kafka_bootstrap_servers,
+            topics["heartbeat_topic"],
+            [(device.key, encode(event))],
+        )
+        refused_before = transient_database_errors()
+
+        async def refused_twice() -> bool:
+            return transient_database_errors() >= refused_before + 2
+
+        async with running_worker(make_settings(services, database_url, topics)):
+            await wait_until(refused_twice, timeout=30)
+            assert await fetchval(database_url, "SELECT count(*) FROM devices") == 0
+            await owner.execute(f"GRANT INSERT ON devices TO {ROLES.worker}")
+
+            async def stored() -> bool:
+                return await fetchval(database_url, "SELECT count(*) FROM devices") == 1
+
+            await wait_until(stored, timeout=30)
+    finally:
+        await owner.close()
+    assert await read_all(services.kafka_bootstrap_servers, topics["dlq_topic"], 1, 2) == []

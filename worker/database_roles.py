@@ -1,0 +1,54 @@
+"""The service's two Postgres roles (sql/roles/create_roles.sql) and the verifiers of their
+passwords."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+# Lower-case identifiers need no quoting in SQL, URLs or docs; 63 bytes is Postgres' limit.
+_ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+SCRAM_ITERATIONS = 4096  # Postgres' default (scram_iterations)
+
+
+@dataclass(frozen=True)
+class DatabaseRoles:
+    """`owner` owns the tables and migrates; `worker` only reads and writes rows."""
+
+    owner: str = "license_owner"
+    worker: str = "license_worker"
+
+    def __post_init__(self) -> None:
+        for role in (self.owner, self.worker):
+            if not _ROLE_NAME.match(role):
+                raise ValueError(f"{role!r} is not a role name: use a-z, 0-9 and _ (63 at most)")
+        if self.owner == self.worker:
+            raise ValueError(f"the owner and the worker must be two roles; both are {role!r}")
+
+
+def scram_sha256_verifier(
+    password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS
+) -> str:
+    """What Postgres stores for a SCRAM-SHA-256 password (RFC 5802/7677), computed here as
+    psql's `\\password` does: the server, and so its statement log, never sees the password.
+
+    Postgres first normalises a password with SASLprep, which leaves ASCII unchanged; other
+    characters are refused here rather than normalised differently from the server."""
+    if not password:
+        raise ValueError("the password is empty")
+    if not password.isascii():
+        raise ValueError("use an ASCII password (a generated one is)")
+    salt = secrets.token_bytes(16) if salt is None else salt
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    return f"SCRAM-SHA-256${iterations}:{_b64(salt)}${_b64(stored_key)}:{_b64(server_key)}"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

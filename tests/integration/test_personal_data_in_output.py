@@ -15,7 +15,6 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -23,6 +22,7 @@ import pytest
 from tests.integration.license_support import day, rows_containing
 from tests.support import (
     REPO_ROOT,
+    WORKER_PASSWORD,
     Services,
     WorkerProcess,
     committed_offsets_total,
@@ -47,7 +47,8 @@ USER_ID = "zoe.user@private.example"  # the contract's own example uses an e-mai
 DISPLAY_NAME = "Zoë Leakington"
 HOSTNAME = "zoe-private-laptop"
 PERSONAL = [EMAIL, USER_ID, DISPLAY_NAME, HOSTNAME, "zoe.leak", "zoe.user", "Leakington"]
-DB_PASSWORD = "db-secret-7f3a9e"
+# The worker role's password (the database_url fixture logs in with it).
+DB_PASSWORD = WORKER_PASSWORD
 KAFKA_PASSWORD = "kafka-secret-51c2d"
 PSEUDONYM_KEY = "pseudonym-secret-99aa0"
 SECRETS = [DB_PASSWORD, KAFKA_PASSWORD, PSEUDONYM_KEY]
@@ -105,12 +106,6 @@ def bad_messages() -> dict[str, tuple[str, bytes]]:
     }
 
 
-def with_password(url: str, password: str) -> str:
-    parts = urlsplit(url)
-    user_info, _, host = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{user_info.split(':')[0]}:{password}@{host}"))
-
-
 def spellings(value: str) -> list[str]:
     """The value as text and as a JSON logger may escape it (`\\u00eb`)."""
     return sorted({value, json.dumps(value)[1:-1], value.lower()})
@@ -138,7 +133,7 @@ def sweep_cli(settings: Settings, at: str) -> str:
 def settings(services: Services, database_url: str, topics: dict[str, str]) -> Settings:
     return make_settings(
         services,
-        with_password(database_url, DB_PASSWORD),
+        database_url,
         topics,
         log_level="debug",
         metrics_port=free_port(),
@@ -154,7 +149,8 @@ def settings(services: Services, database_url: str, topics: dict[str, str]) -> S
 async def test_no_personal_value_or_secret_reaches_logs_metrics_or_dlq_headers(
     services: Services, settings: Settings, database_url: str, tmp_path: Path
 ) -> None:
-    connection = await asyncpg.connect(database_url)
+    assert DB_PASSWORD in database_url
+    connection = await asyncpg.connect(services.superuser_url(database_url))
     try:
         await connection.execute(QUOTING_TRIGGER)
     finally:

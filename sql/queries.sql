@@ -375,6 +375,23 @@ ORDER BY released_at, customer_id, subject_id
 LIMIT $2
 FOR UPDATE SKIP LOCKED;
 
+-- name: unlicensed_users_due_for_purge
+-- Users without any license of their own, silent since before $1 - $3 (window): due as if
+-- released when they fell silent. $1 = decision time - retention, $2 = page size.
+SELECT u.customer_id, u.user_id, u.last_seen_at + $3::interval AS released_at
+FROM users AS u
+WHERE u.purged_at IS NULL
+  AND u.last_seen_day <= (($1::timestamptz - $3::interval) AT TIME ZONE 'UTC')::date
+  AND u.last_seen_at <= $1::timestamptz - $3::interval
+  AND NOT EXISTS (
+      SELECT 1 FROM licenses AS l
+      WHERE l.customer_id = u.customer_id AND l.subject_type = 'user'
+        AND l.subject_id = u.user_id
+  )
+ORDER BY u.last_seen_day, u.customer_id, u.user_id
+LIMIT $2
+FOR UPDATE OF u SKIP LOCKED;
+
 -- name: purge_users
 -- $1 customers, $2 user ids, $3 pseudonyms, $4 purge time. Removes every personal value of
 -- the users from every table; what audit needs stays under the pseudonym.
@@ -384,7 +401,8 @@ WITH purged AS (
 ),
 users_done AS (
     UPDATE users AS u
-    SET user_id = p.pseudonym, email = NULL, display_name = NULL, profile_reported_at = NULL
+    SET user_id = p.pseudonym, email = NULL, display_name = NULL, profile_reported_at = NULL,
+        purged_at = $4
     FROM purged AS p
     WHERE u.customer_id = p.customer_id AND u.user_id = p.user_id
     RETURNING 1

@@ -366,14 +366,27 @@ class Sweeper:
             cursor = (rows[-1]["last_seen_day"], rows[-1]["device_id"])
 
     async def _purge(self, decision_time: datetime, report: SweepReport, dry_run: bool) -> None:
-        """Personal data of users released longer ago than the retention, page by page."""
-        key = await self._pseudonym_key()
+        """Personal data of users released longer ago than the retention, then of users who
+        never held a license and have been silent for the window plus the retention."""
         due_before = decision_time - self._settings.retention
+        await self._purge_due(report, dry_run, "users_due_for_purge", due_before)
+        await self._purge_due(
+            report,
+            dry_run,
+            "unlicensed_users_due_for_purge",
+            due_before,
+            self._settings.license_window,
+        )
+
+    async def _purge_due(
+        self, report: SweepReport, dry_run: bool, query_name: str, *arguments: Any
+    ) -> None:
+        """Purges the users `query_name` finds, page by page."""
+        key = await self._pseudonym_key()
+        page_size = self._settings.sweep_page_size
         while True:
             async with self._repository.transaction(rollback=dry_run) as session:
-                due = await session.fetch(
-                    "users_due_for_purge", due_before, self._settings.sweep_page_size
-                )
+                due = await session.fetch(query_name, arguments[0], page_size, *arguments[1:])
                 if not due:
                     return
                 purged = [

@@ -15,6 +15,7 @@ from tests.integration.license_support import (
     day,
     ingest,
     publish_outbox,
+    rows_containing,
     send,
     send_admin,
     sweep,
@@ -373,3 +374,23 @@ async def test_one_usage_snapshot_per_customer_and_day(
         )
         for d in (noon.date(), noon.date() + timedelta(days=1))
     ]
+
+
+async def test_users_of_a_device_model_customer_are_purged_too(
+    services: Services, settings: Settings
+) -> None:
+    """Under the device model users hold no license of their own; their personal data goes
+    once they have been silent for the window plus the retention (day 0 + 30 + 90)."""
+    console, agents = Console(services, settings), Agents(services, settings)
+    await console.send(
+        day(0), admin_event("customer.created", ACME, day(0), license_model="device")
+    )
+    await agents.send(day(0) + timedelta(minutes=5), (ANN, "install", day(0)))
+    assert await packages(settings) == {ANN.device_id: (True, None)}
+    assert (await sweep(settings, day(31))).released == 1
+    assert (await sweep(settings, day(119))).purged == 0
+    assert (await sweep(settings, day(121))).purged == 1
+    for needle in (ANN_USER, f"User {ANN_USER}", f"host-{ANN.device_id}"):
+        assert await rows_containing(settings, needle) == [], needle
+    again = await sweep(settings, day(200))
+    assert again.purged == 0, "a pseudonym is never purged twice"

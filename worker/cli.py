@@ -331,6 +331,8 @@ def report_usage(
         asyncio.run(produce())
     except UnknownCustomerError as error:
         raise click.ClickException(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(f"cannot reach the database: {error}") from None
     if output is not None:
         click.echo(f"wrote {output}", err=True)
 

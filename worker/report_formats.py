@@ -235,7 +235,7 @@ class TableWriter:
             f"  licensed users   {totals.licensed_users:>8}\n"
             f"  device licenses  {totals.total_device_licenses:>8}   {reasons}\n"
             f"  total licenses   {totals.total_licenses:>8}\n"
-            f"  by package       {packages or '-'}\n"
+            f"  by package       {'':>8}   {packages or '-'}\n"
         )
 
 

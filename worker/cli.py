@@ -245,13 +245,17 @@ def confirm_releases(customer_id: str, confirmed_by: str) -> None:
     click.echo(f"confirmed: the next sweep releases the held licenses of {customer_id}")
 
 
-def _parse_time(text: str) -> datetime:
+def _parse_time(text: str, param_hint: str = "--now") -> datetime:
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not an ISO 8601 time", param_hint="--now") from None
+        raise click.BadParameter(
+            f"{text!r} is not an ISO 8601 time", param_hint=param_hint
+        ) from None
     if parsed.tzinfo is None:
-        raise click.BadParameter("give a time zone, e.g. 2026-12-30T00:00:00Z", param_hint="--now")
+        raise click.BadParameter(
+            "give a time zone, e.g. 2026-12-30T00:00:00Z", param_hint=param_hint
+        )
     return parsed
 
 
@@ -374,6 +378,73 @@ def _preview(value: bytes | None, limit: int = 120) -> str:
         return "(no value)"
     text = value[:limit].decode("utf-8", "replace")
     return repr(text) + (f" ... ({len(value)} bytes)" if len(value) > limit else "")
+
+
+@main.group()
+def report() -> None:
+    """Reports on license usage."""
+
+
+@report.command("usage")
+@click.option("--customer", "customer_id", metavar="ID", help="One customer (default: all).")
+@click.option(
+    "--as-of",
+    "as_of_text",
+    metavar="TIME",
+    help="As the licenses stood at this ISO 8601 time, replayed from the license history.",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "json", "csv", "xlsx"]),
+    default="table",
+    show_default=True,
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Write to this file (required for xlsx; default: standard output).",
+)
+def report_usage(
+    customer_id: str | None, as_of_text: str | None, output_format: str, output: Path | None
+) -> None:
+    """Licenses consumed per customer, with totals and every user and device: licensed or
+    not, and why. Large reports are streamed."""
+    from worker.report import (  # noqa: PLC0415
+        ReportRequest,
+        UnknownCustomerError,
+        open_writer,
+        write_usage_report,
+    )
+    from worker.repository import Repository  # noqa: PLC0415
+
+    if output_format == "xlsx" and output is None:
+        raise click.UsageError("--format xlsx writes a workbook: give --output PATH")
+    now = datetime.now(UTC)
+    as_of = _parse_time(as_of_text, "--as-of") if as_of_text else None
+    if as_of is not None and as_of > now:
+        raise click.BadParameter(
+            "is in the future; leave it out for the live report", param_hint="--as-of"
+        )
+    settings = _settings()
+    request = ReportRequest(customer_id, as_of, now, settings.license_window)
+
+    async def produce() -> None:
+        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
+        try:
+            with open_writer(output_format, output, sys.stdout) as writer:
+                await write_usage_report(repository, writer, request)
+        finally:
+            await repository.close()
+
+    try:
+        asyncio.run(produce())
+    except UnknownCustomerError as error:
+        raise click.ClickException(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(f"cannot reach the database: {error}") from None
+    if output is not None:
+        click.echo(f"wrote {output}", err=True)
 
 
 @main.command("create-topics")

@@ -29,6 +29,10 @@ _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "42501"}
 
 _CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
 
+# Rows a streaming cursor fetches per round trip: few enough to keep memory flat, enough to
+# keep round trips from dominating.
+STREAM_PREFETCH = 1000
+
 
 def is_transient_database_error(error: BaseException) -> bool:
     if isinstance(error, OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
@@ -94,6 +98,16 @@ class Session:
 
     async def execute(self, name: str, *arguments: Any) -> str:
         return str(await self._connection.execute(query(name), *arguments))
+
+    async def stream(
+        self, name: str, *arguments: Any, prefetch: int = STREAM_PREFETCH
+    ) -> AsyncIterator[asyncpg.Record]:
+        """The rows of a named query through a server-side cursor, `prefetch` at a time:
+        memory stays bounded however many rows match. Cursors live in a transaction, which
+        every session has."""
+        cursor = self._connection.cursor(query(name), *arguments, prefetch=prefetch)
+        async for record in cursor:
+            yield record
 
     async def write_signals(
         self,
@@ -304,6 +318,17 @@ class Repository:
                 await transaction.rollback()
             else:
                 await transaction.commit()
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Session]:
+        """A read-only session on one snapshot of the database (repeatable read): every
+        query in the block sees the same data, however long the block takes (a report's
+        totals and its detail rows agree while the worker goes on writing)."""
+        async with (
+            self._pool.acquire() as connection,
+            connection.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            yield Session(connection)
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[ClusterLock]:

@@ -104,16 +104,23 @@ def test_real_queries_load_and_none_is_empty() -> None:
         assert statement, f"query {name!r} has no SQL"
 
 
-def test_real_queries_file_is_what_is_loaded() -> None:
+def test_real_query_files_are_what_is_loaded() -> None:
     assert sql_files.sql_directory() == REPOSITORY / "sql"
-    text = (REPOSITORY / "sql" / "queries.sql").read_text(encoding="utf-8")
-    assert queries() == parse_named_queries(text)
+    expected: dict[str, str] = {}
+    for path in sorted((REPOSITORY / "sql").glob("*.sql")):
+        expected |= parse_named_queries(path.read_text(encoding="utf-8"))
+    assert queries() == expected
 
 
 def test_every_query_the_worker_names_exists() -> None:
     called = set()
     for path in (REPOSITORY / "worker").glob("*.py"):
-        called |= set(re.findall(r"""\bquery\(\s*["']([a-z0-9_]+)["']""", path.read_text("utf-8")))
+        called |= set(
+            re.findall(
+                r"""\b(?:query|fetch|execute|stream)\(\s*["']([a-z0-9_]+)["']""",
+                path.read_text("utf-8"),
+            )
+        )
     assert called, "expected the worker to call query(...)"
     assert called <= set(queries())
 

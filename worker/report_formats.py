@@ -1,0 +1,405 @@
+"""The usage report's output formats: a table for the terminal, JSON, CSV and an Excel
+workbook. Each writer takes the report in order (the header with every customer's totals,
+then each customer's rows) and writes as it goes, so memory stays bounded however many rows
+there are."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import orjson
+from openpyxl import Workbook
+from openpyxl.cell import Cell, WriteOnlyCell
+from openpyxl.styles import Font
+from openpyxl.utils import get_column_letter
+from openpyxl.worksheet._write_only import WriteOnlyWorksheet
+
+from worker.report_rows import COLUMNS, Customer, ReportRow
+from worker.usage import DEVICE_BASES, NO_PACKAGE, PackageTotals, UsageTotals
+
+PACKAGES = ("core", "core_plus", NO_PACKAGE)
+EXCEL_MAX_ROWS = 1_048_576
+EXCEL_DATETIME = "yyyy-mm-dd hh:mm:ss"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportInfo:
+    as_of: datetime
+    # "live" (the license rows now) or "history" (replayed from the license history).
+    source: str
+    generated_at: datetime
+    release_window_days: int
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerUsage:
+    customer: Customer
+    totals: UsageTotals
+
+
+class ReportWriter(Protocol):
+    def start(
+        self, info: ReportInfo, customers: Sequence[CustomerUsage], totals: UsageTotals
+    ) -> None: ...
+
+    def start_customer(self, usage: CustomerUsage) -> None: ...
+
+    def row(self, row: ReportRow) -> None: ...
+
+    def end_customer(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def abort(self) -> None:
+        """The report failed half-way: release what the writer holds."""
+
+
+def customer_dict(customer: Customer) -> dict[str, Any]:
+    return {
+        "customer_id": customer.customer_id,
+        "name": customer.name,
+        "status": customer.status,
+        "license_model": customer.license_model,
+    }
+
+
+def row_dict(row: ReportRow) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in COLUMNS}
+
+
+class JsonWriter:
+    """One JSON document: the report's header and totals, then `customers`, each with its
+    totals and rows. Written a row at a time, one row a line."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._customers = 0
+        self._rows = 0
+
+    def start(
+        self, info: ReportInfo, customers: Sequence[CustomerUsage], totals: UsageTotals
+    ) -> None:
+        header = {
+            "report": "usage",
+            "source": info.source,
+            "as_of": info.as_of,
+            "generated_at": info.generated_at,
+            "release_window_days": info.release_window_days,
+            "totals": totals.as_dict(),
+        }
+        self._out.write(_json(header)[:-1] + ',"customers":[')
+
+    def start_customer(self, usage: CustomerUsage) -> None:
+        separator = "," if self._customers else ""
+        self._out.write(
+            f'{separator}\n{{"customer":{_json(customer_dict(usage.customer))},'
+            f'"totals":{_json(usage.totals.as_dict())},"rows":['
+        )
+        self._customers += 1
+        self._rows = 0
+
+    def row(self, row: ReportRow) -> None:
+        self._out.write(("," if self._rows else "") + "\n" + _json(row_dict(row)))
+        self._rows += 1
+
+    def end_customer(self) -> None:
+        self._out.write("]}")
+
+    def finish(self) -> None:
+        self._out.write("\n]}\n")
+
+    def abort(self) -> None:
+        pass
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+class CsvWriter:
+    """The detail rows, one table; every row carries its customer id. Times are ISO 8601
+    in UTC, booleans `true`/`false`, missing values empty."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._csv = csv.writer(out, lineterminator="\n")
+
+    def start(
+        self, info: ReportInfo, customers: Sequence[CustomerUsage], totals: UsageTotals
+    ) -> None:
+        self._csv.writerow(COLUMNS)
+
+    def start_customer(self, usage: CustomerUsage) -> None:
+        pass
+
+    def row(self, row: ReportRow) -> None:
+        self._csv.writerow([_csv_value(getattr(row, name)) for name in COLUMNS])
+
+    def end_customer(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    return value
+
+
+# (heading, row attribute, width): values longer than the width push the line out rather
+# than being cut, since ids must stay whole.
+TABLE_COLUMNS = (
+    ("TYPE", "subject_type", 6),
+    ("SUBJECT", "subject_id", 30),
+    ("USER", "user_id", 28),
+    ("KIND", "device_kind", 8),
+    ("LICENSED", "licensed", 8),
+    ("STATUS", "status", 26),
+    ("PACKAGE", "package", 9),
+    ("LAST SEEN (UTC)", "last_seen_at", 16),
+    ("COVERED", "devices_covered", 7),
+)
+
+
+class TableWriter:
+    """For reading in a terminal: each customer's totals, then its rows as columns."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._customers = 0
+        self._totals = UsageTotals()
+
+    def start(
+        self, info: ReportInfo, customers: Sequence[CustomerUsage], totals: UsageTotals
+    ) -> None:
+        when = _table_time(info.as_of)
+        if info.source == "live":
+            title = f"Usage report, live, as of {when} UTC"
+        else:
+            title = (
+                f"Usage report as of {when} UTC, replayed from the license history "
+                "(users and devices that held a license by then; last seen not kept)"
+            )
+        self._out.write(f"{title}; release window {info.release_window_days} days\n")
+        self._customers = len(customers)
+        self._totals = totals
+
+    def start_customer(self, usage: CustomerUsage) -> None:
+        customer = usage.customer
+        details = [d for d in (customer.status, customer.license_model) if d]
+        described = f" {customer.name}" if customer.name else ""
+        described += f" ({', '.join(details)} model)" if details else ""
+        self._out.write(f"\n== {customer.customer_id}{described}\n")
+        self._write_totals(usage.totals)
+        self._out.write("\n" + _table_line([heading for heading, _, _ in TABLE_COLUMNS]))
+
+    def row(self, row: ReportRow) -> None:
+        self._out.write(
+            _table_line([_table_value(getattr(row, name)) for _, name, _ in TABLE_COLUMNS])
+        )
+
+    def end_customer(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        if self._customers > 1:
+            self._out.write(f"\n== all {self._customers} customers\n")
+            self._write_totals(self._totals)
+
+    def abort(self) -> None:
+        pass
+
+    def _write_totals(self, totals: UsageTotals) -> None:
+        reasons = ", ".join(
+            f"{basis.replace('_', ' ')} {totals.device_licenses[basis]}" for basis in DEVICE_BASES
+        )
+        packages = "; ".join(
+            f"{name} {package.total_licenses} (users {package.licensed_users}, "
+            f"devices {package.device_licenses})"
+            for name, package in sorted(totals.by_package.items())
+        )
+        self._out.write(
+            f"  licensed users   {totals.licensed_users:>8}\n"
+            f"  device licenses  {totals.total_device_licenses:>8}   {reasons}\n"
+            f"  total licenses   {totals.total_licenses:>8}\n"
+            f"  by package       {'':>8}   {packages or '-'}\n"
+        )
+
+
+def _table_line(values: Sequence[str]) -> str:
+    cells = [value.ljust(width) for value, (_, _, width) in zip(values, TABLE_COLUMNS, strict=True)]
+    return "  " + " ".join(cells).rstrip() + "\n"
+
+
+def _table_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        return _table_time(value)
+    return str(value)
+
+
+def _table_time(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+
+
+# Excel has no time zones: times are written as UTC without a zone, and the headings say so.
+DETAIL_SHEET = (
+    ("customer", 18),
+    ("subject type", 12),
+    ("subject id", 34),
+    ("user id", 30),
+    ("device kind", 12),
+    ("licensed", 10),
+    ("status", 28),
+    ("basis", 16),
+    ("package", 11),
+    ("last seen (UTC)", 20),
+    ("devices covered", 16),
+)
+SUMMARY_SHEET = (
+    ("customer", 18),
+    ("name", 24),
+    ("status", 10),
+    ("license model", 14),
+    ("as of (UTC)", 20),
+    ("source", 9),
+    ("licensed users", 15),
+    ("unassigned", 12),
+    ("over allowance", 15),
+    ("device model", 13),
+    ("device licenses", 16),
+    ("total licenses", 15),
+    *(
+        (f"{package} {what}", 14 + len(package))
+        for package in PACKAGES
+        for what in ("users", "device licenses", "total")
+    ),
+)
+
+
+class XlsxWriter:
+    """A workbook with a Summary sheet (one row per customer, and a total row when there
+    are several) and a Detail sheet (every row), streamed through openpyxl's write-only
+    mode. A detail longer than Excel's row limit continues on `Detail 2`, `Detail 3`, ..."""
+
+    def __init__(self, path: Path, max_rows: int = EXCEL_MAX_ROWS) -> None:
+        self._path = path
+        self._max_rows = max_rows
+        self._book = Workbook(write_only=True)
+        self._summary = self._sheet("Summary", SUMMARY_SHEET)
+        self._detail_sheets = 0
+        self._detail = self._new_detail_sheet()
+        self._detail_rows = 1
+
+    def start(
+        self, info: ReportInfo, customers: Sequence[CustomerUsage], totals: UsageTotals
+    ) -> None:
+        summary = self._summary
+        as_of = _excel_time(info.as_of, summary)
+        for usage in customers:
+            summary.append([*_customer_cells(usage.customer), as_of, info.source, *_totals(usage)])
+        if len(customers) > 1:
+            label = f"all {len(customers)} customers"
+            summary.append([label, None, None, None, as_of, info.source, *_totals_cells(totals)])
+
+    def start_customer(self, usage: CustomerUsage) -> None:
+        pass
+
+    def row(self, row: ReportRow) -> None:
+        if self._detail_rows >= self._max_rows:
+            self._detail = self._new_detail_sheet()
+            self._detail_rows = 1
+        self._detail.append(
+            [
+                row.customer_id,
+                row.subject_type,
+                row.subject_id,
+                row.user_id,
+                row.device_kind,
+                row.licensed,
+                row.status,
+                row.basis,
+                row.package,
+                _excel_time(row.last_seen_at, self._detail),
+                row.devices_covered,
+            ]
+        )
+        self._detail_rows += 1
+
+    def end_customer(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        self._book.save(self._path)
+
+    def abort(self) -> None:
+        """Saving is openpyxl's only way to close the sheets' temporary files; the caller
+        deletes the incomplete file."""
+        self._book.save(self._path)
+
+    def _new_detail_sheet(self) -> WriteOnlyWorksheet:
+        self._detail_sheets += 1
+        title = "Detail" if self._detail_sheets == 1 else f"Detail {self._detail_sheets}"
+        return self._sheet(title, DETAIL_SHEET)
+
+    def _sheet(self, title: str, columns: Sequence[tuple[str, int]]) -> WriteOnlyWorksheet:
+        """Widths and the frozen heading row must be set before the first row is written."""
+        sheet: WriteOnlyWorksheet = self._book.create_sheet(title)
+        # Set up by the worksheet's _setup(), missing from the type stubs.
+        dimensions: Any = sheet.column_dimensions  # type: ignore[attr-defined]
+        for number, (_, width) in enumerate(columns, start=1):
+            dimensions[get_column_letter(number)].width = width
+        sheet.freeze_panes = "A2"
+        bold = Font(bold=True)
+        headings = []
+        for heading, _ in columns:
+            cell = WriteOnlyCell(sheet, value=heading)
+            cell.font = bold
+            headings.append(cell)
+        sheet.append(headings)
+        return sheet
+
+
+def _customer_cells(customer: Customer) -> list[Any]:
+    return [customer.customer_id, customer.name, customer.status, customer.license_model]
+
+
+def _totals(usage: CustomerUsage) -> list[int]:
+    return _totals_cells(usage.totals)
+
+
+def _totals_cells(totals: UsageTotals) -> list[int]:
+    cells = [
+        totals.licensed_users,
+        *(totals.device_licenses[basis] for basis in DEVICE_BASES),
+        totals.total_device_licenses,
+        totals.total_licenses,
+    ]
+    for name in PACKAGES:
+        package = totals.by_package.get(name, PackageTotals())
+        cells += [package.licensed_users, package.device_licenses, package.total_licenses]
+    return cells
+
+
+def _excel_time(value: datetime | None, sheet: WriteOnlyWorksheet) -> Cell | None:
+    if value is None:
+        return None
+    cell = WriteOnlyCell(sheet, value=value.astimezone(UTC).replace(tzinfo=None))
+    cell.number_format = EXCEL_DATETIME
+    return cell

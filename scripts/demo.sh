@@ -20,11 +20,13 @@ export DATABASE_URL="${DATABASE_URL%/*}/$demo_db"
 suffix="demo-$(date +%s)"
 export HEARTBEAT_TOPIC="agent.heartbeat.$suffix" LIFECYCLE_TOPIC="agent.lifecycle.$suffix"
 export LICENSE_EVENTS_TOPIC="license.events.$suffix" DLQ_TOPIC="agent.events.dlq.$suffix"
+export ADMIN_TOPIC="tenant.admin.$suffix"
 
 section "day 0: migrate, create topics, a simulated fleet (3 customers x 20 devices)"
+echo "(the console gives every customer Core, and cust-00-0000's admins group a 14-day Core+ trial)"
 $cli migrate
 $cli create-topics --partitions 4
-$cli simulate --customers 3 --devices-per-customer 20 --rounds 5
+$cli simulate --customers 3 --devices-per-customer 20 --rounds 5 --console
 
 section "day 0: the worker runs for 15 seconds (SIGTERM stops it in order)"
 $cli run &
@@ -33,10 +35,16 @@ sleep 15
 kill -TERM "$worker"
 wait "$worker"
 $cli status
-psql "$DATABASE_URL" -c "SELECT customer_id, subject_type, basis, count(*) AS licenses FROM licenses WHERE active GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+psql "$DATABASE_URL" -c "SELECT customer_id, subject_type, basis, package, count(*) AS licenses FROM licenses WHERE active GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"
+
+section "day 0: the usage report of cust-00-0000, and its Excel export"
+$cli report usage --customer cust-00-0000 | head -30
+mkdir -p .local
+$cli report usage --customer cust-00-0000 --format xlsx --output .local/demo-usage.xlsx
+echo "written: .local/demo-usage.xlsx"
 
 day() { date -u -d "+$1 days" +%Y-%m-%dT%H:%M:%SZ; }
-section "day 31: every device has been silent for 30 days"
+section "day 31: every device has been silent for 30 days (and the Core+ trial has ended)"
 $cli sweep --once --now "$(day 31)"
 section "day 121: 90 days after the releases"
 $cli sweep --once --now "$(day 121)"

@@ -7,6 +7,19 @@ INSERT INTO customers (customer_id)
 SELECT customer_id FROM unnest($1::text[]) AS batch (customer_id)
 ON CONFLICT (customer_id) DO NOTHING;
 
+-- name: share_customers
+-- Taken before any device lock by every transaction that decides licenses (ingestion, the
+-- sweeper): it conflicts only with lock_customer, so a console change (memberships,
+-- subscriptions, status) and a license decision for the same customer never run at once and
+-- never miss each other's writes. $1 sorted.
+SELECT customer_id FROM customers WHERE customer_id = ANY($1::text[])
+ORDER BY customer_id
+FOR SHARE;
+
+-- name: lock_customer
+-- A console change: waits for the decisions in progress for this customer (share_customers).
+SELECT customer_id FROM customers WHERE customer_id = $1 FOR UPDATE;
+
 -- name: upsert_users
 INSERT INTO users AS u (
     customer_id, user_id, email, display_name, profile_reported_at, first_seen_at, last_seen_at

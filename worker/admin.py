@@ -50,6 +50,9 @@ async def apply_admin_event(
 ) -> AdminResult:
     """Applies one event; `now` is the decision time for the licenses it changes."""
     await session.execute("ensure_customer", event.customer_id)
+    # Waits for the license decisions in progress for this customer, and holds off new ones
+    # until this change commits: neither can decide on what the other has not written yet.
+    await session.execute("lock_customer", event.customer_id)
     applier = _Applier(session, event, now, window)
     if isinstance(event, CustomerUpserted):
         return await applier.customer_profile(event)

@@ -430,7 +430,10 @@ def report_usage(
     request = ReportRequest(customer_id, as_of, now, settings.license_window)
 
     async def produce() -> None:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
+        try:
+            repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
+        except OSError as error:
+            raise click.ClickException(f"cannot reach the database: {error}") from None
         try:
             with open_writer(output_format, output, sys.stdout) as writer:
                 await write_usage_report(repository, writer, request)
@@ -441,8 +444,12 @@ def report_usage(
         asyncio.run(produce())
     except UnknownCustomerError as error:
         raise click.ClickException(str(error)) from None
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as Unix tools do.
+        sys.stderr.close()
+        raise SystemExit(0) from None
     except OSError as error:
-        raise click.ClickException(f"cannot reach the database: {error}") from None
+        raise click.ClickException(f"cannot write the report: {error}") from None
     if output is not None:
         click.echo(f"wrote {output}", err=True)
 
@@ -473,14 +480,25 @@ def export_schemas(directory: Path) -> None:
 @click.option("--customers", default=3, show_default=True)
 @click.option("--devices-per-customer", default=20, show_default=True)
 @click.option("--rounds", default=5, show_default=True, help="Heartbeats per device.")
-def simulate(customers: int, devices_per_customer: int, rounds: int) -> None:
+@click.option(
+    "--console/--no-console",
+    default=False,
+    show_default=True,
+    help="Also send the console's messages: a Core subscription per customer, a Core+ trial "
+    "for the first customer's admins group.",
+)
+def simulate(customers: int, devices_per_customer: int, rounds: int, console: bool) -> None:
     """Produce a small simulated fleet's installs and heartbeats (for the demo)."""
     from worker.fleet_producer import produce_fleet  # noqa: PLC0415
 
     settings = _settings()
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5 * rounds)
-    sent = asyncio.run(produce_fleet(settings, customers, devices_per_customer, rounds, start))
-    click.echo(f"produced {sent} agent events")
+    sent = asyncio.run(
+        produce_fleet(
+            settings, customers, devices_per_customer, rounds, start, with_console=console
+        )
+    )
+    click.echo(f"produced {sent} {'agent and console' if console else 'agent'} events")
 
 
 @main.command()

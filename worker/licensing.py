@@ -54,6 +54,8 @@ async def decide_groups(
         return []
     users = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.USER]
     lone = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.DEVICE]
+    customers = sorted({g.customer_id for g in groups})
+    await session.execute("share_customers", customers)  # before the devices: see the query
     device_rows = await session.lock_group_devices(users, lone)
     devices_by_customer: dict[str, list[DeviceFacts]] = defaultdict(list)
     for row in device_rows:
@@ -81,7 +83,6 @@ async def decide_groups(
         held_by_customer[row["customer_id"]][subject] = HeldLicense(
             row["active"], Basis(row["basis"]), row["package"]
         )
-    customers = sorted({g.customer_id for g in groups})
     terms = await customer_terms(session, customers, users)
     rows: list[LicenseRow] = []
     for customer_id in customers:

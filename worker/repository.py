@@ -119,6 +119,9 @@ class Session:
         relevant: list[LicenseRelevantDevice] = []
         if changes.devices:
             await connection.execute(query("upsert_customers"), changes.customer_ids)
+            # Before any device lock, like every transaction that decides licenses: a console
+            # change to one of these customers waits for this batch, or this batch for it.
+            await connection.execute(query("share_customers"), changes.customer_ids)
             await self._upsert_users(changes)
             relevant = await self._upsert_devices(changes, window_start)
             await self._credit_device_users(changes)

@@ -28,13 +28,17 @@ def build_fleet(customers: int, devices_per_customer: int, seed: int = 0) -> lis
     two personal), with every tenth device unassigned."""
     fleet = []
     for customer_number in range(customers):
-        customer_id = f"cust-{seed:02d}-{customer_number:04d}"
+        customer_id = simulated_customer_id(customer_number, seed)
         for device_number in range(devices_per_customer):
             unassigned = device_number % 10 == 9
             user_id = None if unassigned else f"user-{device_number // 3:05d}@{customer_id}.example"
             kind = "business" if device_number % 3 == 0 else "personal"
             fleet.append(SimulatedDevice(customer_id, f"dev-{device_number:06d}", user_id, kind))
     return fleet
+
+
+def simulated_customer_id(number: int, seed: int = 0) -> str:
+    return f"cust-{seed:02d}-{number:04d}"
 
 
 def event_id(device: SimulatedDevice, event_type: str, at: datetime) -> str:
@@ -84,3 +88,55 @@ def device_bursts(
     for device in fleet:
         for number in range(per_device):
             yield device, start + interval * number
+
+
+def console_events(customers: int, at: datetime, trial_days: int = 14) -> list[dict[str, Any]]:
+    """What an MSP console sends for a simulated fleet's customers: each customer is created
+    with a Core subscription; the first one also trials Core+ for its `admins` group, whose
+    members are the first two users."""
+    events = []
+    for number in range(customers):
+        customer_id = simulated_customer_id(number)
+        events.append(_console(customer_id, "customer.created", at, name=f"Customer {number}"))
+        events.append(
+            _console(
+                customer_id,
+                "subscription.attached",
+                at,
+                subscription_id=f"{customer_id}-core",
+                package="core",
+                status="active",
+            )
+        )
+        if number == 0:
+            events.append(
+                _console(
+                    customer_id,
+                    "subscription.attached",
+                    at,
+                    subscription_id=f"{customer_id}-admins-trial",
+                    package="core_plus",
+                    group_id="admins",
+                    status="in_trial",
+                    trial_ends_at=(at + timedelta(days=trial_days)).isoformat(),
+                )
+            )
+            for user_number in range(2):
+                user_id = f"user-{user_number:05d}@{customer_id}.example"
+                events.append(
+                    _console(
+                        customer_id, "group.member_added", at, group_id="admins", user_id=user_id
+                    )
+                )
+    return events
+
+
+def _console(customer_id: str, event_type: str, at: datetime, **fields: Any) -> dict[str, Any]:
+    return {
+        "schema_version": 1,
+        "event_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{customer_id}/{event_type}/{fields}")),
+        "type": event_type,
+        "customer_id": customer_id,
+        "occurred_at": at.isoformat().replace("+00:00", "Z"),
+        **fields,
+    }

@@ -3,11 +3,14 @@ broker and database: package attribution, trial conversion, inactivation, bad in
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
+import orjson
 import pytest
 
+from schemas.admin_events import AdminEventModel
 from tests.integration.license_support import (
     admin_event,
     apply_admin,
@@ -21,8 +24,13 @@ from tests.integration.license_support import (
     sweep,
 )
 from tests.support import Services, fetch, fetchval, make_settings, read_all
+from worker.admin import apply_admin_event
+from worker.coalesce import coalesce
+from worker.decoding import AgentEventModel, Rejection, decode_admin_event, decode_agent_event
+from worker.licensing import decide_groups, groups_of_devices
+from worker.repository import Repository
 from worker.settings import Settings
-from worker.simulator import SimulatedDevice
+from worker.simulator import SimulatedDevice, agent_event
 
 pytestmark = pytest.mark.integration
 
@@ -394,3 +402,56 @@ async def test_users_of_a_device_model_customer_are_purged_too(
         assert await rows_containing(settings, needle) == [], needle
     again = await sweep(settings, day(200))
     assert again.purged == 0, "a pseudonym is never purged twice"
+
+
+async def test_a_membership_change_and_a_first_signal_at_once_never_miss_each_other(
+    settings: Settings,
+) -> None:
+    """Ingestion allocates Dan's first license while the console adds Dan to a group. Each
+    transaction must see the other's writes, or Dan keeps the default package for good."""
+    now = day(0)
+    repository = await Repository.connect(settings.database_url.get_secret_value(), 3)
+    dan = SimulatedDevice(ACME, "dan-laptop", "dan@acme.example", "business")
+    try:
+        for event in (
+            subscription("s-core", "core", now),
+            subscription("s-plus", "core_plus", now, group_id="admins"),
+        ):
+            async with repository.transaction() as session:
+                await apply_admin_event(session, decode(event), now, settings.license_window)
+
+        install = decode_agent(agent_event(dan, "install", now))
+        changes = coalesce([install], now, settings.future_tolerance)
+        async with repository.transaction() as ingestion:
+            result = await ingestion.write_signals(changes, [], now - settings.license_window)
+            groups = groups_of_devices(
+                (d.customer_id, d.device_id, d.user_id, d.previous_user_id)
+                for d in result.license_relevant
+            )
+            rows = await decide_groups(ingestion, groups, now, now, settings.license_window)
+            assert [(r.change, r.package) for r in rows] == [("allocated", "core")]
+
+            async def add_dan() -> None:
+                async with repository.transaction() as console:
+                    event = decode(member("admins", "dan@acme.example", now))
+                    await apply_admin_event(console, event, now, settings.license_window)
+
+            membership = asyncio.create_task(add_dan())
+            await asyncio.sleep(0.5)
+            assert not membership.done(), "the console change waits for the batch in progress"
+        await asyncio.wait_for(membership, 10)
+    finally:
+        await repository.close()
+    assert (await packages(settings))["dan@acme.example"] == (True, "core_plus")
+
+
+def decode(event: dict[str, Any]) -> AdminEventModel:
+    decoded = decode_admin_event(orjson.dumps(event), 65_536)
+    assert not isinstance(decoded, Rejection), decoded
+    return decoded
+
+
+def decode_agent(event: dict[str, Any]) -> AgentEventModel:
+    decoded = decode_agent_event(orjson.dumps(event), 65_536)
+    assert not isinstance(decoded, Rejection), decoded
+    return decoded

@@ -759,3 +759,13 @@ def test_unknown_admin_type_names_the_admin_types() -> None:
     decoded = decode_admin_event(orjson.dumps({**ADMIN_BASE, "type": "heartbeat"}), 65_536)
     assert isinstance(decoded, Rejection)
     assert "subscription.attached" in decoded.detail
+
+
+def test_the_simulated_console_sends_valid_admin_events() -> None:
+    from worker.simulator import console_events  # noqa: PLC0415
+
+    events = console_events(3, AT)
+    decoded = [decode_admin_event(orjson.dumps(event), MAX_BYTES) for event in events]
+    assert not [d for d in decoded if isinstance(d, Rejection)]
+    assert [d.type for d in decoded].count("subscription.attached") == 4
+    assert len({d.event_id for d in decoded}) == len(decoded)

@@ -20,7 +20,7 @@ from worker.decoding import (
     decode_admin_event,
     decode_agent_event,
 )
-from worker.simulator import SimulatedDevice, agent_event
+from worker.simulator import SimulatedDevice, agent_event, console_events
 
 MAX_BYTES = 65_536
 AT = datetime(2026, 11, 28, 17, 0, tzinfo=UTC)
@@ -762,8 +762,6 @@ def test_unknown_admin_type_names_the_admin_types() -> None:
 
 
 def test_the_simulated_console_sends_valid_admin_events() -> None:
-    from worker.simulator import console_events  # noqa: PLC0415
-
     events = console_events(3, AT)
     decoded = [decode_admin_event(orjson.dumps(event), MAX_BYTES) for event in events]
     assert not [d for d in decoded if isinstance(d, Rejection)]

@@ -40,8 +40,8 @@ def _problem(detail: Any) -> str:
 
 
 class _Commands(click.Group):
-    """Turns a Kafka refusal (wrong credentials, untrusted certificate) into a one-line error
-    and exit status 1 instead of a traceback."""
+    """Turns a Kafka or Postgres refusal at start-up (wrong credentials, untrusted
+    certificate) into a one-line error and exit status 1 instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -49,8 +49,9 @@ class _Commands(click.Group):
         except Exception as error:
             # Imported here: the module needs aiokafka, which `--help` should not load.
             from worker.kafka_refusals import KafkaAccessRefused  # noqa: PLC0415
+            from worker.repository import DatabaseAccessRefused  # noqa: PLC0415
 
-            if isinstance(error, KafkaAccessRefused):
+            if isinstance(error, KafkaAccessRefused | DatabaseAccessRefused):
                 raise click.ClickException(str(error)) from None
             raise
 
@@ -171,10 +172,11 @@ def run() -> None:
         await worker.run()
 
     from worker.kafka_refusals import KafkaAccessRefused  # noqa: PLC0415
+    from worker.repository import DatabaseAccessRefused  # noqa: PLC0415
 
     try:
         asyncio.run(serve())
-    except KafkaAccessRefused:
+    except (KafkaAccessRefused, DatabaseAccessRefused):
         raise  # a configuration problem, told as such by the command group (exit 1)
     except Exception as error:
         # Python's traceback would print the error's message, which can quote a personal

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +33,28 @@ _CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectio
 # Rows a streaming cursor fetches per round trip: few enough to keep memory flat, enough to
 # keep round trips from dominating.
 STREAM_PREFETCH = 1000
+
+
+class DatabaseAccessRefused(Exception):
+    """Postgres answered at start-up, but will not let us in with this configuration."""
+
+
+def database_refusal(error: BaseException) -> str | None:
+    """What an operator must fix when connecting at start-up failed with `error`: rejected
+    credentials or an untrusted server certificate. None when waiting may help. (Once
+    running, the same errors are waited out: a password rotated mid-flight, say.)"""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (
+            "Postgres's TLS certificate is not trusted "
+            f"({error.verify_message}): check sslrootcert and the host name in DATABASE_URL"
+        )
+    sqlstate = getattr(error, "sqlstate", None) or ""
+    if isinstance(error, asyncpg.PostgresError) and sqlstate.startswith("28"):
+        return (
+            f"Postgres rejected the login (SQLSTATE {sqlstate}): check the user in "
+            "DATABASE_URL and its password (DATABASE_URL or DATABASE_PASSWORD_FILE)"
+        )
+    return None
 
 
 def is_transient_database_error(error: BaseException) -> bool:

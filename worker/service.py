@@ -26,7 +26,12 @@ from worker.kafka_clients import (
 )
 from worker.monitor import Monitor
 from worker.relay import Relay
-from worker.repository import Repository, is_transient_database_error
+from worker.repository import (
+    DatabaseAccessRefused,
+    Repository,
+    database_refusal,
+    is_transient_database_error,
+)
 from worker.settings import Settings
 from worker.sweeper import Sweeper
 
@@ -201,6 +206,10 @@ async def _connect_database(settings: Settings, pool_size: int) -> Repository:
         try:
             return await Repository.connect(settings.database_url.get_secret_value(), pool_size)
         except Exception as error:
+            reason = database_refusal(error)
+            if reason is not None:
+                log.error("postgres.access_refused", error=type(error).__name__, reason=reason)
+                raise DatabaseAccessRefused(reason) from None
             if not is_transient_database_error(error):
                 raise
             delay = backoff.next_delay()

@@ -4,6 +4,10 @@ that role."""
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -13,6 +17,7 @@ from prometheus_client import REGISTRY
 
 from tests.support import (
     OWNER_PASSWORD,
+    REPO_ROOT,
     ROLES,
     Services,
     encode,
@@ -22,6 +27,7 @@ from tests.support import (
     produce,
     read_all,
     running_worker,
+    settings_environment,
     url_as,
     wait_until,
 )
@@ -244,3 +250,29 @@ async def test_a_missing_grant_makes_ingestion_wait_and_never_dead_letters(
     finally:
         await owner.close()
     assert await read_all(services.kafka_bootstrap_servers, topics["dlq_topic"], 1, 2) == []
+
+
+async def test_run_stops_at_once_when_postgres_refuses_the_login(
+    services: Services, database_url: str, topics: dict[str, str]
+) -> None:
+    """A wrong password is not an outage: `run` says what to fix and exits 1, without the
+    password in its output, instead of waiting forever."""
+    wrong_password = "pw-7f3a-not-the-one"
+    settings = make_settings(services, url_as(database_url, ROLES.worker, wrong_password), topics)
+    started = time.monotonic()
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "worker.cli", "run"],
+        env=settings_environment(settings),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - started < 30
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("Error: Postgres rejected the login (SQLSTATE 28P01)"), last_line
+    assert "postgres.access_refused" in result.stderr
+    assert wrong_password not in result.stderr + result.stdout

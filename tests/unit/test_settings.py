@@ -414,3 +414,35 @@ def test_masked_keeps_the_tls_parameters_readable(monkeypatch: pytest.MonkeyPatc
     assert shown == (
         "postgresql://app:***@db/license?password=***&sslmode=verify-full&sslrootcert=/pg/ca.crt"
     )
+
+
+# --- Postgres refusals at start-up ------------------------------------------------------------
+
+
+def test_a_rejected_login_is_a_refusal_naming_what_to_check() -> None:
+    import asyncpg
+
+    from worker.repository import database_refusal
+
+    reason = database_refusal(asyncpg.InvalidPasswordError("password authentication failed"))
+    assert reason is not None
+    assert "28P01" in reason
+    assert "DATABASE_PASSWORD_FILE" in reason
+    assert database_refusal(asyncpg.InvalidAuthorizationSpecificationError("no")) is not None
+
+
+def test_an_untrusted_certificate_is_a_refusal_and_an_outage_is_not() -> None:
+    import ssl
+
+    import asyncpg
+
+    from worker.repository import database_refusal
+
+    error = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    error.verify_message = "unable to get local issuer certificate"
+    reason = database_refusal(error)
+    assert reason is not None
+    assert "sslrootcert" in reason
+    assert "local issuer" in reason
+    assert database_refusal(ConnectionRefusedError()) is None
+    assert database_refusal(asyncpg.CannotConnectNowError("starting up")) is None

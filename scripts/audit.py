@@ -9,7 +9,7 @@ then OSV. Outcomes and exit codes:
 - no service answered (unreachable, timed out, every dependency "could not be audited"): a
   loud WARNING that the audit did not run, exit 0, or exit 2 when AUDIT_REQUIRED=1. A
   machine without a route to any vulnerability service would otherwise fail every build
-  forever; a pipeline that has one sets AUDIT_REQUIRED=1 (docs/security-notes-hostile.md).
+  forever; a pipeline that has one sets AUDIT_REQUIRED=1 (docs/security.md).
 """
 
 from __future__ import annotations

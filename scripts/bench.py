@@ -503,9 +503,9 @@ class RssSampler(threading.Thread):
 class CpuMeter:
     """CPU seconds of the worker, the broker, the Postgres server and the whole machine."""
 
-    def __init__(self, worker_pid: int, services: Services) -> None:
+    def __init__(self, worker_pids: list[int], services: Services) -> None:
         self._groups: dict[str, list[psutil.Process]] = {
-            "worker": [psutil.Process(worker_pid)],
+            "worker": [psutil.Process(pid) for pid in worker_pids],
             "bench": [psutil.Process(os.getpid())],  # this script: producer and pollers
         }
         for name, port in (
@@ -730,13 +730,22 @@ async def measure_drain(
     log_path: Path,
     profile_path: Path | None,
     limit_seconds: float,
+    workers: int = 1,
 ) -> tuple[RateResult, float]:
+    """The drain by `workers` worker processes in one consumer group (replicas on this
+    machine; 1 by default). Peak RSS is the largest of one process."""
     total = workload.total
     async with ProgressWatch(services, scenario) as watch:
-        worker = WorkerProcess(
-            scenario.worker_environment(services), log_path, profile_path
-        ).start()
-        cpu = CpuMeter(worker.process.pid, services)  # type: ignore[union-attr]
+        replicas = [
+            WorkerProcess(
+                scenario.worker_environment(services),
+                log_path if number == 0 else log_path.with_suffix(f".{number}.log"),
+                profile_path if number == 0 else None,
+            ).start()
+            for number in range(workers)
+        ]
+        worker = replicas[0]
+        cpu = CpuMeter([r.process.pid for r in replicas], services)  # type: ignore[union-attr]
         try:
             deadline = worker.started_at + limit_seconds
             first_at: float | None = None
@@ -745,7 +754,8 @@ async def measure_drain(
             half_count = 0
             stored_at: float | None = None
             while True:
-                worker.check_alive()
+                for replica in replicas:
+                    replica.check_alive()
                 now = time.perf_counter()
                 if now > deadline:
                     raise TimeoutError(
@@ -776,12 +786,17 @@ async def measure_drain(
             assert first_at is not None
             assert stored_at is not None
             measured = finished - first_at
-            batches = await asyncio.to_thread(scrape_batch_metrics, worker.metrics_port)
+            batches: dict[str, float] = {}
+            for replica in replicas:
+                scraped = await asyncio.to_thread(scrape_batch_metrics, replica.metrics_port)
+                for name, value in scraped.items():
+                    batches[name] = batches.get(name, 0.0) + value
             devices = await watch.fetchval("SELECT count(*) FROM devices")
             lifecycle = await watch.fetchval("SELECT count(*) FROM device_lifecycle_events")
         finally:
-            code = worker.stop()
-    errors = worker.error_lines()
+            codes = [replica.stop() for replica in replicas]
+            code = max(codes, key=abs)
+    errors = [line for replica in replicas for line in replica.error_lines()]
     if devices != workload.devices or lifecycle != workload.lifecycle_events:
         raise RuntimeError(
             f"stored {devices} devices / {lifecycle} lifecycle events, expected "
@@ -824,7 +839,7 @@ async def measure_drain(
     )
     if errors:
         log(f"the worker logged {len(errors)} error line(s), e.g. {errors[0][:300]}")
-    return result, worker.peak_rss_mb
+    return result, max(replica.peak_rss_mb for replica in replicas)
 
 
 # --------------------------------------------------------------------------- (d) latency
@@ -1239,6 +1254,7 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "quick": args.quick,
         "runs": args.runs,
         "partitions": args.partitions,
+        "workers": args.workers,
         "machine": machine_info(services, postgres_version),
         "worker_settings": {
             key: value
@@ -1284,6 +1300,7 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     log_dir / f"{name}-{run}.log",
                     profile,
                     limit_seconds,
+                    args.workers,
                 )
             finally:
                 if not args.keep:
@@ -1409,6 +1426,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small smoke version (< 1 minute)")
     parser.add_argument("--shapes", default="live,backlog", help="comma-separated: live,backlog")
     parser.add_argument("--partitions", type=int, default=4, help="partitions per topic")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes draining together in one group (replicas on this machine)",
+    )
     parser.add_argument(
         "--latency-seconds",
         type=float,

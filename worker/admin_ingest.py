@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import structlog
 
@@ -30,8 +31,11 @@ ADMIN_BATCH_RECORDS = 200
 class AdminLoop(IngestionLoop):
     """The ingestion loop's retry, dead-letter and commit machinery, applying admin events."""
 
+    _lag_reported: set[Any]
+
     async def run(self) -> None:
         log.info("admin.started", topic=self._settings.admin_topic)
+        self._lag_reported = set()
         try:
             while not self._stopping.is_set():
                 records = await self._consumer.getmany(
@@ -41,9 +45,26 @@ class AdminLoop(IngestionLoop):
                 if records:
                     async with self.batch_lock:
                         await self._handle(records)
+                await self._publish_lag()
         except ShutdownDuringRetry:
             log.warning("admin.batch_abandoned_for_shutdown")
         log.info("admin.stopped")
+
+    async def _publish_lag(self) -> None:
+        """Console messages not yet applied, per assigned partition: the broker's end offset
+        (as of the last fetch) minus our position. (Agent topics' lag is the monitor's.)"""
+        assigned = self._consumer.assignment()
+        for gone in self._lag_reported - assigned:
+            metrics.CONSUMER_LAG_MESSAGES.remove(gone.topic, str(gone.partition))
+        for partition in assigned:
+            end = self._consumer.highwater(partition)
+            if end is None:
+                continue
+            position = await self._consumer.position(partition)
+            metrics.CONSUMER_LAG_MESSAGES.labels(partition.topic, str(partition.partition)).set(
+                max(0, end - position)
+            )
+        self._lag_reported = {p for p in assigned if self._consumer.highwater(p) is not None}
 
     async def _handle(self, records: Mapping[object, Iterable[Record]]) -> None:
         letters: list[DeadLetter] = []

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from schemas.admin_events import AdminEventModel
 from tests.integration.license_support import (
@@ -343,6 +344,14 @@ async def test_bad_console_messages_go_to_the_dlq_and_changes_apply_once(
         renamed,
         older_name,  # late: older than the rename already applied
     )
+    lags = [
+        REGISTRY.get_sample_value(
+            "license_worker_consumer_lag_messages",
+            {"topic": settings.admin_topic, "partition": str(partition)},
+        )
+        for partition in range(4)
+    ]
+    assert [lag for lag in lags if lag is not None] == [0.0] * 4, "published, and caught up"
     letters = await read_all(services.kafka_bootstrap_servers, settings.dlq_topic, 4)
     reasons = sorted(dict(r.headers)["dlq.error.class"].decode() for r in letters)
     assert reasons == ["invalid_json", "schema_violation", "unknown_subscription", "unknown_type"]

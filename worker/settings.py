@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -113,6 +114,19 @@ class Settings(BaseSettings):
                 )
             data["kafka_sasl_password"] = read_secret_file("KAFKA_SASL_PASSWORD_FILE", sasl_file)
         return data
+
+    @model_validator(mode="after")
+    def _tls_files_are_readable(self) -> Settings:
+        """A TLS file that is missing is a configuration mistake: say which, at start-up,
+        instead of a traceback from the first connection."""
+        for variable, path in (
+            ("KAFKA_SSL_CAFILE", self.kafka_ssl_cafile),
+            ("KAFKA_SSL_CERTFILE", self.kafka_ssl_certfile),
+            ("KAFKA_SSL_KEYFILE", self.kafka_ssl_keyfile),
+        ):
+            if path and not os.access(path, os.R_OK):
+                raise ValueError(f"{variable}: cannot read {path!r}")
+        return self
 
     @property
     def future_tolerance(self) -> timedelta:

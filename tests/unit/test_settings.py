@@ -446,3 +446,14 @@ def test_an_untrusted_certificate_is_a_refusal_and_an_outage_is_not() -> None:
     assert "local issuer" in reason
     assert database_refusal(ConnectionRefusedError()) is None
     assert database_refusal(asyncpg.CannotConnectNowError("starting up")) is None
+
+
+@pytest.mark.parametrize(
+    "variable", ["kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"]
+)
+def test_a_missing_tls_file_is_named_at_start_up(variable: str, tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match=f"{variable.upper()}: cannot read"):
+        Settings(**{variable: str(tmp_path / "absent.pem")})
+    present = tmp_path / "present.pem"
+    present.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert getattr(Settings(**{variable: str(present)}), variable) == str(present)

@@ -9,6 +9,7 @@ consumer group, so a slow admin change never holds up agent ingestion.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -21,7 +22,12 @@ from worker.admin import AdminOutcome, UnknownSubscription, apply_admin_event
 from worker.batch import Record, dead_letter_for
 from worker.dead_letters import DeadLetter
 from worker.decoding import Rejection, RejectReason, decode_admin_event
-from worker.ingest import IngestionLoop, ShutdownDuringRetry, _PermanentDatabaseError
+from worker.ingest import (
+    FlushBeforeRevoke,
+    IngestionLoop,
+    ShutdownDuringRetry,
+    _PermanentDatabaseError,
+)
 from worker.licensing import count_license_changes
 
 log = structlog.get_logger(__name__)
@@ -33,6 +39,20 @@ class AdminLoop(IngestionLoop):
 
     _lag_reported: set[Any]
 
+    def __init__(self, **arguments: Any) -> None:
+        super().__init__(**arguments)
+        # Held while a batch of console messages is applied (never across getmany).
+        self._handling = asyncio.Lock()
+
+    def rebalance_listener(self) -> FlushBeforeRevoke:
+        async def flush() -> None:
+            async with self._handling:
+                pass
+
+        return FlushBeforeRevoke(
+            flush, self._settings.rebalance_flush_timeout_seconds, self._set_revoking
+        )
+
     async def run(self) -> None:
         log.info("admin.started", topic=self._settings.admin_topic)
         self._lag_reported = set()
@@ -43,7 +63,7 @@ class AdminLoop(IngestionLoop):
                 )
                 self._beat()
                 if records:
-                    async with self.batch_lock:
+                    async with self._handling:
                         await self._handle(records)
                 await self._publish_lag()
         except ShutdownDuringRetry:

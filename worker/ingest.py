@@ -42,6 +42,8 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 # While a batch's write takes longer than this, the loop polls Kafka (paused) in between.
 KEEPALIVE_SECONDS = 1.0
+# How long past its own timeout a paused poll may take before we stop waiting for it.
+PAUSED_POLL_GRACE_SECONDS = 1.0
 
 
 class ShutdownDuringRetry(Exception):
@@ -50,25 +52,37 @@ class ShutdownDuringRetry(Exception):
 
 
 class FlushBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Lets the batch in hand finish and commit before its partitions move elsewhere."""
+    """Lets the batch in hand finish and commit before its partitions move elsewhere.
 
-    def __init__(self, batch_lock: asyncio.Lock, timeout_seconds: float) -> None:
-        self._batch_lock = batch_lock
+    aiokafka calls this from its coordinator while `getmany` waits for the new assignment,
+    so `flush` must finish the batch itself: waiting for the loop to do it would wait for a
+    `getmany` that waits for this listener."""
+
+    def __init__(
+        self,
+        flush: Callable[[], Awaitable[None]],
+        timeout_seconds: float,
+        revoking: Callable[[bool], None] = lambda _: None,
+    ) -> None:
+        self._flush = flush
         self._timeout = timeout_seconds
+        self._revoking = revoking
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if not revoked:
             return
         metrics.REBALANCES.inc()
+        self._revoking(True)
         try:
             async with asyncio.timeout(self._timeout):
-                await self._batch_lock.acquire()
-            self._batch_lock.release()
+                await self._flush()
             log.info("partitions.revoked", partitions=_names(revoked))
         except TimeoutError:
             # The batch is stuck behind an outage; its commit will be refused and the new
             # owner re-reads it. Idempotent writes make that harmless.
             log.warning("partitions.revoked_mid_batch", partitions=_names(revoked))
+        finally:
+            self._revoking(False)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions.assigned", partitions=_names(assigned))
@@ -93,17 +107,28 @@ class IngestionLoop:
         self._repository = repository
         self._clock = clock
         self._stopping = stopping
-        self.batch_lock = asyncio.Lock()
+        self._in_flight: _InFlight | None = None
+        # Held while a batch is finished (by the loop, or by the revocation listener).
+        self._finishing = asyncio.Lock()
+        # True while partitions are being revoked: no `getmany` may be started then, since
+        # aiokafka holds it until the rebalance, which waits for the revocation, is over.
+        self._revoking = False
 
     def rebalance_listener(self) -> FlushBeforeRevoke:
-        return FlushBeforeRevoke(self.batch_lock, self._settings.rebalance_flush_timeout_seconds)
+        return FlushBeforeRevoke(
+            self._finish_in_flight,
+            self._settings.rebalance_flush_timeout_seconds,
+            self._set_revoking,
+        )
+
+    def _set_revoking(self, revoking: bool) -> None:
+        self._revoking = revoking
 
     async def run(self) -> None:
         """Fetch and decode the next batch while the previous one is being written: Python
         and Postgres work at the same time, and offsets are still committed in order, each
         after its own batch's transaction. Only this loop touches the consumer."""
         log.info("ingest.started", topics=list(self._settings.agent_topics))
-        in_flight: _InFlight | None = None
         try:
             while not self._stopping.is_set():
                 records = await self._consumer.getmany(
@@ -112,18 +137,30 @@ class IngestionLoop:
                 )
                 self._beat()
                 batch = decode_batch(records, self._settings.max_message_bytes) if records else None
-                if in_flight is not None:
-                    await self._finish(in_flight)
-                    in_flight = None
+                await self._finish_in_flight()
                 if batch is not None:
-                    await self.batch_lock.acquire()
                     write = asyncio.create_task(self._store(batch), name="ingest-write")
-                    in_flight = _InFlight(batch, write)
-            if in_flight is not None:
-                await self._finish(in_flight)
+                    self._in_flight = _InFlight(batch, write)
+            await self._finish_in_flight()
         except ShutdownDuringRetry:
             log.warning("batch.abandoned_for_shutdown")
+            await self._abandon_in_flight()
         log.info("ingest.stopped")
+
+    async def _finish_in_flight(self) -> None:
+        """Finishes the batch being written, if any: by the loop before it starts the next
+        write, or by the revocation listener during a rebalance, whichever comes first."""
+        async with self._finishing:
+            in_flight, self._in_flight = self._in_flight, None
+            if in_flight is not None:
+                await self._finish(in_flight)
+
+    async def _abandon_in_flight(self) -> None:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and not in_flight.write.done():
+            in_flight.write.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await in_flight.write
 
     async def _finish(self, in_flight: _InFlight) -> None:
         """Waits for the batch's transaction, dead-letters what it must, commits its offsets."""
@@ -137,7 +174,6 @@ class IngestionLoop:
         finally:
             if not in_flight.write.done():
                 in_flight.write.cancel()
-            self.batch_lock.release()
         metrics.BATCH_SIZE.observe(batch.size)
         metrics.BATCH_WRITE_SECONDS.observe(stored.seconds)
         _count(batch, stored, letters)
@@ -257,12 +293,25 @@ class IngestionLoop:
 
     async def _poll_paused(self, seconds: float) -> None:
         """Polls Kafka with every partition paused: the group keeps this worker as a live
-        member (`max_poll_interval_ms`) and no record is consumed."""
+        member (`max_poll_interval_ms`) and no record is consumed. During a revocation it
+        only waits: the rebalance is what keeps the membership then."""
+        if self._revoking:
+            await asyncio.sleep(seconds)
+            self._beat()
+            return
         paused = self._consumer.assignment()
         self._consumer.pause(*paused)
         metrics.PAUSED_PARTITIONS.set(len(paused))
         try:
-            unexpected = await self._consumer.getmany(timeout_ms=int(seconds * 1000))
+            try:
+                # Bounded: a rebalance starting now holds getmany until the new assignment,
+                # and the revocation listener may be waiting for this very batch.
+                unexpected = await asyncio.wait_for(
+                    self._consumer.getmany(timeout_ms=int(seconds * 1000)),
+                    seconds + PAUSED_POLL_GRACE_SECONDS,
+                )
+            except TimeoutError:
+                unexpected = {}  # held by a rebalance: nothing was handed out
             # A partition assigned while we waited is not paused: put back what it returned.
             for partition, records in unexpected.items():
                 self._consumer.seek(partition, records[0].offset)

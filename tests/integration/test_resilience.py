@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 
@@ -208,3 +210,67 @@ async def test_kafka_broker_restart_under_load_is_waited_out(
     finally:
         with contextlib.suppress(Exception):
             worker.kill()
+
+
+SLOW_DEVICE_WRITES = """
+CREATE FUNCTION slow_device_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_sleep(0.005);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER slow_device_write BEFORE INSERT OR UPDATE ON devices
+    FOR EACH ROW EXECUTE FUNCTION slow_device_write();
+"""
+
+
+def agent_assignments(log_text: str) -> list[int]:
+    """How many agent partitions each `partitions.assigned` line of a worker log gave it."""
+    counts = []
+    for line in log_text.splitlines():
+        if '"partitions.assigned"' in line and "agent." in line:
+            counts.append(sum("agent." in p for p in json.loads(line)["partitions"]))
+    return counts
+
+
+async def test_a_replica_joining_mid_stream_gets_half_at_once(
+    services: Services, database_url: str, topics: dict[str, str], tmp_path: Path
+) -> None:
+    """While the first worker writes one batch and fetches the next, a second one joins.
+    The first must hand over its batch within the rebalance (it used to wait the whole
+    flush timeout for a lock its own blocked fetch held, and was evicted: both then read
+    every partition)."""
+    # Slow writes (over a second a batch): the loop then polls Kafka while it waits for the
+    # write, and that poll is what a starting rebalance used to hold.
+    superuser = await asyncpg.connect(services.superuser_url(database_url))
+    try:
+        await superuser.execute(SLOW_DEVICE_WRITES)
+    finally:
+        await superuser.close()
+    settings = make_settings(services, database_url, topics, batch_max_records=300)
+    stream = FleetStream(services, settings, devices=400, rounds=12)
+    first = WorkerProcess(settings, tmp_path / "first.log").start()
+    producing = asyncio.create_task(stream.run())
+    second: WorkerProcess | None = None
+    try:
+        await wait_for_stored(database_url, 600)
+        second = WorkerProcess(settings, tmp_path / "second.log").start()
+        joined = second
+
+        async def split() -> bool:
+            return agent_assignments(first.log_text())[-1:] == [4] and agent_assignments(
+                joined.log_text()
+            )[-1:] == [4]
+
+        await wait_until(split, timeout=30)
+        assert agent_assignments(joined.log_text()) == [4], "never given every partition"
+        assert "revoked_mid_batch" not in first.log_text()
+        await producing
+        await assert_everything_stored_once(services, settings, database_url, stream)
+        assert first.terminate() == 0
+        assert second.terminate() == 0
+    finally:
+        producing.cancel()
+        for worker in (first, second):
+            if worker is not None:
+                with contextlib.suppress(Exception):
+                    worker.kill()

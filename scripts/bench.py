@@ -978,7 +978,7 @@ async def measure_latency(
                 bootstrap_servers=services.kafka_bootstrap_servers, acks="all", linger_ms=0
             )
             await producer.start()
-            cpu = CpuMeter(worker.process.pid, services)  # type: ignore[union-attr]
+            cpu = CpuMeter([worker.process.pid], services)  # type: ignore[union-attr]
             cpu.start()
             # Per record batch: its future, the send time, how many messages it holds.
             sent: list[tuple[asyncio.Future[Any], float, int]] = []

@@ -8,10 +8,10 @@ SELECT customer_id FROM unnest($1::text[]) AS batch (customer_id)
 ON CONFLICT (customer_id) DO NOTHING;
 
 -- name: share_customers
--- Taken before any device lock by every transaction that decides licenses (ingestion, the
--- sweeper): it conflicts only with lock_customer, so a console change (memberships,
--- subscriptions, status) and a license decision for the same customer never run at once and
--- never miss each other's writes. $1 sorted.
+-- Taken before any device lock by every transaction that decides licenses (ingestion here,
+-- customer_terms in every decision): it conflicts only with lock_customer, so a console
+-- change (memberships, subscriptions, status) and a license decision for the same customer
+-- never run at once and never miss each other's writes. $1 sorted.
 SELECT customer_id FROM customers WHERE customer_id = ANY($1::text[])
 ORDER BY customer_id
 FOR SHARE;
@@ -177,9 +177,13 @@ SELECT
     (SELECT max(last_message_at) FROM ingestion_progress) AS newest_message_stored_at;
 
 -- name: customer_terms
+-- What a license decision needs of its customers, share-locked like share_customers (and
+-- taken before any device lock for the same reason). $1 sorted.
 SELECT customer_id, license_model, status, status_changed_at
 FROM customers
-WHERE customer_id = ANY($1::text[]);
+WHERE customer_id = ANY($1::text[])
+ORDER BY customer_id
+FOR SHARE;
 
 -- name: live_subscriptions
 SELECT customer_id, group_id, package

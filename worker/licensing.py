@@ -55,7 +55,8 @@ async def decide_groups(
     users = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.USER]
     lone = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.DEVICE]
     customers = sorted({g.customer_id for g in groups})
-    await session.execute("share_customers", customers)  # before the devices: see the query
+    # Read and share-locked before any device lock: see `share_customers` in queries.sql.
+    customer_rows = await session.fetch("customer_terms", customers)
     device_rows = await session.lock_group_devices(users, lone)
     devices_by_customer: dict[str, list[DeviceFacts]] = defaultdict(list)
     for row in device_rows:
@@ -83,7 +84,7 @@ async def decide_groups(
         held_by_customer[row["customer_id"]][subject] = HeldLicense(
             row["active"], Basis(row["basis"]), row["package"]
         )
-    terms = await customer_terms(session, customers, users)
+    terms = await customer_terms(session, customer_rows, users)
     rows: list[LicenseRow] = []
     for customer_id in customers:
         changes = license_changes(
@@ -99,11 +100,13 @@ async def decide_groups(
 
 
 async def customer_terms(
-    session: Session, customers: Sequence[str], users: Sequence[tuple[str, str]]
+    session: Session, customer_rows: Sequence[Any], users: Sequence[tuple[str, str]]
 ) -> dict[str, CustomerTerms]:
-    """Each customer's license model, status and package attribution for `users`."""
+    """Each customer's license model, status (`customer_rows`) and package attribution for
+    `users`."""
+    customers = [row["customer_id"] for row in customer_rows]
     subscriptions: dict[str, list[LiveSubscription]] = defaultdict(list)
-    for row in await session.fetch("live_subscriptions", list(customers)):
+    for row in await session.fetch("live_subscriptions", customers):
         subscriptions[row["customer_id"]].append(LiveSubscription(row["group_id"], row["package"]))
     memberships: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     grouped = [(c, u) for c, u in users if any(s.group_id for s in subscriptions.get(c, ()))]
@@ -114,7 +117,7 @@ async def customer_terms(
         for row in rows:
             memberships[row["customer_id"]][row["user_id"]].append(row["group_id"])
     terms = {}
-    for row in await session.fetch("customer_terms", list(customers)):
+    for row in customer_rows:
         customer_id = row["customer_id"]
         default_package, user_packages = package_attribution(
             subscriptions.get(customer_id, ()), memberships.get(customer_id, {})

@@ -76,8 +76,7 @@ class SubscriptionAttached(_AdminEventBase):
 
     @model_validator(mode="after")
     def _trial_has_an_end(self) -> Self:
-        if self.status is SubscriptionStatus.IN_TRIAL and self.trial_ends_at is None:
-            raise ValueError("a subscription in_trial needs trial_ends_at")
+        _require_trial_end(self.status, self.trial_ends_at)
         return self
 
 
@@ -91,9 +90,13 @@ class SubscriptionStatusChanged(_AdminEventBase):
 
     @model_validator(mode="after")
     def _trial_has_an_end(self) -> Self:
-        if self.status is SubscriptionStatus.IN_TRIAL and self.trial_ends_at is None:
-            raise ValueError("a subscription in_trial needs trial_ends_at")
+        _require_trial_end(self.status, self.trial_ends_at)
         return self
+
+
+def _require_trial_end(status: SubscriptionStatus, trial_ends_at: object) -> None:
+    if status is SubscriptionStatus.IN_TRIAL and trial_ends_at is None:
+        raise ValueError("a subscription in_trial needs trial_ends_at")
 
 
 class GroupMemberAdded(_AdminEventBase):

@@ -35,6 +35,24 @@ from worker.settings import Settings
 from worker.sql_files import load_migrations
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "worker.cli"]
+
+
+def run_cli(
+    environment: dict[str, str], *arguments: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`license-worker ARGUMENTS` as a subprocess, from the repository, output captured."""
+    return subprocess.run(
+        [*CLI, *arguments],
+        env=environment,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 AGENT_TOPIC_KEYS = ("heartbeat_topic", "lifecycle_topic")
 
 # The tests use the roles an operator creates (`license-worker create-roles`): migrations run

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -17,6 +16,7 @@ import pytest
 import trustme
 
 from tests.support import (
+    CLI,
     OWNER_PASSWORD,
     REPO_ROOT,
     ROLES,
@@ -24,26 +24,13 @@ from tests.support import (
     Services,
     fetchval,
     make_settings,
+    run_cli,
     settings_environment,
     url_as,
     wait_until,
 )
 
 pytestmark = pytest.mark.acceptance
-
-CLI = [sys.executable, "-m", "worker.cli"]
-
-
-def run_cli(environment: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *arguments],
-        env=environment,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 @pytest.fixture

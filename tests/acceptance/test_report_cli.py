@@ -14,11 +14,18 @@ import orjson
 import pytest
 from openpyxl import load_workbook
 
-from tests.support import REPO_ROOT, Services, fetch, make_settings, settings_environment
+from tests.support import (
+    CLI,
+    REPO_ROOT,
+    Services,
+    fetch,
+    make_settings,
+    run_cli,
+    settings_environment,
+)
 
 pytestmark = pytest.mark.acceptance
 
-CLI = [sys.executable, "-m", "worker.cli"]
 NOW = datetime.now(UTC).replace(microsecond=0)
 SEEN = NOW - timedelta(hours=1)
 
@@ -64,18 +71,6 @@ INSERT INTO license_history (customer_id, subject_type, subject_id, change, basi
 SELECT $1, subject_type, subject_id, 'allocated', basis, 'first_signal', $4, $4, 'core'
 FROM licensed
 """
-
-
-def run_cli(environment: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *arguments],
-        env=environment,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 async def seed(database_url: str, customer_id: str, devices: int) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -63,13 +63,26 @@ async def send(
 
 
 async def ingest(services: Services, settings: Settings, at: datetime, expected_total: int) -> None:
-    """Runs the worker (clock at `at`) until every message so far is committed."""
+    """Runs the worker (clock at `at`) until every agent message so far is committed."""
+    await run_until_committed(
+        services, settings, at, settings.consumer_group, settings.agent_topics, expected_total
+    )
+
+
+async def run_until_committed(
+    services: Services,
+    settings: Settings,
+    at: datetime,
+    group: str,
+    topics: Iterable[str],
+    expected_total: int,
+) -> None:
+    """Runs the worker (clock at `at`) until `group` has committed `expected_total` messages
+    of `topics`."""
     async with running_worker(settings, clock=FixedClock(at)):
 
         async def committed() -> bool:
-            total = await committed_offsets_total(
-                services.kafka_bootstrap_servers, settings.consumer_group, settings.agent_topics
-            )
+            total = await committed_offsets_total(services.kafka_bootstrap_servers, group, topics)
             return total >= expected_total
 
         await wait_until(committed, timeout=60)
@@ -145,17 +158,14 @@ async def apply_admin(
     services: Services, settings: Settings, at: datetime, expected_total: int
 ) -> None:
     """Runs the worker (clock at `at`) until every console message so far is committed."""
-    async with running_worker(settings, clock=FixedClock(at)):
-
-        async def committed() -> bool:
-            total = await committed_offsets_total(
-                services.kafka_bootstrap_servers,
-                settings.admin_consumer_group,
-                [settings.admin_topic],
-            )
-            return total >= expected_total
-
-        await wait_until(committed, timeout=60)
+    await run_until_committed(
+        services,
+        settings,
+        at,
+        settings.admin_consumer_group,
+        [settings.admin_topic],
+        expected_total,
+    )
 
 
 async def rows_containing(settings: Settings, needle: str) -> list[str]:

@@ -5,8 +5,6 @@ that role."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -17,7 +15,6 @@ from prometheus_client import REGISTRY
 
 from tests.support import (
     OWNER_PASSWORD,
-    REPO_ROOT,
     ROLES,
     Services,
     encode,
@@ -26,6 +23,7 @@ from tests.support import (
     migrate_database,
     produce,
     read_all,
+    run_cli,
     running_worker,
     settings_environment,
     url_as,
@@ -260,16 +258,7 @@ async def test_run_stops_at_once_when_postgres_refuses_the_login(
     wrong_password = "pw-7f3a-not-the-one"
     settings = make_settings(services, url_as(database_url, ROLES.worker, wrong_password), topics)
     started = time.monotonic()
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "worker.cli", "run"],
-        env=settings_environment(settings),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = await asyncio.to_thread(run_cli, settings_environment(settings), "run", timeout=60)
     assert result.returncode == 1, result.stderr
     assert time.monotonic() - started < 30
     last_line = result.stderr.strip().splitlines()[-1]

@@ -8,8 +8,6 @@ topics, so what the worker did is checked independently of its secured connectio
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,6 @@ from aiokafka.errors import KafkaConnectionError
 
 from tests.integration.license_support import ALICE, KIOSK, day, send
 from tests.support import (
-    REPO_ROOT,
     SecureKafka,
     Services,
     WorkerProcess,
@@ -29,6 +26,7 @@ from tests.support import (
     make_settings,
     produce,
     read_all,
+    run_cli,
     running_worker,
     settings_environment,
     wait_until,
@@ -168,19 +166,11 @@ async def test_one_shot_commands_name_the_refusal(
     )
     environment = settings_environment(settings)
 
-    def run(arguments: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "worker.cli", *arguments],
-            env=environment,
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
     results = await asyncio.gather(
-        *(asyncio.to_thread(run, arguments) for arguments in ONE_SHOT_COMMANDS)
+        *(
+            asyncio.to_thread(run_cli, environment, *arguments, timeout=60)
+            for arguments in ONE_SHOT_COMMANDS
+        )
     )
     for arguments, result in zip(ONE_SHOT_COMMANDS, results, strict=True):
         error_line = result.stderr.splitlines()[-1] if result.stderr else ""

@@ -10,8 +10,6 @@ secrets. (DLQ values are the original bytes by contract, and are not searched.)"
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,6 @@ import pytest
 
 from tests.integration.license_support import day, rows_containing
 from tests.support import (
-    REPO_ROOT,
     WORKER_PASSWORD,
     Services,
     WorkerProcess,
@@ -34,6 +31,7 @@ from tests.support import (
     metric,
     produce,
     read_all,
+    run_cli,
     settings_environment,
     wait_until,
 )
@@ -117,15 +115,8 @@ def leaks(text: str) -> list[str]:
 
 
 def sweep_cli(settings: Settings, at: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "sweep", "--once", "--now", at],
-        env=settings_environment(settings),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    result = run_cli(settings_environment(settings), "sweep", "--once", "--now", at)
+    assert result.returncode == 0, result.stderr
     return result.stdout + result.stderr
 
 

@@ -6,6 +6,7 @@ time wins" rules again when it merges these changes, so folding first only saves
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -76,6 +77,33 @@ class BatchChanges:
 
     def sorted_lifecycle(self) -> list[LifecycleRecord]:
         return [self.lifecycle[key] for key in sorted(self.lifecycle)]
+
+    def split_by_customer(self, parts: int) -> list[BatchChanges]:
+        """At most `parts` changes with disjoint customers and about as many devices each
+        (largest customer first, into the lightest part), so that they can be written in
+        concurrent transactions that never touch the same row: every row a signal writes
+        or a license decision locks belongs to one customer. The batch-wide clamped count
+        stays on this object. Empty when there is nothing to write."""
+        devices_per_customer = Counter(customer_id for customer_id, _ in self.devices)
+        if parts <= 1 or len(devices_per_customer) <= 1:
+            return [self] if self.devices or self.users or self.lifecycle else []
+        split = [BatchChanges() for _ in range(min(parts, len(devices_per_customer)))]
+        loads = [0] * len(split)
+        part_of: dict[str, BatchChanges] = {}
+        by_size = sorted(devices_per_customer.items(), key=lambda item: (-item[1], item[0]))
+        for customer_id, devices in by_size:
+            lightest = loads.index(min(loads))
+            loads[lightest] += devices
+            part_of[customer_id] = split[lightest]
+        # Every user and lifecycle change comes from an event that also changed a device
+        # of the same customer, so every customer is in `part_of`.
+        for key, device in self.devices.items():
+            part_of[key[0]].devices[key] = device
+        for user_key, user in self.users.items():
+            part_of[user_key[0]].users[user_key] = user
+        for event_key, record in self.lifecycle.items():
+            part_of[event_key[0]].lifecycle[event_key] = record
+        return split
 
 
 def clamp_event_time(occurred_at: datetime, latest_allowed: datetime) -> datetime:

@@ -136,10 +136,13 @@ class IngestionLoop:
                     max_records=self._settings.batch_max_records,
                 )
                 self._beat()
-                batch = decode_batch(records, self._settings.max_message_bytes) if records else None
+                batch = changes = None
+                if records:
+                    batch = decode_batch(records, self._settings.max_message_bytes)
+                    changes = self._coalesce(item.event for item in batch.good)
                 await self._finish_in_flight()
-                if batch is not None:
-                    write = asyncio.create_task(self._store(batch), name="ingest-write")
+                if batch is not None and changes is not None:
+                    write = asyncio.create_task(self._store(batch, changes), name="ingest-write")
                     self._in_flight = _InFlight(batch, write)
             await self._finish_in_flight()
         except ShutdownDuringRetry:
@@ -188,24 +191,46 @@ class IngestionLoop:
             # does not count this worker as dead after `max_poll_interval_ms`.
             await self._poll_paused(0.0)
 
-    async def _store(self, batch: DecodedBatch) -> _Stored:
-        """Writes the batch in one transaction. If the database refuses it as data (not an
-        outage), writes message by message so only the refused ones go to the DLQ."""
+    async def _store(self, batch: DecodedBatch, changes: BatchChanges) -> _Stored:
+        """Writes the batch's changes in up to WRITE_CONCURRENCY transactions at once, one
+        per group of customers (they touch disjoint rows), then its progress. If the
+        database refuses a group's changes as data (not an outage), that group's messages
+        are written one by one so only the refused ones go to the DLQ."""
         started = time.perf_counter()
-        changes = self._coalesce(item.event for item in batch.good)
-        try:
-            result = await self._retry_database(lambda: self._write(changes, batch.progress))
-        except _PermanentDatabaseError:
-            stored = await self._store_one_by_one(batch)
+        parts = changes.split_by_customer(self._settings.write_concurrency)
+        results = await _all_or_none(self._write_part(part) for part in parts)
+        stored = _Stored(refused=[], new_lifecycle_events=set())
+        refused_customers: set[str] = set()
+        for part, result in zip(parts, results, strict=True):
+            if result is None:
+                refused_customers.update(part.customer_ids)
+            else:
+                stored.new_lifecycle_events |= result.inserted_lifecycle_events
+        if refused_customers:
+            accepted = [i for i in batch.good if i.event.customer_id not in refused_customers]
+            metrics.CLAMPED_EVENTS.inc(self._coalesce(i.event for i in accepted).clamped_events)
+            retried = await self._store_one_by_one(
+                [i for i in batch.good if i.event.customer_id in refused_customers]
+            )
+            stored.refused = retried.refused
+            stored.new_lifecycle_events |= retried.new_lifecycle_events
         else:
             metrics.CLAMPED_EVENTS.inc(changes.clamped_events)
-            stored = _Stored(refused=[], new_lifecycle_events=result.inserted_lifecycle_events)
+        if batch.progress:
+            await self._retry_database(lambda: self._write(BatchChanges(), batch.progress))
         stored.seconds = time.perf_counter() - started
         return stored
 
-    async def _store_one_by_one(self, batch: DecodedBatch) -> _Stored:
+    async def _write_part(self, part: BatchChanges) -> SignalWriteResult | None:
+        """One group of customers' changes in one transaction; None if refused as data."""
+        try:
+            return await self._retry_database(lambda: self._write(part, []))
+        except _PermanentDatabaseError:
+            return None
+
+    async def _store_one_by_one(self, items: Sequence[DecodedRecord]) -> _Stored:
         stored = _Stored(refused=[], new_lifecycle_events=set())
-        for item in batch.good:
+        for item in items:
             changes = self._coalesce([item.event])
             try:
                 result = await self._retry_database(
@@ -216,7 +241,6 @@ class IngestionLoop:
                 continue
             metrics.CLAMPED_EVENTS.inc(changes.clamped_events)
             stored.new_lifecycle_events |= result.inserted_lifecycle_events
-        await self._retry_database(lambda: self._write(self._coalesce([]), batch.progress))
         return stored
 
     async def _write(
@@ -380,6 +404,19 @@ def _count(batch: DecodedBatch, stored: _Stored, letters: Sequence[DeadLetter]) 
         metrics.EVENTS.labels(topic, event_type, outcome).inc(count)
     for (topic, reason), count in reasons.items():
         metrics.DEAD_LETTERS.labels(topic, reason).inc(count)
+
+
+async def _all_or_none(operations: Iterable[Awaitable[T]]) -> list[T]:
+    """Runs the operations concurrently and returns their results in order. If one fails
+    (a shutdown while waiting out an outage) or the caller is cancelled, the others are
+    cancelled and waited for: no transaction is left running unseen."""
+    tasks = [asyncio.ensure_future(operation) for operation in operations]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _PermanentDatabaseError(Exception):

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
 
     batch_max_records: int = Field(default=5000, ge=1, le=100_000)
     batch_max_wait_ms: int = Field(default=200, ge=1, le=60_000)
+    # A batch's changes are written in up to this many transactions at once, each for its
+    # own customers (each takes a connection of DATABASE_POOL_SIZE).
+    write_concurrency: int = Field(default=2, ge=1, le=16)
     max_message_bytes: int = Field(default=65_536, ge=256, le=10_485_760)
     future_tolerance_seconds: float = Field(default=300.0, ge=0)
     rebalance_flush_timeout_seconds: float = Field(default=60.0, gt=0)

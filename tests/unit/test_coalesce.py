@@ -619,3 +619,66 @@ def test_invariants_of_every_device(events: list[AgentEventModel]) -> None:
             assert moment is None or device.first_seen_at <= moment <= device.last_seen_at
     for user in changes.users.values():
         assert user.first_seen_at <= user.last_seen_at <= LIMIT
+
+
+# --- splitting a batch for concurrent writes ------------------------------------------------
+
+
+def test_split_into_one_part_is_the_batch_itself() -> None:
+    changes = fold(event(customer="a"), event(customer="b"))
+    assert changes.split_by_customer(1) == [changes]
+
+
+def test_split_of_an_empty_batch_is_empty() -> None:
+    assert fold().split_by_customer(2) == []
+
+
+def test_split_of_one_customer_is_one_part() -> None:
+    changes = fold(event(device="d1"), event(device="d2"))
+    assert changes.split_by_customer(4) == [changes]
+
+
+def test_split_keeps_each_customer_whole_and_balances_devices() -> None:
+    sizes = {"big": 6, "mid": 4, "small-1": 2, "small-2": 1}
+    events = [
+        event("install", customer=customer, device=f"dev-{number}", user_id=f"u-{number % 2}")
+        for customer, count in sizes.items()
+        for number in range(count)
+    ]
+    changes = fold(*events)
+    parts = changes.split_by_customer(2)
+    assert len(parts) == 2
+    customers_of = [set(part.customer_ids) for part in parts]
+    assert customers_of[0].isdisjoint(customers_of[1])
+    assert sorted(len(part.devices) for part in parts) == [6, 7]
+    for part in parts:
+        for mapping in (part.devices, part.users, part.lifecycle):
+            assert {key[0] for key in mapping} <= set(part.customer_ids)
+    for name in ("devices", "users", "lifecycle"):
+        merged: dict[Any, Any] = {}
+        for part in parts:
+            merged |= getattr(part, name)
+        assert merged == getattr(changes, name)
+
+
+def test_split_never_makes_more_parts_than_customers() -> None:
+    changes = fold(event(customer="a"), event(customer="b"))
+    parts = changes.split_by_customer(8)
+    assert sorted(part.customer_ids for part in parts) == [["a"], ["b"]]
+
+
+@given(events=st.lists(agent_events(), max_size=25), parts=st.integers(1, 4))
+def test_split_parts_partition_the_batch_by_customer(
+    events: list[AgentEventModel], parts: int
+) -> None:
+    changes = coalesce(events, RECEIVED, TOLERANCE)
+    split = changes.split_by_customer(parts)
+    assert len(split) <= parts
+    seen: set[str] = set()
+    for part in split:
+        assert seen.isdisjoint(part.customer_ids)
+        seen |= set(part.customer_ids)
+    assert seen == set(changes.customer_ids)
+    assert sum(len(part.devices) for part in split) == len(changes.devices)
+    assert sum(len(part.users) for part in split) == len(changes.users)
+    assert sum(len(part.lifecycle) for part in split) == len(changes.lifecycle)

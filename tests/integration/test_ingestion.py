@@ -285,3 +285,36 @@ async def test_a_message_the_database_refuses_goes_to_the_dlq_and_the_rest_is_st
     assert dead.key == b"c1:poison"
     assert headers["dlq.error.class"] == "database_rejected"
     assert headers["dlq.error.message"] == "InvalidParameterValueError"
+
+
+async def test_a_refused_message_in_one_customers_part_leaves_the_concurrent_part_stored(
+    services: Services, database_url: str, topics: dict[str, str]
+) -> None:
+    """With WRITE_CONCURRENCY=2 a batch of two customers is written in two transactions
+    at once; when one is refused, only that customer's messages are retried one by one."""
+    connection = await asyncpg.connect(services.owner_url(database_url))
+    try:
+        await connection.execute(POISON_TRIGGER)
+    finally:
+        await connection.close()
+    events = [
+        heartbeat(customer, name, T0, user_id="alice")
+        for customer, name in [("c1", "good-1"), ("c1", "poison"), ("c2", "good-2")]
+        + [("c2", f"more-{n}") for n in range(5)]
+    ]
+    await produce_events(services, topics["heartbeat_topic"], events)
+    settings = make_settings(services, database_url, topics, write_concurrency=2)
+
+    async with running_worker(settings):
+        await wait_for_commits(services, topics, len(events))
+
+    stored = await fetch(database_url, "SELECT customer_id, device_id FROM devices")
+    assert {(row["customer_id"], row["device_id"]) for row in stored} == {
+        ("c1", "good-1"),
+        ("c2", "good-2"),
+        *(("c2", f"more-{n}") for n in range(5)),
+    }
+    [dead] = await read_all(services.kafka_bootstrap_servers, topics["dlq_topic"], 1)
+    assert dead.key == b"c1:poison"
+    progress = await fetch(database_url, "SELECT sum(next_offset) AS total FROM ingestion_progress")
+    assert progress[0]["total"] == len(events), "progress is recorded after both parts"

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from schemas.agent_events import Heartbeat, Install, Uninstall
+from schemas.agent_events import Heartbeat, Install, Uninstall, UserProfile
 
 AgentEventModel = Heartbeat | Install | Uninstall
 
@@ -112,44 +112,55 @@ def clamp_event_time(occurred_at: datetime, latest_allowed: datetime) -> datetim
     return min(occurred_at, latest_allowed)
 
 
-def _in_utc(at: datetime) -> datetime:
-    # The standard library's UTC: asyncpg encodes it about twice as fast as pydantic's
-    # tzinfo, and each event time is encoded several times per row.
-    return at if at.tzinfo is UTC else at.astimezone(UTC)
-
-
 def coalesce(
     events: Iterable[AgentEventModel], received_at: datetime, future_tolerance: timedelta
 ) -> BatchChanges:
+    # The hot loop of ingestion (several µs an event): it keeps per-event work to the
+    # minimum, and the rules are the same for a device's first event and its later ones.
     changes = BatchChanges()
+    devices, users = changes.devices, changes.users
     latest_allowed = received_at + future_tolerance
     for event in events:
-        if event.occurred_at > latest_allowed:
+        at = event.occurred_at
+        if at > latest_allowed:
             changes.clamped_events += 1
-        at = clamp_event_time(event.occurred_at, latest_allowed)
-        at = _in_utc(at)
-        _fold_device(changes, event, at)
-        if event.user_id is not None and not isinstance(event, Uninstall):
-            _fold_user(changes, event, event.user_id, at)
-        if not isinstance(event, Heartbeat):
-            key = (event.customer_id, event.event_id)
-            changes.lifecycle[key] = LifecycleRecord(
-                event.customer_id, event.event_id, event.device_id, event.type, at
-            )
+            at = clamp_event_time(at, latest_allowed)
+        if at.tzinfo is not UTC:
+            # The standard library's UTC: asyncpg encodes it about twice as fast as
+            # pydantic's tzinfo, and each event time is encoded several times per row.
+            at = at.astimezone(UTC)
+        key = (event.customer_id, event.device_id)
+        device = devices.get(key)
+        if device is None:
+            device = devices[key] = DeviceChange(event.customer_id, event.device_id, at, at)
+        elif at < device.first_seen_at:
+            device.first_seen_at = at
+        elif at > device.last_seen_at:
+            device.last_seen_at = at
+        if isinstance(event, Uninstall):
+            _fold_uninstall(device, at)
+            changes.lifecycle[(event.customer_id, event.event_id)] = _lifecycle(event, at)
+            continue
+        _fold_presence(device, event, at)
+        if event.user_id is not None:
+            _fold_user(users, event, event.user_id, at)
+        if isinstance(event, Install):
+            _fold_install(device, event, at)
+            changes.lifecycle[(event.customer_id, event.event_id)] = _lifecycle(event, at)
     return changes
 
 
-def _fold_device(changes: BatchChanges, event: AgentEventModel, at: datetime) -> None:
-    key = (event.customer_id, event.device_id)
-    device = changes.devices.get(key)
-    if device is None:
-        device = changes.devices[key] = DeviceChange(event.customer_id, event.device_id, at, at)
-    device.first_seen_at = min(device.first_seen_at, at)
-    device.last_seen_at = max(device.last_seen_at, at)
-    if isinstance(event, Uninstall):
-        device.last_uninstalled_at = _later(device.last_uninstalled_at, at)
-        device.unattributed_seen_at = _later(device.unattributed_seen_at, at)
-        return
+def _lifecycle(event: Install | Uninstall, at: datetime) -> LifecycleRecord:
+    return LifecycleRecord(event.customer_id, event.event_id, event.device_id, event.type, at)
+
+
+def _fold_uninstall(device: DeviceChange, at: datetime) -> None:
+    device.last_uninstalled_at = _later(device.last_uninstalled_at, at)
+    device.unattributed_seen_at = _later(device.unattributed_seen_at, at)
+
+
+def _fold_presence(device: DeviceChange, event: Heartbeat | Install, at: datetime) -> None:
+    """What a heartbeat or an install says about its device (not its user)."""
     device.last_present_at = _later(device.last_present_at, at)
     if event.agent_version is not None and _is_newer(at, device.agent_version_reported_at):
         device.agent_version, device.agent_version_reported_at = event.agent_version, at
@@ -160,23 +171,31 @@ def _fold_device(changes: BatchChanges, event: AgentEventModel, at: datetime) ->
         device.unattributed_seen_at = _later(device.unattributed_seen_at, at)
     if event.device_kind is not None and _is_newer(at, device.kind_reported_at):
         device.device_kind, device.kind_reported_at = event.device_kind.value, at
-    if isinstance(event, Install):
-        device.last_installed_at = _later(device.last_installed_at, at)
-        if _is_newer(at, device.details_reported_at):
-            device.hostname, device.os, device.details_reported_at = event.hostname, event.os, at
+
+
+def _fold_install(device: DeviceChange, event: Install, at: datetime) -> None:
+    device.last_installed_at = _later(device.last_installed_at, at)
+    if _is_newer(at, device.details_reported_at):
+        device.hostname, device.os, device.details_reported_at = event.hostname, event.os, at
 
 
 def _fold_user(
-    changes: BatchChanges, event: Heartbeat | Install, user_id: str, at: datetime
+    users: dict[tuple[str, str], UserChange], event: Heartbeat | Install, user_id: str, at: datetime
 ) -> None:
     key = (event.customer_id, user_id)
-    user = changes.users.get(key)
+    user = users.get(key)
     if user is None:
-        user = changes.users[key] = UserChange(event.customer_id, user_id, at, at)
-    user.first_seen_at = min(user.first_seen_at, at)
-    user.last_seen_at = max(user.last_seen_at, at)
-    profile = event.user if isinstance(event, Install) else None
-    if profile is not None and _is_newer(at, user.profile_reported_at):
+        user = users[key] = UserChange(event.customer_id, user_id, at, at)
+    elif at < user.first_seen_at:
+        user.first_seen_at = at
+    elif at > user.last_seen_at:
+        user.last_seen_at = at
+    if isinstance(event, Install) and event.user is not None:
+        _fold_profile(user, event.user, at)
+
+
+def _fold_profile(user: UserChange, profile: UserProfile, at: datetime) -> None:
+    if _is_newer(at, user.profile_reported_at):
         user.email, user.display_name = profile.email, profile.display_name
         user.profile_reported_at = at
 

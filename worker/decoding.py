@@ -66,7 +66,9 @@ def _decode(
     if not isinstance(document, dict):
         return Rejection(RejectReason.NOT_AN_OBJECT, f"top level is {type(document).__name__}")
     try:
-        event = adapter.validate_python(document)
+        # The adapter's validator itself: TypeAdapter.validate_python adds a Python call
+        # per message that costs a tenth of the validation.
+        event = adapter.validator.validate_python(document)
     except ValidationError as error:
         return _validation_rejection(document, error, known_types)
     return _lax_type_rejection(document) or event

@@ -14,7 +14,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
@@ -27,7 +27,6 @@ from worker.batch import (
     DecodedBatch,
     DecodedRecord,
     PartitionProgress,
-    Record,
     dead_letter_for,
     decode_batch,
 )
@@ -45,9 +44,6 @@ T = TypeVar("T")
 KEEPALIVE_SECONDS = 1.0
 # How long past its own timeout a paused poll may take before we stop waiting for it.
 PAUSED_POLL_GRACE_SECONDS = 1.0
-# While a write is in progress the loop reads on, up to this many batches (of
-# BATCH_MAX_RECORDS messages), which then make the next write.
-READ_AHEAD_BATCHES = 4
 
 
 class ShutdownDuringRetry(Exception):
@@ -112,9 +108,6 @@ class IngestionLoop:
         self._clock = clock
         self._stopping = stopping
         self._in_flight: _InFlight | None = None
-        # Read and decoded, not yet being written.
-        self._pending = _Pending()
-        self._read_ahead_limit = settings.batch_max_records * READ_AHEAD_BATCHES
         # Held while a batch is finished (by the loop, or by the revocation listener).
         self._finishing = asyncio.Lock()
         # True while partitions are being revoked: no `getmany` may be started then, since
@@ -123,7 +116,7 @@ class IngestionLoop:
 
     def rebalance_listener(self) -> FlushBeforeRevoke:
         return FlushBeforeRevoke(
-            self._flush,
+            self._finish_in_flight,
             self._settings.rebalance_flush_timeout_seconds,
             self._set_revoking,
         )
@@ -132,62 +125,38 @@ class IngestionLoop:
         self._revoking = revoking
 
     async def run(self) -> None:
-        """Reads and decodes while the previous write is in progress: Python and Postgres
-        work at the same time. Everything read during a write (up to READ_AHEAD_BATCHES
-        batches) becomes the next write, so a slower database gets larger writes instead
-        of an idle reader. Offsets are committed in order, each after its own write's
-        transactions. Only this loop touches the consumer."""
+        """Fetch and decode the next batch while the previous one is being written: Python
+        and Postgres work at the same time, and offsets are still committed in order, each
+        after its own batch's transaction. Only this loop touches the consumer."""
         log.info("ingest.started", topics=list(self._settings.agent_topics))
         try:
             while not self._stopping.is_set():
-                writing = self._in_flight is not None and not self._in_flight.write.done()
                 records = await self._consumer.getmany(
-                    # While writing, take only what is already fetched: when nothing is,
-                    # the next step is to wait for the write.
-                    timeout_ms=0 if writing else self._settings.batch_max_wait_ms,
+                    timeout_ms=self._settings.batch_max_wait_ms,
                     max_records=self._settings.batch_max_records,
                 )
                 self._beat()
+                batch = changes = None
                 if records:
-                    self._read(records)
-                    if writing and len(self._pending.batch.good) < self._read_ahead_limit:
-                        continue
+                    batch = decode_batch(records, self._settings.max_message_bytes)
+                    changes = self._coalesce(item.event for item in batch.good)
                 await self._finish_in_flight()
-                self._start_write()
-            await self._flush()
+                if batch is not None and changes is not None:
+                    write = asyncio.create_task(self._store(batch, changes), name="ingest-write")
+                    self._in_flight = _InFlight(batch, write)
+            await self._finish_in_flight()
         except ShutdownDuringRetry:
             log.warning("batch.abandoned_for_shutdown")
             await self._abandon_in_flight()
         log.info("ingest.stopped")
 
-    def _read(self, records: Mapping[Any, Iterable[Record]]) -> None:
-        """Decodes a fetched batch and folds it into the pending write."""
-        batch = decode_batch(records, self._settings.max_message_bytes)
-        self._pending.batch.extend(batch)
-        self._coalesce((item.event for item in batch.good), into=self._pending.changes)
-
-    def _start_write(self) -> None:
-        pending, self._pending = self._pending, _Pending()
-        if pending.batch.size:
-            write = asyncio.create_task(
-                self._store(pending.batch, pending.changes), name="ingest-write"
-            )
-            self._in_flight = _InFlight(pending.batch, write)
-
     async def _finish_in_flight(self) -> None:
-        """Finishes the write in progress, if any: by the loop before it starts the next
-        one, or by the revocation listener during a rebalance, whichever comes first."""
+        """Finishes the batch being written, if any: by the loop before it starts the next
+        write, or by the revocation listener during a rebalance, whichever comes first."""
         async with self._finishing:
             in_flight, self._in_flight = self._in_flight, None
             if in_flight is not None:
                 await self._finish(in_flight)
-
-    async def _flush(self) -> None:
-        """Finishes the write in progress, then writes and commits what was read meanwhile:
-        before partitions are revoked, and at shutdown."""
-        await self._finish_in_flight()
-        self._start_write()
-        await self._finish_in_flight()
 
     async def _abandon_in_flight(self) -> None:
         in_flight, self._in_flight = self._in_flight, None
@@ -290,10 +259,8 @@ class IngestionLoop:
         count_license_changes(decided)
         return result
 
-    def _coalesce(
-        self, events: Iterable[AgentEventModel], into: BatchChanges | None = None
-    ) -> BatchChanges:
-        return coalesce(events, self._clock.now(), self._settings.future_tolerance, into)
+    def _coalesce(self, events: Iterable[AgentEventModel]) -> BatchChanges:
+        return coalesce(events, self._clock.now(), self._settings.future_tolerance)
 
     async def _retry_database(self, operation: Callable[[], Awaitable[T]]) -> T:
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
@@ -406,12 +373,6 @@ class _Stored:
     # (customer_id, event_id) of lifecycle events recorded for the first time.
     new_lifecycle_events: set[tuple[str, str]]
     seconds: float = 0.0
-
-
-@dataclass(slots=True)
-class _Pending:
-    batch: DecodedBatch = field(default_factory=DecodedBatch)
-    changes: BatchChanges = field(default_factory=BatchChanges)
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,14 @@ class DecodedBatch:
     def size(self) -> int:
         return len(self.good) + len(self.dead_letters)
 
+    def extend(self, later: DecodedBatch) -> None:
+        """Appends a batch consumed after this one: both are written and committed as one."""
+        self.good.extend(later.good)
+        self.dead_letters.extend(later.dead_letters)
+        self.next_offsets.update(later.next_offsets)
+        newest = {(p.topic, p.partition): p for p in self.progress + later.progress}
+        self.progress = list(newest.values())
+
 
 def dead_letter_for(record: Record, rejection: Rejection) -> DeadLetter:
     return DeadLetter(

@@ -113,11 +113,16 @@ def clamp_event_time(occurred_at: datetime, latest_allowed: datetime) -> datetim
 
 
 def coalesce(
-    events: Iterable[AgentEventModel], received_at: datetime, future_tolerance: timedelta
+    events: Iterable[AgentEventModel],
+    received_at: datetime,
+    future_tolerance: timedelta,
+    into: BatchChanges | None = None,
 ) -> BatchChanges:
+    """Folds `events` into new changes, or into `into` (the changes of earlier batches
+    that are written together with these)."""
     # The hot loop of ingestion (several µs an event): it keeps per-event work to the
     # minimum, and the rules are the same for a device's first event and its later ones.
-    changes = BatchChanges()
+    changes = BatchChanges() if into is None else into
     devices, users = changes.devices, changes.users
     latest_allowed = received_at + future_tolerance
     for event in events:

@@ -27,6 +27,7 @@ from worker.batch import (
     DecodedBatch,
     DecodedRecord,
     PartitionProgress,
+    Record,
     dead_letter_for,
     decode_batch,
 )
@@ -44,6 +45,8 @@ T = TypeVar("T")
 KEEPALIVE_SECONDS = 1.0
 # How long past its own timeout a paused poll may take before we stop waiting for it.
 PAUSED_POLL_GRACE_SECONDS = 1.0
+# Messages decoded between two turns of the event loop (a few milliseconds of work).
+DECODE_SLICE = 500
 
 
 class ShutdownDuringRetry(Exception):
@@ -138,8 +141,7 @@ class IngestionLoop:
                 self._beat()
                 batch = changes = None
                 if records:
-                    batch = decode_batch(records, self._settings.max_message_bytes)
-                    changes = self._coalesce(item.event for item in batch.good)
+                    batch, changes = await self._decode(records)
                 await self._finish_in_flight()
                 if batch is not None and changes is not None:
                     write = asyncio.create_task(self._store(batch, changes), name="ingest-write")
@@ -149,6 +151,20 @@ class IngestionLoop:
             log.warning("batch.abandoned_for_shutdown")
             await self._abandon_in_flight()
         log.info("ingest.stopped")
+
+    async def _decode(
+        self, records: Mapping[Any, Sequence[Record]]
+    ) -> tuple[DecodedBatch, BatchChanges]:
+        """Decodes and folds a fetched batch a slice at a time, letting the event loop run
+        in between: the write in progress then sends its next statement as soon as
+        Postgres answers the last one, instead of after the whole batch is decoded."""
+        batch, changes = DecodedBatch(), BatchChanges()
+        for part in _slices(records, DECODE_SLICE):
+            decoded = decode_batch(part, self._settings.max_message_bytes)
+            batch.extend(decoded)
+            self._coalesce((item.event for item in decoded.good), into=changes)
+            await asyncio.sleep(0)
+        return batch, changes
 
     async def _finish_in_flight(self) -> None:
         """Finishes the batch being written, if any: by the loop before it starts the next
@@ -259,8 +275,10 @@ class IngestionLoop:
         count_license_changes(decided)
         return result
 
-    def _coalesce(self, events: Iterable[AgentEventModel]) -> BatchChanges:
-        return coalesce(events, self._clock.now(), self._settings.future_tolerance)
+    def _coalesce(
+        self, events: Iterable[AgentEventModel], into: BatchChanges | None = None
+    ) -> BatchChanges:
+        return coalesce(events, self._clock.now(), self._settings.future_tolerance, into)
 
     async def _retry_database(self, operation: Callable[[], Awaitable[T]]) -> T:
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
@@ -433,6 +451,15 @@ def _database_rejection(item: DecodedRecord, error: _PermanentDatabaseError) -> 
 
 def _error_name(error: BaseException) -> str:
     return type(error).__name__
+
+
+def _slices(
+    records: Mapping[Any, Sequence[Record]], size: int
+) -> Iterable[dict[Any, Sequence[Record]]]:
+    """The batch in slices of about `size` messages, each partition's in order."""
+    for partition, partition_records in records.items():
+        for start in range(0, len(partition_records), size):
+            yield {partition: partition_records[start : start + size]}
 
 
 def _names(partitions: set[TopicPartition]) -> list[str]:

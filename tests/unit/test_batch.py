@@ -198,3 +198,20 @@ def test_every_record_is_accounted_for(
     assert taken | left == {(r.topic, r.partition, r.offset) for r in everything}
     assert batch.next_offsets == {key: rs[-1].offset + 1 for key, rs in records.items()}
     assert len(batch.progress) == len(records)
+
+
+def test_a_later_batch_extends_an_earlier_one() -> None:
+    earlier = decode_batch(
+        by_partition(good("hb", 0, 10), bad("hb", 0, 11), good("hb", 1, 5)), MAX_BYTES
+    )
+    later = decode_batch(by_partition(good("hb", 0, 12), bad("lc", 0, 3)), MAX_BYTES)
+    earlier.extend(later)
+    assert [item.record.offset for item in earlier.good] == [10, 5, 12]
+    assert [letter.offset for letter in earlier.dead_letters] == [11, 3]
+    assert earlier.next_offsets == {("hb", 0): 13, ("hb", 1): 6, ("lc", 0): 4}
+    assert sorted((p.topic, p.partition, p.next_offset) for p in earlier.progress) == [
+        ("hb", 0, 13),
+        ("hb", 1, 6),
+        ("lc", 0, 4),
+    ]
+    assert earlier.size == 5

@@ -682,3 +682,12 @@ def test_split_parts_partition_the_batch_by_customer(
     assert sum(len(part.devices) for part in split) == len(changes.devices)
     assert sum(len(part.users) for part in split) == len(changes.users)
     assert sum(len(part.lifecycle) for part in split) == len(changes.lifecycle)
+
+
+@given(first=st.lists(agent_events(), max_size=15), second=st.lists(agent_events(), max_size=15))
+def test_folding_into_earlier_changes_equals_folding_both_batches_at_once(
+    first: list[AgentEventModel], second: list[AgentEventModel]
+) -> None:
+    together = coalesce(first + second, RECEIVED, TOLERANCE)
+    into = coalesce(second, RECEIVED, TOLERANCE, into=coalesce(first, RECEIVED, TOLERANCE))
+    assert into == together

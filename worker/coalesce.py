@@ -78,16 +78,18 @@ class BatchChanges:
     def sorted_lifecycle(self) -> list[LifecycleRecord]:
         return [self.lifecycle[key] for key in sorted(self.lifecycle)]
 
-    def split_by_customer(self, parts: int) -> list[BatchChanges]:
+    def split_by_customer(self, parts: int, min_devices_per_part: int = 1) -> list[BatchChanges]:
         """At most `parts` changes with disjoint customers and about as many devices each
         (largest customer first, into the lightest part), so that they can be written in
         concurrent transactions that never touch the same row: every row a signal writes
-        or a license decision locks belongs to one customer. The batch-wide clamped count
-        stays on this object. Empty when there is nothing to write."""
+        or a license decision locks belongs to one customer. No more parts than
+        `min_devices_per_part` allows. The batch-wide clamped count stays on this object.
+        Empty when there is nothing to write."""
         devices_per_customer = Counter(customer_id for customer_id, _ in self.devices)
-        if parts <= 1 or len(devices_per_customer) <= 1:
+        parts = min(parts, len(devices_per_customer), len(self.devices) // min_devices_per_part)
+        if parts <= 1:
             return [self] if self.devices or self.users or self.lifecycle else []
-        split = [BatchChanges() for _ in range(min(parts, len(devices_per_customer)))]
+        split = [BatchChanges() for _ in range(parts)]
         loads = [0] * len(split)
         part_of: dict[str, BatchChanges] = {}
         by_size = sorted(devices_per_customer.items(), key=lambda item: (-item[1], item[0]))

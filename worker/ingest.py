@@ -47,6 +47,10 @@ KEEPALIVE_SECONDS = 1.0
 PAUSED_POLL_GRACE_SECONDS = 1.0
 # Messages decoded between two turns of the event loop (a few milliseconds of work).
 DECODE_SLICE = 500
+# A write is split into concurrent parts only when each gets at least this many devices:
+# below that, a second transaction costs more round trips than it saves (latency at low
+# rates, when batches are small).
+MIN_DEVICES_PER_PART = 500
 
 
 class ShutdownDuringRetry(Exception):
@@ -213,8 +217,12 @@ class IngestionLoop:
         database refuses a group's changes as data (not an outage), that group's messages
         are written one by one so only the refused ones go to the DLQ."""
         started = time.perf_counter()
-        parts = changes.split_by_customer(self._settings.write_concurrency)
-        results = await _all_or_none(self._write_part(part) for part in parts)
+        parts = changes.split_by_customer(self._settings.write_concurrency, MIN_DEVICES_PER_PART)
+        # One part (a small batch): its transaction records the progress too, saving one.
+        # Several: the progress waits until all have committed, so that it never claims
+        # signals that are not stored yet (the sweeper's guard trusts it).
+        together = batch.progress if len(parts) == 1 else []
+        results = await _all_or_none(self._write_part(part, together) for part in parts)
         stored = _Stored(refused=[], new_lifecycle_events=set())
         refused_customers: set[str] = set()
         for part, result in zip(parts, results, strict=True):
@@ -232,15 +240,18 @@ class IngestionLoop:
             stored.new_lifecycle_events |= retried.new_lifecycle_events
         else:
             metrics.CLAMPED_EVENTS.inc(changes.clamped_events)
-        if batch.progress:
+        progress_written = bool(together) and results[0] is not None
+        if batch.progress and not progress_written:
             await self._retry_database(lambda: self._write(BatchChanges(), batch.progress))
         stored.seconds = time.perf_counter() - started
         return stored
 
-    async def _write_part(self, part: BatchChanges) -> SignalWriteResult | None:
+    async def _write_part(
+        self, part: BatchChanges, progress: Sequence[PartitionProgress]
+    ) -> SignalWriteResult | None:
         """One group of customers' changes in one transaction; None if refused as data."""
         try:
-            return await self._retry_database(lambda: self._write(part, []))
+            return await self._retry_database(lambda: self._write(part, progress))
         except _PermanentDatabaseError:
             return None
 

@@ -21,7 +21,9 @@ from tests.support import (
     running_worker,
     wait_until,
 )
+from worker import ingest
 from worker.clock import FixedClock
+from worker.coalesce import BatchChanges
 from worker.simulator import SimulatedDevice, agent_event, build_fleet
 
 pytestmark = pytest.mark.integration
@@ -288,10 +290,20 @@ async def test_a_message_the_database_refuses_goes_to_the_dlq_and_the_rest_is_st
 
 
 async def test_a_refused_message_in_one_customers_part_leaves_the_concurrent_part_stored(
-    services: Services, database_url: str, topics: dict[str, str]
+    services: Services, database_url: str, topics: dict[str, str], monkeypatch: Any
 ) -> None:
     """With WRITE_CONCURRENCY=2 a batch of two customers is written in two transactions
     at once; when one is refused, only that customer's messages are retried one by one."""
+    monkeypatch.setattr(ingest, "MIN_DEVICES_PER_PART", 1)  # split even this small batch
+    part_counts: list[int] = []
+    split = BatchChanges.split_by_customer
+
+    def counting_split(changes: BatchChanges, *arguments: Any) -> list[BatchChanges]:
+        parts = split(changes, *arguments)
+        part_counts.append(len(parts))
+        return parts
+
+    monkeypatch.setattr(BatchChanges, "split_by_customer", counting_split)
     connection = await asyncpg.connect(services.owner_url(database_url))
     try:
         await connection.execute(POISON_TRIGGER)
@@ -318,3 +330,4 @@ async def test_a_refused_message_in_one_customers_part_leaves_the_concurrent_par
     assert dead.key == b"c1:poison"
     progress = await fetch(database_url, "SELECT sum(next_offset) AS total FROM ingestion_progress")
     assert progress[0]["total"] == len(events), "progress is recorded after both parts"
+    assert 2 in part_counts, "the batch was written in two concurrent parts"

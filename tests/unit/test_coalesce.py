@@ -691,3 +691,10 @@ def test_folding_into_earlier_changes_equals_folding_both_batches_at_once(
     together = coalesce(first + second, RECEIVED, TOLERANCE)
     into = coalesce(second, RECEIVED, TOLERANCE, into=coalesce(first, RECEIVED, TOLERANCE))
     assert into == together
+
+
+def test_split_makes_no_part_smaller_than_asked() -> None:
+    changes = fold(*(event(customer=f"c{n % 4}", device=f"d{n}") for n in range(10)))
+    assert len(changes.split_by_customer(4, min_devices_per_part=5)) == 2
+    assert changes.split_by_customer(4, min_devices_per_part=6) == [changes]
+    assert len(changes.split_by_customer(4)) == 4

@@ -50,7 +50,8 @@ class DecodedBatch:
         return len(self.good) + len(self.dead_letters)
 
     def extend(self, later: DecodedBatch) -> None:
-        """Appends a batch consumed after this one: both are written and committed as one."""
+        """Appends the messages consumed right after this batch's (the next slice of a
+        fetched batch): offsets and progress become the later ones."""
         self.good.extend(later.good)
         self.dead_letters.extend(later.dead_letters)
         self.next_offsets.update(later.next_offsets)

@@ -120,8 +120,8 @@ def coalesce(
     future_tolerance: timedelta,
     into: BatchChanges | None = None,
 ) -> BatchChanges:
-    """Folds `events` into new changes, or into `into` (the changes of earlier batches
-    that are written together with these)."""
+    """Folds `events` into new changes, or into `into` (the batch's earlier slices: the
+    worker decodes a batch a slice at a time)."""
     # The hot loop of ingestion (several µs an event): it keeps per-event work to the
     # minimum, and the rules are the same for a device's first event and its later ones.
     changes = BatchChanges() if into is None else into

@@ -231,13 +231,7 @@ class IngestionLoop:
             else:
                 stored.new_lifecycle_events |= result.inserted_lifecycle_events
         if refused_customers:
-            accepted = [i for i in batch.good if i.event.customer_id not in refused_customers]
-            metrics.CLAMPED_EVENTS.inc(self._coalesce(i.event for i in accepted).clamped_events)
-            retried = await self._store_one_by_one(
-                [i for i in batch.good if i.event.customer_id in refused_customers]
-            )
-            stored.refused = retried.refused
-            stored.new_lifecycle_events |= retried.new_lifecycle_events
+            await self._store_refused_customers(batch, refused_customers, stored)
         else:
             metrics.CLAMPED_EVENTS.inc(changes.clamped_events)
         progress_written = bool(together) and results[0] is not None
@@ -254,6 +248,19 @@ class IngestionLoop:
             return await self._retry_database(lambda: self._write(part, progress))
         except _PermanentDatabaseError:
             return None
+
+    async def _store_refused_customers(
+        self, batch: DecodedBatch, refused_customers: set[str], stored: _Stored
+    ) -> None:
+        """The parts of these customers were refused as data: their messages are written
+        one by one, so that only the refused ones go to the DLQ."""
+        accepted = [i for i in batch.good if i.event.customer_id not in refused_customers]
+        metrics.CLAMPED_EVENTS.inc(self._coalesce(i.event for i in accepted).clamped_events)
+        retried = await self._store_one_by_one(
+            [i for i in batch.good if i.event.customer_id in refused_customers]
+        )
+        stored.refused = retried.refused
+        stored.new_lifecycle_events |= retried.new_lifecycle_events
 
     async def _store_one_by_one(self, items: Sequence[DecodedRecord]) -> _Stored:
         stored = _Stored(refused=[], new_lifecycle_events=set())

@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -50,7 +51,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -80,6 +81,13 @@ build_fleet: Any = None
 device_bursts: Any = None
 encode: Any = None
 heartbeat_rounds: Any = None
+# For the stage limits (a2) and (a3): the worker's own decoding, folding and write path.
+decode_batch: Any = None
+coalesce: Any = None
+IngestionLoop: Any = None
+Repository: Any = None
+SystemClock: Any = None
+WORKER_GC_THRESHOLDS: tuple[int, ...] | None = None
 
 
 def snapshot_code(destination: Path, git_ref: str | None) -> dict[str, Any]:
@@ -123,8 +131,21 @@ def snapshot_code(destination: Path, git_ref: str | None) -> dict[str, Any]:
 def import_worker_modules(snapshot: Path) -> None:
     global Settings, create_consumer, configure_logging  # noqa: PLW0603
     global agent_event, build_fleet, device_bursts, encode, heartbeat_rounds  # noqa: PLW0603
+    global decode_batch, coalesce, IngestionLoop, Repository, SystemClock  # noqa: PLW0603
+    global WORKER_GC_THRESHOLDS  # noqa: PLW0603
     sys.path.insert(0, str(snapshot))
-    from worker import kafka_clients, logs, settings, simulator  # noqa: PLC0415
+    from worker import (  # noqa: PLC0415
+        batch,
+        clock,
+        ingest,
+        kafka_clients,
+        logs,
+        repository,
+        service,
+        settings,
+        simulator,
+    )
+    from worker import coalesce as folding  # noqa: PLC0415
 
     Settings = settings.Settings
     create_consumer = kafka_clients.create_consumer
@@ -132,6 +153,12 @@ def import_worker_modules(snapshot: Path) -> None:
     agent_event, build_fleet = simulator.agent_event, simulator.build_fleet
     device_bursts, encode = simulator.device_bursts, simulator.encode
     heartbeat_rounds = simulator.heartbeat_rounds
+    decode_batch, coalesce = batch.decode_batch, folding.coalesce
+    IngestionLoop, Repository = ingest.IngestionLoop, repository.Repository
+    SystemClock = clock.SystemClock
+    young = getattr(service, "YOUNG_COLLECTION_THRESHOLD", None)
+    older = getattr(service, "OLDER_COLLECTION_THRESHOLDS", None)
+    WORKER_GC_THRESHOLDS = (young, *older) if young and older else None
     loaded_from = Path(sys.modules["worker"].__file__ or "").resolve()
     if snapshot.resolve() not in loaded_from.parents:
         raise RuntimeError(f"worker modules came from {loaded_from}, not from {snapshot}")
@@ -290,6 +317,11 @@ class Scenario:
     def reader_group(self) -> str:
         return f"bench-reader-{self.suffix}"
 
+    @property
+    def stage_groups(self) -> tuple[str, str]:
+        """The groups that read for the decode limit (a2) and the write limit (a3)."""
+        return (f"bench-decode-{self.suffix}", f"bench-write-{self.suffix}")
+
 
 async def create_scenario(services: Services, partitions: int) -> Scenario:
     suffix = uuid.uuid4().hex[:10]
@@ -310,7 +342,12 @@ async def create_scenario(services: Services, partitions: int) -> Scenario:
         )
     finally:
         await admin.close()
-    name = f"license_bench_{suffix}"
+    name, url = await create_database(services, f"license_bench_{suffix}")
+    return Scenario(suffix, partitions, name, url, topics)
+
+
+async def create_database(services: Services, name: str) -> tuple[str, str]:
+    """A fresh database, migrated by the worker's own `migrate` command."""
     connection = await asyncpg.connect(services.database_url_for("postgres"))
     try:
         await connection.execute(f'CREATE DATABASE "{name}"')
@@ -337,7 +374,15 @@ async def create_scenario(services: Services, partitions: int) -> Scenario:
     output, _ = await migrate.communicate()
     if migrate.returncode != 0:
         raise RuntimeError(f"migrate failed:\n{output.decode(errors='replace')}")
-    return Scenario(suffix, partitions, name, url, topics)
+    return name, url
+
+
+async def drop_database(services: Services, name: str) -> None:
+    connection = await asyncpg.connect(services.database_url_for("postgres"))
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
 
 
 async def drop_scenario(services: Services, scenario: Scenario) -> None:
@@ -346,16 +391,14 @@ async def drop_scenario(services: Services, scenario: Scenario) -> None:
     try:
         await admin.delete_topics(list(scenario.topics.values()))
         with contextlib.suppress(KafkaError, AttributeError):
-            await admin.delete_consumer_groups([scenario.worker_group, scenario.reader_group])
+            await admin.delete_consumer_groups(
+                [scenario.worker_group, scenario.reader_group, *scenario.stage_groups]
+            )
     except KafkaError as error:
         log(f"could not delete topics of {scenario.suffix}: {error!r}")
     finally:
         await admin.close()
-    connection = await asyncpg.connect(services.database_url_for("postgres"))
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{scenario.database_name}" WITH (FORCE)')
-    finally:
-        await connection.close()
+    await drop_database(services, scenario.database_name)
 
 
 # -------------------------------------------------------------------------- producing
@@ -423,7 +466,14 @@ class RateResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-async def measure_read_limit(settings: Settings, total: int, limit_seconds: float) -> RateResult:
+async def measure_read_limit(
+    settings: Settings,
+    total: int,
+    limit_seconds: float,
+    process: Callable[[Mapping[Any, Any]], object] | None = None,
+) -> RateResult:
+    """(a) Reads every message from a fresh group and, with `process`, hands each fetched
+    batch to it before fetching the next (the decode limit, (a2))."""
     consumer = create_consumer(settings)
     consumer.subscribe(list(settings.agent_topics))
     started = time.perf_counter()
@@ -446,6 +496,8 @@ async def measure_read_limit(settings: Settings, total: int, limit_seconds: floa
             if not received:
                 continue
             batches += 1
+            if process is not None:
+                process(records)
             if first_at is None:
                 first_at, first_count = time.perf_counter(), received
             count += received
@@ -461,6 +513,109 @@ async def measure_read_limit(settings: Settings, total: int, limit_seconds: floa
         startup_seconds=first_at - started,
         measured_seconds=measured,
         extra={"batches": batches, "mean_batch": count / batches},
+    )
+
+
+# ------------------------------------------------------------------ stage limits (a2), (a3)
+
+
+def decode_and_fold(settings: Settings) -> Callable[[Mapping[Any, Any]], tuple[Any, Any]]:
+    """What the worker does to a fetched batch before writing it (`IngestionLoop._decode`,
+    without its turns of the event loop): decode and validate every message, then fold."""
+
+    def process(records: Mapping[Any, Any]) -> tuple[Any, Any]:
+        batch = decode_batch(records, settings.max_message_bytes)
+        events = (item.event for item in batch.good)
+        return batch, coalesce(events, datetime.now(UTC), settings.future_tolerance)
+
+    return process
+
+
+@contextlib.contextmanager
+def worker_gc_settings() -> Iterator[None]:
+    """This process collects garbage as the worker does (`tune_garbage_collection`'s
+    thresholds) while it stands in for the worker's Python."""
+    previous = gc.get_threshold()
+    if WORKER_GC_THRESHOLDS:
+        gc.set_threshold(*WORKER_GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*previous)
+
+
+async def measure_decode_limit(
+    services: Services, scenario: Scenario, total: int, limit_seconds: float
+) -> RateResult:
+    """(a2) The read limit plus the worker's decoding and folding of every batch, in this
+    process: what one worker's Python can do before any database work."""
+    settings = scenario.worker_settings(services, scenario.stage_groups[0])
+    with worker_gc_settings():
+        return await measure_read_limit(settings, total, limit_seconds, decode_and_fold(settings))
+
+
+async def measure_write_limit(
+    services: Services, scenario: Scenario, workload: Workload, limit_seconds: float
+) -> RateResult:
+    """(a3) The worker's write path alone: every batch is fetched, decoded and folded first
+    (not timed), then written into a fresh database back to back by the worker's own
+    `IngestionLoop._store` (the concurrent parts, the license decisions, the progress), as
+    the worker writes them one after the other. No Kafka, no decoding, no outbox relay."""
+    reader = scenario.worker_settings(services, scenario.stage_groups[1])
+    fold = decode_and_fold(reader)
+    prepared: list[tuple[Any, Any]] = []
+
+    def keep(records: Mapping[Any, Any]) -> None:
+        batch, changes = fold(records)
+        # A batch that Postgres accepts whole needs only its progress to be written.
+        prepared.append((type(batch)(progress=batch.progress), changes))
+
+    await measure_read_limit(reader, workload.total, limit_seconds, keep)
+    name, url = await create_database(services, f"license_bench_write_{scenario.suffix}")
+    try:
+        settings = Settings(
+            kafka_bootstrap_servers=services.kafka_bootstrap_servers,
+            database_url=url,
+            consumer_group=scenario.stage_groups[1],
+            **scenario.topics,
+        )
+        repository = await Repository.connect(url, settings.database_pool_size)
+        try:
+            loop = IngestionLoop(
+                settings=settings,
+                consumer=None,
+                producer=None,
+                repository=repository,
+                clock=SystemClock(),
+                stopping=asyncio.Event(),
+            )
+            meter = CpuMeter([], services)
+            meter.start()
+            started = time.perf_counter()
+            with worker_gc_settings():
+                for batch, changes in prepared:
+                    await loop._store(batch, changes)  # one batch's write, as the worker does
+            elapsed = time.perf_counter() - started
+            cores = meter.stop()
+        finally:
+            await repository.close()
+        connection = await asyncpg.connect(url)
+        try:
+            devices = await connection.fetchval("SELECT count(*) FROM devices")
+        finally:
+            await connection.close()
+    finally:
+        await drop_database(services, name)
+    if devices != workload.devices:
+        raise RuntimeError(f"write limit stored {devices} devices, not {workload.devices}")
+    return RateResult(
+        messages=workload.total,
+        events_per_second=workload.total / elapsed,
+        events_per_second_with_startup=workload.total / elapsed,
+        startup_seconds=0.0,
+        measured_seconds=elapsed,
+        # `bench` is this process, i.e. the write path's Python.
+        extra={"batches": len(prepared), "cores_used": cores},
     )
 
 
@@ -1135,14 +1290,31 @@ def print_table(results: dict[str, Any]) -> None:
         ratios = [r["ratio"] for r in runs]
         target = TARGETS[f"{shape}_events_per_second"]
         messages = runs[0]["messages"]
-        rows += [
+        rows.append(
             (
                 f"{shape} ({messages:,} msgs): (a) read limit, ev/s",
                 "",
                 fmt(median(reads)),
                 ", ".join(fmt(x) for x in reads),
                 "",
-            ),
+            )
+        )
+        for stage, label in (
+            ("decode", "(a2) read + decode + fold limit (no database)"),
+            ("write", "(a3) write limit (write path alone, no Kafka)"),
+        ):
+            if all(stage in r for r in runs):
+                values = [r[stage]["events_per_second"] for r in runs]
+                rows.append(
+                    (
+                        f"{shape}: {label}, ev/s",
+                        "",
+                        fmt(median(values)),
+                        ", ".join(fmt(x) for x in values),
+                        "",
+                    )
+                )
+        rows += [
             (
                 f"{shape}: (b) worker drain, ev/s",
                 f">= {target:,}",
@@ -1287,10 +1459,20 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 limit_seconds = max(120.0, workload.total / 1_000)
                 reader_settings = scenario.worker_settings(services, scenario.reader_group)
                 read = await measure_read_limit(reader_settings, workload.total, limit_seconds)
-                log(
-                    f"{name} run {run}: (a) read limit {read.events_per_second:,.0f} ev/s; "
-                    "starting the worker"
-                )
+                log(f"{name} run {run}: (a) read limit {read.events_per_second:,.0f} ev/s")
+                stages: dict[str, Any] = {}
+                if args.stages:
+                    decode = await measure_decode_limit(
+                        services, scenario, workload.total, limit_seconds
+                    )
+                    write = await measure_write_limit(services, scenario, workload, limit_seconds)
+                    stages = {"decode": asdict(decode), "write": asdict(write)}
+                    log(
+                        f"{name} run {run}: (a2) read + decode + fold limit "
+                        f"{decode.events_per_second:,.0f} ev/s; (a3) write limit "
+                        f"{write.events_per_second:,.0f} ev/s, cores {write.extra['cores_used']}"
+                    )
+                log(f"{name} run {run}: starting the worker")
                 extension = "pyisession" if args.profiler == "pyinstrument" else "prof"
                 profile = profile_dir / f"{name}-{run}.{extension}" if profile_dir else None
                 drain, peak = await measure_drain(
@@ -1318,6 +1500,7 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     "messages": workload.total,
                     "produce_seconds": round(produce_seconds, 2),
                     "read": asdict(read),
+                    **stages,
                     "drain": asdict(drain),
                     "ratio": ratio,
                     "peak_rss_mb": peak,
@@ -1331,6 +1514,13 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "runs": runs,
             "median": {
                 "read_events_per_second": median(r["read"]["events_per_second"] for r in runs),
+                **{
+                    f"{stage}_events_per_second": median(
+                        r[stage]["events_per_second"] for r in runs
+                    )
+                    for stage in ("decode", "write")
+                    if all(stage in r for r in runs)
+                },
                 "drain_events_per_second": median(r["drain"]["events_per_second"] for r in runs),
                 "drain_second_half_events_per_second": median(
                     r["drain"]["extra"].get("second_half_events_per_second") or float("nan")
@@ -1446,6 +1636,11 @@ def main() -> None:
     )
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument(
+        "--skip-stages",
+        action="store_true",
+        help="skip the decode (a2) and write (a3) limits",
+    )
+    parser.add_argument(
         "--output",
         default=None,
         help="JSON result file (default .local/bench-results.json; "
@@ -1472,6 +1667,7 @@ def main() -> None:
         args.output = str(REPO_ROOT / ".local" / name)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    args.stages = not args.skip_stages
 
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     for old in LOG_DIR.glob("*.log"):

@@ -471,9 +471,12 @@ async def measure_read_limit(
     total: int,
     limit_seconds: float,
     process: Callable[[Mapping[Any, Any]], object] | None = None,
+    services: Services | None = None,
 ) -> RateResult:
     """(a) Reads every message from a fresh group and, with `process`, hands each fetched
-    batch to it before fetching the next (the decode limit, (a2))."""
+    batch to it before fetching the next (the decode limit, (a2)). With `services`, the CPU
+    used from the first batch on is measured too."""
+    meter = CpuMeter([], services) if services is not None else None
     consumer = create_consumer(settings)
     consumer.subscribe(list(settings.agent_topics))
     started = time.perf_counter()
@@ -500,8 +503,11 @@ async def measure_read_limit(
                 process(records)
             if first_at is None:
                 first_at, first_count = time.perf_counter(), received
+                if meter is not None:
+                    meter.start()
             count += received
         finished = time.perf_counter()
+        cores = meter.stop() if meter is not None else None
     finally:
         await consumer.stop()
     assert first_at is not None
@@ -512,7 +518,8 @@ async def measure_read_limit(
         events_per_second_with_startup=count / (finished - started),
         startup_seconds=first_at - started,
         measured_seconds=measured,
-        extra={"batches": batches, "mean_batch": count / batches},
+        extra={"batches": batches, "mean_batch": count / batches}
+        | ({"cores_used": cores} if cores else {}),
     )
 
 
@@ -529,6 +536,17 @@ def decode_and_fold(settings: Settings) -> Callable[[Mapping[Any, Any]], tuple[A
         return batch, coalesce(events, datetime.now(UTC), settings.future_tolerance)
 
     return process
+
+
+def cpu_ceiling(decode: RateResult, write: RateResult) -> float:
+    """(a4) The rate at which the CPU that (a2) and (a3) spend per event would fill every
+    core of the machine: decoding (this process and the broker serving it) plus writing (this
+    process and Postgres), overlapped perfectly, with nothing else running. The worker also
+    runs its outbox relay and its event loop, so it cannot drain faster than this."""
+    decode_cores, write_cores = decode.extra["cores_used"], write.extra["cores_used"]
+    per_event = (decode_cores["bench"] + decode_cores.get("kafka", 0.0)) / decode.events_per_second
+    per_event += (write_cores["bench"] + write_cores.get("postgres", 0.0)) / write.events_per_second
+    return float(decode_cores["machine_cores"]) / per_event
 
 
 @contextlib.contextmanager
@@ -551,7 +569,9 @@ async def measure_decode_limit(
     process: what one worker's Python can do before any database work."""
     settings = scenario.worker_settings(services, scenario.stage_groups[0])
     with worker_gc_settings():
-        return await measure_read_limit(settings, total, limit_seconds, decode_and_fold(settings))
+        return await measure_read_limit(
+            settings, total, limit_seconds, decode_and_fold(settings), services
+        )
 
 
 async def measure_write_limit(
@@ -1314,6 +1334,17 @@ def print_table(results: dict[str, Any]) -> None:
                         "",
                     )
                 )
+        if all("cpu_ceiling_events_per_second" in r for r in runs):
+            values = [r["cpu_ceiling_events_per_second"] for r in runs]
+            rows.append(
+                (
+                    f"{shape}: (a4) CPU ceiling: all cores / CPU per event of (a2) + (a3), ev/s",
+                    "",
+                    fmt(median(values)),
+                    ", ".join(fmt(x) for x in values),
+                    "",
+                )
+            )
         rows += [
             (
                 f"{shape}: (b) worker drain, ev/s",
@@ -1466,11 +1497,16 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         services, scenario, workload.total, limit_seconds
                     )
                     write = await measure_write_limit(services, scenario, workload, limit_seconds)
-                    stages = {"decode": asdict(decode), "write": asdict(write)}
+                    stages = {
+                        "decode": asdict(decode),
+                        "write": asdict(write),
+                        "cpu_ceiling_events_per_second": cpu_ceiling(decode, write),
+                    }
                     log(
                         f"{name} run {run}: (a2) read + decode + fold limit "
                         f"{decode.events_per_second:,.0f} ev/s; (a3) write limit "
-                        f"{write.events_per_second:,.0f} ev/s, cores {write.extra['cores_used']}"
+                        f"{write.events_per_second:,.0f} ev/s, cores {write.extra['cores_used']}; "
+                        f"(a4) CPU ceiling {stages['cpu_ceiling_events_per_second']:,.0f} ev/s"
                     )
                 log(f"{name} run {run}: starting the worker")
                 extension = "pyisession" if args.profiler == "pyinstrument" else "prof"
@@ -1521,6 +1557,15 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     for stage in ("decode", "write")
                     if all(stage in r for r in runs)
                 },
+                **(
+                    {
+                        "cpu_ceiling_events_per_second": median(
+                            r["cpu_ceiling_events_per_second"] for r in runs
+                        )
+                    }
+                    if all("cpu_ceiling_events_per_second" in r for r in runs)
+                    else {}
+                ),
                 "drain_events_per_second": median(r["drain"]["events_per_second"] for r in runs),
                 "drain_second_half_events_per_second": median(
                     r["drain"]["extra"].get("second_half_events_per_second") or float("nan")

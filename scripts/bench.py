@@ -16,6 +16,11 @@ Per fleet shape ("live", "backlog") and run:
   2. (a) read limit: a bare aiokafka consumer (built by `worker.kafka_clients.create_consumer`,
      so the same fetch settings, and `getmany` with the worker's `batch_max_records`) reads
      every message from a fresh group, without decoding them;
+     (a2) the same, plus the worker's own decoding and folding of each batch (no database);
+     (a3) the worker's write path alone (`IngestionLoop._store` on pre-folded batches, into
+     a fresh database; no Kafka); (a4) the CPU ceiling: the machine's cores divided by the
+     CPU one event costs in (a2) and (a3), broker and Postgres included (`--skip-stages`
+     skips a2-a4);
   3. (b) drain: the real worker (`python -m worker.cli run`, a subprocess) consumes the same
      pre-filled topics into Postgres; the rate is measured from the first progress the worker
      stored to the moment every offset is committed in Kafka (start-up excluded; the rate with

@@ -73,8 +73,11 @@ from aiokafka.partitioner import DefaultPartitioner
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT_PATHS = ("worker", "schemas", "sql")
-CODE_DIR = REPO_ROOT / ".local" / "bench-code"  # the snapshot of the code under test
-LOG_DIR = REPO_ROOT / ".local" / "bench-logs"  # one worker log per run
+# BENCH_WORK_DIR moves the snapshot and the logs (the tests run the script in a directory of
+# their own, so they never disturb a benchmark in progress).
+WORK_DIR = Path(os.environ.get("BENCH_WORK_DIR", REPO_ROOT / ".local"))
+CODE_DIR = WORK_DIR / "bench-code"  # the snapshot of the code under test
+LOG_DIR = WORK_DIR / "bench-logs"  # one worker log per run
 
 # Imported from the snapshot of the code under test by `import_worker_modules()`, so the
 # benchmark's reader, settings and simulated fleet match the worker it starts.

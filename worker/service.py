@@ -1,15 +1,18 @@
 """`license-worker run`: wires the clients together, supervises the tasks, shuts down in order.
 
 Shutdown order (SIGTERM or SIGINT): stop fetching, finish the batch in hand and commit it,
-stop the Kafka clients (the producer flushes), close the database pool.
+stop the Kafka clients (the producer flushes), close the database pool. A signal while the
+worker still waits for Kafka or Postgres at start-up ends that wait: nothing is in hand yet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import structlog
 
@@ -37,6 +40,7 @@ from worker.settings import Settings
 from worker.sweeper import Sweeper
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # Python's cycle collector runs a young collection every 700 net allocations by default; a
 # 5,000-message batch allocates hundreds of thousands of objects (records, events, rows),
@@ -52,6 +56,10 @@ def tune_garbage_collection() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *OLDER_COLLECTION_THRESHOLDS)
+
+
+class StoppedDuringStartup(Exception):
+    """The worker was asked to stop while it waited for Kafka or Postgres to answer."""
 
 
 class Worker:
@@ -72,29 +80,57 @@ class Worker:
     async def run(self) -> None:
         settings = self._settings
         log.info("worker.starting", config=settings.masked())
-        server = None
-        if settings.metrics_port:
-            server = serve_health(settings.metrics_port, health_app(self.liveness, self.readiness))
+        try:
+            async with contextlib.AsyncExitStack() as resources:
+                if settings.metrics_port:
+                    server = serve_health(
+                        settings.metrics_port, health_app(self.liveness, self.readiness)
+                    )
+                    resources.callback(server.server_close)
+                    resources.callback(server.shutdown)
+                clients = await self._unless_stopped(self._start_clients(resources))
+                tune_garbage_collection()
+                await self._supervise(self._tasks(*clients))
+        except StoppedDuringStartup:
+            log.info("worker.stopped_during_startup")
+        finally:
+            log.info("worker.stopped")
+
+    async def _start_clients(
+        self, resources: contextlib.AsyncExitStack
+    ) -> tuple[Repository, Repository, Any, PartitionEnds]:
+        """Connects to Postgres and starts the shared Kafka clients, waiting for each while
+        it is unreachable; each is closed with `resources`, in reverse order."""
+        settings = self._settings
         # Two pools: ingestion never waits for a connection held by the relay, the sweeper
         # (whose leader lock keeps one for good) or the monitor.
         repository = await _connect_database(settings, settings.database_pool_size)
+        resources.push_async_callback(repository.close)
         background = await _connect_database(settings, settings.background_pool_size)
+        resources.push_async_callback(background.close)
         producer = create_producer(settings)
+        resources.push_async_callback(producer.stop)
+        await start_with_retry("kafka-producer", producer.start, settings)
         partition_ends = PartitionEnds(settings)
+        resources.push_async_callback(partition_ends.stop)
+        await start_with_retry("kafka-lag-reader", partition_ends.start, settings)
+        return repository, background, producer, partition_ends
+
+    async def _unless_stopped(self, operation: Awaitable[T]) -> T:
+        """Awaits a start-up step that may wait for Kafka or Postgres, unless the worker is
+        asked to stop first: then the step is cancelled and StoppedDuringStartup raised."""
+        step = asyncio.ensure_future(operation)
+        stop_requested = asyncio.create_task(self._stopping.wait())
         try:
-            await start_with_retry("kafka-producer", producer.start, settings)
-            await start_with_retry("kafka-lag-reader", partition_ends.start, settings)
-            tune_garbage_collection()
-            await self._supervise(self._tasks(repository, background, producer, partition_ends))
+            await asyncio.wait({step, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await partition_ends.stop()
-            await producer.stop()
-            await repository.close()
-            await background.close()
-            if server is not None:
-                server.shutdown()
-                server.server_close()
-            log.info("worker.stopped")
+            stop_requested.cancel()
+        if step.done():
+            return step.result()
+        step.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await step
+        raise StoppedDuringStartup
 
     def _tasks(
         self,
@@ -159,9 +195,13 @@ class Worker:
             )
             consumer.subscribe(list(settings.agent_topics), listener=ingest.rebalance_listener())
             try:
-                await start_with_retry("kafka-consumer", consumer.start, settings)
+                await self._unless_stopped(
+                    start_with_retry("kafka-consumer", consumer.start, settings)
+                )
                 self._consumer = consumer
                 await ingest.run()
+            except StoppedDuringStartup:
+                return
             finally:
                 self._consumer = None
                 await consumer.stop()
@@ -184,8 +224,12 @@ class Worker:
         )
         consumer.subscribe([settings.admin_topic], listener=admin.rebalance_listener())
         try:
-            await start_with_retry("kafka-admin-consumer", consumer.start, settings)
+            await self._unless_stopped(
+                start_with_retry("kafka-admin-consumer", consumer.start, settings)
+            )
             await admin.run()
+        except StoppedDuringStartup:
+            return
         finally:
             await consumer.stop()
 

@@ -550,7 +550,7 @@ def cpu_ceiling(decode: RateResult, write: RateResult) -> float:
     """(a4) The rate at which the CPU that (a2) and (a3) spend per event would fill every
     core of the machine: decoding (this process and the broker serving it) plus writing (this
     process and Postgres), overlapped perfectly, with nothing else running. The worker also
-    runs its outbox relay and its event loop, so it cannot drain faster than this."""
+    runs its outbox relay and commits offsets, so at these costs it cannot drain faster."""
     decode_cores, write_cores = decode.extra["cores_used"], write.extra["cores_used"]
     per_event = (decode_cores["bench"] + decode_cores.get("kafka", 0.0)) / decode.events_per_second
     per_event += (write_cores["bench"] + write_cores.get("postgres", 0.0)) / write.events_per_second

@@ -546,6 +546,24 @@ def decode_and_fold(settings: Settings) -> Callable[[Mapping[Any, Any]], tuple[A
     return process
 
 
+STAGE_LABELS = {
+    "decode": "(a2) read + decode + fold limit (no database)",
+    "write": "(a3) write limit (write path alone, no Kafka)",
+    "cpu_ceiling": "(a4) CPU ceiling: all cores / CPU per event of (a2) + (a3)",
+}
+
+
+def stage_rates(run: dict[str, Any]) -> dict[str, float]:
+    """A run's stage limits in ev/s, by the keys of STAGE_LABELS; empty with --skip-stages."""
+    if "decode" not in run:
+        return {}
+    return {
+        "decode": run["decode"]["events_per_second"],
+        "write": run["write"]["events_per_second"],
+        "cpu_ceiling": run["cpu_ceiling_events_per_second"],
+    }
+
+
 def cpu_ceiling(decode: RateResult, write: RateResult) -> float:
     """(a4) The rate at which the CPU that (a2) and (a3) spend per event would fill every
     core of the machine: decoding (this process and the broker serving it) plus writing (this
@@ -1327,12 +1345,9 @@ def print_table(results: dict[str, Any]) -> None:
                 "",
             )
         )
-        for stage, label in (
-            ("decode", "(a2) read + decode + fold limit (no database)"),
-            ("write", "(a3) write limit (write path alone, no Kafka)"),
-        ):
-            if all(stage in r for r in runs):
-                values = [r[stage]["events_per_second"] for r in runs]
+        if all(stage_rates(r) for r in runs):
+            for stage, label in STAGE_LABELS.items():
+                values = [stage_rates(r)[stage] for r in runs]
                 rows.append(
                     (
                         f"{shape}: {label}, ev/s",
@@ -1342,17 +1357,6 @@ def print_table(results: dict[str, Any]) -> None:
                         "",
                     )
                 )
-        if all("cpu_ceiling_events_per_second" in r for r in runs):
-            values = [r["cpu_ceiling_events_per_second"] for r in runs]
-            rows.append(
-                (
-                    f"{shape}: (a4) CPU ceiling: all cores / CPU per event of (a2) + (a3), ev/s",
-                    "",
-                    fmt(median(values)),
-                    ", ".join(fmt(x) for x in values),
-                    "",
-                )
-            )
         rows += [
             (
                 f"{shape}: (b) worker drain, ev/s",
@@ -1559,21 +1563,10 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "median": {
                 "read_events_per_second": median(r["read"]["events_per_second"] for r in runs),
                 **{
-                    f"{stage}_events_per_second": median(
-                        r[stage]["events_per_second"] for r in runs
-                    )
-                    for stage in ("decode", "write")
-                    if all(stage in r for r in runs)
+                    f"{stage}_events_per_second": median(stage_rates(r)[stage] for r in runs)
+                    for stage in STAGE_LABELS
+                    if all(stage_rates(r) for r in runs)
                 },
-                **(
-                    {
-                        "cpu_ceiling_events_per_second": median(
-                            r["cpu_ceiling_events_per_second"] for r in runs
-                        )
-                    }
-                    if all("cpu_ceiling_events_per_second" in r for r in runs)
-                    else {}
-                ),
                 "drain_events_per_second": median(r["drain"]["events_per_second"] for r in runs),
                 "drain_second_half_events_per_second": median(
                     r["drain"]["extra"].get("second_half_events_per_second") or float("nan")

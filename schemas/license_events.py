@@ -1,7 +1,8 @@
 """Outbound license events, schema version 1 (topic `license.events.v1`, key `customer_id`).
 
 `event_id` is deterministic: the same decision always has the same id, so billing can
-de-duplicate an event published twice.
+de-duplicate an event published twice; two decisions are two ids, even for one subject with
+one effective time (allocated, released, allocated again).
 
 License events (`license.*`, `user.purged`) have a user or a device as subject; subscription
 events a subscription; `customer.*` and `usage.snapshot` the customer. Each type may add its
@@ -45,6 +46,11 @@ class LicenseEvent(BaseModel):
     package: Literal["core", "core_plus"] | None = None
     effective_at: AwareDatetime
     emitted_at: AwareDatetime
+    # `license.allocated` and `license.released` only: the subject's license event number,
+    # 1 for its first and one more for each next (a purged user who returns starts at 1
+    # again). The last event of a subject is the one with the highest number; a gap means
+    # an event is missing.
+    sequence: int | None = None
 
 
 LICENSE_EVENT_ADAPTER: TypeAdapter[LicenseEvent] = TypeAdapter(LicenseEvent)

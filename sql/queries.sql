@@ -215,21 +215,30 @@ ORDER BY d.customer_id, d.device_id
 FOR UPDATE OF d;
 
 -- name: held_licenses
-SELECT l.customer_id, l.subject_type, l.subject_id, l.active, l.basis, l.package
+SELECT l.customer_id, l.subject_type, l.subject_id, l.active, l.basis, l.package,
+       l.event_sequence
 FROM licenses AS l
 JOIN unnest($1::text[], $2::text[], $3::text[]) AS s (customer_id, subject_type, subject_id)
     USING (customer_id, subject_type, subject_id)
 WHERE l.purged_at IS NULL;
 
 -- name: allocate_licenses
+-- $8 is the subject's event number of this allocation: the row is written only over the
+-- state the decision was made from (number $8 - 1), so a decision raced by another one
+-- writes nothing and the caller decides again. Returns the rows written.
 INSERT INTO licenses AS l (
     customer_id, subject_type, subject_id, active, basis, allocated_at, allocation_reason,
-    package
+    package, event_sequence
 )
-SELECT c, t, s, true, b, a, r, p
+SELECT c, t, s, true, b, a, r, p, n
 FROM unnest(
-    $1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[]
-) AS x (c, t, s, b, a, r, p)
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[],
+    $8::integer[]
+) AS x (c, t, s, b, a, r, p, n)
+WHERE x.n = 1 OR EXISTS (
+    SELECT FROM licenses AS held
+    WHERE held.customer_id = x.c AND held.subject_type = x.t AND held.subject_id = x.s
+)
 ON CONFLICT (customer_id, subject_type, subject_id) DO UPDATE SET
     active = true,
     basis = EXCLUDED.basis,
@@ -238,16 +247,24 @@ ON CONFLICT (customer_id, subject_type, subject_id) DO UPDATE SET
     allocation_reason = EXCLUDED.allocation_reason,
     released_at = NULL,
     release_reason = NULL,
-    updated_at = now();
+    event_sequence = EXCLUDED.event_sequence,
+    updated_at = now()
+WHERE l.event_sequence = EXCLUDED.event_sequence - 1
+RETURNING 1;
 
 -- name: release_licenses
+-- $6 is the subject's event number of this release; written only over number $6 - 1 (see
+-- allocate_licenses). Returns the rows written.
 UPDATE licenses AS l
-SET active = false, released_at = x.released_at, release_reason = x.reason, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])
-    AS x (customer_id, subject_type, subject_id, released_at, reason)
+SET active = false, released_at = x.released_at, release_reason = x.reason,
+    event_sequence = x.event_sequence, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::integer[])
+    AS x (customer_id, subject_type, subject_id, released_at, reason, event_sequence)
 WHERE l.customer_id = x.customer_id
   AND l.subject_type = x.subject_type
-  AND l.subject_id = x.subject_id;
+  AND l.subject_id = x.subject_id
+  AND l.event_sequence = x.event_sequence - 1
+RETURNING 1;
 
 -- name: reattribute_licenses
 -- A held license whose basis or package changed.
@@ -622,3 +639,18 @@ INSERT INTO usage_snapshots (customer_id, day, event_id, taken_at)
 SELECT customer_id, $2, event_id, $3
 FROM unnest($1::text[], $4::uuid[]) AS s (customer_id, event_id)
 ON CONFLICT (customer_id, day) DO NOTHING;
+
+-- name: licenses_to_reconcile
+-- Every license of customer $1 (NULL: of every customer) that billing knows by its subject:
+-- a purged user's row carries a pseudonym the topic never named.
+SELECT customer_id, subject_type, subject_id, active, event_sequence
+FROM licenses
+WHERE purged_at IS NULL AND ($1::text IS NULL OR customer_id = $1)
+ORDER BY customer_id, subject_type, subject_id;
+
+-- name: subjects_with_pending_events
+-- Subjects with license events the relay has not published yet.
+SELECT DISTINCT customer_id, subject_type, subject_id
+FROM license_outbox
+WHERE published_at IS NULL AND subject_type IN ('user', 'device')
+  AND ($1::text IS NULL OR customer_id = $1);

@@ -284,6 +284,43 @@ def license_events(timeout: float) -> None:
 
 
 @main.command()
+@click.option("--customer", "customer_id", default=None, help="Only this customer.")
+@click.option(
+    "--show", default=50, show_default=True, type=click.IntRange(min=0), help="Differences shown."
+)
+def reconcile(customer_id: str | None, show: int) -> None:
+    """Check that billing's view agrees with the database: every subject's last license
+    event on the topic (de-duplicated by event_id) must match its stored license. Prints the
+    differences; exit 0 when there are none, 1 when there are (or on an error)."""
+    from worker.reconcile import reconcile_subjects  # noqa: PLC0415
+    from worker.repository import Repository  # noqa: PLC0415
+
+    settings = _settings()
+
+    async def run_check() -> Any:
+        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
+        try:
+            return await reconcile_subjects(settings, repository, customer_id)
+        finally:
+            await repository.close()
+
+    result = asyncio.run(run_check())
+    for mismatch in result.mismatches[:show]:
+        click.echo(mismatch.describe())
+    if len(result.mismatches) > show:
+        click.echo(f"... and {len(result.mismatches) - show} more")
+    summary = (
+        f"{result.compared} subjects compared with {settings.license_events_topic}, "
+        f"{result.pending} with events still in the outbox (not compared)"
+    )
+    if result.unreadable_events:
+        summary += f", {result.unreadable_events} records that are not license events skipped"
+    if result.mismatches:
+        raise click.ClickException(f"{len(result.mismatches)} differ: {summary}")
+    click.echo(f"ok: {summary}; billing's view agrees with the database")
+
+
+@main.command()
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds per service.")
 def check(timeout: float) -> None:
     """Exit 0 when Postgres and Kafka answer, 1 otherwise (container probes)."""

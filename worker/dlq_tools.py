@@ -8,11 +8,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
-
 from worker.dead_letters import HEADER_PREFIX
-from worker.kafka_clients import create_producer, describe_partitions, start_once
+from worker.kafka_clients import create_producer, read_until_end, start_once
 from worker.settings import Settings
 
 REPLAYED_FROM_HEADER = "dlq.replayed_from"
@@ -76,33 +73,8 @@ def selected(record: DeadLetterRecord, reasons: set[str], source_topics: set[str
 async def read_dead_letters(settings: Settings) -> AsyncIterator[DeadLetterRecord]:
     """Every message in the DLQ up to its end when the read started (no consumer group, so
     reading changes nothing)."""
-    admin = AIOKafkaAdminClient(**settings.kafka_client_options())
-    try:
-        await start_once("kafka-admin", admin.start, settings)
-        partitions = await describe_partitions(admin, [settings.dlq_topic])
-    finally:
-        await admin.close()
-    if not partitions:
-        return
-    consumer = AIOKafkaConsumer(
-        **settings.kafka_client_options(), enable_auto_commit=False, auto_offset_reset="earliest"
-    )
-    try:
-        await start_once("kafka-consumer", consumer.start, settings)
-        consumer.assign(partitions)
-        ends = await consumer.end_offsets(partitions)
-        remaining = {tp for tp in partitions if ends[tp] > await consumer.position(tp)}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=1000)
-            for tp, records in batch.items():
-                for record in records:
-                    if record.offset < ends[tp]:
-                        yield to_record(record)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
-    finally:
-        await consumer.stop()
+    async for record in read_until_end(settings, settings.dlq_topic):
+        yield to_record(record)
 
 
 async def replay(

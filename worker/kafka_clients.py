@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -189,6 +189,38 @@ async def read_topic(settings: Settings, topic: str, idle_seconds: float) -> lis
     finally:
         await consumer.stop()
     return values
+
+
+async def read_until_end(settings: Settings, topic: str) -> AsyncIterator[Any]:
+    """Every record of every partition of `topic`, from the beginning up to its end when the
+    read started. No consumer group: reading changes nothing."""
+    admin = AIOKafkaAdminClient(**settings.kafka_client_options())
+    try:
+        await start_once("kafka-admin", admin.start, settings)
+        partitions = await describe_partitions(admin, [topic])
+    finally:
+        await admin.close()
+    if not partitions:
+        return
+    consumer = AIOKafkaConsumer(
+        **settings.kafka_client_options(), enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    try:
+        await start_once("kafka-consumer", consumer.start, settings)
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        remaining = {tp for tp in partitions if ends[tp] > await consumer.position(tp)}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=1000)
+            for tp, records in batch.items():
+                for record in records:
+                    if record.offset < ends[tp]:
+                        yield record
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
 
 
 async def cluster_answers(settings: Settings) -> None:

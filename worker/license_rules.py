@@ -84,11 +84,13 @@ class DeviceFacts:
 
 @dataclass(frozen=True, slots=True)
 class HeldLicense:
-    """A license row as stored: active, or released (then `basis` is the last one held)."""
+    """A license row as stored: active, or released (then `basis` is the last one held).
+    `event_sequence` counts the subject's license events so far (allocations and releases)."""
 
     active: bool
     basis: Basis
     package: str | None = None
+    event_sequence: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,9 @@ class LicenseChange:
     reason: Reason | None
     effective_at: datetime
     package: str | None = None
+    # The subject's license event this change announces: 1 for its first, one more for each
+    # next (0: a change billing is not told of, such as a new basis).
+    sequence: int = 0
 
     @property
     def subject(self) -> Subject:
@@ -210,8 +215,9 @@ def license_changes(
         if current is None or not current.active:
             reason = Reason.FIRST_SIGNAL if current is None else Reason.REACTIVATED
             at = facts.allocated_at(subject)
+            sequence = _next_event(current)
             changes.append(
-                LicenseChange(ChangeKind.ALLOCATED, *subject, basis, reason, at, package)
+                LicenseChange(ChangeKind.ALLOCATED, *subject, basis, reason, at, package, sequence)
             )
         elif current.basis != basis:
             changes.append(
@@ -226,10 +232,20 @@ def license_changes(
             reason, at = facts.release(subject, current.basis)
             changes.append(
                 LicenseChange(
-                    ChangeKind.RELEASED, *subject, current.basis, reason, at, current.package
+                    ChangeKind.RELEASED,
+                    *subject,
+                    current.basis,
+                    reason,
+                    at,
+                    current.package,
+                    _next_event(current),
                 )
             )
     return changes
+
+
+def _next_event(current: HeldLicense | None) -> int:
+    return 1 if current is None else current.event_sequence + 1
 
 
 def _terms(terms: CustomerTerms | str) -> CustomerTerms:
@@ -296,12 +312,30 @@ class _SubjectFacts:
 
 
 def license_event_id(
-    customer_id: str, event_type: str, subject_type: str, subject_id: str, effective_at: datetime
+    customer_id: str,
+    event_type: str,
+    subject_type: str,
+    subject_id: str,
+    effective_at: datetime,
+    *,
+    sequence: int | None = None,
 ) -> str:
     """Deterministic: the same decision always gets the same id, so billing can de-duplicate
-    a re-published event. Ids may contain the separator: it is escaped, so two customers'
-    decisions never hash alike (the outbox would keep only one of them)."""
-    parts = (customer_id, event_type, subject_type, subject_id, effective_at.isoformat())
+    a re-published event, and a decision lost with its transaction and made again from the
+    same stored state gets it again. A license decision's `sequence` (the subject's event
+    number) makes two decisions of one subject two events even when their type and
+    effective time agree (allocated, released, allocated again). Ids may contain the
+    separator: it is escaped, so two customers' decisions never hash alike (the outbox would
+    keep only one of them)."""
+    parts: tuple[str, ...] = (
+        customer_id,
+        event_type,
+        subject_type,
+        subject_id,
+        effective_at.isoformat(),
+    )
+    if sequence is not None:
+        parts += (str(sequence),)
     name = "|".join(_escape_separator(part) for part in parts)
     return str(uuid.uuid5(LICENSE_EVENT_NAMESPACE, name))
 

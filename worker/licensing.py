@@ -82,7 +82,7 @@ async def decide_groups(
     for row in await session.held_licenses(sorted(subjects)):
         subject = (SubjectType(row["subject_type"]), row["subject_id"])
         held_by_customer[row["customer_id"]][subject] = HeldLicense(
-            row["active"], Basis(row["basis"]), row["package"]
+            row["active"], Basis(row["basis"]), row["package"], row["event_sequence"]
         )
     terms = await customer_terms(session, customer_rows, users)
     rows: list[LicenseRow] = []
@@ -152,7 +152,12 @@ def license_row(customer_id: str, change: LicenseChange, emitted_at: datetime) -
     event_id = payload = None
     if event_type is not None:
         event_id = license_event_id(
-            customer_id, event_type, change.subject_type, change.subject_id, change.effective_at
+            customer_id,
+            event_type,
+            change.subject_type,
+            change.subject_id,
+            change.effective_at,
+            sequence=change.sequence,
         )
         payload = license_event_json(
             event_id=event_id,
@@ -165,6 +170,7 @@ def license_row(customer_id: str, change: LicenseChange, emitted_at: datetime) -
             package=change.package,
             effective_at=change.effective_at,
             emitted_at=emitted_at,
+            sequence=change.sequence,
         )
     return LicenseRow(
         customer_id=customer_id,
@@ -177,6 +183,7 @@ def license_row(customer_id: str, change: LicenseChange, emitted_at: datetime) -
         event_id=event_id,
         payload=payload,
         package=change.package,
+        event_sequence=change.sequence,
     )
 
 

@@ -58,7 +58,10 @@ def database_refusal(error: BaseException) -> str | None:
 
 
 def is_transient_database_error(error: BaseException) -> bool:
-    if isinstance(error, OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
+    if isinstance(
+        error,
+        OSError | asyncio.TimeoutError | asyncpg.InterfaceError | ConcurrentDecisionError,
+    ):
         return True
     if isinstance(error, asyncpg.PostgresError):
         sqlstate = getattr(error, "sqlstate", None) or ""
@@ -97,6 +100,8 @@ class LicenseRow:
     event_id: str | None
     payload: str | None
     package: str | None = None
+    # The subject's license event number this change announces (0: no event).
+    event_sequence: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,18 +243,24 @@ class Session:
         released = [row for row in rows if row.change == "released"]
         rebased = [row for row in rows if row.change in ("basis_changed", "package_changed")]
         if allocated:
-            await connection.execute(
+            written = await connection.fetch(
                 query("allocate_licenses"),
                 *_columns(
                     allocated,
-                    "customer_id subject_type subject_id basis effective_at reason package",
+                    "customer_id subject_type subject_id basis effective_at reason package "
+                    "event_sequence",
                 ),
             )
+            _expect_decided(allocated, written)
         if released:
-            await connection.execute(
+            written = await connection.fetch(
                 query("release_licenses"),
-                *_columns(released, "customer_id subject_type subject_id effective_at reason"),
+                *_columns(
+                    released,
+                    "customer_id subject_type subject_id effective_at reason event_sequence",
+                ),
             )
+            _expect_decided(released, written)
         if rebased:
             await connection.execute(
                 query("reattribute_licenses"),
@@ -272,6 +283,21 @@ class Session:
                 query("enqueue_license_events"),
                 *_columns(events, "event_id customer_id subject_type subject_id payload"),
             )
+
+
+class ConcurrentDecisionError(Exception):
+    """Another transaction changed a license between this one's read and its write: the
+    decision was made on stale facts. Transient: the batch is decided again."""
+
+
+def _expect_decided(rows: Sequence[LicenseRow], written: Sequence[asyncpg.Record]) -> None:
+    """Each allocation or release is written only over the state it was decided from (the
+    subject's event number just before it); one that was not raced with another decision."""
+    if len(written) != len(rows):
+        raise ConcurrentDecisionError(
+            f"{len(rows) - len(written)} of {len(rows)} license changes were decided on a "
+            "state another transaction has changed since"
+        )
 
 
 class ClusterLock:

@@ -84,8 +84,15 @@ def change(
     basis: Basis,
     reason: Reason | None,
     effective_at: datetime,
+    sequence: int | None = None,
 ) -> LicenseChange:
-    return LicenseChange(kind, subject[0], subject[1], basis, reason, effective_at)
+    """A change as decided over a license held with no event yet (`active`, `released`):
+    an allocation or release is then the subject's event number 1."""
+    if sequence is None:
+        sequence = 1 if kind in (ChangeKind.ALLOCATED, ChangeKind.RELEASED) else 0
+    return LicenseChange(
+        kind, subject[0], subject[1], basis, reason, effective_at, sequence=sequence
+    )
 
 
 # --- desired_licenses: the table -----------------------------------------------------------
@@ -274,6 +281,24 @@ def test_which_device_is_covered_never_changes_the_count(
     business_like = [d for d in devices if d.kind != "personal"]
     oldest = min(business_like, key=lambda d: d.first_seen_at)
     assert dev(oldest.device_id) not in wanted
+
+
+def test_event_numbers_continue_from_the_held_license() -> None:
+    """Each allocation or release is the subject's next event; other changes are none."""
+    held = {
+        user("alice"): HeldLicense(active=False, basis=Basis.USER, event_sequence=2),
+        dev("b2"): HeldLicense(active=True, basis=Basis.OVER_ALLOWANCE, event_sequence=5),
+        dev("b1"): HeldLicense(active=True, basis=Basis.OVER_ALLOWANCE, event_sequence=1),
+    }
+    devices = [
+        device("b3", first=ago(50)),
+        device("b2", first=ago(10), protected=False),
+        device("b1", user_id=None),
+    ]
+    changes = {c.subject: c for c in license_changes(devices, held, "user", NOW, WINDOW)}
+    assert (changes[user("alice")].kind, changes[user("alice")].sequence) == (ALLOCATED, 3)
+    assert (changes[dev("b2")].kind, changes[dev("b2")].sequence) == (RELEASED, 6)
+    assert (changes[dev("b1")].kind, changes[dev("b1")].sequence) == (ChangeKind.BASIS_CHANGED, 0)
 
 
 # --- license_changes: the table --------------------------------------------------------------
@@ -575,7 +600,11 @@ def apply(
 ) -> dict[Subject, HeldLicense]:
     after = dict(held)
     for c in changes:
-        after[c.subject] = HeldLicense(active=c.kind is not RELEASED, basis=c.basis)
+        before = after.get(c.subject)
+        sequence = c.sequence or (before.event_sequence if before else 0)
+        after[c.subject] = HeldLicense(
+            active=c.kind is not RELEASED, basis=c.basis, event_sequence=sequence
+        )
     return after
 
 

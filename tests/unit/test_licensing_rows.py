@@ -95,8 +95,11 @@ def make_change(
     basis: Basis = Basis.USER,
     reason: Reason | None = Reason.FIRST_SIGNAL,
     effective_at: datetime = EFFECTIVE,
+    sequence: int = 1,
 ) -> LicenseChange:
-    return LicenseChange(kind, subject_type, subject_id, basis, reason, effective_at)
+    return LicenseChange(
+        kind, subject_type, subject_id, basis, reason, effective_at, sequence=sequence
+    )
 
 
 @pytest.mark.parametrize(
@@ -145,7 +148,12 @@ def test_license_row_with_event(change: LicenseChange, event_type: str) -> None:
         change.effective_at,
     )
     assert row.event_id == license_event_id(
-        "cust-042", event_type, change.subject_type, change.subject_id, change.effective_at
+        "cust-042",
+        event_type,
+        change.subject_type,
+        change.subject_id,
+        change.effective_at,
+        sequence=change.sequence,
     )
     assert row.payload is not None
     event = LICENSE_EVENT_ADAPTER.validate_json(row.payload)
@@ -159,6 +167,7 @@ def test_license_row_with_event(change: LicenseChange, event_type: str) -> None:
     assert event.basis == change.basis.value
     assert event.effective_at == change.effective_at
     assert event.emitted_at == EMITTED
+    assert event.sequence == change.sequence == row.event_sequence
 
 
 def test_basis_changed_has_no_event() -> None:
@@ -185,6 +194,17 @@ def event_id_of(customer_id: str, change: LicenseChange, emitted_at: datetime = 
     event_id = license_row(customer_id, change, emitted_at).event_id
     assert event_id is not None
     return event_id
+
+
+def test_two_decisions_of_one_subject_with_one_effective_time_are_two_events() -> None:
+    """Allocated, released, allocated again while the newest signal did not move: the fault
+    run's lost re-allocation. The event number tells the two allocations apart."""
+    first = event_id_of("cust-1", make_change(sequence=1))
+    release = event_id_of("cust-1", make_change(ChangeKind.RELEASED, sequence=2))
+    again = event_id_of("cust-1", make_change(reason=Reason.REACTIVATED, sequence=3))
+    assert len({first, release, again}) == 3
+    # Made again from the same stored state (a lost transaction, a redelivered batch).
+    assert event_id_of("cust-1", make_change(reason=Reason.REACTIVATED, sequence=3)) == again
 
 
 def test_event_id_is_deterministic() -> None:

@@ -46,6 +46,8 @@ echo "written: .local/demo-usage.xlsx"
 day() { date -u -d "+$1 days" +%Y-%m-%dT%H:%M:%SZ; }
 section "day 31: every device has been silent for 30 days (and the Core+ trial has ended)"
 $cli sweep --once --now "$(day 31)"
+# The relay inside `run` would publish the releases within a second; no worker runs here.
+$cli publish-events
 section "day 121: 90 days after the releases"
 $cli sweep --once --now "$(day 121)"
 psql "$DATABASE_URL" -c "SELECT subject_type, active, release_reason, purged_at IS NOT NULL AS purged, count(*) FROM licenses GROUP BY 1, 2, 3, 4 ORDER BY 1"
@@ -61,3 +63,6 @@ for event in events[:3] + events[-3:]:
 counts = collections.Counter((e["type"], e["reason"]) for e in events)
 for (kind, reason), n in sorted(counts.items()):
     print(f"{n:5d}  {kind:20s} {reason}")'
+
+section "does billing's view agree with the database? (every subject's last event)"
+$cli reconcile

@@ -402,10 +402,18 @@ UPDATE sweep_holds SET applied_at = $2 WHERE id = $1;
 SELECT value FROM service_keys WHERE name = 'pseudonym';
 
 -- name: users_due_for_purge
-SELECT customer_id, subject_id AS user_id, released_at
-FROM licenses
-WHERE NOT active AND subject_type = 'user' AND purged_at IS NULL AND released_at <= $1
-ORDER BY released_at, customer_id, subject_id
+-- Only users whose every license event has been published: the purge rewrites the user's
+-- id in the outbox, and a release that reached billing under the pseudonym would leave
+-- billing charging the user it never saw released. Such users wait for the relay.
+SELECT l.customer_id, l.subject_id AS user_id, l.released_at
+FROM licenses AS l
+WHERE NOT l.active AND l.subject_type = 'user' AND l.purged_at IS NULL AND l.released_at <= $1
+  AND NOT EXISTS (
+    SELECT FROM license_outbox AS o
+    WHERE o.customer_id = l.customer_id AND o.subject_type = 'user'
+      AND o.subject_id = l.subject_id AND o.published_at IS NULL
+  )
+ORDER BY l.released_at, l.customer_id, l.subject_id
 LIMIT $2
 FOR UPDATE SKIP LOCKED;
 

@@ -157,10 +157,10 @@ def compare(
     for subject, events in on_topic.items():
         if subject in stored_subjects or subject in pending:
             continue
+        compared += 1
         last = events.last()
         # A purged user's license row carries a pseudonym now; its last event was a release.
         if last is not None and last.event_type == "license.allocated":
-            compared += 1
             mismatches.append(_mismatch(subject, "billed but not stored", None, last))
     mismatches.sort(key=lambda m: (m.customer_id, m.subject_type, m.subject_id))
     return mismatches, compared

@@ -15,6 +15,7 @@ from tests.integration.license_support import (
     ingest,
     publish_outbox,
     send,
+    sweeper_at,
 )
 from tests.support import Services, fetch, fetchval, make_settings, run_cli, settings_environment
 from worker.reconcile import SubjectMismatch, reconcile_subjects
@@ -170,3 +171,29 @@ async def test_a_decision_made_on_a_state_that_changed_since_writes_nothing(
         )
         == 4
     )
+
+
+async def test_a_user_is_purged_only_once_their_release_reached_billing(
+    services: Services, settings: Settings
+) -> None:
+    """The purge rewrites the user's id in the outbox: had the release still been waiting
+    there, billing would have received it under the pseudonym and kept charging the user."""
+    total = await send(services, settings, [(ALICE, "install", day(0))])
+    await ingest(services, settings, day(0) + timedelta(minutes=5), total)
+    async with sweeper_at(settings, day(31)) as sweeper:
+        assert (await sweeper.run_once()).released == 1
+    async with sweeper_at(settings, day(121)) as sweeper:
+        assert (await sweeper.run_once()).purged == 0, "the release is still in the outbox"
+    await publish_outbox(settings)
+    async with sweeper_at(settings, day(121)) as sweeper:
+        assert (await sweeper.run_once()).purged == 1
+    await publish_outbox(settings)
+    # Each pass on a new day also sends the customer's usage snapshot.
+    events = await billing_view(services, settings, 5)
+    subject_events = [e for e in events if e["type"] != "usage.snapshot"]
+    assert [(e["type"], e["subject_id"] == ALICE.user_id) for e in subject_events] == [
+        ("license.allocated", True),
+        ("license.released", True),
+        ("user.purged", False),
+    ]
+    assert await _mismatches(settings) == []

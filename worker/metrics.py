@@ -14,6 +14,13 @@ DEAD_LETTERS = Counter(
     "Messages sent to the DLQ, by source topic and reason.",
     ["topic", "reason"],
 )
+DEAD_LETTERS_FAILED = Counter(
+    "license_worker_dead_letters_failed_total",
+    "Dead letters the DLQ refused for good, even truncated, by source topic, reason and "
+    "error: logged (dead_letter.refused, with the source offset) and skipped; the original "
+    "stays in its source topic.",
+    ["topic", "reason", "error"],
+)
 CLAMPED_EVENTS = Counter(
     "license_worker_clamped_events_total",
     "Events whose agent clock was in the future and whose event time was clamped.",

@@ -1,0 +1,196 @@
+"""Messages at and above every size limit on the way to the DLQ, on the real broker.
+
+The source topics accept messages of up to 3 MB (topic `max.message.bytes`); the worker's
+producer sends at most 1 MiB per request (`max_request_size`). A dead letter whose copy does
+not fit is written truncated, with the original's size and sha256; one the DLQ refuses even
+truncated is logged and counted. Either way every partition keeps moving."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
+
+from tests.support import (
+    Services,
+    committed_offsets_total,
+    encode,
+    fetch,
+    make_settings,
+    read_all,
+    running_worker,
+    wait_until,
+)
+from worker.kafka_clients import AGENT_TOPIC_CONFIG, PRODUCER_MAX_REQUEST_BYTES
+from worker.simulator import SimulatedDevice, agent_event
+
+pytestmark = pytest.mark.integration
+
+SOURCE_TOPIC_LIMIT = 3_000_000
+# Value sizes: a copy that fits whole, one whose dlq.* headers push it over the producer's
+# limit, the producer's limit itself, and one above the broker's default limit.
+FITS_WHOLE = 1_000_000
+OVER_WITH_HEADERS = 1_048_500
+AT_PRODUCER_LIMIT = PRODUCER_MAX_REQUEST_BYTES
+ABOVE_BROKER_DEFAULT = 2_500_000
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+async def create_topics_with_limits(services: Services, dlq_limit: int | None) -> dict[str, str]:
+    suffix = uuid.uuid4().hex[:10]
+    names = {
+        "heartbeat_topic": f"agent.heartbeat.big.{suffix}",
+        "lifecycle_topic": f"agent.lifecycle.big.{suffix}",
+        "dlq_topic": f"agent.events.dlq.big.{suffix}",
+        "license_events_topic": f"license.events.big.{suffix}",
+        "admin_topic": f"tenant.admin.big.{suffix}",
+        "consumer_group": f"license-telemetry-big-{suffix}",
+        "admin_consumer_group": f"license-telemetry-admin-big-{suffix}",
+    }
+    source = {**AGENT_TOPIC_CONFIG, "max.message.bytes": str(SOURCE_TOPIC_LIMIT)}
+    dlq = {"max.message.bytes": str(dlq_limit)} if dlq_limit else {}
+    configs: dict[str, dict[str, str]] = {
+        "heartbeat_topic": source,
+        "lifecycle_topic": source,
+        "dlq_topic": dlq,
+        "license_events_topic": {},
+        "admin_topic": {},
+    }
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(names[key], 4, 1, topic_configs=config) for key, config in configs.items()]
+        )
+    finally:
+        await admin.close()
+    return names
+
+
+def good(device_id: str) -> tuple[bytes, bytes]:
+    device = SimulatedDevice("c1", device_id, None, "business")
+    return device.key, encode(agent_event(device, "heartbeat", NOW))
+
+
+def oversized(size: int) -> tuple[bytes, bytes]:
+    return f"big-{size}".encode(), (b'{"pad":"' + b"p" * size)[:size]
+
+
+async def produce_to_partitions(
+    services: Services, topic: str, messages: dict[int, list[tuple[bytes, bytes]]]
+) -> int:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=services.kafka_bootstrap_servers,
+        acks="all",
+        max_request_size=SOURCE_TOPIC_LIMIT + 100_000,
+    )
+    await producer.start()
+    count = 0
+    try:
+        for partition, partition_messages in messages.items():
+            for key, value in partition_messages:
+                await producer.send_and_wait(topic, value=value, key=key, partition=partition)
+                count += 1
+    finally:
+        await producer.stop()
+    return count
+
+
+async def ingest_until_committed(services: Services, topics: dict[str, str], expected: int) -> None:
+    names = [topics["heartbeat_topic"], topics["lifecycle_topic"]]
+
+    async def all_committed() -> bool:
+        total = await committed_offsets_total(
+            services.kafka_bootstrap_servers, topics["consumer_group"], names
+        )
+        return total >= expected
+
+    await wait_until(all_committed, timeout=60)
+
+
+async def stored_devices(database_url: str) -> set[str]:
+    return {row["device_id"] for row in await fetch(database_url, "SELECT device_id FROM devices")}
+
+
+def headers_of(record: Any) -> dict[str, str]:
+    return {name: value.decode() for name, value in record.headers}
+
+
+async def test_oversized_messages_are_dead_lettered_truncated_and_every_partition_moves(
+    services: Services, database_url: str
+) -> None:
+    topics = await create_topics_with_limits(services, dlq_limit=None)
+    big = [FITS_WHOLE, OVER_WITH_HEADERS, AT_PRODUCER_LIMIT, ABOVE_BROKER_DEFAULT]
+    on_zero = [good("before")]
+    for number, size in enumerate(big):
+        on_zero += [oversized(size), good(f"after-{number}")]
+    messages = {0: on_zero, **{p: [good(f"other-{p}")] for p in (1, 2, 3)}}
+    topic = topics["heartbeat_topic"]
+    total = await produce_to_partitions(services, topic, messages)
+    settings = make_settings(services, database_url, topics, sweep_enabled=False)
+
+    async with running_worker(settings):
+        await ingest_until_committed(services, topics, total)
+
+    expected = {"before", "other-1", "other-2", "other-3"} | {f"after-{n}" for n in range(4)}
+    assert await stored_devices(database_url) == expected
+    dead = await read_all(services.kafka_bootstrap_servers, topics["dlq_topic"], len(big))
+    assert len(dead) == len(big)
+    by_key = {record.key: record for record in dead}
+    for number, size in enumerate(big):
+        key, original = oversized(size)
+        record, headers = by_key[key], headers_of(by_key[key])
+        assert headers["dlq.error.class"] == "oversized"
+        assert headers["dlq.source.topic"] == topic
+        assert headers["dlq.source.partition"] == "0"
+        assert int(headers["dlq.source.offset"]) == 1 + 2 * number
+        if size == FITS_WHOLE:
+            assert record.value == original, "a copy that fits is written whole"
+            assert "dlq.truncated" not in headers
+            continue
+        assert headers["dlq.truncated"] == "true"
+        assert headers["dlq.original_size"] == str(size)
+        assert headers["dlq.original_sha256"] == hashlib.sha256(original).hexdigest()
+        assert original.startswith(record.value), "the truncated value is the original's start"
+        assert PRODUCER_MAX_REQUEST_BYTES - 4096 < len(record.value) < PRODUCER_MAX_REQUEST_BYTES
+
+
+async def test_a_dead_letter_the_dlq_refuses_even_truncated_is_logged_and_ingestion_moves_on(
+    services: Services, database_url: str
+) -> None:
+    topics = await create_topics_with_limits(services, dlq_limit=20_000)
+    topic = topics["heartbeat_topic"]
+    refused_key, refused_value = oversized(OVER_WITH_HEADERS)
+    messages = {
+        0: [good("before"), (refused_key, refused_value), (b"broken", b"{not json"), good("after")],
+        1: [good("other-1")],
+    }
+    total = await produce_to_partitions(services, topic, messages)
+    settings = make_settings(services, database_url, topics, sweep_enabled=False)
+    labels = {"topic": topic, "reason": "oversized", "error": "MessageSizeTooLargeError"}
+    failed_before = REGISTRY.get_sample_value("license_worker_dead_letters_failed_total", labels)
+
+    with capture_logs() as logs:
+        async with running_worker(settings):
+            await ingest_until_committed(services, topics, total)
+
+    assert await stored_devices(database_url) == {"before", "after", "other-1"}
+    [dead] = await read_all(services.kafka_bootstrap_servers, topics["dlq_topic"], 1, timeout=5)
+    assert dead.key == b"broken", "the small dead letter still reaches the DLQ"
+    [refusal] = [line for line in logs if line["event"] == "dead_letter.refused"]
+    assert refusal["log_level"] == "error"
+    assert refusal["source_topic"] == topic
+    assert refusal["source_partition"] == 0
+    assert refusal["source_offset"] == 1
+    assert refusal["original_size"] == OVER_WITH_HEADERS
+    assert refusal["original_sha256"] == hashlib.sha256(refused_value).hexdigest()
+    assert refusal["error"] == "MessageSizeTooLargeError"
+    failed = REGISTRY.get_sample_value("license_worker_dead_letters_failed_total", labels)
+    assert failed == (failed_before or 0) + 1

@@ -209,6 +209,65 @@ async def create_topics(bootstrap: str, names: Mapping[str, str], partitions: in
         await admin.close()
 
 
+SOURCE_TOPIC_LIMIT = 3_000_000
+
+
+async def create_topics_for_large_messages(
+    services: Services, dlq_limit: int | None = None
+) -> dict[str, str]:
+    """Fresh topics (and consumer groups) for one test whose agent topics take messages of
+    up to SOURCE_TOPIC_LIMIT bytes; the DLQ's limit is `dlq_limit` if given."""
+    suffix = uuid.uuid4().hex[:10]
+    names = {
+        "heartbeat_topic": f"agent.heartbeat.big.{suffix}",
+        "lifecycle_topic": f"agent.lifecycle.big.{suffix}",
+        "dlq_topic": f"agent.events.dlq.big.{suffix}",
+        "license_events_topic": f"license.events.big.{suffix}",
+        "admin_topic": f"tenant.admin.big.{suffix}",
+        "consumer_group": f"license-telemetry-big-{suffix}",
+        "admin_consumer_group": f"license-telemetry-admin-big-{suffix}",
+    }
+    source = {**AGENT_TOPIC_CONFIG, "max.message.bytes": str(SOURCE_TOPIC_LIMIT)}
+    dlq = {"max.message.bytes": str(dlq_limit)} if dlq_limit else {}
+    configs: dict[str, dict[str, str]] = {
+        "heartbeat_topic": source,
+        "lifecycle_topic": source,
+        "dlq_topic": dlq,
+        "license_events_topic": {},
+        "admin_topic": {},
+    }
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(names[key], 4, 1, topic_configs=config) for key, config in configs.items()]
+        )
+    finally:
+        await admin.close()
+    return names
+
+
+async def produce_to_partitions(
+    services: Services, topic: str, messages: dict[int, list[tuple[bytes, bytes]]]
+) -> int:
+    """Produces each partition's messages in order, up to SOURCE_TOPIC_LIMIT bytes each."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=services.kafka_bootstrap_servers,
+        acks="all",
+        max_request_size=SOURCE_TOPIC_LIMIT + 100_000,
+    )
+    await producer.start()
+    count = 0
+    try:
+        for partition, partition_messages in messages.items():
+            for key, value in partition_messages:
+                await producer.send_and_wait(topic, value=value, key=key, partition=partition)
+                count += 1
+    finally:
+        await producer.stop()
+    return count
+
+
 def make_settings(
     services: Services, database_url: str, topics: Mapping[str, str], **overrides: Any
 ) -> Settings:

@@ -8,32 +8,30 @@ truncated is logged and counted. Either way every partition keeps moving."""
 from __future__ import annotations
 
 import hashlib
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from tests.support import (
     Services,
     committed_offsets_total,
+    create_topics_for_large_messages,
     encode,
     fetch,
     make_settings,
+    produce_to_partitions,
     read_all,
     running_worker,
     wait_until,
 )
-from worker.kafka_clients import AGENT_TOPIC_CONFIG, PRODUCER_MAX_REQUEST_BYTES
+from worker.kafka_clients import PRODUCER_MAX_REQUEST_BYTES
 from worker.simulator import SimulatedDevice, agent_event
 
 pytestmark = pytest.mark.integration
 
-SOURCE_TOPIC_LIMIT = 3_000_000
 # Value sizes: a copy that fits whole, one whose dlq.* headers push it over the producer's
 # limit, the producer's limit itself, and one above the broker's default limit.
 FITS_WHOLE = 1_000_000
@@ -43,37 +41,6 @@ ABOVE_BROKER_DEFAULT = 2_500_000
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
-async def create_topics_with_limits(services: Services, dlq_limit: int | None) -> dict[str, str]:
-    suffix = uuid.uuid4().hex[:10]
-    names = {
-        "heartbeat_topic": f"agent.heartbeat.big.{suffix}",
-        "lifecycle_topic": f"agent.lifecycle.big.{suffix}",
-        "dlq_topic": f"agent.events.dlq.big.{suffix}",
-        "license_events_topic": f"license.events.big.{suffix}",
-        "admin_topic": f"tenant.admin.big.{suffix}",
-        "consumer_group": f"license-telemetry-big-{suffix}",
-        "admin_consumer_group": f"license-telemetry-admin-big-{suffix}",
-    }
-    source = {**AGENT_TOPIC_CONFIG, "max.message.bytes": str(SOURCE_TOPIC_LIMIT)}
-    dlq = {"max.message.bytes": str(dlq_limit)} if dlq_limit else {}
-    configs: dict[str, dict[str, str]] = {
-        "heartbeat_topic": source,
-        "lifecycle_topic": source,
-        "dlq_topic": dlq,
-        "license_events_topic": {},
-        "admin_topic": {},
-    }
-    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(names[key], 4, 1, topic_configs=config) for key, config in configs.items()]
-        )
-    finally:
-        await admin.close()
-    return names
-
-
 def good(device_id: str) -> tuple[bytes, bytes]:
     device = SimulatedDevice("c1", device_id, None, "business")
     return device.key, encode(agent_event(device, "heartbeat", NOW))
@@ -81,26 +48,6 @@ def good(device_id: str) -> tuple[bytes, bytes]:
 
 def oversized(size: int) -> tuple[bytes, bytes]:
     return f"big-{size}".encode(), (b'{"pad":"' + b"p" * size)[:size]
-
-
-async def produce_to_partitions(
-    services: Services, topic: str, messages: dict[int, list[tuple[bytes, bytes]]]
-) -> int:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=services.kafka_bootstrap_servers,
-        acks="all",
-        max_request_size=SOURCE_TOPIC_LIMIT + 100_000,
-    )
-    await producer.start()
-    count = 0
-    try:
-        for partition, partition_messages in messages.items():
-            for key, value in partition_messages:
-                await producer.send_and_wait(topic, value=value, key=key, partition=partition)
-                count += 1
-    finally:
-        await producer.stop()
-    return count
 
 
 async def ingest_until_committed(services: Services, topics: dict[str, str], expected: int) -> None:
@@ -126,7 +73,7 @@ def headers_of(record: Any) -> dict[str, str]:
 async def test_oversized_messages_are_dead_lettered_truncated_and_every_partition_moves(
     services: Services, database_url: str
 ) -> None:
-    topics = await create_topics_with_limits(services, dlq_limit=None)
+    topics = await create_topics_for_large_messages(services, dlq_limit=None)
     big = [FITS_WHOLE, OVER_WITH_HEADERS, AT_PRODUCER_LIMIT, ABOVE_BROKER_DEFAULT]
     on_zero = [good("before")]
     for number, size in enumerate(big):
@@ -165,7 +112,7 @@ async def test_oversized_messages_are_dead_lettered_truncated_and_every_partitio
 async def test_a_dead_letter_the_dlq_refuses_even_truncated_is_logged_and_ingestion_moves_on(
     services: Services, database_url: str
 ) -> None:
-    topics = await create_topics_with_limits(services, dlq_limit=20_000)
+    topics = await create_topics_for_large_messages(services, dlq_limit=20_000)
     topic = topics["heartbeat_topic"]
     refused_key, refused_value = oversized(OVER_WITH_HEADERS)
     messages = {

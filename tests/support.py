@@ -23,6 +23,7 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
@@ -212,11 +213,12 @@ async def create_topics(bootstrap: str, names: Mapping[str, str], partitions: in
 SOURCE_TOPIC_LIMIT = 3_000_000
 
 
-async def create_topics_for_large_messages(
-    services: Services, dlq_limit: int | None = None
+async def create_topics_with_limits(
+    services: Services, dlq_limit: int | None = None, license_events_limit: int | None = None
 ) -> dict[str, str]:
     """Fresh topics (and consumer groups) for one test whose agent topics take messages of
-    up to SOURCE_TOPIC_LIMIT bytes; the DLQ's limit is `dlq_limit` if given."""
+    up to SOURCE_TOPIC_LIMIT bytes; the DLQ's and license events' `max.message.bytes` are
+    the limits given (the broker's default otherwise)."""
     suffix = uuid.uuid4().hex[:10]
     names = {
         "heartbeat_topic": f"agent.heartbeat.big.{suffix}",
@@ -228,12 +230,11 @@ async def create_topics_for_large_messages(
         "admin_consumer_group": f"license-telemetry-admin-big-{suffix}",
     }
     source = {**AGENT_TOPIC_CONFIG, "max.message.bytes": str(SOURCE_TOPIC_LIMIT)}
-    dlq = {"max.message.bytes": str(dlq_limit)} if dlq_limit else {}
     configs: dict[str, dict[str, str]] = {
         "heartbeat_topic": source,
         "lifecycle_topic": source,
-        "dlq_topic": dlq,
-        "license_events_topic": {},
+        "dlq_topic": _message_limit(dlq_limit),
+        "license_events_topic": _message_limit(license_events_limit),
         "admin_topic": {},
     }
     admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
@@ -245,6 +246,22 @@ async def create_topics_for_large_messages(
     finally:
         await admin.close()
     return names
+
+
+def _message_limit(limit: int | None) -> dict[str, str]:
+    return {} if limit is None else {"max.message.bytes": str(limit)}
+
+
+async def set_message_limit(services: Services, topic: str, limit: int) -> None:
+    """Sets a topic's `max.message.bytes` (its only setting afterwards: AlterConfigs
+    replaces a topic's whole configuration)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic, _message_limit(limit))
+        await admin.alter_configs([resource])
+    finally:
+        await admin.close()
 
 
 async def produce_to_partitions(

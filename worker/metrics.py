@@ -80,6 +80,12 @@ PURGES = Counter("license_worker_purged_users_total", "Users whose personal data
 OUTBOX_PUBLISHED = Counter(
     "license_worker_outbox_published_total", "License events published to Kafka."
 )
+RELAY_FAILURES = Counter(
+    "license_worker_relay_failures_total",
+    "Failed relay passes, by kind: transient (Kafka or Postgres unavailable) or permanent "
+    "(Kafka refuses the license events for good: too large, not authorised); both retried.",
+    ["kind"],
+)
 OUTBOX_PENDING = Gauge("license_worker_outbox_pending", "License events not yet published.")
 OUTBOX_OLDEST_AGE = Gauge(
     "license_worker_outbox_oldest_age_seconds", "Age of the oldest unpublished license event."

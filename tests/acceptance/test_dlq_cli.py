@@ -16,7 +16,7 @@ from tests.support import (
     POISON_TRIGGER,
     Services,
     committed_offsets_total,
-    create_topics_for_large_messages,
+    create_topics_with_limits,
     encode,
     fetch,
     make_settings,
@@ -107,7 +107,7 @@ async def test_a_truncated_dead_letter_is_inspected_but_never_replayed(
 ) -> None:
     """A message too large for the DLQ is there truncated; replay skips it and says where
     the whole message is, and still replays the others."""
-    topics = await create_topics_for_large_messages(services)
+    topics = await create_topics_with_limits(services)
     settings = make_settings(services, database_url, topics, sweep_enabled=False)
     environment = settings_environment(settings)
     huge = b"x" * 1_048_500

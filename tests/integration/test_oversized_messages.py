@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from tests.support import (
     Services,
     committed_offsets_total,
-    create_topics_for_large_messages,
+    create_topics_with_limits,
     encode,
     fetch,
     make_settings,
@@ -73,7 +73,7 @@ def headers_of(record: Any) -> dict[str, str]:
 async def test_oversized_messages_are_dead_lettered_truncated_and_every_partition_moves(
     services: Services, database_url: str
 ) -> None:
-    topics = await create_topics_for_large_messages(services, dlq_limit=None)
+    topics = await create_topics_with_limits(services, dlq_limit=None)
     big = [FITS_WHOLE, OVER_WITH_HEADERS, AT_PRODUCER_LIMIT, ABOVE_BROKER_DEFAULT]
     on_zero = [good("before")]
     for number, size in enumerate(big):
@@ -112,7 +112,7 @@ async def test_oversized_messages_are_dead_lettered_truncated_and_every_partitio
 async def test_a_dead_letter_the_dlq_refuses_even_truncated_is_logged_and_ingestion_moves_on(
     services: Services, database_url: str
 ) -> None:
-    topics = await create_topics_for_large_messages(services, dlq_limit=20_000)
+    topics = await create_topics_with_limits(services, dlq_limit=20_000)
     topic = topics["heartbeat_topic"]
     refused_key, refused_value = oversized(OVER_WITH_HEADERS)
     messages = {

@@ -7,10 +7,12 @@ truncated is logged and counted. Either way every partition keeps moving."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
@@ -21,6 +23,7 @@ from tests.support import (
     create_topics_with_limits,
     encode,
     fetch,
+    fetchval,
     make_settings,
     produce_to_partitions,
     read_all,
@@ -50,7 +53,9 @@ def oversized(size: int) -> tuple[bytes, bytes]:
     return f"big-{size}".encode(), (b'{"pad":"' + b"p" * size)[:size]
 
 
-async def ingest_until_committed(services: Services, topics: dict[str, str], expected: int) -> None:
+async def ingest_until_committed(
+    services: Services, topics: dict[str, str], expected: int, timeout: float = 60
+) -> None:
     names = [topics["heartbeat_topic"], topics["lifecycle_topic"]]
 
     async def all_committed() -> bool:
@@ -59,7 +64,7 @@ async def ingest_until_committed(services: Services, topics: dict[str, str], exp
         )
         return total >= expected
 
-    await wait_until(all_committed, timeout=60)
+    await wait_until(all_committed, timeout=timeout)
 
 
 async def stored_devices(database_url: str) -> set[str]:
@@ -141,3 +146,52 @@ async def test_a_dead_letter_the_dlq_refuses_even_truncated_is_logged_and_ingest
     assert refusal["error"] == "MessageSizeTooLargeError"
     failed = REGISTRY.get_sample_value("license_worker_dead_letters_failed_total", labels)
     assert failed == (failed_before or 0) + 1
+
+
+SLOW_WRITE_OF_ONE_DEVICE = """
+CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.device_id = 'slow' THEN
+        PERFORM pg_sleep(12);
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER slow_write BEFORE INSERT OR UPDATE ON devices
+    FOR EACH ROW EXECUTE FUNCTION slow_write();
+"""
+SLEEPING = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+
+
+async def test_a_dead_letter_met_by_a_broker_outage_is_waited_for_never_dropped(
+    services: Services, database_url: str
+) -> None:
+    """The batch's write is held in Postgres while the broker stops, so its dead letters are
+    sent to a broker that is down: an outage, waited out (aiokafka holds the batch until
+    the broker is back), never taken for a refusal."""
+    connection = await asyncpg.connect(services.owner_url(database_url))
+    try:
+        await connection.execute(SLOW_WRITE_OF_ONE_DEVICE)
+    finally:
+        await connection.close()
+    topics = await create_topics_with_limits(services)
+    big_key, big_value = oversized(OVER_WITH_HEADERS)
+    messages = {0: [good("slow"), (b"broken", b"{not json"), (big_key, big_value), good("after")]}
+    total = await produce_to_partitions(services, topics["heartbeat_topic"], messages)
+    settings = make_settings(services, database_url, topics, sweep_enabled=False)
+    superuser = services.superuser_url(database_url)
+
+    async def write_held() -> bool:
+        return bool(await fetchval(superuser, SLEEPING))
+
+    with capture_logs() as logs:
+        async with running_worker(settings):
+            await wait_until(write_held, timeout=30)
+            await asyncio.to_thread(services.services_script, "stop-kafka")
+            await asyncio.sleep(15)  # the write is done: the dead letters meet no broker
+            await asyncio.to_thread(services.services_script, "start-kafka")
+            await ingest_until_committed(services, topics, total, timeout=120)
+
+    assert await stored_devices(database_url) == {"slow", "after"}
+    dead = await read_all(services.kafka_bootstrap_servers, topics["dlq_topic"], 2)
+    assert {record.key for record in dead} >= {b"broken", big_key}
+    assert not [line for line in logs if line["event"] == "dead_letter.refused"]

@@ -384,7 +384,7 @@ class IngestionLoop:
         """Writes the letters to the DLQ, waiting out outages; returns those written. One
         the DLQ refuses for good, even truncated, is logged and counted, and left behind:
         the original stays in its source topic, and no partition waits for an operator."""
-        pending, refused = list(letters), set[int]()
+        pending, refused = list(letters), set[tuple[str, int, int]]()
 
         async def attempt() -> None:
             nonlocal pending
@@ -397,14 +397,14 @@ class IngestionLoop:
             )
             for refusal in report.refused:
                 _log_refused_dead_letter(refusal)
-                refused.add(id(refusal.letter))
+                refused.add(_source_of(refusal.letter))
             pending = report.pending
             if report.transient_error is not None:
                 raise report.transient_error
 
         if pending:
             await self._retry_kafka("dead_letter", attempt)
-        return [letter for letter in letters if id(letter) not in refused]
+        return [letter for letter in letters if _source_of(letter) not in refused]
 
     async def _commit(self, next_offsets: Mapping[tuple[str, int], int]) -> None:
         assigned = self._consumer.assignment()
@@ -486,6 +486,10 @@ def _database_rejection(item: DecodedRecord, error: _PermanentDatabaseError) -> 
     return dead_letter_for(
         item.record, Rejection(RejectReason.DATABASE_REJECTED, _error_name(error.cause))
     )
+
+
+def _source_of(letter: DeadLetter) -> tuple[str, int, int]:
+    return (letter.topic, letter.partition, letter.offset)
 
 
 def _log_refused_dead_letter(refusal: Refusal) -> None:

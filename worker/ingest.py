@@ -2,9 +2,10 @@
 
 Order per batch: decode; dead-letter bad messages (acknowledged by the broker); write the
 good ones in one transaction; commit `last offset + 1` per partition. An offset is only
-committed for messages that reached the database or the DLQ. Every write is idempotent
-(newest event time wins, lifecycle events keyed by event id), so a batch redelivered after a
-crash or a rebalance changes nothing the second time.
+committed for messages that reached the database or the DLQ, or that the DLQ refused for
+good even truncated (logged with their offset and counted; worker/dead_letters.py). Every
+write is idempotent (newest event time wins, lifecycle events keyed by event id), so a batch
+redelivered after a crash or a rebalance changes nothing the second time.
 """
 
 from __future__ import annotations

@@ -32,7 +32,9 @@ def create_consumer(settings: Settings, group_id: str | None = None) -> AIOKafka
         client_id="license-worker",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        # Several batches of headroom without unbounded memory.
+        # Several batches of headroom without unbounded memory. A larger message (a topic
+        # whose max.message.bytes is raised) still comes: the broker returns the first
+        # batch of a fetch whole (KIP-74).
         max_partition_fetch_bytes=1_048_576,
         fetch_max_bytes=16_777_216,
     )

@@ -23,6 +23,7 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
@@ -207,6 +208,81 @@ async def create_topics(bootstrap: str, names: Mapping[str, str], partitions: in
         )
     finally:
         await admin.close()
+
+
+SOURCE_TOPIC_LIMIT = 3_000_000
+
+
+async def create_topics_with_limits(
+    services: Services, dlq_limit: int | None = None, license_events_limit: int | None = None
+) -> dict[str, str]:
+    """Fresh topics (and consumer groups) for one test whose agent topics take messages of
+    up to SOURCE_TOPIC_LIMIT bytes; the DLQ's and license events' `max.message.bytes` are
+    the limits given (the broker's default otherwise)."""
+    suffix = uuid.uuid4().hex[:10]
+    names = {
+        "heartbeat_topic": f"agent.heartbeat.big.{suffix}",
+        "lifecycle_topic": f"agent.lifecycle.big.{suffix}",
+        "dlq_topic": f"agent.events.dlq.big.{suffix}",
+        "license_events_topic": f"license.events.big.{suffix}",
+        "admin_topic": f"tenant.admin.big.{suffix}",
+        "consumer_group": f"license-telemetry-big-{suffix}",
+        "admin_consumer_group": f"license-telemetry-admin-big-{suffix}",
+    }
+    source = {**AGENT_TOPIC_CONFIG, "max.message.bytes": str(SOURCE_TOPIC_LIMIT)}
+    configs: dict[str, dict[str, str]] = {
+        "heartbeat_topic": source,
+        "lifecycle_topic": source,
+        "dlq_topic": _message_limit(dlq_limit),
+        "license_events_topic": _message_limit(license_events_limit),
+        "admin_topic": {},
+    }
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(names[key], 4, 1, topic_configs=config) for key, config in configs.items()]
+        )
+    finally:
+        await admin.close()
+    return names
+
+
+def _message_limit(limit: int | None) -> dict[str, str]:
+    return {} if limit is None else {"max.message.bytes": str(limit)}
+
+
+async def set_message_limit(services: Services, topic: str, limit: int) -> None:
+    """Sets a topic's `max.message.bytes` (its only setting afterwards: AlterConfigs
+    replaces a topic's whole configuration)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic, _message_limit(limit))
+        await admin.alter_configs([resource])
+    finally:
+        await admin.close()
+
+
+async def produce_to_partitions(
+    services: Services, topic: str, messages: dict[int, list[tuple[bytes, bytes]]]
+) -> int:
+    """Produces each partition's messages in order, up to SOURCE_TOPIC_LIMIT bytes each."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=services.kafka_bootstrap_servers,
+        acks="all",
+        max_request_size=SOURCE_TOPIC_LIMIT + 100_000,
+    )
+    await producer.start()
+    count = 0
+    try:
+        for partition, partition_messages in messages.items():
+            for key, value in partition_messages:
+                await producer.send_and_wait(topic, value=value, key=key, partition=partition)
+                count += 1
+    finally:
+        await producer.stop()
+    return count
 
 
 def make_settings(

@@ -102,8 +102,7 @@ class AdminLoop(IngestionLoop):
                     else:
                         outcomes[(decoded.type, outcome.value)] += 1
                 next_offsets[(record.topic, record.partition)] = record.offset + 1
-        if letters:
-            await self._retry_kafka("dead_letter", lambda: self._publish(letters))
+        letters = await self._dead_letter(letters)
         await self._commit(next_offsets)
         topic = self._settings.admin_topic
         for (event_type, outcome_name), count in outcomes.items():

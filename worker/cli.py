@@ -380,6 +380,13 @@ def dlq_inspect(samples: int) -> None:
                 f"{record.headers.get('error.message', '')[:160]}"
             )
             click.echo(f"          value: {_preview(record.value)}")
+            if record.truncated:
+                click.echo(f"          {_truncation(record)}")
+    if report.truncated:
+        click.echo(
+            f"\n{report.truncated} truncated (too large for the DLQ): the whole messages are "
+            "at their source offsets; replay skips them"
+        )
     if report.by_source:
         click.echo(
             "\nby source topic: " + ", ".join(f"{t} {n}" for t, n in report.by_source.most_common())
@@ -393,16 +400,25 @@ def dlq_inspect(samples: int) -> None:
 def dlq_replay(reasons: tuple[str, ...], source_topics: tuple[str, ...], dry_run: bool) -> None:
     """Send dead letters back to their source topic, unchanged, once the cause is fixed.
     Ingestion is idempotent: replaying a message twice changes nothing the second time."""
-    from worker.dlq_tools import read_dead_letters, replay, selected  # noqa: PLC0415
+    from worker.dlq_tools import (  # noqa: PLC0415
+        read_dead_letters,
+        replay,
+        selected,
+        split_truncated,
+    )
 
     settings = _settings()
+    skipped: list[DeadLetterRecord] = []
 
     async def run_replay() -> int:
-        chosen = [
-            record
-            async for record in read_dead_letters(settings)
-            if selected(record, set(reasons), set(source_topics))
-        ]
+        chosen, truncated = split_truncated(
+            [
+                record
+                async for record in read_dead_letters(settings)
+                if selected(record, set(reasons), set(source_topics))
+            ]
+        )
+        skipped.extend(truncated)
         if dry_run:
             return len(chosen)
         with click.progressbar(length=len(chosen), label="replaying", file=sys.stderr) as bar:
@@ -410,6 +426,20 @@ def dlq_replay(reasons: tuple[str, ...], source_topics: tuple[str, ...], dry_run
 
     count = asyncio.run(run_replay())
     click.echo(f"{'would replay' if dry_run else 'replayed'} {count} messages")
+    if skipped:
+        click.echo(
+            f"skipped {len(skipped)} truncated dead letters: their DLQ copy is cut, so it is "
+            "not sent; the whole messages are in their source topics at"
+        )
+        for record in skipped:
+            click.echo(f"  {_truncation(record)}")
+
+
+def _truncation(record: DeadLetterRecord) -> str:
+    return (
+        f"truncated: the original is {record.source}, {record.headers.get('original_size')} "
+        f"bytes, sha256 {record.headers.get('original_sha256')}"
+    )
 
 
 def _preview(value: bytes | None, limit: int = 120) -> str:

@@ -32,10 +32,21 @@ class DeadLetterRecord:
     def source_topic(self) -> str | None:
         return self.headers.get("source.topic")
 
+    @property
+    def truncated(self) -> bool:
+        """The value is only the original's start: the whole message is at `source`."""
+        return self.headers.get("truncated") == "true"
+
+    @property
+    def source(self) -> str:
+        partition, offset = self.headers.get("source.partition"), self.headers.get("source.offset")
+        return f"{self.source_topic}[{partition}]@{offset}"
+
 
 @dataclass
 class Inspection:
     total: int = 0
+    truncated: int = 0
     by_reason: Counter[str] = field(default_factory=Counter)
     by_source: Counter[str] = field(default_factory=Counter)
     samples: dict[str, list[DeadLetterRecord]] = field(default_factory=lambda: defaultdict(list))
@@ -57,6 +68,7 @@ def inspect(records: Iterable[DeadLetterRecord], samples_per_reason: int) -> Ins
     inspection = Inspection()
     for record in records:
         inspection.total += 1
+        inspection.truncated += record.truncated
         inspection.by_reason[record.reason] += 1
         inspection.by_source[record.source_topic or "unknown"] += 1
         if len(inspection.samples[record.reason]) < samples_per_reason:
@@ -68,6 +80,18 @@ def selected(record: DeadLetterRecord, reasons: set[str], source_topics: set[str
     return (not reasons or record.reason in reasons) and (
         not source_topics or record.source_topic in source_topics
     )
+
+
+def split_truncated(
+    records: Iterable[DeadLetterRecord],
+) -> tuple[list[DeadLetterRecord], list[DeadLetterRecord]]:
+    """The records replay may send, and the truncated ones it must not: their value is cut,
+    so sending it would inject a broken message; the original is in the source topic."""
+    whole: list[DeadLetterRecord] = []
+    truncated: list[DeadLetterRecord] = []
+    for record in records:
+        (truncated if record.truncated else whole).append(record)
+    return whole, truncated
 
 
 async def read_dead_letters(settings: Settings) -> AsyncIterator[DeadLetterRecord]:
@@ -84,13 +108,14 @@ async def replay(
 ) -> int:
     """Sends each message back to its source topic: key, value and original headers
     unchanged, plus where it came from in the DLQ. Ingestion is idempotent, so a message
-    replayed twice changes nothing the second time."""
+    replayed twice changes nothing the second time. Truncated dead letters are never sent
+    (see `split_truncated`)."""
     producer = create_producer(settings)
     sent = 0
     try:
         await start_once("kafka-producer", producer.start, settings)
         for record in records:
-            if record.source_topic is None:
+            if record.source_topic is None or record.truncated:
                 continue
             headers = [
                 *record.original_headers,

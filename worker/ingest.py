@@ -2,15 +2,17 @@
 
 Order per batch: decode; dead-letter bad messages (acknowledged by the broker); write the
 good ones in one transaction; commit `last offset + 1` per partition. An offset is only
-committed for messages that reached the database or the DLQ. Every write is idempotent
-(newest event time wins, lifecycle events keyed by event id), so a batch redelivered after a
-crash or a rebalance changes nothing the second time.
+committed for messages that reached the database or the DLQ, or that the DLQ refused for
+good even truncated (logged with their offset and counted; worker/dead_letters.py). Every
+write is idempotent (newest event time wins, lifecycle events keyed by event id), so a batch
+redelivered after a crash or a rebalance changes nothing the second time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -33,8 +35,9 @@ from worker.batch import (
 )
 from worker.clock import Clock
 from worker.coalesce import BatchChanges, coalesce
-from worker.dead_letters import DeadLetter, publish_dead_letters
+from worker.dead_letters import DeadLetter, Refusal, publish_dead_letters
 from worker.decoding import AgentEventModel, Rejection, RejectReason
+from worker.kafka_clients import PRODUCER_MAX_REQUEST_BYTES
 from worker.licensing import count_license_changes, decide_groups, groups_of_devices
 from worker.repository import Repository, SignalWriteResult, is_transient_database_error
 from worker.settings import Settings
@@ -190,9 +193,7 @@ class IngestionLoop:
         batch = in_flight.batch
         try:
             stored = await self._await_keeping_membership(in_flight.write)
-            letters = batch.dead_letters + stored.refused
-            if letters:
-                await self._retry_kafka("dead_letter", lambda: self._publish(letters))
+            letters = await self._dead_letter(batch.dead_letters + stored.refused)
             await self._commit(batch.next_offsets)
         finally:
             if not in_flight.write.done():
@@ -380,10 +381,31 @@ class IngestionLoop:
             metrics.PAUSED_PARTITIONS.set(0)
         self._beat()
 
-    async def _publish(self, letters: Sequence[DeadLetter]) -> None:
-        await publish_dead_letters(
-            self._producer, self._settings.dlq_topic, letters, self._clock.now()
-        )
+    async def _dead_letter(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+        """Writes the letters to the DLQ, waiting out outages; returns those written. One
+        the DLQ refuses for good, even truncated, is logged and counted, and left behind:
+        the original stays in its source topic, and no partition waits for an operator."""
+        pending, refused = list(letters), set[tuple[str, int, int]]()
+
+        async def attempt() -> None:
+            nonlocal pending
+            report = await publish_dead_letters(
+                self._producer,
+                self._settings.dlq_topic,
+                pending,
+                self._clock.now(),
+                PRODUCER_MAX_REQUEST_BYTES,
+            )
+            for refusal in report.refused:
+                _log_refused_dead_letter(refusal)
+                refused.add(_source_of(refusal.letter))
+            pending = report.pending
+            if report.transient_error is not None:
+                raise report.transient_error
+
+        if pending:
+            await self._retry_kafka("dead_letter", attempt)
+        return [letter for letter in letters if _source_of(letter) not in refused]
 
     async def _commit(self, next_offsets: Mapping[tuple[str, int], int]) -> None:
         assigned = self._consumer.assignment()
@@ -464,6 +486,29 @@ class _PermanentDatabaseError(Exception):
 def _database_rejection(item: DecodedRecord, error: _PermanentDatabaseError) -> DeadLetter:
     return dead_letter_for(
         item.record, Rejection(RejectReason.DATABASE_REJECTED, _error_name(error.cause))
+    )
+
+
+def _source_of(letter: DeadLetter) -> tuple[str, int, int]:
+    return (letter.topic, letter.partition, letter.offset)
+
+
+def _log_refused_dead_letter(refusal: Refusal) -> None:
+    letter = refusal.letter
+    value = letter.value or b""
+    metrics.DEAD_LETTERS_FAILED.labels(
+        letter.topic, letter.rejection.reason.value, _error_name(refusal.error)
+    ).inc()
+    metrics.EVENTS.labels(letter.topic, "unknown", "dead_letter_refused").inc()
+    log.error(
+        "dead_letter.refused",
+        source_topic=letter.topic,
+        source_partition=letter.partition,
+        source_offset=letter.offset,
+        original_size=len(value),
+        original_sha256=hashlib.sha256(value).hexdigest(),
+        reason=letter.rejection.reason.value,
+        error=_error_name(refusal.error),
     )
 
 

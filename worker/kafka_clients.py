@@ -20,6 +20,9 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 AGENT_TOPIC_CONFIG = {"message.timestamp.type": "LogAppendTime"}
 DIAGNOSIS_TIMEOUT_SECONDS = 10.0
+# The most one produce request may carry (aiokafka's default, said out loud): a dead letter
+# larger than this, with its headers, is written truncated (worker/dead_letters.py).
+PRODUCER_MAX_REQUEST_BYTES = 1_048_576
 
 
 def create_consumer(settings: Settings, group_id: str | None = None) -> AIOKafkaConsumer:
@@ -29,7 +32,9 @@ def create_consumer(settings: Settings, group_id: str | None = None) -> AIOKafka
         client_id="license-worker",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        # Several batches of headroom without unbounded memory.
+        # Several batches of headroom without unbounded memory. A larger message (a topic
+        # whose max.message.bytes is raised) still comes: the broker returns the first
+        # batch of a fetch whole (KIP-74).
         max_partition_fetch_bytes=1_048_576,
         fetch_max_bytes=16_777_216,
     )
@@ -42,6 +47,7 @@ def create_producer(settings: Settings) -> AIOKafkaProducer:
         acks="all",
         enable_idempotence=True,
         linger_ms=5,
+        max_request_size=PRODUCER_MAX_REQUEST_BYTES,
     )
 
 

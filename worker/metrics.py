@@ -14,6 +14,13 @@ DEAD_LETTERS = Counter(
     "Messages sent to the DLQ, by source topic and reason.",
     ["topic", "reason"],
 )
+DEAD_LETTERS_FAILED = Counter(
+    "license_worker_dead_letters_failed_total",
+    "Dead letters the DLQ refused for good, even truncated, by source topic, reason and "
+    "error: logged (dead_letter.refused, with the source offset) and skipped; the original "
+    "stays in its source topic.",
+    ["topic", "reason", "error"],
+)
 CLAMPED_EVENTS = Counter(
     "license_worker_clamped_events_total",
     "Events whose agent clock was in the future and whose event time was clamped.",
@@ -72,6 +79,12 @@ SWEEP_HELD = Counter(
 PURGES = Counter("license_worker_purged_users_total", "Users whose personal data was purged.")
 OUTBOX_PUBLISHED = Counter(
     "license_worker_outbox_published_total", "License events published to Kafka."
+)
+RELAY_FAILURES = Counter(
+    "license_worker_relay_failures_total",
+    "Failed relay passes, by kind: transient (Kafka or Postgres unavailable) or permanent "
+    "(Kafka refuses the license events for good: too large, not authorised); both retried.",
+    ["kind"],
 )
 OUTBOX_PENDING = Gauge("license_worker_outbox_pending", "License events not yet published.")
 OUTBOX_OLDEST_AGE = Gauge(

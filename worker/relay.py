@@ -18,6 +18,7 @@ import structlog
 from worker import metrics
 from worker.backoff import Backoff
 from worker.kafka_clients import create_producer, start_once
+from worker.producer_errors import ProducerErrorKind, classify_producer_error
 from worker.repository import Repository
 from worker.settings import Settings
 
@@ -48,13 +49,28 @@ class Relay:
                 if published:
                     delay = 0
             except Exception as error:
-                # Kafka or Postgres unavailable: nothing is marked that was not acknowledged.
+                # Nothing is marked that was not acknowledged. Even a refusal for good is
+                # retried: a license event must never be dropped, and later events of the
+                # same customer may not overtake it.
                 delay = backoff.next_delay()
-                log.warning(
-                    "relay.failed", error=type(error).__name__, retry_in_seconds=round(delay, 2)
-                )
+                self._report_failure(error, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), delay)
+
+    def _report_failure(self, error: Exception, retry_in: float) -> None:
+        """An outage (Kafka or Postgres unavailable) is a warning; a refusal waiting cannot
+        fix (a message too large, no authorisation on the topic) is an error, every time,
+        until an operator fixes the topic or its ACLs."""
+        kind = classify_producer_error(error)
+        fields = {"error": type(error).__name__, "retry_in_seconds": round(retry_in, 2)}
+        if kind is ProducerErrorKind.TRANSIENT:
+            metrics.RELAY_FAILURES.labels("transient").inc()
+            log.warning("relay.failed", **fields)
+            return
+        metrics.RELAY_FAILURES.labels("permanent").inc()
+        log.error(
+            "relay.refused", kind=kind.value, topic=self._settings.license_events_topic, **fields
+        )
 
     async def publish_pending(self) -> int:
         """Publishes every pending event (while this replica holds the relay lock)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from hashlib import sha256
 
 import asyncpg
 import pytest
@@ -15,10 +16,12 @@ from tests.support import (
     POISON_TRIGGER,
     Services,
     committed_offsets_total,
+    create_topics_with_limits,
     encode,
     fetch,
     make_settings,
     produce,
+    produce_to_partitions,
     read_all,
     running_worker,
     settings_environment,
@@ -97,3 +100,37 @@ async def test_inspect_fix_replay(
         row["device_id"] for row in await fetch(database_url, "SELECT device_id FROM devices")
     }
     assert stored == {"good", "poison"}
+
+
+async def test_a_truncated_dead_letter_is_inspected_but_never_replayed(
+    services: Services, database_url: str
+) -> None:
+    """A message too large for the DLQ is there truncated; replay skips it and says where
+    the whole message is, and still replays the others."""
+    topics = await create_topics_with_limits(services)
+    settings = make_settings(services, database_url, topics, sweep_enabled=False)
+    environment = settings_environment(settings)
+    huge = b"x" * 1_048_500
+    await produce_to_partitions(
+        services, settings.heartbeat_topic, {0: [(b"c1:huge", huge), (b"c1:broken", b"{no")]}
+    )
+    await ingest_all(services, settings, 2)
+
+    inspected = await asyncio.to_thread(run_cli, environment, "dlq", "inspect")
+    assert inspected.returncode == 0, inspected.stderr
+    assert "2 dead letters" in inspected.stdout
+    original = f"{settings.heartbeat_topic}[0]@0, 1048500 bytes, sha256 {sha256(huge).hexdigest()}"
+    assert f"truncated: the original is {original}" in inspected.stdout
+    assert "1 truncated (too large for the DLQ)" in inspected.stdout
+
+    dry = await asyncio.to_thread(run_cli, environment, "dlq", "replay", "--dry-run")
+    assert "would replay 1 messages" in dry.stdout
+    assert "skipped 1 truncated dead letters" in dry.stdout
+    replayed = await asyncio.to_thread(run_cli, environment, "dlq", "replay")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 1 messages" in replayed.stdout
+    assert f"truncated: the original is {original}" in replayed.stdout
+
+    source = await read_all(services.kafka_bootstrap_servers, settings.heartbeat_topic, 3)
+    again = [record for record in source if dict(record.headers or ()).get("dlq.replayed_from")]
+    assert [record.key for record in again] == [b"c1:broken"], "the truncated one stays out"

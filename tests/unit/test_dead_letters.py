@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    TopicAuthorizationFailedError,
+)
 
-from worker.dead_letters import DeadLetter, dead_letter_headers, publish_dead_letters
+from worker.dead_letters import (
+    TRUNCATION_MARGIN_BYTES,
+    DeadLetter,
+    DeadLetterCopy,
+    dead_letter_headers,
+    publish_dead_letters,
+    truncated_copy,
+    whole_copy,
+)
 from worker.decoding import Rejection, RejectReason
 
 FAILED_AT = datetime(2026, 11, 28, 17, 0, 1, 250_000, tzinfo=UTC)
+LIMIT = 1_048_576
 OUR_NAMES = [
     "dlq.error.class",
     "dlq.error.message",
@@ -29,13 +46,15 @@ def letter(
     *,
     partition: int = 3,
     offset: int = 1234,
+    value: bytes | None = b"{not json",
+    key: bytes | None = b"cust-042:dev-7f3a",
 ) -> DeadLetter:
     return DeadLetter(
         topic="agent.heartbeat.v1",
         partition=partition,
         offset=offset,
-        key=b"cust-042:dev-7f3a",
-        value=b"{not json",
+        key=key,
+        value=value,
         headers=headers,
         rejection=rejection or Rejection(RejectReason.INVALID_JSON, "unexpected end of data"),
     )
@@ -149,8 +168,10 @@ class FakeProducer:
 async def test_publish_sends_bytes_unchanged_and_waits_for_every_acknowledgement() -> None:
     producer = FakeProducer()
     letters = [letter([("trace", b"1")], offset=1), letter(offset=2)]
-    await publish_dead_letters(producer, "agent.events.dlq.v1", letters, FAILED_AT)
+    report = await publish_dead_letters(producer, "agent.events.dlq.v1", letters, FAILED_AT, LIMIT)
     assert producer.acknowledged == 2
+    assert report.refused == report.pending == []
+    assert report.transient_error is None
     assert [message["topic"] for message in producer.sent] == ["agent.events.dlq.v1"] * 2
     for message, dead in zip(producer.sent, letters, strict=True):
         assert message["value"] == dead.value
@@ -160,5 +181,167 @@ async def test_publish_sends_bytes_unchanged_and_waits_for_every_acknowledgement
 
 async def test_publish_nothing() -> None:
     producer = FakeProducer()
-    await publish_dead_letters(producer, "dlq", [], FAILED_AT)
+    await publish_dead_letters(producer, "dlq", [], FAILED_AT, LIMIT)
     assert producer.sent == []
+
+
+def copy_headers(copy: DeadLetterCopy) -> dict[str, bytes]:
+    return dict(copy.headers)
+
+
+def test_a_copy_that_fits_is_not_truncated() -> None:
+    dead = letter([("trace", b"1")])
+    assert truncated_copy(dead, FAILED_AT, LIMIT) == whole_copy(dead, FAILED_AT)
+
+
+@pytest.mark.parametrize("size", [LIMIT - 200, LIMIT, 3 * LIMIT])
+def test_a_large_value_is_cut_to_fit_and_marked(size: int) -> None:
+    value = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    dead = letter([("trace", b"1")], value=value)
+    copy = truncated_copy(dead, FAILED_AT, LIMIT)
+    headers = copy_headers(copy)
+    assert LIMIT - TRUNCATION_MARGIN_BYTES - 64 < copy.size <= LIMIT - TRUNCATION_MARGIN_BYTES
+    assert copy.value is not None
+    assert value.startswith(copy.value)
+    assert copy.key == dead.key
+    assert headers["trace"] == b"1", "original headers kept while they fit"
+    assert headers["dlq.source.offset"] == b"1234"
+    assert headers["dlq.truncated"] == b"true"
+    assert headers["dlq.original_size"] == str(size).encode()
+    assert headers["dlq.original_sha256"] == hashlib.sha256(value).hexdigest().encode()
+
+
+def test_original_headers_too_large_to_keep_are_left_out() -> None:
+    dead = letter([("huge", b"h" * LIMIT)], value=b"v" * 1000)
+    copy = truncated_copy(dead, FAILED_AT, LIMIT)
+    assert [name for name, _ in copy.headers if not name.startswith("dlq.")] == []
+    assert copy.value == b"v" * 1000
+    assert copy.key == dead.key
+    assert copy_headers(copy)["dlq.truncated"] == b"true"
+
+
+def test_a_key_too_large_to_keep_is_left_out() -> None:
+    dead = letter(key=b"k" * LIMIT, value=b"v" * 1000)
+    copy = truncated_copy(dead, FAILED_AT, LIMIT)
+    assert copy.key is None
+    assert copy.value == b"v" * 1000
+    assert copy_headers(copy)["dlq.original_size"] == b"1000"
+
+
+def test_a_truncated_copy_is_never_larger_than_the_limit_even_with_a_tiny_limit() -> None:
+    copy = truncated_copy(letter(value=b"v" * 5000), FAILED_AT, TRUNCATION_MARGIN_BYTES + 100)
+    assert copy.key is None
+    assert copy.value == b""
+    assert copy_headers(copy)["dlq.original_size"] == b"5000"
+
+
+class RefusingProducer(FakeProducer):
+    """Refuses a message when `at_send` or `at_delivery` returns an error for it, the way
+    aiokafka does: its own size check raises from `send`, the broker's answer fails the
+    delivery."""
+
+    def __init__(
+        self,
+        at_send: Any = lambda message: None,
+        at_delivery: Any = lambda message: None,
+    ) -> None:
+        super().__init__()
+        self._at_send = at_send
+        self._at_delivery = at_delivery
+
+    async def send(self, topic: str, **message: Any) -> asyncio.Future[None]:
+        error = self._at_send(message)
+        if error is not None:
+            self.sent.append({"topic": topic, **message})
+            raise error
+        error = self._at_delivery(message)
+        if error is None:
+            return await super().send(topic, **message)
+        self.sent.append({"topic": topic, **message})
+        refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        refused.set_exception(error)
+        return refused
+
+
+def larger_than(limit: int, error: KafkaError) -> Any:
+    def check(message: dict[str, Any]) -> KafkaError | None:
+        copy = DeadLetterCopy(message["key"], message["value"], message["headers"])
+        return error if copy.size > limit else None
+
+    return check
+
+
+def truncated(message: dict[str, Any]) -> bool:
+    return ("dlq.truncated", b"true") in message["headers"]
+
+
+async def test_a_letter_too_large_for_the_producer_goes_again_truncated_and_alone() -> None:
+    producer = RefusingProducer(at_send=larger_than(LIMIT, MessageSizeTooLargeError()))
+    big, small = letter(value=b"b" * LIMIT, offset=1), letter(offset=2)
+    report = await publish_dead_letters(producer, "dlq", [big, small], FAILED_AT, LIMIT)
+    assert report.refused == report.pending == []
+    assert [truncated(m) for m in producer.sent] == [False, False, True]
+    assert producer.sent[1]["value"] == small.value
+    assert producer.acknowledged == 2
+
+
+async def test_a_letter_the_dlq_refuses_even_truncated_is_reported_refused() -> None:
+    error = MessageSizeTooLargeError()  # the broker's: the DLQ topic's max.message.bytes
+    producer = RefusingProducer(at_delivery=larger_than(20_000, error))
+    big, small = letter(value=b"b" * 60_000, offset=1), letter(offset=2)
+    report = await publish_dead_letters(producer, "dlq", [big, small], FAILED_AT, LIMIT)
+    assert [(r.letter, r.error) for r in report.refused] == [(big, error)]
+    assert report.pending == []
+    assert report.transient_error is None
+    assert len(producer.sent) == 3, "whole, then alone (fits the producer: not cut)"
+
+
+async def test_an_authorisation_refusal_is_reported_without_a_truncated_attempt() -> None:
+    error = TopicAuthorizationFailedError()
+    producer = RefusingProducer(at_delivery=lambda message: error)
+    dead = letter()
+    report = await publish_dead_letters(producer, "dlq", [dead], FAILED_AT, LIMIT)
+    assert [(r.letter, r.error) for r in report.refused] == [(dead, error)]
+    assert len(producer.sent) == 1
+
+
+def refuse_key_b(error: KafkaError) -> Any:
+    return lambda message: error if message["key"] == b"b" else None
+
+
+@pytest.mark.parametrize(
+    "producer",
+    [
+        RefusingProducer(at_send=refuse_key_b(KafkaTimeoutError())),
+        RefusingProducer(at_delivery=refuse_key_b(KafkaConnectionError())),
+    ],
+    ids=["not-queued", "not-acknowledged"],
+)
+async def test_an_outage_leaves_the_letter_pending_and_the_others_sent(
+    producer: RefusingProducer,
+) -> None:
+    waiting, sent = letter(key=b"b", offset=1), letter(key=b"a", offset=2)
+    report = await publish_dead_letters(producer, "dlq", [waiting, sent], FAILED_AT, LIMIT)
+    assert report.pending == [waiting]
+    assert isinstance(report.transient_error, KafkaTimeoutError | KafkaConnectionError)
+    assert report.refused == []
+    assert producer.acknowledged == 1
+
+
+async def test_an_outage_on_the_truncated_copy_leaves_the_letter_pending() -> None:
+    def refuse(message: dict[str, Any]) -> KafkaError | None:
+        return KafkaConnectionError() if truncated(message) else None
+
+    producer = RefusingProducer(
+        at_send=larger_than(LIMIT, MessageSizeTooLargeError()), at_delivery=refuse
+    )
+    big = letter(value=b"b" * LIMIT)
+    report = await publish_dead_letters(producer, "dlq", [big], FAILED_AT, LIMIT)
+    assert report.pending == [big]
+    assert report.refused == []
+
+
+async def test_an_error_that_is_not_kafkas_is_raised() -> None:
+    producer = RefusingProducer(at_delivery=lambda message: ValueError("bug"))
+    with pytest.raises(ValueError, match="bug"):
+        await publish_dead_letters(producer, "dlq", [letter()], FAILED_AT, LIMIT)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ingestion benchmark (docs/benchmarks.md). Starts its own Kafka and Postgres in
 # .local/bench-services and stops them afterwards, unless KAFKA_BOOTSTRAP_SERVERS and
-# DATABASE_URL already point at running ones. Arguments go to scripts/bench.py:
+# DATABASE_URL already point at running ones. Arguments go to `python -m scripts.bench`:
 #     bash scripts/bench.sh                 # full: 3 runs of each measurement
 #     bash scripts/bench.sh --quick         # smoke version, under a minute
 #     bash scripts/bench.sh --git-ref HEAD  # the committed worker, not the working tree
@@ -27,5 +27,5 @@ elif [[ "${1:-}" == "--load-proof" ]]; then
   shift
   "$python" scripts/load_proof.py "$@"
 else
-  "$python" scripts/bench.py "$@"
+  "$python" -m scripts.bench "$@"
 fi

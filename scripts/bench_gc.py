@@ -1,6 +1,6 @@
 """Garbage-collector settings against the worker's per-batch Python work, in one process.
 
-Decodes and folds 5,000-heartbeat batches (the live shape of `scripts/bench.py`: each
+Decodes and folds 5,000-heartbeat batches (the live shape of `scripts/bench/shapes.py`: each
 device once) with a few earlier batches kept alive, as the worker does, alternating between
 Python's default collector thresholds and the worker's (`worker.service.
 tune_garbage_collection`), and reports the mean µs per message of each and their ratio.

@@ -1,5 +1,6 @@
-"""`scripts/bench.py --quick` against the real services: every measurement runs and checks
-what it stored (the figures of a quick run mean nothing; that they exist and add up does)."""
+"""`python -m scripts.bench --quick` against the real services: every measurement runs and
+checks what it stored (the figures of a quick run mean nothing; that they exist and add up
+does)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def test_the_quick_benchmark_measures_every_stage_and_the_drain(
         "BENCH_WORK_DIR": str(tmp_path / "work"),
     }
     run = subprocess.run(
-        [sys.executable, "scripts/bench.py", "--quick", "--skip-latency", "--output", str(output)],
+        [sys.executable, "-m", "scripts.bench", "--quick", "--skip-latency", "--output", output],
         cwd=REPO_ROOT,
         env=environment,
         capture_output=True,

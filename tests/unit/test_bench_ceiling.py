@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.bench import RateResult, cpu_ceiling
+from scripts.bench.stages import RateResult, cpu_ceiling
 
 
 def _rate(events_per_second: float, **cores: float) -> RateResult:

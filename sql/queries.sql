@@ -300,7 +300,8 @@ ON CONFLICT (customer_id, subject_type, subject_id) DO UPDATE SET
     updated_at = now();
 
 -- name: release_licenses
--- One row per subject (a decision changes a subject once), sorted, locked by held_licenses.
+-- One row per subject: a decision changes a subject once (license_changes; checked by
+-- test_change_reasons), so no target has several rows. Sorted, locked by held_licenses.
 UPDATE licenses AS l
 SET active = false, released_at = x.released_at, release_reason = x.reason, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])

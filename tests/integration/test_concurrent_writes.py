@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from schemas import AGENT_EVENT_ADAPTER
-from tests.integration.license_support import day, ingest
+from tests.integration.license_support import day, ingest, sweep
 from tests.support import Services, encode, fetch, fetchval, make_settings, produce
 from worker.coalesce import AgentEventModel, coalesce
 from worker.license_rules import DeviceFacts, SubjectType, desired_licenses
@@ -244,3 +244,35 @@ async def assert_licenses_follow_the_rules(database_url: str, now: datetime) -> 
     wanted = desired_licenses(devices, "user", now, WINDOW)
     expected = {subject_id: basis.value for (_, subject_id), basis in wanted.items()}
     assert await active_licenses(database_url) == expected
+
+
+@pytest.mark.parametrize(
+    "holder",
+    [
+        "SELECT 1 FROM users WHERE user_id = 'ann' FOR NO KEY UPDATE",  # a batch deciding Ann
+        "SELECT 1 FROM customers WHERE customer_id = 'acme' FOR UPDATE",  # a console change
+    ],
+)
+async def test_the_purge_skips_what_another_transaction_holds_and_purges_it_later(
+    settings: Settings, database_url: str, holder: str
+) -> None:
+    """The purge never waits for a lock (it takes them out of the common order): a user or
+    customer held by someone else is left for the next pass. (The daily usage snapshot does
+    wait for a console change, holding nothing else: it is off here.)"""
+    settings = settings.model_copy(update={"usage_snapshots_enabled": False})
+    repository = await Repository.connect(database_url, 2)
+    try:
+        await write(repository, [agent("install", "ann-laptop", day(0), "ann")], day(0))
+    finally:
+        await repository.close()
+    assert (await sweep(settings, day(31))).released == 1
+    holding = await asyncpg.connect(database_url)
+    try:
+        async with holding.transaction():
+            await holding.execute(holder)
+            skipped = await asyncio.wait_for(sweep(settings, day(122)), timeout=30)
+    finally:
+        await holding.close()
+    assert skipped.purged == 0
+    assert (await sweep(settings, day(122))).purged == 1
+    assert await fetch(database_url, "SELECT 1 FROM users WHERE user_id = 'ann'") == []

@@ -1,5 +1,17 @@
 -- Every statement the worker runs, by name. worker/sql_files.py loads them; a block starts
 -- with a line `-- name: <name>` and runs to the next one.
+--
+-- Lock order (docs/licensing.md, "Concurrency"): every transaction takes its row locks in
+-- this order of tables, and the rows of one table in key order, in one statement each:
+--   customers (share; the console's changes: update), by customer_id
+--   -> users, by (customer_id, user_id): a user's row is the lock of its license decision
+--   -> devices, by (customer_id, device_id)
+--   -> lifecycle events, ingestion progress (by topic, partition)
+--   -> licenses, by (customer_id, subject_type, subject_id)
+--   -> license history and outbox (appended; unique event ids).
+-- Arrays handed to INSERT ... ON CONFLICT are sorted by the caller (rows are locked in array
+-- order); UPDATE ... FROM unnest(...) only touches rows locked before, or locks them in a
+-- sorted CTE. The purge skips what is locked (SKIP LOCKED) instead of waiting.
 
 -- name: upsert_customers
 -- $1: customer ids, sorted (a fixed lock order keeps concurrent workers out of deadlocks).
@@ -15,6 +27,35 @@ ON CONFLICT (customer_id) DO NOTHING;
 SELECT customer_id FROM customers WHERE customer_id = ANY($1::text[])
 ORDER BY customer_id
 FOR SHARE;
+
+-- name: lock_device_users
+-- The users whose license a batch can change, locked in key order before any device: the
+-- current users of the batch's devices ($1, $2) and the users the batch names ($3, $4).
+-- Every decision about a user holds its row (lock_group_users), so two batches with
+-- devices of the same user, or a batch and the sweeper, decide that user one after the
+-- other, the later one seeing the earlier one's devices.
+SELECT u.customer_id, u.user_id
+FROM users AS u
+WHERE (u.customer_id, u.user_id) IN (
+    SELECT d.customer_id, d.user_id
+    FROM devices AS d
+    JOIN unnest($1::text[], $2::text[]) AS b (customer_id, device_id)
+        USING (customer_id, device_id)
+    WHERE d.user_id IS NOT NULL
+    UNION ALL
+    SELECT * FROM unnest($3::text[], $4::text[])
+)
+ORDER BY u.customer_id, u.user_id
+FOR NO KEY UPDATE OF u;
+
+-- name: lock_group_users
+-- The users of a license decision ($1, $2), in key order, before their devices: see
+-- lock_device_users.
+SELECT u.customer_id, u.user_id
+FROM users AS u
+JOIN unnest($1::text[], $2::text[]) AS g (customer_id, user_id) USING (customer_id, user_id)
+ORDER BY u.customer_id, u.user_id
+FOR NO KEY UPDATE OF u;
 
 -- name: lock_customer
 -- A console change: waits for the decisions in progress for this customer (share_customers).
@@ -39,7 +80,9 @@ ON CONFLICT (customer_id, user_id) DO UPDATE SET
 
 -- name: upsert_devices
 -- Returns the devices whose change can change a license: new, (un)installed, moved to
--- another user, kind changed, or heard from after having been silent past the window ($17).
+-- another user, kind changed, first seen earlier (the covered devices are the earliest first
+-- seen: a late, older event can move an over-allowance license), or heard from after having
+-- been silent past the window ($17).
 -- `before` reads the rows as they were: every part of one statement sees the same snapshot.
 WITH batch AS (
     SELECT * FROM unnest(
@@ -56,7 +99,8 @@ WITH batch AS (
 before AS (
     -- No FOR UPDATE: a device's partition has one consumer, and locking every row first
     -- would write each tuple twice.
-    SELECT d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.last_seen_at
+    SELECT d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.first_seen_at,
+           d.last_seen_at
     FROM devices AS d
     JOIN batch USING (customer_id, device_id)
 ),
@@ -89,7 +133,7 @@ upserted AS (
         last_present_at = greatest(d.last_present_at, EXCLUDED.last_present_at),
         last_installed_at = greatest(d.last_installed_at, EXCLUDED.last_installed_at),
         last_uninstalled_at = greatest(d.last_uninstalled_at, EXCLUDED.last_uninstalled_at)
-    RETURNING d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected
+    RETURNING d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.first_seen_at
 )
 SELECT u.customer_id, u.device_id, u.user_id, b.user_id AS previous_user_id
 FROM upserted AS u
@@ -98,18 +142,29 @@ WHERE b.device_id IS NULL
    OR u.protected IS DISTINCT FROM b.protected
    OR u.user_id IS DISTINCT FROM b.user_id
    OR u.device_kind IS DISTINCT FROM b.device_kind
+   OR u.first_seen_at IS DISTINCT FROM b.first_seen_at
    OR (u.protected AND b.last_seen_at < $17::timestamptz);
 
 -- name: credit_device_users
 -- Signals that did not name a user (uninstalls, heartbeats without user_id) count for the
--- device's current user. Runs after upsert_devices, so "current" includes this batch.
+-- device's current user. Runs after upsert_devices, so "current" includes this batch. One
+-- row per user, its devices' newest signal: UPDATE ... FROM applies only one of several
+-- rows that match a target, and which one is arbitrary. The users are locked already
+-- (lock_device_users).
+WITH credited AS (
+    SELECT d.customer_id, d.user_id, max(batch.seen_at) AS seen_at
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+        AS batch (customer_id, device_id, seen_at)
+    JOIN devices AS d USING (customer_id, device_id)
+    WHERE d.user_id IS NOT NULL
+    GROUP BY d.customer_id, d.user_id
+)
 UPDATE users AS u
-SET last_seen_at = batch.seen_at
-FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS batch (customer_id, device_id, seen_at)
-JOIN devices AS d USING (customer_id, device_id)
-WHERE u.customer_id = d.customer_id
-  AND u.user_id = d.user_id
-  AND u.last_seen_at < batch.seen_at;
+SET last_seen_at = c.seen_at
+FROM credited AS c
+WHERE u.customer_id = c.customer_id
+  AND u.user_id = c.user_id
+  AND u.last_seen_at < c.seen_at;
 
 -- name: insert_lifecycle_events
 INSERT INTO device_lifecycle_events (customer_id, event_id, device_id, event_type, occurred_at)
@@ -215,12 +270,16 @@ ORDER BY d.customer_id, d.device_id
 FOR UPDATE OF d;
 
 -- name: held_licenses
+-- Locked in key order: the writes of the decision (allocate, release, reattribute) then only
+-- touch rows this transaction holds, or insert new ones in the same order.
 SELECT l.customer_id, l.subject_type, l.subject_id, l.active, l.basis, l.package,
        l.event_sequence
 FROM licenses AS l
 JOIN unnest($1::text[], $2::text[], $3::text[]) AS s (customer_id, subject_type, subject_id)
     USING (customer_id, subject_type, subject_id)
-WHERE l.purged_at IS NULL;
+WHERE l.purged_at IS NULL
+ORDER BY l.customer_id, l.subject_type, l.subject_id
+FOR UPDATE OF l;
 
 -- name: allocate_licenses
 -- $8 is the subject's event number of this allocation: the row is written only over the
@@ -254,7 +313,9 @@ RETURNING 1;
 
 -- name: release_licenses
 -- $6 is the subject's event number of this release; written only over number $6 - 1 (see
--- allocate_licenses). Returns the rows written.
+-- allocate_licenses). Returns the rows written. One row per subject: a decision changes a
+-- subject once (license_changes; checked by test_change_reasons), so no target has several
+-- rows. Sorted, locked by held_licenses.
 UPDATE licenses AS l
 SET active = false, released_at = x.released_at, release_reason = x.reason,
     event_sequence = x.event_sequence, updated_at = now()
@@ -267,7 +328,7 @@ WHERE l.customer_id = x.customer_id
 RETURNING 1;
 
 -- name: reattribute_licenses
--- A held license whose basis or package changed.
+-- A held license whose basis or package changed. One row per subject, as release_licenses.
 UPDATE licenses AS l
 SET basis = x.basis, package = x.package, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
@@ -402,11 +463,17 @@ UPDATE sweep_holds SET applied_at = $2 WHERE id = $1;
 SELECT value FROM service_keys WHERE name = 'pseudonym';
 
 -- name: users_due_for_purge
--- Only users whose every license event has been published: the purge rewrites the user's
--- id in the outbox, and a release that reached billing under the pseudonym would leave
--- billing charging the user it never saw released. Such users wait for the relay.
+-- Skips (never waits for) what another transaction holds: a customer the console is
+-- changing, a user being decided, so the purge cannot deadlock with them (lock order at
+-- the top of this file). The user's row is locked too: nothing can license them again
+-- before the purge commits. Only users whose every license event has been published: the
+-- purge rewrites the user's id in the outbox, and a release that reached billing under the
+-- pseudonym would leave billing charging the user it never saw released. Such users wait
+-- for the relay.
 SELECT l.customer_id, l.subject_id AS user_id, l.released_at
 FROM licenses AS l
+JOIN users AS u ON u.customer_id = l.customer_id AND u.user_id = l.subject_id
+JOIN customers AS c ON c.customer_id = l.customer_id
 WHERE NOT l.active AND l.subject_type = 'user' AND l.purged_at IS NULL AND l.released_at <= $1
   AND NOT EXISTS (
     SELECT FROM license_outbox AS o
@@ -415,13 +482,16 @@ WHERE NOT l.active AND l.subject_type = 'user' AND l.purged_at IS NULL AND l.rel
   )
 ORDER BY l.released_at, l.customer_id, l.subject_id
 LIMIT $2
-FOR UPDATE SKIP LOCKED;
+FOR SHARE OF c SKIP LOCKED
+FOR UPDATE OF u, l SKIP LOCKED;
 
 -- name: unlicensed_users_due_for_purge
 -- Users without any license of their own, silent since before $1 - $3 (window): due as if
--- released when they fell silent. $1 = decision time - retention, $2 = page size.
+-- released when they fell silent. $1 = decision time - retention, $2 = page size. Skips
+-- what is locked, as users_due_for_purge.
 SELECT u.customer_id, u.user_id, u.last_seen_at + $3::interval AS released_at
 FROM users AS u
+JOIN customers AS c ON c.customer_id = u.customer_id
 WHERE u.purged_at IS NULL
   AND u.last_seen_day <= (($1::timestamptz - $3::interval) AT TIME ZONE 'UTC')::date
   AND u.last_seen_at <= $1::timestamptz - $3::interval
@@ -432,6 +502,7 @@ WHERE u.purged_at IS NULL
   )
 ORDER BY u.last_seen_day, u.customer_id, u.user_id
 LIMIT $2
+FOR SHARE OF c SKIP LOCKED
 FOR UPDATE OF u SKIP LOCKED;
 
 -- name: purge_users

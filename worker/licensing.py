@@ -55,8 +55,10 @@ async def decide_groups(
     users = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.USER]
     lone = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.DEVICE]
     customers = sorted({g.customer_id for g in groups})
-    # Read and share-locked before any device lock: see `share_customers` in queries.sql.
+    # The lock order at the top of sql/queries.sql: customers (share), users, devices,
+    # licenses, each in key order. A user's row is the lock of its decision.
     customer_rows = await session.fetch("customer_terms", customers)
+    await session.lock_group_users(users)
     device_rows = await session.lock_group_devices(users, lone)
     devices_by_customer: dict[str, list[DeviceFacts]] = defaultdict(list)
     for row in device_rows:

@@ -150,6 +150,7 @@ class Session:
             # Before any device lock, like every transaction that decides licenses: a console
             # change to one of these customers waits for this batch, or this batch for it.
             await connection.execute(query("share_customers"), changes.customer_ids)
+            await self._lock_device_users(changes)
             await self._upsert_users(changes)
             relevant = await self._upsert_devices(changes, window_start)
             await self._credit_device_users(changes)
@@ -157,9 +158,24 @@ class Session:
         if progress:
             await connection.execute(
                 query("record_ingestion_progress"),
-                *_columns(progress, "topic partition next_offset last_message_at"),
+                *_columns(
+                    sorted(progress, key=lambda p: (p.topic, p.partition)),
+                    "topic partition next_offset last_message_at",
+                ),
             )
         return SignalWriteResult(inserted, relevant)
+
+    async def _lock_device_users(self, changes: BatchChanges) -> None:
+        """Locks, in key order and before any device, every user whose license this batch
+        can change (the lock order at the top of sql/queries.sql)."""
+        devices, users = sorted(changes.devices), sorted(changes.users)
+        await self._connection.execute(
+            query("lock_device_users"),
+            [customer for customer, _ in devices],
+            [device for _, device in devices],
+            [customer for customer, _ in users],
+            [user for _, user in users],
+        )
 
     async def _upsert_users(self, changes: BatchChanges) -> None:
         users = changes.sorted_users()
@@ -207,6 +223,13 @@ class Session:
         )
         return {(row["customer_id"], row["event_id"]) for row in rows}
 
+    async def lock_group_users(self, users: Sequence[tuple[str, str]]) -> None:
+        await self._connection.execute(
+            query("lock_group_users"),
+            [customer for customer, _ in users],
+            [user for _, user in users],
+        )
+
     async def lock_group_devices(
         self, users: Sequence[tuple[str, str]], devices: Sequence[tuple[str, str]]
     ) -> list[asyncpg.Record]:
@@ -239,9 +262,11 @@ class Session:
 
     async def write_license_changes(self, rows: Sequence[LicenseRow], decided_at: datetime) -> None:
         connection = self._connection
-        allocated = [row for row in rows if row.change == "allocated"]
-        released = [row for row in rows if row.change == "released"]
-        rebased = [row for row in rows if row.change in ("basis_changed", "package_changed")]
+        # Each statement in key order (the lock order at the top of sql/queries.sql).
+        in_order = sorted(rows, key=lambda row: (row.customer_id, row.subject_type, row.subject_id))
+        allocated = [row for row in in_order if row.change == "allocated"]
+        released = [row for row in in_order if row.change == "released"]
+        rebased = [row for row in in_order if row.change in ("basis_changed", "package_changed")]
         if allocated:
             written = await connection.fetch(
                 query("allocate_licenses"),

@@ -17,8 +17,10 @@ import structlog
 
 from worker import metrics
 from worker.backoff import Backoff
+from worker.database_wait import wait_to_retry
 from worker.kafka_clients import create_producer, start_once
-from worker.repository import Repository
+from worker.logs import error_fields
+from worker.repository import Repository, is_transient_database_error
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -49,10 +51,14 @@ class Relay:
                     delay = 0
             except Exception as error:
                 # Kafka or Postgres unavailable: nothing is marked that was not acknowledged.
+                if is_transient_database_error(error):
+                    log.warning("relay.failed", **error_fields(error))
+                    await wait_to_retry(
+                        self._repository.answers, backoff, stopping, task="relay", beat=self._beat
+                    )
+                    continue
                 delay = backoff.next_delay()
-                log.warning(
-                    "relay.failed", error=type(error).__name__, retry_in_seconds=round(delay, 2)
-                )
+                log.warning("relay.failed", **error_fields(error), retry_in_seconds=round(delay, 2))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), delay)
 

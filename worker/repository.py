@@ -69,8 +69,13 @@ def is_transient_database_error(error: BaseException) -> bool:
     """Whether the same statement can succeed later (see the SQLSTATEs above). Every way of
     losing the server is: connection refused or reset (OSError), a timeout, the pool's or
     the driver's "connection is closed" (InterfaceError, 08003), starting up or shutting down
-    (57P03, 57P01)."""
-    if isinstance(error, OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
+    (57P03, 57P01), and the driver losing track of a connection the server dropped
+    mid-statement ("cannot switch to state ...; another operation is in progress":
+    InternalClientError), which never depends on the data."""
+    if isinstance(
+        error,
+        OSError | asyncio.TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError,
+    ):
         return True
     if isinstance(error, asyncpg.PostgresError):
         sqlstate = getattr(error, "sqlstate", None) or ""

@@ -139,6 +139,7 @@ async def test_the_worker_survives_twenty_postgres_restarts_in_a_row(
         assert "worker.task_died" not in text
         assert "worker.crashed" not in text
         assert worker.terminate() == 0
+        assert_every_line_is_json(worker)
     finally:
         with contextlib.suppress(Exception):
             worker.kill()

@@ -27,6 +27,7 @@ from worker.repository import (
         asyncpg.InterfaceError("connection is closed"),
         asyncpg.InterfaceError("pool is closing"),
         asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        asyncpg.InternalClientError("cannot switch to state 15; another operation is in progress"),
         ssl.SSLCertVerificationError("certificate verify failed"),
         asyncpg.AdminShutdownError("terminating connection"),
         asyncpg.CannotConnectNowError("the database system is starting up"),  # 57P03

@@ -38,6 +38,7 @@ class AdminLoop(IngestionLoop):
     """The ingestion loop's retry, dead-letter and commit machinery, applying admin events."""
 
     _lag_reported: set[Any]
+    _task = "admin"
 
     def __init__(self, **arguments: Any) -> None:
         super().__init__(**arguments)

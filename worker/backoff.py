@@ -1,4 +1,10 @@
-"""Capped exponential backoff with full jitter, for waiting out Kafka and Postgres outages."""
+"""Capped exponential backoff with "equal jitter": each delay is drawn uniformly between half
+its ceiling and the ceiling (`initial * 2**attempts`, capped), so delays never shrink before the
+cap and replicas that failed together do not retry together. (Not "full jitter", which would
+draw from 0 to the ceiling.)
+
+For Kafka, and for Postgres while it answers but an operation still fails: waiting for
+Postgres to come back after an outage is worker/database_wait.py's probe, not this backoff."""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ class Backoff:
         doublings = min(self.attempts, 64)
         ceiling = min(self._max, self._initial * 2.0**doublings)
         self.attempts += 1
-        # Full jitter: replicas that failed together do not retry together.
+        # Equal jitter: replicas that failed together do not retry together.
         return random.uniform(ceiling / 2, ceiling)
 
     def reset(self) -> None:

@@ -13,7 +13,7 @@ import orjson
 import structlog
 from pydantic import ValidationError
 
-from worker.logs import configure_logging, crash_fields
+from worker.logs import configure_logging, crash_fields, install_asyncio_error_logging
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -167,6 +167,7 @@ def run() -> None:
     settings = _settings()
 
     async def serve() -> None:
+        install_asyncio_error_logging()
         worker = Worker(settings)
         install_signal_handlers(worker)
         await worker.run()

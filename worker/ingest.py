@@ -35,6 +35,7 @@ from worker.batch import (
 )
 from worker.clock import Clock
 from worker.coalesce import BatchChanges, coalesce
+from worker.database_wait import wait_to_retry
 from worker.dead_letters import DeadLetter, Refusal, publish_dead_letters
 from worker.decoding import AgentEventModel, Rejection, RejectReason
 from worker.kafka_clients import PRODUCER_MAX_REQUEST_BYTES
@@ -99,6 +100,9 @@ class FlushBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class IngestionLoop:
+    # Names this loop in the log lines of its waits.
+    _task = "ingest"
+
     def __init__(
         self,
         *,
@@ -300,8 +304,12 @@ class IngestionLoop:
         return coalesce(events, self._clock.now(), self._settings.future_tolerance, into)
 
     async def _retry_database(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Runs `operation` until it succeeds, waiting after each transient error until
+        Postgres answers again (worker/database_wait.py); a permanent error is raised."""
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
+        attempt = 0
         while True:
+            attempt += 1
             try:
                 return await operation()
             except Exception as error:
@@ -310,14 +318,16 @@ class IngestionLoop:
                     log.error("database.rejected_batch", error=_error_name(error))
                     raise _PermanentDatabaseError(error) from error
                 metrics.DATABASE_ERRORS.labels("transient").inc()
-                delay = backoff.next_delay()
-                log.warning(
-                    "database.unavailable",
-                    error=_error_name(error),
-                    attempt=backoff.attempts,
-                    retry_in_seconds=round(delay, 2),
-                )
-                await self._sleep_unless_stopping(delay)
+                log.warning("database.unavailable", error=_error_name(error), attempt=attempt)
+                await self._wait_for_database(backoff)
+
+    async def _wait_for_database(self, backoff: Backoff) -> None:
+        if self._stopping.is_set():
+            raise ShutdownDuringRetry
+        answers = self._repository.answers
+        await wait_to_retry(answers, backoff, self._stopping, task=self._task, beat=self._beat)
+        if self._stopping.is_set():
+            raise ShutdownDuringRetry
 
     async def _retry_kafka(self, operation_name: str, operation: Callable[[], Awaitable[T]]) -> T:
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
@@ -335,14 +345,6 @@ class IngestionLoop:
                     retry_in_seconds=round(delay, 2),
                 )
                 await self._wait_keeping_membership(delay)
-
-    async def _sleep_unless_stopping(self, delay: float) -> None:
-        if self._stopping.is_set():
-            raise ShutdownDuringRetry
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), delay)
-        if self._stopping.is_set():
-            raise ShutdownDuringRetry
 
     async def _wait_keeping_membership(self, delay: float) -> None:
         """Waits out a Kafka outage (DLQ, commit) while still polling, paused."""

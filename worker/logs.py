@@ -1,10 +1,14 @@
-"""structlog configuration: JSON lines for machines, console rendering in a terminal."""
+"""structlog configuration: JSON lines for machines, console rendering in a terminal. The
+libraries' logs (the standard library's `logging`: asyncpg's pool, aiokafka) and asyncio's
+unhandled errors come out the same way, one line each."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import traceback
+from typing import Any
 
 import structlog
 
@@ -14,11 +18,12 @@ def configure_logging(level: str = "info", output_format: str = "auto") -> None:
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     )
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -26,8 +31,77 @@ def configure_logging(level: str = "info", output_format: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # Library loggers (aiokafka) go through the standard library: keep them to warnings.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(message)s")
+    _route_library_logs(renderer, timestamper)
+
+
+class _LibraryLogHandler(logging.Handler):
+    """Writes to sys.stderr as it is when a record comes (as structlog's logger does)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _route_library_logs(
+    renderer: structlog.types.Processor, timestamper: structlog.types.Processor
+) -> None:
+    """Library loggers go through the standard library: warnings and up, rendered like the
+    worker's own lines (`logger` names the library), an error by its class and never with
+    a traceback, which would print its message (see `exception_fields`)."""
+    handler = _LibraryLogHandler()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                timestamper,
+                _exception_as_fields,
+            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    for previous in [h for h in root.handlers if isinstance(h, _LibraryLogHandler)]:
+        root.removeHandler(previous)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def _exception_as_fields(
+    _: Any, __: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    exc_info = event_dict.pop("exc_info", None)
+    error = exc_info[1] if isinstance(exc_info, tuple) else exc_info
+    if isinstance(error, BaseException):
+        event_dict.update(exception_fields(error))
+    return event_dict
+
+
+def exception_fields(error: BaseException) -> dict[str, object]:
+    """An error in a log line: an expected outage (Postgres or a broker away) by its class
+    and SQLSTATE (`error_fields`); anything else also by where it was raised (`crash_fields`)."""
+    from worker.repository import is_transient_database_error  # noqa: PLC0415 (asyncpg)
+
+    if is_transient_database_error(error):
+        return dict(error_fields(error))
+    return crash_fields(error)
+
+
+def log_unhandled_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's handler for an error nobody awaited (a failed callback, "Task exception was
+    never retrieved"): one structured line instead of asyncio's traceback."""
+    error = context.get("exception")
+    fields = exception_fields(error) if isinstance(error, BaseException) else {}
+    structlog.get_logger("asyncio").error(
+        "asyncio.unhandled_error", message=str(context.get("message", "")), **fields
+    )
+
+
+def install_asyncio_error_logging() -> None:
+    asyncio.get_running_loop().set_exception_handler(log_unhandled_asyncio_error)
 
 
 def error_fields(error: BaseException) -> dict[str, str]:

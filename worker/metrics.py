@@ -109,6 +109,11 @@ CONSUMER_RECREATIONS = Counter(
     "license_worker_consumer_recreations_total",
     "Times the Kafka consumer was recreated because a partition was stuck.",
 )
+TASK_RESTARTS = Counter(
+    "license_worker_task_restarts_total",
+    "Times a background task was run again after a Postgres or Kafka outage ended it.",
+    ["task"],
+)
 LICENSES_ACTIVE = Gauge(
     "license_worker_licenses_active",
     "Licenses in use, all customers together, by subject type and basis (after the last sweep).",

@@ -16,7 +16,8 @@ import structlog
 from worker import metrics
 from worker.health import Liveness, Readiness
 from worker.lag import PartitionLag, Watch, partition_lag, stuck_partitions, watch_partitions
-from worker.repository import Repository
+from worker.logs import error_fields
+from worker.repository import Repository, is_transient_database_error
 from worker.settings import Settings
 from worker.sweep_rules import PartitionKey, StoredProgress
 
@@ -62,7 +63,14 @@ class Monitor:
 
         kafka_ok = await self._probe("kafka", read_ends)
         if postgres_ok and kafka_ok:
-            await self._measure_lag(ends)
+            try:
+                await self._measure_lag(ends)
+            except Exception as error:
+                # Postgres went away since the probe: the next check measures again.
+                if not is_transient_database_error(error):
+                    raise
+                log.warning("monitor.lag_unavailable", **error_fields(error))
+                self._readiness.set("postgres", answered=False)
 
     async def _probe(self, service: str, probe: Callable[[], Any]) -> bool:
         try:

@@ -17,9 +17,11 @@ import structlog
 
 from worker import metrics
 from worker.backoff import Backoff
+from worker.database_wait import wait_to_retry
 from worker.kafka_clients import create_producer, start_once
+from worker.logs import error_fields
 from worker.producer_errors import ProducerErrorKind, classify_producer_error
-from worker.repository import Repository
+from worker.repository import Repository, is_transient_database_error
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -49,9 +51,16 @@ class Relay:
                 if published:
                     delay = 0
             except Exception as error:
-                # Nothing is marked that was not acknowledged. Even a refusal for good is
-                # retried: a license event must never be dropped, and later events of the
-                # same customer may not overtake it.
+                # Nothing is marked that was not acknowledged. Postgres unavailable: retry
+                # as soon as it answers. Kafka: back off. Even a refusal for good is retried:
+                # a license event must never be dropped, and later events of the same
+                # customer may not overtake it.
+                if is_transient_database_error(error):
+                    log.warning("relay.failed", **error_fields(error))
+                    await wait_to_retry(
+                        self._repository.answers, backoff, stopping, task="relay", beat=self._beat
+                    )
+                    continue
                 delay = backoff.next_delay()
                 self._report_failure(error, delay)
             with contextlib.suppress(TimeoutError):
@@ -62,7 +71,7 @@ class Relay:
         fix (a message too large, no authorisation on the topic) is an error, every time,
         until an operator fixes the topic or its ACLs."""
         kind = classify_producer_error(error)
-        fields = {"error": type(error).__name__, "retry_in_seconds": round(retry_in, 2)}
+        fields = {**error_fields(error), "retry_in_seconds": round(retry_in, 2)}
         if kind is ProducerErrorKind.TRANSIENT:
             metrics.RELAY_FAILURES.labels("transient").inc()
             log.warning("relay.failed", **fields)

@@ -15,6 +15,7 @@ import structlog
 
 from worker.batch import PartitionProgress
 from worker.coalesce import BatchChanges
+from worker.database_wait import DatabaseAnswers
 from worker.sql_files import Migration, query, role_setup_queries
 
 log = structlog.get_logger(__name__)
@@ -29,6 +30,13 @@ _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "42501"}
 
 
 _CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
+# SQLSTATE classes of a server that is not there for us: connection exceptions (08) and
+# operator intervention (57: shutting down, 57P01; starting up, 57P03).
+_NO_ANSWER_SQLSTATE_CLASSES = ("08", "57")
+
+# How long the outage probe may take: a connection and `SELECT 1` take milliseconds when the
+# server is up.
+PROBE_TIMEOUT_SECONDS = 1.0
 
 # Rows a streaming cursor fetches per round trip: few enough to keep memory flat, enough to
 # keep round trips from dominating.
@@ -58,15 +66,53 @@ def database_refusal(error: BaseException) -> str | None:
 
 
 def is_transient_database_error(error: BaseException) -> bool:
+    """Whether the same statement can succeed later (see the SQLSTATEs above). Every way of
+    losing the server is: connection refused or reset (OSError), a timeout, the pool's or
+    the driver's "connection is closed" (InterfaceError, 08003), starting up or shutting down
+    (57P03, 57P01), and the driver losing track of a connection the server dropped
+    mid-statement ("cannot switch to state ...; another operation is in progress":
+    InternalClientError), which never depends on the data. So is a license decision raced by
+    another one (ConcurrentDecisionError): it is made again from the new state."""
     if isinstance(
         error,
-        OSError | asyncio.TimeoutError | asyncpg.InterfaceError | ConcurrentDecisionError,
+        OSError
+        | asyncio.TimeoutError
+        | asyncpg.InterfaceError
+        | asyncpg.InternalClientError
+        | ConcurrentDecisionError,
     ):
         return True
     if isinstance(error, asyncpg.PostgresError):
         sqlstate = getattr(error, "sqlstate", None) or ""
         return sqlstate in _TRANSIENT_SQLSTATES or sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
     return False
+
+
+def is_no_answer(error: BaseException) -> bool:
+    """Whether `error` says the server is not there (down, starting, shutting down, the
+    connection lost), rather than that it answered and refused (credentials, certificate,
+    too many connections, a statement)."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return False
+    if isinstance(error, OSError | TimeoutError | asyncpg.InterfaceError):
+        return True
+    sqlstate = getattr(error, "sqlstate", None) or ""
+    return isinstance(error, asyncpg.PostgresError) and sqlstate[:2] in _NO_ANSWER_SQLSTATE_CLASSES
+
+
+async def database_answers(database_url: str) -> bool:
+    """The outage probe: whether the server behind `database_url` answers at all, on a fresh
+    connection (never one of a pool's) within PROBE_TIMEOUT_SECONDS. A refusal is an answer."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+            connection = await asyncpg.connect(database_url)
+            try:
+                await connection.fetchval("SELECT 1")
+            finally:
+                await connection.close()
+    except Exception as error:
+        return not is_no_answer(error)
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,8 +398,10 @@ class ClusterLock:
 
 
 class Repository:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, database_url: str) -> None:
         self._pool = pool
+        # What the loops that use this pool wait on after a transient error.
+        self.answers = DatabaseAnswers(lambda: database_answers(database_url))
 
     @classmethod
     async def connect(cls, database_url: str, pool_size: int) -> Repository:
@@ -370,7 +418,7 @@ class Repository:
             # than a batch statement.
             server_settings={"plan_cache_mode": "force_custom_plan"},
         )
-        return cls(pool)
+        return cls(pool, database_url)
 
     async def close(self) -> None:
         await self._pool.close()

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import structlog
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from worker import metrics
 from worker.admin_ingest import AdminLoop
 from worker.backoff import Backoff
 from worker.clock import Clock, SystemClock
+from worker.database_wait import DatabaseAnswers, pause, wait_to_retry
 from worker.health import Liveness, Readiness, health_app, serve_health
 from worker.ingest import IngestionLoop
 from worker.kafka_clients import (
@@ -28,11 +31,13 @@ from worker.kafka_clients import (
     create_producer,
     start_with_retry,
 )
+from worker.logs import error_fields
 from worker.monitor import Monitor
 from worker.relay import Relay
 from worker.repository import (
     DatabaseAccessRefused,
     Repository,
+    database_answers,
     database_refusal,
     is_transient_database_error,
 )
@@ -148,11 +153,13 @@ class Worker:
         tasks = [asyncio.create_task(self._ingest(repository, producer), name="ingest")]
         if settings.admin_enabled:
             liveness.register("admin", settings.batch_max_wait_ms / 1000 + slack)
-            tasks.append(asyncio.create_task(self._admin(repository, producer), name="admin"))
+            admin = functools.partial(self._admin, repository, producer)
+            tasks.append(self._through_outages("admin", admin, repository))
         if settings.relay_enabled:
             liveness.register("relay", settings.relay_poll_seconds + slack)
             relay = Relay(settings, background, producer, beat=lambda: liveness.beat("relay"))
-            tasks.append(asyncio.create_task(relay.run_forever(self._stopping), name="relay"))
+            publish = functools.partial(relay.run_forever, self._stopping)
+            tasks.append(self._through_outages("relay", publish, background))
         if settings.sweep_enabled:
             liveness.register("sweeper", settings.sweep_interval_seconds + slack)
             sweeper = Sweeper(
@@ -163,7 +170,7 @@ class Worker:
                 stopping=self._stopping,
                 beat=lambda: liveness.beat("sweeper"),
             )
-            tasks.append(asyncio.create_task(sweeper.run_forever(), name="sweeper"))
+            tasks.append(self._through_outages("sweeper", sweeper.run_forever, background))
         liveness.register("monitor", settings.monitor_interval_seconds + slack)
         monitor = Monitor(
             settings=settings,
@@ -174,8 +181,33 @@ class Worker:
             readiness=self.readiness,
             on_stuck=self._recreate_consumer,
         )
-        tasks.append(asyncio.create_task(monitor.run_forever(self._stopping), name="monitor"))
+        check = functools.partial(monitor.run_forever, self._stopping)
+        tasks.append(self._through_outages("monitor", check, background))
         return tasks
+
+    def _through_outages(
+        self, name: str, run: Callable[[], Awaitable[None]], database: Repository
+    ) -> asyncio.Task[None]:
+        return asyncio.create_task(self._run_through_outages(name, run, database), name=name)
+
+    async def _run_through_outages(
+        self, name: str, run: Callable[[], Awaitable[None]], database: Repository
+    ) -> None:
+        """Runs a background task's loop, and runs it again if a Postgres or Kafka outage
+        escapes it, once the database answers (or after a backoff, for Kafka): an outage
+        never ends the process. Any other error ends the task, and `_supervise` the worker."""
+        settings = self._settings
+        backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
+        while not self._stopping.is_set():
+            error = await _outage_escaping(run)
+            if error is None or self._stopping.is_set():
+                return
+            metrics.TASK_RESTARTS.labels(name).inc()
+            log.warning("worker.task_interrupted", task=name, **error_fields(error))
+            if is_transient_database_error(error):
+                await wait_to_retry(database.answers, backoff, self._stopping, task=name)
+            else:
+                await pause(self._stopping, backoff.next_delay())
 
     async def _ingest(self, repository: Repository, producer: Any) -> None:
         """Runs the ingestion loop on a consumer; recreates the consumer when the monitor
@@ -261,11 +293,33 @@ class Worker:
             raise RuntimeError(f"task {task.get_name()} ended without being asked to stop")
 
 
+async def _outage_escaping(run: Callable[[], Awaitable[None]]) -> BaseException | None:
+    """Runs `run`; returns the Postgres or Kafka outage it ended with, None if it returned.
+    Any other error is raised."""
+    try:
+        await run()
+    except Exception as error:
+        if is_transient_database_error(error) or is_transient_kafka_error(error):
+            return error
+        raise
+    return None
+
+
+def is_transient_kafka_error(error: BaseException) -> bool:
+    """A broker away or slow to answer, as aiokafka says it (retriable errors, timeouts)."""
+    if isinstance(error, KafkaConnectionError | KafkaTimeoutError):
+        return True
+    return isinstance(error, KafkaError) and bool(getattr(error, "retriable", False))
+
+
 async def _connect_database(settings: Settings, pool_size: int) -> Repository:
     backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
+    url = settings.database_url.get_secret_value()
+    answers = DatabaseAnswers(lambda: database_answers(url))
+    never = asyncio.Event()  # _unless_stopped cancels this wait when the worker stops
     while True:
         try:
-            return await Repository.connect(settings.database_url.get_secret_value(), pool_size)
+            return await Repository.connect(url, pool_size)
         except Exception as error:
             reason = database_refusal(error)
             if reason is not None:
@@ -273,14 +327,8 @@ async def _connect_database(settings: Settings, pool_size: int) -> Repository:
                 raise DatabaseAccessRefused(reason) from None
             if not is_transient_database_error(error):
                 raise
-            delay = backoff.next_delay()
-            log.warning(
-                "startup.waiting",
-                service="postgres",
-                error=type(error).__name__,
-                retry_in=round(delay, 2),
-            )
-            await asyncio.sleep(delay)
+            log.warning("startup.waiting", service="postgres", **error_fields(error))
+            await wait_to_retry(answers, backoff, never, task="startup")
 
 
 def install_signal_handlers(worker: Worker) -> None:

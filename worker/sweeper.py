@@ -19,7 +19,9 @@ import structlog
 
 from worker import metrics
 from worker.admin import subject_event
+from worker.backoff import Backoff
 from worker.clock import Clock
+from worker.database_wait import wait_to_retry
 from worker.license_rules import Reason, SubjectType, license_event_id, purge_due_at
 from worker.licensing import (
     Group,
@@ -29,7 +31,7 @@ from worker.licensing import (
     license_event_json,
 )
 from worker.logs import error_fields
-from worker.repository import LicenseRow, Repository
+from worker.repository import LicenseRow, Repository, is_transient_database_error
 from worker.settings import Settings
 from worker.sweep_rules import (
     CustomerRisk,
@@ -93,15 +95,40 @@ class Sweeper:
 
     async def run_forever(self) -> None:
         """Competes for the sweeper lock; the replica that holds it sweeps every interval
-        until it stops or loses its database connection, then another one takes over."""
+        until it stops or loses its database connection, then another one takes over. When
+        Postgres is away, it waits until it answers and competes again at once."""
+        backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
         while not self._stopping.is_set():
-            async with self._repository.exclusive("sweeper") as lock:
-                if lock.acquired:
-                    log.info("sweep.leader_elected")
-                    while await lock.still_held() and not self._stopping.is_set():
-                        await self._run_logged()
-                        await self._sleep(self._settings.sweep_interval_seconds)
-            await self._sleep(self._settings.sweep_interval_seconds)
+            try:
+                another_replica_sweeps = not await self._lead_while_held()
+                backoff.reset()  # led until the lock's connection was lost
+            except Exception as error:
+                if not is_transient_database_error(error):
+                    raise
+                log.warning("sweep.database_unavailable", **error_fields(error))
+                another_replica_sweeps = False
+            if another_replica_sweeps:
+                await self._sleep(self._settings.sweep_interval_seconds)
+            elif not self._stopping.is_set():
+                # The lock's connection was lost, or the lock could not be asked for.
+                await wait_to_retry(
+                    self._repository.answers,
+                    backoff,
+                    self._stopping,
+                    task="sweeper",
+                    beat=self._beat,
+                )
+
+    async def _lead_while_held(self) -> bool:
+        """Sweeps every interval while this replica holds the lock; False if another does."""
+        async with self._repository.exclusive("sweeper") as lock:
+            if not lock.acquired:
+                return False
+            log.info("sweep.leader_elected")
+            while await lock.still_held() and not self._stopping.is_set():
+                await self._run_logged()
+                await self._sleep(self._settings.sweep_interval_seconds)
+            return True
 
     async def _run_logged(self) -> None:
         try:

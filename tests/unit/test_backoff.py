@@ -1,4 +1,4 @@
-"""`worker.backoff.Backoff`: capped exponential backoff with jitter."""
+"""`worker.backoff.Backoff`: capped exponential backoff, equal jitter (half to all of a ceiling)."""
 
 from __future__ import annotations
 

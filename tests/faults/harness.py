@@ -14,6 +14,7 @@ import contextlib
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,7 +30,7 @@ from tests.faults import invariants, observe
 from tests.faults.figures import Figures
 from tests.faults.invariants import DeadLetterExpectation, Findings
 from tests.faults.model import TimeRange, build_model
-from tests.faults.replicas import FaultLog, Replica, ReplicaSet, ServiceFaults
+from tests.faults.replicas import FaultLog, Replica, ReplicaSet, ServiceFaults, warning_counts
 from tests.faults.stream import Message, Poison, Stream, StreamShape, Topic, generate_stream
 from tests.support import Services, migrate_database, run_cli, settings_environment
 from worker.kafka_clients import AGENT_TOPIC_CONFIG
@@ -54,7 +55,7 @@ class SuiteConfig:
     produce_seconds: float = 60.0
     # Waiting for consumer lag 0: the whole wait, and how long lag may stay unchanged.
     drain_timeout_seconds: float = 420.0
-    stall_seconds: float = 120.0
+    stall_seconds: float = 90.0
     batch_max_records: int = 1000
     keep_database: bool = False
 
@@ -309,9 +310,16 @@ class _Run:
         behind = {name: value for name, value in sorted(lag.items()) if value}
         self.findings.report(
             "stream fully consumed (consumer lag 0)",
-            f"lag after {time.monotonic() - self.production_ended:.0f} s: {behind}",
+            f"lag after {time.monotonic() - self.production_ended:.0f} s: {behind}; "
+            f"most logged warnings: {self._top_warnings()}",
             tally=None,
         )
+
+    def _top_warnings(self) -> str:
+        counts: Counter[str] = Counter()
+        for path in self.config.work_dir.glob("replica-*.log"):
+            counts += warning_counts(path.read_text(errors="replace"))
+        return ", ".join(f"{name} x{count}" for name, count in counts.most_common(3))
 
     async def _wait_for_lag_zero(
         self, reader: observe.LagReader, groups: list[tuple[str, list[str]]]
@@ -385,7 +393,7 @@ class _Run:
         for exit_ in self.faults.unexpected_exits:
             self.findings.report(
                 "no replica dies on its own",
-                f"replica {exit_.replica} exited {exit_.code}; log tail: {exit_.log_tail[-600:]}",
+                f"replica {exit_.replica} exited {exit_.code}: {exit_.log_tail[-900:]}",
                 tally=None,
             )
         deadlocks = await self.deadlocks.total()

@@ -5,7 +5,6 @@ may be in progress): a failed read returns None where noted."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,9 @@ from aiokafka.errors import KafkaError
 
 from worker.kafka_clients import describe_partitions
 
+# What a read may meet while Postgres restarts (a statement timeout leaves the connection
+# unusable: InterfaceError).
+UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 STORED_TABLES = {
     "devices": "SELECT * FROM devices",
     "users": "SELECT * FROM users",
@@ -57,15 +59,14 @@ async def fetch_value(url: str, sql: str, *args: Any) -> Any | None:
     """One value, or None if Postgres does not answer now."""
     try:
         connection = await asyncpg.connect(url, timeout=5)
-    except (OSError, asyncpg.PostgresError, TimeoutError):
+    except UNAVAILABLE:
         return None
     try:
         return await connection.fetchval(sql, *args, timeout=10)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+    except UNAVAILABLE:
         return None
     finally:
-        with contextlib.suppress(Exception):
-            await connection.close()
+        connection.terminate()
 
 
 async def stored_progress(url: str) -> int | None:

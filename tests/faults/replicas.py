@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,12 +76,41 @@ class Replica:
             return None
         return self.process.poll()
 
-    def log_tail(self, lines: int = 8) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+    def log_tail(self, lines: int = 3) -> str:
+        """The last error lines of the log, without their stack frames."""
+        return "; ".join(error_lines(self.log_text())[-lines:])
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def error_lines(text: str) -> list[str]:
+    """The worker's error and critical log events, each as `event key=value ...` (lists such
+    as stack frames left out)."""
+    lines = []
+    for line in text.splitlines():
+        if '"level": "error"' not in line and '"level": "critical"' not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            fields = json.loads(line)
+            shown = (
+                f"{key}={value}"
+                for key, value in fields.items()
+                if key not in ("event", "level", "timestamp") and not isinstance(value, list)
+            )
+            lines.append(" ".join([str(fields.get("event")), *shown]))
+    return lines
+
+
+def warning_counts(text: str) -> Counter[str]:
+    """How often each (event, error) warning or error was logged."""
+    counts: Counter[str] = Counter()
+    for line in text.splitlines():
+        if '"level": "warning"' in line or '"level": "error"' in line:
+            with contextlib.suppress(ValueError):
+                fields = json.loads(line)
+                counts[f"{fields.get('event')} {fields.get('error', '')}".strip()] += 1
+    return counts
 
 
 @dataclass(slots=True)

@@ -149,13 +149,16 @@ class _Device:
     stale: bool = False
     installed: bool = True  # False: the install was lost, first seen by heartbeat
     uninstall: bool = False
-    reinstall: str | None = None  # "install" or "heartbeat"
+    # "install", or "heartbeat" (minutes after the uninstall, like an agent upgrade)
+    reinstall: str | None = None
     move_to: str | None = None  # a user id, or "" for unassigned
     kind_change: bool = False
     future: bool = False
     silent_kind: bool = False  # heartbeats never say the kind (with a lost install: NULL)
     # Heartbeats after the first leave user_id out (credited to the device's user).
     anonymous_heartbeats: bool = False
+    # Every heartbeat says the device's kind (else about one in five does).
+    kind_in_heartbeats: bool = False
     # All of a user's devices installed at the same second (first seen ties).
     start: int | None = None
 
@@ -204,10 +207,15 @@ def _fleet(rng: random.Random, customers: list[Customer], events: int) -> list[_
         users[customer].append(user)
         count = rng.choices([1, 2, 3, 4, 5], weights=[30, 30, 20, 15, 5])[0]
         # Some users get every device at once (a provisioning script): equal first sightings.
-        start = _early(rng, ACTIVE_SPAN) if count > 1 and rng.random() < 0.3 else None
+        start = _early(rng, ACTIVE_SPAN) if count > 1 and rng.random() < 0.5 else None
+        # Some users' agents name the user at install and in their first heartbeat only.
+        anonymous, kind_in_heartbeats = rng.random() < 0.3, rng.random() < 0.5
         for index in range(count):
             kind = "business" if index == 0 else rng.choices(_KINDS, weights=[1, 3])[0]
-            fleet.append(_Device(customer, f"d{serial:06d}-{index}", user, kind, start=start))
+            device = _Device(customer, f"d{serial:06d}-{index}", user, kind, start=start)
+            device.anonymous_heartbeats = anonymous
+            device.kind_in_heartbeats = kind_in_heartbeats
+            fleet.append(device)
     for device in fleet:
         _choose_life(rng, device, users[device.customer_id])
     return fleet
@@ -225,7 +233,7 @@ def _choose_life(rng: random.Random, device: _Device, users: list[str]) -> None:
         device.silent_kind = rng.random() < 0.5
     elif roll < 0.28:
         device.uninstall = True
-        device.reinstall = rng.choice([None, "install", "heartbeat"])
+        device.reinstall = rng.choices([None, "install", "heartbeat"], weights=[3, 2, 5])[0]
     elif roll < 0.38:
         others = [user for user in users if user != device.user_id]
         if device.user_id is not None and (rng.random() < 0.1 or not others):
@@ -234,7 +242,8 @@ def _choose_life(rng: random.Random, device: _Device, users: list[str]) -> None:
             device.move_to = f"moved-{device.device_id}@{device.customer_id}.example"
         else:
             device.move_to = rng.choice(others)
-    device.anonymous_heartbeats = device.move_to is None and rng.random() < 0.3
+    # A device changing users names them in every heartbeat.
+    device.anonymous_heartbeats = device.anonymous_heartbeats and device.move_to is None
     device.kind_change = not device.stale and rng.random() < 0.04
     device.future = not device.stale and rng.random() < 0.02
 
@@ -261,18 +270,35 @@ def _device_signals(
             yield life.install(offset)
         elif uninstall_at is not None and index == uninstall_at:
             yield life.uninstall(offset)
+            if device.reinstall == "heartbeat":
+                yield from _flaps(rng, life, offset, offsets[index + 1 : index + 2])
         elif uninstall_at is not None and index == uninstall_at + 1 and device.reinstall:
             yield life.install(offset) if device.reinstall == "install" else life.heartbeat(offset)
         elif uninstall_at is not None and index > uninstall_at and not device.reinstall:
             return
         else:
-            says_kind = index == kind_at or rng.random() < 0.2
-            anonymous = device.anonymous_heartbeats and life.heartbeats > 0 and rng.random() < 0.5
+            says_kind = device.kind_in_heartbeats or index == kind_at or rng.random() < 0.2
+            anonymous = device.anonymous_heartbeats and life.heartbeats > 0
             yield life.heartbeat(
                 offset, report_kind=says_kind and not device.silent_kind, anonymous=anonymous
             )
     if device.future:
         yield life.heartbeat(rng.randint(*FUTURE_SPAN), future=True)
+
+
+def _flaps(
+    rng: random.Random, life: _Life, uninstalled_at: int, following: list[int]
+) -> Iterator[AgentSignal]:
+    """An upgrade: the agent is back minutes after its uninstall (a heartbeat says so); one
+    in two flaps once more (uninstalled and back again) before its next regular signal."""
+    until = following[0] if following else uninstalled_at + 3600
+    if until - uninstalled_at < 40:
+        return
+    moments = sorted(rng.sample(range(uninstalled_at + 30, min(until, uninstalled_at + 900)), 3))
+    yield life.heartbeat(moments[0])
+    if rng.random() < 0.5:
+        yield life.uninstall(moments[1])
+        yield life.heartbeat(moments[2])
 
 
 def _early(rng: random.Random, span: tuple[int, int]) -> int:
@@ -366,7 +392,7 @@ def _deliver(
         position = float(index)
         if signal.future:
             position = rng.uniform(0, len(in_time))
-        elif signal.event_id not in on_time and rng.random() < shape.late_share:
+        elif signal.event_id not in on_time and rng.random() < _late_chance(signal, shape):
             position = index + rng.randint(devices, 6 * devices) + 0.5
             message = Message(message.topic, message.key, message.value, signal, late=True)
         keyed.append((position, message))
@@ -377,6 +403,12 @@ def _deliver(
         keyed.append((rng.uniform(0.15, 0.85) * len(in_time), _poison_message(rng, poison)))
     keyed.sort(key=lambda item: item[0])
     return [message for _, message in keyed]
+
+
+def _late_chance(signal: AgentSignal, shape: StreamShape) -> float:
+    # A late install moves its device's first sighting back, which can change which of a
+    # user's devices is over the allowance: more of those.
+    return 0.25 if signal.type == "install" else shape.late_share
 
 
 def _never_late(signals: list[AgentSignal]) -> set[str]:

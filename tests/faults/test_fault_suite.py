@@ -27,6 +27,8 @@ async def test_under_faults_nothing_is_lost_doubled_or_misbilled(
         postgres_restarts=1,
         broker_restarts=1,
         produce_seconds=50,
+        # Lag stuck this long is a blocked partition (a normal drain takes seconds).
+        stall_seconds=60,
     )
     result = await run_fault_suite(services, config)
     print(result.figures.table())

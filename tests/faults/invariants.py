@@ -164,11 +164,11 @@ def check_licenses(
     from_store = expected_licenses(stored_devices, license_models, now, window)
     modelled = [_model_state(device) for device in model.devices.values()]
     from_model = expected_licenses(modelled, license_models, now, window)
-    context = _DeviceContext(stored_devices)
-    for name, expected in (
-        ("licenses: the rules applied to the stored devices", from_store),
-        ("licenses: the rules applied to the model of the stream", from_model),
+    for name, expected, devices in (
+        ("licenses: the rules applied to the stored devices", from_store, stored_devices),
+        ("licenses: the rules applied to the model of the stream", from_model, modelled),
     ):
+        context = _DeviceContext(devices)
         for key in sorted(set(active) | set(expected)):
             if active.get(key) != expected.get(key):
                 findings.report(

@@ -171,6 +171,8 @@ class ReplicaSet:
             await asyncio.gather(*self._tasks)
 
     def stop(self) -> list[int | None]:
+        for task in self._tasks:
+            task.cancel()  # a restart still pending must not outlive the run
         return [replica.terminate() for replica in self.replicas]
 
     def kill_all(self) -> None:

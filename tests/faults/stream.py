@@ -290,15 +290,16 @@ def _flaps(
     rng: random.Random, life: _Life, uninstalled_at: int, following: list[int]
 ) -> Iterator[AgentSignal]:
     """An upgrade: the agent is back minutes after its uninstall (a heartbeat says so); one
-    in two flaps once more (uninstalled and back again) before its next regular signal."""
-    until = following[0] if following else uninstalled_at + 3600
-    if until - uninstalled_at < 40:
+    in two flaps once more, an hour or a few later, before its next regular signal."""
+    until = following[0] if following else uninstalled_at + 6 * 3600
+    back = uninstalled_at + rng.randint(30, 900)
+    if back >= until:
         return
-    moments = sorted(rng.sample(range(uninstalled_at + 30, min(until, uninstalled_at + 900)), 3))
-    yield life.heartbeat(moments[0])
-    if rng.random() < 0.5:
-        yield life.uninstall(moments[1])
-        yield life.heartbeat(moments[2])
+    yield life.heartbeat(back)
+    again = back + rng.randint(3600, 4 * 3600)
+    if rng.random() < 0.5 and again + 900 < until:
+        yield life.uninstall(again)
+        yield life.heartbeat(again + rng.randint(30, 900))
 
 
 def _early(rng: random.Random, span: tuple[int, int]) -> int:

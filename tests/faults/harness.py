@@ -10,35 +10,27 @@ the stream (`tests/faults/model.py`, `tests/faults/rules.py`). docs/reliability.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tests.faults import invariants, observe
+from tests.faults import environment, invariants, observe
 from tests.faults.figures import Figures
 from tests.faults.invariants import DeadLetterExpectation, Findings
 from tests.faults.model import TimeRange, build_model
 from tests.faults.replicas import FaultLog, Replica, ReplicaSet, ServiceFaults, warning_counts
 from tests.faults.stream import Message, Poison, Stream, StreamShape, Topic, generate_stream
-from tests.support import Services, migrate_database, run_cli, settings_environment
-from worker.kafka_clients import AGENT_TOPIC_CONFIG
+from tests.support import Services, run_cli, settings_environment
 from worker.settings import Settings
 
-# The oversized poison message is about 1 MB: the agent topics must accept it.
-AGENT_TOPIC_MAX_BYTES = "2097152"
-PARTITIONS = 6
 PRODUCE_CHUNK = 200
 
 
@@ -79,9 +71,14 @@ async def run_fault_suite(services: Services, config: SuiteConfig) -> SuiteResul
     if services.state_dir is None:
         raise RuntimeError("the fault suite needs services run by deploy/local/services.sh")
     config.work_dir.mkdir(parents=True, exist_ok=True)
-    database = await _create_database(services)
-    topics = await _create_topics(services.kafka_bootstrap_servers)
-    settings = _replica_settings(services, services.worker_url(database), topics, config)
+    database = await environment.create_database(services)
+    topics = await environment.create_topics(services.kafka_bootstrap_servers)
+    settings = environment.replica_settings(
+        services.kafka_bootstrap_servers,
+        services.worker_url(database),
+        topics,
+        config.batch_max_records,
+    )
     try:
         run = _Run(services, database, settings, config)
         await run.execute()
@@ -89,64 +86,6 @@ async def run_fault_suite(services: Services, config: SuiteConfig) -> SuiteResul
     finally:
         if not config.keep_database:
             await services.drop_database(database)
-
-
-async def _create_database(services: Services) -> str:
-    url = await services.create_database("license_faults")
-    await services.set_up_roles(url, set_passwords=True)
-    await migrate_database(services.owner_url(url))
-    return url
-
-
-async def _create_topics(bootstrap: str) -> dict[str, str]:
-    suffix = uuid.uuid4().hex[:10]
-    names = {
-        "heartbeat_topic": f"faults.heartbeat.{suffix}",
-        "lifecycle_topic": f"faults.lifecycle.{suffix}",
-        "dlq_topic": f"faults.dlq.{suffix}",
-        "license_events_topic": f"faults.license.{suffix}",
-        "admin_topic": f"faults.admin.{suffix}",
-    }
-    agent_config = {**AGENT_TOPIC_CONFIG, "max.message.bytes": AGENT_TOPIC_MAX_BYTES}
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [
-                NewTopic(
-                    name,
-                    num_partitions=PARTITIONS,
-                    replication_factor=1,
-                    topic_configs=agent_config
-                    if key in ("heartbeat_topic", "lifecycle_topic")
-                    else {},
-                )
-                for key, name in names.items()
-            ]
-        )
-    finally:
-        await admin.close()
-    return {
-        **names,
-        "consumer_group": f"faults-{suffix}",
-        "admin_consumer_group": f"faults-admin-{suffix}",
-    }
-
-
-def _replica_settings(
-    services: Services, database_url: str, topics: dict[str, str], config: SuiteConfig
-) -> Settings:
-    # Production defaults for retries (the recovery times are part of the figures), a
-    # sweeper pass every few seconds, smaller batches so that faults land between them.
-    values: dict[str, Any] = {
-        "kafka_bootstrap_servers": services.kafka_bootstrap_servers,
-        "database_url": database_url,
-        "batch_max_records": config.batch_max_records,
-        "sweep_interval_seconds": 5.0,
-        "monitor_interval_seconds": 2.0,
-        **topics,
-    }
-    return Settings(**values)
 
 
 class _Run:
@@ -168,6 +107,7 @@ class _Run:
             config.seed, StreamShape(events=config.events, poison=config.poison), self.base
         )
         self.poison_at: list[DeadLetterExpectation] = []
+        self.production_ended = 0.0
 
     async def execute(self) -> None:
         replicas = ReplicaSet(
@@ -207,7 +147,7 @@ class _Run:
         """The console creates the customers (one on the device license model) before any
         agent signal: the worker would create them from signals too, with the user model."""
         occurred = (self.base - timedelta(days=60)).isoformat()
-        async with _producer(self.services.kafka_bootstrap_servers) as producer:
+        async with environment.producer(self.services.kafka_bootstrap_servers) as producer:
             for customer in self.stream.customers:
                 event = {
                     "schema_version": 1,
@@ -243,7 +183,7 @@ class _Run:
         schedule = _fault_schedule(self.rng, len(messages), self.config)
         background: list[asyncio.Task[None]] = []
         started = time.monotonic()
-        async with _producer(self.services.kafka_bootstrap_servers) as producer:
+        async with environment.producer(self.services.kafka_bootstrap_servers) as producer:
             for index, message in enumerate(messages):
                 for fault in schedule.pop(index, []):
                     await self._inject(fault, producer, replicas, service_faults, background)
@@ -346,7 +286,11 @@ class _Run:
         async def published() -> bool:
             return await observe.pending_outbox(self.superuser_url) == 0
 
-        await _wait_for(published, timeout=120)
+        if not await _wait_for(published, timeout=120):
+            pending = await observe.pending_outbox(self.superuser_url)
+            self.findings.report(
+                "relay publishes the outbox", f"{pending} events pending after 120 s", tally=None
+            )
 
     def _check_clean_stops(self, exit_codes: list[int | None]) -> None:
         for index, code in enumerate(exit_codes):
@@ -475,20 +419,3 @@ async def _wait_for(condition: Callable[[], Awaitable[bool]], timeout: float) ->
             return True
         await asyncio.sleep(0.5)
     return False
-
-
-@contextlib.asynccontextmanager
-async def _producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=5,
-        max_request_size=int(AGENT_TOPIC_MAX_BYTES),
-        request_timeout_ms=60_000,
-    )
-    await producer.start()
-    try:
-        yield producer
-    finally:
-        await producer.stop()

@@ -56,8 +56,9 @@ class SuiteConfig:
 class SuiteResult:
     figures: Figures
     findings: Findings
-    database_url: str = ""
+    database_url: str = ""  # a superuser's
     topics: dict[str, str] = field(default_factory=dict)
+    kept_database: bool = False
 
     @property
     def passed(self) -> bool:
@@ -82,7 +83,7 @@ async def run_fault_suite(services: Services, config: SuiteConfig) -> SuiteResul
     try:
         run = _Run(services, database, settings, config)
         await run.execute()
-        return SuiteResult(run.figures, run.findings, database, topics)
+        return SuiteResult(run.figures, run.findings, database, topics, config.keep_database)
     finally:
         if not config.keep_database:
             await services.drop_database(database)

@@ -102,6 +102,8 @@ def _services() -> Iterator[Services]:
 def _print(result: SuiteResult, work_dir: Path) -> None:
     print(result.figures.table())
     print(f"replica logs: {work_dir}")
+    if result.kept_database:
+        print(f"database kept: {result.database_url}")
     if result.passed:
         print("every invariant holds")
     else:

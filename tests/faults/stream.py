@@ -159,6 +159,8 @@ class _Device:
     anonymous_heartbeats: bool = False
     # Every heartbeat says the device's kind (else about one in five does).
     kind_in_heartbeats: bool = False
+    # A bad upgrade: uninstalled and back minutes later, twice, hours apart.
+    flapper: bool = False
     # All of a user's devices installed at the same second (first seen ties).
     start: int | None = None
 
@@ -215,6 +217,9 @@ def _fleet(rng: random.Random, customers: list[Customer], events: int) -> list[_
             device = _Device(customer, f"d{serial:06d}-{index}", user, kind, start=start)
             device.anonymous_heartbeats = anonymous
             device.kind_in_heartbeats = kind_in_heartbeats
+            # With three or more devices, the first personal one (usually covered) may
+            # flap: each flap moves the over-allowance license off another device and back.
+            device.flapper = index == 1 and count >= 3 and rng.random() < 0.5
             fleet.append(device)
     for device in fleet:
         _choose_life(rng, device, users[device.customer_id])
@@ -226,7 +231,9 @@ _KINDS = ["business", "personal"]
 
 def _choose_life(rng: random.Random, device: _Device, users: list[str]) -> None:
     roll = rng.random()
-    if roll < 0.03:
+    if device.flapper:
+        device.uninstall, device.reinstall = True, "heartbeat"
+    elif roll < 0.03:
         device.stale = True
     elif roll < 0.08:
         device.installed = False
@@ -271,7 +278,8 @@ def _device_signals(
         elif uninstall_at is not None and index == uninstall_at:
             yield life.uninstall(offset)
             if device.reinstall == "heartbeat":
-                yield from _flaps(rng, life, offset, offsets[index + 1 : index + 2])
+                following = offsets[index + 1 : index + 2]
+                yield from _flaps(rng, life, offset, following, twice=device.flapper)
         elif uninstall_at is not None and index == uninstall_at + 1 and device.reinstall:
             yield life.install(offset) if device.reinstall == "install" else life.heartbeat(offset)
         elif uninstall_at is not None and index > uninstall_at and not device.reinstall:
@@ -287,17 +295,17 @@ def _device_signals(
 
 
 def _flaps(
-    rng: random.Random, life: _Life, uninstalled_at: int, following: list[int]
+    rng: random.Random, life: _Life, uninstalled_at: int, following: list[int], *, twice: bool
 ) -> Iterator[AgentSignal]:
     """An upgrade: the agent is back minutes after its uninstall (a heartbeat says so); one
-    in two flaps once more, an hour or a few later, before its next regular signal."""
-    until = following[0] if following else uninstalled_at + 6 * 3600
+    in two (every flapper) flaps once more, hours later, before its next regular signal."""
+    until = following[0] if following else uninstalled_at + 8 * 3600
     back = uninstalled_at + rng.randint(30, 900)
     if back >= until:
         return
     yield life.heartbeat(back)
-    again = back + rng.randint(3600, 4 * 3600)
-    if rng.random() < 0.5 and again + 900 < until:
+    again = back + rng.randint(3 * 3600, 6 * 3600)
+    if (twice or rng.random() < 0.5) and again + 900 < until:
         yield life.uninstall(again)
         yield life.heartbeat(again + rng.randint(30, 900))
 

@@ -50,6 +50,9 @@ class SuiteConfig:
     stall_seconds: float = 90.0
     batch_max_records: int = 1000
     keep_database: bool = False
+    # From a service being back to the next batch stored: generous bounds (the worker's
+    # backoff is capped at RETRY_MAX_SECONDS, 30 s; a broker restart also rebalances).
+    max_recovery_seconds: tuple[tuple[str, float], ...] = (("postgres", 30.0), ("kafka", 60.0))
 
 
 @dataclass(slots=True)
@@ -350,6 +353,18 @@ class _Run:
         self.figures.deadlock_errors_logged = sum(
             r.log_text().count("DeadlockDetected") for r in replicas.replicas
         )
+        self._check_recoveries()
+
+    def _check_recoveries(self) -> None:
+        bounds = dict(self.config.max_recovery_seconds)
+        for fault, seconds in self.faults.recoveries:
+            if seconds is None or seconds > bounds[fault]:
+                took = "no batch stored" if seconds is None else f"{seconds:.1f} s"
+                self.findings.report(
+                    "recovery after a restart within its bound",
+                    f"{fault} back, next batch stored after {took} (bound {bounds[fault]:.0f} s)",
+                    tally=None,
+                )
 
     def _fill_figures(self, events: dict[str, int], letters: dict[str, int]) -> None:
         figures, stream = self.figures, self.stream

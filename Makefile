@@ -7,7 +7,7 @@ export UV := python3 -m uv
 SERVICES := deploy/local/services.sh
 export KAFKA_LIB_DIR ?= $(CURDIR)/.local/kafka-lib
 
-.PHONY: setup demo test lint audit bench bench-sweep load-proof services services-stop schemas clean
+.PHONY: setup demo test faults lint audit bench bench-sweep load-proof services services-stop schemas clean
 
 setup: ## Install the locked Python environment into .venv
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
@@ -18,6 +18,10 @@ demo: setup ## Local services, a simulated fleet, the worker, and what it stored
 
 test: setup ## Lint, then every test against real Kafka and Postgres
 	bash scripts/test.sh
+
+faults: setup ## The full fault suite: 3 replicas, SIGKILLs, Postgres and broker restarts (docs/reliability.md)
+	$(UV) run --frozen python -m tests.faults.run --events 200000 --sigkills 22 \
+		--postgres-restarts 3 --broker-restarts 2 $(FAULTS_ARGS)
 
 lint: setup ## ruff, format check, mypy --strict
 	$(UV) run --frozen ruff check .

@@ -41,7 +41,7 @@ FreeText = Annotated[str, StringConstraints(max_length=MAX_TEXT_LENGTH, pattern=
 # Python cannot convert and the worker would crash on. A clock far in the future is clamped by
 # the worker; the upper bound here only keeps it representable. (pydantic's lax mode would
 # also read a number, or a text of digits, as Unix seconds or milliseconds, and `true` as
-# schema version 1: worker/decoding.py refuses those wrong wire types before validation,
+# schema version 1: worker/ingest/decoding.py refuses those wrong wire types before validation,
 # where the check costs a fraction of what a model validator would.)
 EARLIEST_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST_EVENT_TIME = datetime(9999, 12, 30, tzinfo=UTC)

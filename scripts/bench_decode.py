@@ -1,7 +1,7 @@
 """The worker's decoding of agent messages against pydantic validating the bytes directly.
 
 The worker parses each message with orjson, then validates the dict with the schema's
-pydantic validator (`worker.decoding`). pydantic can also parse and validate JSON bytes in
+pydantic validator (`worker.ingest.decoding`). pydantic can also parse and validate JSON bytes in
 one call (`validate_json`). This times both on the live shape's messages (heartbeats and
 installs of a simulated fleet), alternating rounds in one process, and reports the median
 µs per message of each and their ratio. No Kafka or Postgres.
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import orjson
 
 from schemas import AGENT_EVENT_ADAPTER
-from worker.decoding import decode_agent_event
-from worker.simulator import agent_event, build_fleet, encode
+from worker.ingest.decoding import decode_agent_event
+from worker.sim.fleet import agent_event, build_fleet, encode
 
 MAX_BYTES = 65_536
 

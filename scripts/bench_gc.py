@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiokafka.structs import ConsumerRecord
 
-from worker.batch import decode_batch
-from worker.coalesce import coalesce
+from worker.ingest.batch import decode_batch
+from worker.ingest.coalesce import coalesce
 from worker.service import tune_garbage_collection
-from worker.simulator import agent_event, build_fleet, encode
+from worker.sim.fleet import agent_event, build_fleet, encode
 
 BATCH = 5000
 KEPT_ALIVE = 3  # the batch being written, the one being decoded, one more

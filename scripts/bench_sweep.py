@@ -38,8 +38,8 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from worker.repository import Repository  # noqa: E402
-from worker.sql_files import load_migrations  # noqa: E402
+from worker.db.repository import Repository  # noqa: E402
+from worker.db.sql_files import load_migrations  # noqa: E402
 
 NOW = datetime(2026, 12, 30, tzinfo=UTC)
 LOAD_FLEET = """

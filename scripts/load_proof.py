@@ -36,10 +36,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from worker.kafka_clients import AGENT_TOPIC_CONFIG  # noqa: E402
-from worker.repository import Repository  # noqa: E402
-from worker.simulator import agent_event, build_fleet, encode  # noqa: E402
-from worker.sql_files import load_migrations  # noqa: E402
+from worker.db.repository import Repository  # noqa: E402
+from worker.db.sql_files import load_migrations  # noqa: E402
+from worker.kafka.clients import AGENT_TOPIC_CONFIG  # noqa: E402
+from worker.sim.fleet import agent_event, build_fleet, encode  # noqa: E402
 
 PHASES = [("steady", 3_000, 60), ("burst", 20_000, 30), ("recovery", 3_000, 90)]
 DOCS = REPO / "docs"

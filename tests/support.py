@@ -28,12 +28,12 @@ from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
 from worker.clock import Clock
-from worker.database_roles import DatabaseRoles, scram_sha256_verifier
-from worker.kafka_clients import AGENT_TOPIC_CONFIG
-from worker.repository import Repository
+from worker.db.repository import Repository
+from worker.db.roles import DatabaseRoles, scram_sha256_verifier
+from worker.db.sql_files import load_migrations
+from worker.kafka.clients import AGENT_TOPIC_CONFIG
 from worker.service import Worker
 from worker.settings import Settings
-from worker.sql_files import load_migrations
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "worker.cli"]

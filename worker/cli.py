@@ -13,11 +13,11 @@ import orjson
 import structlog
 from pydantic import ValidationError
 
-from worker.logs import configure_logging, crash_fields, install_asyncio_error_logging
+from worker.ops.logs import configure_logging, crash_fields, install_asyncio_error_logging
 from worker.settings import Settings
 
 if TYPE_CHECKING:
-    from worker.dlq_tools import DeadLetterRecord
+    from worker.ingest.dlq_tools import DeadLetterRecord
 
 log = structlog.get_logger(__name__)
 
@@ -48,8 +48,8 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except Exception as error:
             # Imported here: the module needs aiokafka, which `--help` should not load.
-            from worker.kafka_refusals import KafkaAccessRefused  # noqa: PLC0415
-            from worker.repository import DatabaseAccessRefused  # noqa: PLC0415
+            from worker.db.repository import DatabaseAccessRefused  # noqa: PLC0415
+            from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
 
             if isinstance(error, KafkaAccessRefused | DatabaseAccessRefused):
                 raise click.ClickException(str(error)) from None
@@ -67,12 +67,12 @@ def main() -> None:
 def migrate() -> None:
     """Apply the database migrations not applied yet (safe to run twice, or concurrently)."""
     # Imported here, as in every command: keeps `--help` fast.
-    from worker.repository import (  # noqa: PLC0415
+    from worker.db.repository import (  # noqa: PLC0415
         MigrationChangedError,
         MigrationNotPermittedError,
         Repository,
     )
-    from worker.sql_files import load_migrations  # noqa: PLC0415
+    from worker.db.sql_files import load_migrations  # noqa: PLC0415
 
     settings = _settings()
 
@@ -121,8 +121,8 @@ def create_roles(
     Run by a DBA with DATABASE_URL naming a superuser and the service's database, before the
     first `migrate`; safe to run again (after migrations, to change a password). Only the
     SCRAM verifiers of the passwords are sent, never the passwords."""
-    from worker.database_roles import DatabaseRoles, scram_sha256_verifier  # noqa: PLC0415
-    from worker.repository import Repository, RoleSetupRefusedError  # noqa: PLC0415
+    from worker.db.repository import Repository, RoleSetupRefusedError  # noqa: PLC0415
+    from worker.db.roles import DatabaseRoles, scram_sha256_verifier  # noqa: PLC0415
     from worker.settings import read_secret_file  # noqa: PLC0415
 
     settings = _settings()
@@ -172,8 +172,8 @@ def run() -> None:
         install_signal_handlers(worker)
         await worker.run()
 
-    from worker.kafka_refusals import KafkaAccessRefused  # noqa: PLC0415
-    from worker.repository import DatabaseAccessRefused  # noqa: PLC0415
+    from worker.db.repository import DatabaseAccessRefused  # noqa: PLC0415
+    from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
 
     try:
         asyncio.run(serve())
@@ -198,9 +198,9 @@ def run() -> None:
 def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
     """Release licenses silent past the window and purge personal data past the retention."""
     from worker.clock import FixedClock, SystemClock  # noqa: PLC0415
-    from worker.kafka_clients import PartitionEnds, start_once  # noqa: PLC0415
-    from worker.repository import Repository  # noqa: PLC0415
-    from worker.sweeper import Sweeper  # noqa: PLC0415
+    from worker.db.repository import Repository  # noqa: PLC0415
+    from worker.kafka.clients import PartitionEnds, start_once  # noqa: PLC0415
+    from worker.licensing.sweeper import Sweeper  # noqa: PLC0415
 
     settings = _settings()
     clock = FixedClock(_parse_time(now_text)) if now_text else SystemClock()
@@ -229,7 +229,7 @@ def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
 @click.option("--by", "confirmed_by", default="operator", show_default=True)
 def confirm_releases(customer_id: str, confirmed_by: str) -> None:
     """Let the next sweep apply the releases the outage guard held for CUSTOMER_ID."""
-    from worker.repository import Repository  # noqa: PLC0415
+    from worker.db.repository import Repository  # noqa: PLC0415
 
     settings = _settings()
 
@@ -266,7 +266,7 @@ def _parse_time(text: str, param_hint: str = "--now") -> datetime:
 def publish_events() -> None:
     """Publish the pending license events of the outbox now, then exit (the relay inside
     `run` does this continuously)."""
-    from worker.relay import publish_pending_once  # noqa: PLC0415
+    from worker.licensing.relay import publish_pending_once  # noqa: PLC0415
 
     published = asyncio.run(publish_pending_once(_settings()))
     click.echo(f"published {published} license events")
@@ -277,7 +277,7 @@ def publish_events() -> None:
 def license_events(timeout: float) -> None:
     """Print the license events topic from the beginning, one JSON object a line, as
     billing receives it."""
-    from worker.kafka_clients import read_topic  # noqa: PLC0415
+    from worker.kafka.clients import read_topic  # noqa: PLC0415
 
     settings = _settings()
     for value in asyncio.run(read_topic(settings, settings.license_events_topic, timeout)):
@@ -293,8 +293,8 @@ def reconcile(customer_id: str | None, show: int) -> None:
     """Check that billing's view agrees with the database: every subject's last license
     event on the topic (de-duplicated by event_id) must match its stored license. Prints the
     differences; exit 0 when there are none, 1 when there are (or on an error)."""
-    from worker.reconcile import reconcile_subjects  # noqa: PLC0415
-    from worker.repository import Repository  # noqa: PLC0415
+    from worker.db.repository import Repository  # noqa: PLC0415
+    from worker.licensing.reconcile import reconcile_subjects  # noqa: PLC0415
 
     settings = _settings()
 
@@ -325,9 +325,9 @@ def reconcile(customer_id: str | None, show: int) -> None:
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds per service.")
 def check(timeout: float) -> None:
     """Exit 0 when Postgres and Kafka answer, 1 otherwise (container probes)."""
-    from worker.kafka_clients import cluster_answers  # noqa: PLC0415
-    from worker.kafka_refusals import KafkaAccessRefused  # noqa: PLC0415
-    from worker.repository import Repository  # noqa: PLC0415
+    from worker.db.repository import Repository  # noqa: PLC0415
+    from worker.kafka.clients import cluster_answers  # noqa: PLC0415
+    from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
 
     settings = _settings()
 
@@ -363,7 +363,7 @@ def dlq() -> None:
 @click.option("--samples", default=3, show_default=True, help="Samples shown per reason.")
 def dlq_inspect(samples: int) -> None:
     """Count dead letters by reason and source topic, with samples of each reason."""
-    from worker.dlq_tools import inspect, read_dead_letters  # noqa: PLC0415
+    from worker.ingest.dlq_tools import inspect, read_dead_letters  # noqa: PLC0415
 
     settings = _settings()
 
@@ -401,7 +401,7 @@ def dlq_inspect(samples: int) -> None:
 def dlq_replay(reasons: tuple[str, ...], source_topics: tuple[str, ...], dry_run: bool) -> None:
     """Send dead letters back to their source topic, unchanged, once the cause is fixed.
     Ingestion is idempotent: replaying a message twice changes nothing the second time."""
-    from worker.dlq_tools import (  # noqa: PLC0415
+    from worker.ingest.dlq_tools import (  # noqa: PLC0415
         read_dead_letters,
         replay,
         selected,
@@ -480,13 +480,13 @@ def report_usage(
 ) -> None:
     """Licenses consumed per customer, with totals and every user and device: licensed or
     not, and why. Large reports are streamed."""
-    from worker.report import (  # noqa: PLC0415
+    from worker.db.repository import Repository  # noqa: PLC0415
+    from worker.report.build import (  # noqa: PLC0415
         ReportRequest,
         UnknownCustomerError,
         open_writer,
         write_usage_report,
     )
-    from worker.repository import Repository  # noqa: PLC0415
 
     if output_format == "xlsx" and output is None:
         raise click.UsageError("--format xlsx writes a workbook: give --output PATH")
@@ -529,7 +529,7 @@ def report_usage(
 @click.option("--replication-factor", default=1, show_default=True)
 def create_topics(partitions: int, replication_factor: int) -> None:
     """Create the service's Kafka topics that do not exist yet."""
-    from worker.kafka_clients import ensure_topics  # noqa: PLC0415
+    from worker.kafka.clients import ensure_topics  # noqa: PLC0415
 
     settings = _settings()
     created = asyncio.run(ensure_topics(settings, partitions, replication_factor))
@@ -559,7 +559,7 @@ def export_schemas(directory: Path) -> None:
 )
 def simulate(customers: int, devices_per_customer: int, rounds: int, console: bool) -> None:
     """Produce a small simulated fleet's installs and heartbeats (for the demo)."""
-    from worker.fleet_producer import produce_fleet  # noqa: PLC0415
+    from worker.sim.producer import produce_fleet  # noqa: PLC0415
 
     settings = _settings()
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5 * rounds)
@@ -574,7 +574,7 @@ def simulate(customers: int, devices_per_customer: int, rounds: int, console: bo
 @main.command()
 def status() -> None:
     """Print what is stored: customers, users, devices, and ingestion progress."""
-    from worker.repository import Repository  # noqa: PLC0415
+    from worker.db.repository import Repository  # noqa: PLC0415
 
     settings = _settings()
 

@@ -18,31 +18,31 @@ from typing import Any, TypeVar
 import structlog
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
-from worker import metrics
-from worker.admin_ingest import AdminLoop
-from worker.backoff import Backoff
 from worker.clock import Clock, SystemClock
-from worker.database_wait import DatabaseAnswers, pause, wait_to_retry
-from worker.health import Liveness, Readiness, health_app, serve_health
-from worker.ingest import IngestionLoop
-from worker.kafka_clients import (
-    PartitionEnds,
-    create_consumer,
-    create_producer,
-    start_with_retry,
-)
-from worker.logs import error_fields
-from worker.monitor import Monitor
-from worker.relay import Relay
-from worker.repository import (
+from worker.db.repository import (
     DatabaseAccessRefused,
     Repository,
     database_answers,
     database_refusal,
     is_transient_database_error,
 )
+from worker.db.wait import DatabaseAnswers, pause, wait_to_retry
+from worker.ingest.loop import IngestionLoop
+from worker.kafka.clients import (
+    PartitionEnds,
+    create_consumer,
+    create_producer,
+    start_with_retry,
+)
+from worker.licensing.relay import Relay
+from worker.licensing.sweeper import Sweeper
+from worker.ops import metrics
+from worker.ops.health import Liveness, Readiness, health_app, serve_health
+from worker.ops.logs import error_fields
+from worker.ops.monitor import Monitor
+from worker.retry import Backoff
 from worker.settings import Settings
-from worker.sweeper import Sweeper
+from worker.tenants.loop import AdminLoop
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

@@ -12,7 +12,7 @@ working tree changes; the commit and any uncommitted changes are recorded in the
 
 Per fleet shape ("live", "backlog") and run:
   1. produce the shape's installs, heartbeats and a few uninstalls into fresh topics;
-  2. (a) read limit: a bare aiokafka consumer (built by `worker.kafka_clients.create_consumer`,
+  2. (a) read limit: a bare aiokafka consumer (built by `worker.kafka.clients.create_consumer`,
      so the same fetch settings, and `getmany` with the worker's `batch_max_records`) reads
      every message from a fresh group, without decoding them;
      (a2) the same, plus the worker's own decoding and folding of each batch (no database);

@@ -4,6 +4,7 @@ it starts."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -34,7 +35,7 @@ class UnderTest:
     Settings: ClassVar[Callable[..., Any]]
     create_consumer: ClassVar[Callable[[Any], Any]]
     configure_logging: ClassVar[Callable[[str, str], None]]
-    # The simulated fleet (worker.simulator) and its encoded events.
+    # The simulated fleet (worker.sim.fleet) and its encoded events.
     build_fleet: ClassVar[Callable[..., list[Any]]]
     agent_event: ClassVar[Callable[[Any, str, datetime], dict[str, Any]]]
     encode: ClassVar[Callable[[dict[str, Any]], bytes]]
@@ -88,20 +89,27 @@ def snapshot_code(destination: Path, git_ref: str | None) -> dict[str, Any]:
     }
 
 
+def _worker_module(current: str, flat: str) -> Any:
+    try:
+        return importlib.import_module(f"worker.{current}")
+    except ModuleNotFoundError:
+        return importlib.import_module(f"worker.{flat}")
+
+
 def import_worker_modules(snapshot: Path) -> None:
     sys.path.insert(0, str(snapshot))
-    from worker import (  # noqa: PLC0415
-        batch,
-        clock,
-        ingest,
-        kafka_clients,
-        logs,
-        repository,
-        service,
-        settings,
-        simulator,
-    )
-    from worker import coalesce as folding  # noqa: PLC0415
+    # The package layout of the commit under test: subpackages, or the flat one of commits
+    # before it (a baseline run of an older --git-ref).
+    batch = _worker_module("ingest.batch", "batch")
+    clock = _worker_module("clock", "clock")
+    ingest = _worker_module("ingest.loop", "ingest")
+    kafka_clients = _worker_module("kafka.clients", "kafka_clients")
+    logs = _worker_module("ops.logs", "logs")
+    repository = _worker_module("db.repository", "repository")
+    service = _worker_module("service", "service")
+    settings = _worker_module("settings", "settings")
+    simulator = _worker_module("sim.fleet", "simulator")
+    folding = _worker_module("ingest.coalesce", "coalesce")
 
     UnderTest.Settings = settings.Settings
     UnderTest.create_consumer = kafka_clients.create_consumer

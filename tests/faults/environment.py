@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tests.support import Services, migrate_database
-from worker.kafka_clients import AGENT_TOPIC_CONFIG
+from worker.kafka.clients import AGENT_TOPIC_CONFIG
 from worker.settings import Settings
 
 # The oversized poison message is about 1 MB: the agent topics must accept it (the DLQ

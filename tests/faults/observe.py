@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from worker.kafka_clients import describe_partitions
+from worker.kafka.clients import describe_partitions
 
 # What a read may meet while Postgres restarts (a statement timeout leaves the connection
 # unusable: InterfaceError).

@@ -23,12 +23,12 @@ from tests.support import (
     wait_until,
 )
 from worker.clock import FixedClock
-from worker.kafka_clients import PartitionEnds
-from worker.relay import publish_pending_once
-from worker.repository import Repository
+from worker.db.repository import Repository
+from worker.kafka.clients import PartitionEnds
+from worker.licensing.relay import publish_pending_once
+from worker.licensing.sweeper import Sweeper, SweepReport
 from worker.settings import Settings
-from worker.simulator import SimulatedDevice, agent_event
-from worker.sweeper import Sweeper, SweepReport
+from worker.sim.fleet import SimulatedDevice, agent_event
 
 # Close to the real time: the sweeper compares its clock with the broker's timestamps.
 DAY0 = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)

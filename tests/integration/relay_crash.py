@@ -7,9 +7,9 @@ import asyncio
 import os
 import signal
 
-from worker.kafka_clients import create_producer
-from worker.relay import Relay
-from worker.repository import Repository
+from worker.db.repository import Repository
+from worker.kafka.clients import create_producer
+from worker.licensing.relay import Relay
 from worker.settings import Settings
 
 

@@ -17,12 +17,12 @@ import pytest
 from schemas import AGENT_EVENT_ADAPTER
 from tests.integration.license_support import day, ingest, sweep
 from tests.support import Services, encode, fetch, fetchval, make_settings, produce
-from worker.coalesce import AgentEventModel, coalesce
-from worker.license_rules import DeviceFacts, SubjectType, desired_licenses
-from worker.licensing import Group, decide_groups, groups_of_devices
-from worker.repository import Repository, is_transient_database_error
+from worker.db.repository import Repository, is_transient_database_error
+from worker.ingest.coalesce import AgentEventModel, coalesce
+from worker.licensing.decisions import Group, decide_groups, groups_of_devices
+from worker.licensing.rules import DeviceFacts, SubjectType, desired_licenses
 from worker.settings import Settings
-from worker.simulator import SimulatedDevice, agent_event
+from worker.sim.fleet import SimulatedDevice, agent_event
 
 pytestmark = pytest.mark.integration
 

@@ -29,9 +29,9 @@ from tests.support import (
     url_as,
     wait_until,
 )
-from worker.repository import Repository, RoleSetupRefusedError
-from worker.simulator import SimulatedDevice, agent_event
-from worker.sql_files import Migration, load_migrations
+from worker.db.repository import Repository, RoleSetupRefusedError
+from worker.db.sql_files import Migration, load_migrations
+from worker.sim.fleet import SimulatedDevice, agent_event
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,7 @@ from tests.support import (
     read_all,
     wait_until,
 )
-from worker.decoding import Rejection, decode_agent_event
+from worker.ingest.decoding import Rejection, decode_agent_event
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -21,10 +21,10 @@ from tests.support import (
     running_worker,
     wait_until,
 )
-from worker import ingest
 from worker.clock import FixedClock
-from worker.coalesce import BatchChanges
-from worker.simulator import SimulatedDevice, agent_event, build_fleet
+from worker.ingest import loop as ingest
+from worker.ingest.coalesce import BatchChanges
+from worker.sim.fleet import SimulatedDevice, agent_event, build_fleet
 
 pytestmark = pytest.mark.integration
 

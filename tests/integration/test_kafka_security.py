@@ -31,9 +31,9 @@ from tests.support import (
     settings_environment,
     wait_until,
 )
-from worker.dlq_tools import read_dead_letters
-from worker.kafka_clients import diagnose_connection, start_with_retry
-from worker.relay import publish_pending_once
+from worker.ingest.dlq_tools import read_dead_letters
+from worker.kafka.clients import diagnose_connection, start_with_retry
+from worker.licensing.relay import publish_pending_once
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -18,15 +18,15 @@ from tests.integration.license_support import (
     sweeper_at,
 )
 from tests.support import Services, fetch, fetchval, make_settings, run_cli, settings_environment
-from worker.reconcile import SubjectMismatch, reconcile_subjects
-from worker.repository import (
+from worker.db.repository import (
     ConcurrentDecisionError,
     LicenseRow,
     Repository,
     is_transient_database_error,
 )
+from worker.licensing.reconcile import SubjectMismatch, reconcile_subjects
 from worker.settings import Settings
-from worker.simulator import SimulatedDevice
+from worker.sim.fleet import SimulatedDevice
 
 pytestmark = pytest.mark.integration
 

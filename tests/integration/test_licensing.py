@@ -26,9 +26,9 @@ from tests.support import (
     fetch,
     make_settings,
 )
-from worker.repository import Repository
+from worker.db.repository import Repository
 from worker.settings import Settings
-from worker.simulator import SimulatedDevice
+from worker.sim.fleet import SimulatedDevice
 
 pytestmark = pytest.mark.integration
 

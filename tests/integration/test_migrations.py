@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import Services, fetch, migrate_database
-from worker.sql_files import load_migrations
+from worker.db.sql_files import load_migrations
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from tests.support import (
     wait_until,
 )
 from tests.support import http_get as get
-from worker.simulator import SimulatedDevice, agent_event
+from worker.sim.fleet import SimulatedDevice, agent_event
 
 pytestmark = pytest.mark.integration
 

@@ -30,8 +30,8 @@ from tests.support import (
     running_worker,
     wait_until,
 )
-from worker.kafka_clients import PRODUCER_MAX_REQUEST_BYTES
-from worker.simulator import SimulatedDevice, agent_event
+from worker.kafka.clients import PRODUCER_MAX_REQUEST_BYTES
+from worker.sim.fleet import SimulatedDevice, agent_event
 
 pytestmark = pytest.mark.integration
 

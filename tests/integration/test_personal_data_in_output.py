@@ -36,7 +36,7 @@ from tests.support import (
     wait_until,
 )
 from worker.settings import Settings
-from worker.simulator import SimulatedDevice, agent_event
+from worker.sim.fleet import SimulatedDevice, agent_event
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 
 from tests.support import Services, WorkerProcess, fetchval, make_settings, wait_until
 from worker.settings import Settings
-from worker.simulator import SimulatedDevice, agent_event, encode
+from worker.sim.fleet import SimulatedDevice, agent_event, encode
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ from tests.support import (
     running_worker,
     wait_until,
 )
-from worker.repository import Repository
-from worker.simulator import SimulatedDevice, agent_event
+from worker.db.repository import Repository
+from worker.sim.fleet import SimulatedDevice, agent_event
 
 pytestmark = pytest.mark.integration
 

@@ -20,9 +20,9 @@ from tests.support import (
     set_message_limit,
     wait_until,
 )
-from worker.kafka_clients import create_producer
-from worker.relay import Relay
-from worker.repository import Repository
+from worker.db.repository import Repository
+from worker.kafka.clients import create_producer
+from worker.licensing.relay import Relay
 
 pytestmark = pytest.mark.integration
 

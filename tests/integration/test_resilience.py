@@ -22,7 +22,7 @@ from tests.support import (
     wait_until,
 )
 from worker.settings import Settings
-from worker.simulator import agent_event, build_fleet, encode, heartbeat_rounds
+from worker.sim.fleet import agent_event, build_fleet, encode, heartbeat_rounds
 
 pytestmark = pytest.mark.integration
 

@@ -25,13 +25,18 @@ from tests.integration.license_support import (
     sweep,
 )
 from tests.support import Services, fetch, fetchval, make_settings, read_all
-from worker.admin import apply_admin_event
-from worker.coalesce import coalesce
-from worker.decoding import AgentEventModel, Rejection, decode_admin_event, decode_agent_event
-from worker.licensing import decide_groups, groups_of_devices
-from worker.repository import Repository
+from worker.db.repository import Repository
+from worker.ingest.coalesce import coalesce
+from worker.ingest.decoding import (
+    AgentEventModel,
+    Rejection,
+    decode_admin_event,
+    decode_agent_event,
+)
+from worker.licensing.decisions import decide_groups, groups_of_devices
 from worker.settings import Settings
-from worker.simulator import SimulatedDevice, agent_event
+from worker.sim.fleet import SimulatedDevice, agent_event
+from worker.tenants.changes import apply_admin_event
 
 pytestmark = pytest.mark.integration
 

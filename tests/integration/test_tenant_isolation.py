@@ -23,7 +23,7 @@ from tests.integration.license_support import (
 )
 from tests.support import Services, fetch, make_settings
 from worker.settings import Settings
-from worker.simulator import SimulatedDevice
+from worker.sim.fleet import SimulatedDevice
 
 pytestmark = pytest.mark.integration
 

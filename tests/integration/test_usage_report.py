@@ -15,11 +15,11 @@ from openpyxl import load_workbook
 
 from tests.integration.license_support import day, ingest, send, sweep
 from tests.support import Services, fetch, make_settings
-from worker.report import ReportRequest, UnknownCustomerError, write_usage_report
-from worker.report_formats import JsonWriter, XlsxWriter
-from worker.repository import Repository
+from worker.db.repository import Repository
+from worker.report.build import ReportRequest, UnknownCustomerError, write_usage_report
+from worker.report.formats import JsonWriter, XlsxWriter
 from worker.settings import Settings
-from worker.simulator import SimulatedDevice
+from worker.sim.fleet import SimulatedDevice
 
 pytestmark = pytest.mark.integration
 

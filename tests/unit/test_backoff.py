@@ -1,4 +1,4 @@
-"""`worker.backoff.Backoff`: capped exponential backoff, equal jitter (half to all of a ceiling)."""
+"""`worker.retry.Backoff`: capped exponential backoff, equal jitter (half to all of a ceiling)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker import backoff as backoff_module
-from worker.backoff import Backoff
+from worker import retry as backoff_module
+from worker.retry import Backoff
 
 
 def ceilings(initial: float, maximum: float, count: int) -> list[float]:

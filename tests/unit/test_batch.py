@@ -1,4 +1,4 @@
-"""`worker.batch.decode_batch`: one consumed batch sorted into events and dead letters."""
+"""`worker.ingest.batch.decode_batch`: one consumed batch sorted into events and dead letters."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import Heartbeat, Install
-from worker.batch import DecodedBatch, PartitionProgress, decode_batch
-from worker.decoding import RejectReason
-from worker.simulator import SimulatedDevice, agent_event, encode
+from worker.ingest.batch import DecodedBatch, PartitionProgress, decode_batch
+from worker.ingest.decoding import RejectReason
+from worker.sim.fleet import SimulatedDevice, agent_event, encode
 
 MAX_BYTES = 65_536
 HEARTBEATS = "agent.heartbeat.v1"

@@ -1,4 +1,4 @@
-"""`worker.coalesce`: a batch of events folded into one change per device, user and event."""
+"""`worker.ingest.coalesce`: a batch of events folded into one change per device, user and event."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import AGENT_EVENT_ADAPTER
-from worker.coalesce import (
+from worker.ingest.coalesce import (
     AgentEventModel,
     BatchChanges,
     DeviceChange,
@@ -21,7 +21,7 @@ from worker.coalesce import (
     clamp_event_time,
     coalesce,
 )
-from worker.simulator import agent_event, build_fleet, heartbeat_rounds
+from worker.sim.fleet import agent_event, build_fleet, heartbeat_rounds
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 RECEIVED = T0 + timedelta(hours=6)

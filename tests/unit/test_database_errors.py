@@ -1,4 +1,4 @@
-"""`worker.repository.is_transient_database_error`: wait and retry, or reject the data."""
+"""`worker.db.repository.is_transient_database_error`: wait and retry, or reject the data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from tests.support import free_port
-from worker.repository import (
+from worker.db.repository import (
     PROBE_TIMEOUT_SECONDS,
     database_answers,
     is_no_answer,

@@ -1,4 +1,4 @@
-"""`worker.database_wait`: after a transient database error, back off while the database
+"""`worker.db.wait`: after a transient database error, back off while the database
 answers; while it does not, poll a cheap probe and retry as soon as it answers."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from worker.backoff import Backoff
-from worker.database_wait import DatabaseAnswers, wait_to_retry
+from worker.db.wait import DatabaseAnswers, wait_to_retry
+from worker.retry import Backoff
 
 POLL = 0.02
 

@@ -1,4 +1,4 @@
-"""`worker.dead_letters`: the DLQ copy of a message, bytes unchanged and the reason in headers."""
+"""`worker.ingest.dead_letters`: the DLQ copy of a message, bytes unchanged, reason in headers."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from worker.dead_letters import (
+from worker.ingest.dead_letters import (
     TRUNCATION_MARGIN_BYTES,
     DeadLetter,
     DeadLetterCopy,
@@ -26,7 +26,7 @@ from worker.dead_letters import (
     truncated_copy,
     whole_copy,
 )
-from worker.decoding import Rejection, RejectReason
+from worker.ingest.decoding import Rejection, RejectReason
 
 FAILED_AT = datetime(2026, 11, 28, 17, 0, 1, 250_000, tzinfo=UTC)
 LIMIT = 1_048_576

@@ -1,4 +1,4 @@
-"""`worker.decoding.decode_agent_event`: raw Kafka bytes to a model, or a reason for the DLQ."""
+"""`worker.ingest.decoding.decode_agent_event`: raw Kafka bytes to a model, or why it is not."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.agent_events import DeviceKind, Heartbeat, Install, Uninstall, UserProfile
-from worker import decoding
-from worker.decoding import (
+from worker.ingest import decoding
+from worker.ingest.decoding import (
     MAX_DETAIL_LENGTH,
     Rejection,
     RejectReason,
     decode_admin_event,
     decode_agent_event,
 )
-from worker.simulator import SimulatedDevice, agent_event, console_events
+from worker.sim.fleet import SimulatedDevice, agent_event, console_events
 
 MAX_BYTES = 65_536
 AT = datetime(2026, 11, 28, 17, 0, tzinfo=UTC)
@@ -535,7 +535,7 @@ def test_detail_of_many_violations_names_each_within_the_limit() -> None:
 
 
 def test_long_detail_is_truncated_to_the_limit() -> None:
-    from worker.decoding import _bounded
+    from worker.ingest.decoding import _bounded
 
     assert _bounded("x" * 5000) == "x" * (MAX_DETAIL_LENGTH - 3) + "..."
     assert _bounded("short") == "short"

@@ -1,10 +1,10 @@
-"""`worker.dlq_tools`: truncated dead letters are told apart, counted and never replayed."""
+"""`worker.ingest.dlq_tools`: truncated dead letters are told apart, counted and never replayed."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from worker.dlq_tools import DeadLetterRecord, inspect, split_truncated, to_record
+from worker.ingest.dlq_tools import DeadLetterRecord, inspect, split_truncated, to_record
 
 
 def dead_letter(offset: int, *extra: tuple[str, bytes]) -> DeadLetterRecord:

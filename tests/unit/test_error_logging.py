@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from worker import cli, service
-from worker import sweeper as sweeper_module
 from worker.clock import FixedClock
-from worker.logs import crash_fields, error_fields
+from worker.licensing import sweeper as sweeper_module
+from worker.licensing.sweeper import Sweeper
+from worker.ops.logs import crash_fields, error_fields
 from worker.settings import Settings
-from worker.sweeper import Sweeper
 
 EMAIL = "alice@contoso.example"
 

@@ -8,10 +8,10 @@ from typing import Any
 import orjson
 import pytest
 
-from worker import metrics  # noqa: F401 - registers the worker's metrics
-from worker.health import Liveness, Readiness, health_app
-from worker.lag import PartitionLag, Watch, partition_lag, stuck_partitions, watch_partitions
-from worker.sweep_rules import StoredProgress
+from worker.licensing.sweep_rules import StoredProgress
+from worker.ops import metrics  # noqa: F401 - registers the worker's metrics
+from worker.ops.health import Liveness, Readiness, health_app
+from worker.ops.lag import PartitionLag, Watch, partition_lag, stuck_partitions, watch_partitions
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.agent_events import EARLIEST_EVENT_TIME, LATEST_EVENT_TIME, MAX_ID_LENGTH
-from worker.coalesce import coalesce
-from worker.decoding import MAX_DETAIL_LENGTH, Rejection, RejectReason, decode_agent_event
+from worker.ingest.coalesce import coalesce
+from worker.ingest.decoding import MAX_DETAIL_LENGTH, Rejection, RejectReason, decode_agent_event
 
 MAX_BYTES = 4096
 NOW = datetime(2026, 11, 28, 17, 0, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""`worker.kafka_refusals`: which start-up failures stop the worker at once, and what they say."""
+"""`worker.kafka.refusals`: which start-up failures stop the worker at once, and what they say."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from aiokafka.errors import (
 )
 from pydantic import SecretStr
 
-from worker.kafka_refusals import (
+from worker.kafka.refusals import (
     CERT_HAS_EXPIRED,
     CERT_NOT_YET_VALID,
     HOSTNAME_MISMATCH,

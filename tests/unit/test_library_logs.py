@@ -14,7 +14,7 @@ import orjson
 import pytest
 import structlog
 
-from worker.logs import configure_logging, log_unhandled_asyncio_error
+from worker.ops.logs import configure_logging, log_unhandled_asyncio_error
 
 EMAIL = "alice@contoso.example"
 

@@ -1,4 +1,4 @@
-"""`worker.license_rules`: which licenses a fleet calls for, and the changes that get there."""
+"""`worker.licensing.rules`: which licenses a fleet calls for, and the changes that get there."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.license_rules import (
+from worker.licensing.rules import (
     Basis,
     ChangeKind,
     DeviceFacts,

@@ -1,4 +1,4 @@
-"""`worker.licensing`: the groups a device change affects, and license changes as rows and
+"""`worker.licensing.decisions`: the groups a device change affects, and license changes as rows and
 outbound events."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.license_events import LICENSE_EVENT_ADAPTER
-from worker.license_rules import (
+from worker.licensing.decisions import Group, groups_of_devices, license_event_json, license_row
+from worker.licensing.rules import (
     LICENSE_EVENT_NAMESPACE,
     Basis,
     ChangeKind,
@@ -21,7 +22,6 @@ from worker.license_rules import (
     SubjectType,
     license_event_id,
 )
-from worker.licensing import Group, groups_of_devices, license_event_json, license_row
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 EFFECTIVE = NOW - timedelta(days=3)

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import REGISTRY
 
-from worker import metrics  # noqa: F401 - registers the worker's metrics
+from worker.ops import metrics  # noqa: F401 - registers the worker's metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "deploy" / "monitoring"

@@ -14,12 +14,12 @@ import pytest
 from aiokafka.errors import KafkaConnectionError
 
 from worker.clock import FixedClock
-from worker.database_wait import DatabaseAnswers
-from worker.health import Liveness, Readiness
-from worker.monitor import Monitor
+from worker.db.wait import DatabaseAnswers
+from worker.licensing.sweeper import Sweeper
+from worker.ops.health import Liveness, Readiness
+from worker.ops.monitor import Monitor
 from worker.service import Worker, is_transient_kafka_error
 from worker.settings import Settings
-from worker.sweeper import Sweeper
 
 FAST = Settings(retry_initial_seconds=0.01, retry_max_seconds=0.01, sweep_interval_seconds=0.01)
 

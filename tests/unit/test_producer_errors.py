@@ -1,11 +1,11 @@
-"""`worker.producer_errors`: which produce errors are waited out and which never go away."""
+"""`worker.kafka.producer_errors`: which produce errors are waited out and which never go away."""
 
 from __future__ import annotations
 
 import pytest
 from aiokafka import errors
 
-from worker.producer_errors import (
+from worker.kafka.producer_errors import (
     REFUSED_ERRORS,
     TOO_LARGE_ERRORS,
     ProducerErrorKind,

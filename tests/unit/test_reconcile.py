@@ -1,4 +1,4 @@
-"""`worker.reconcile`: the stored licenses against the license events on the topic."""
+"""`worker.licensing.reconcile`: the stored licenses against the license events on the topic."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import orjson
 import pytest
 
-from worker.reconcile import (
+from worker.licensing.reconcile import (
     StoredLicense,
     TopicEvent,
     compare,

@@ -1,4 +1,4 @@
-"""`worker.report_formats` and `worker.report.open_writer`: every format holds the report
+"""`worker.report.formats` and `worker.report.build.open_writer`: every format holds the report
 it was given, and a file appears only when the report is complete."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import orjson
 import pytest
 from openpyxl import load_workbook
 
-from worker.report import open_writer
-from worker.report_formats import (
+from worker.licensing.usage import LicenseCount, usage_totals
+from worker.report.build import open_writer
+from worker.report.formats import (
     CsvWriter,
     CustomerUsage,
     JsonWriter,
@@ -24,8 +25,7 @@ from worker.report_formats import (
     TableWriter,
     XlsxWriter,
 )
-from worker.report_rows import COLUMNS, Customer, ReportRow
-from worker.usage import LicenseCount, usage_totals
+from worker.report.rows import COLUMNS, Customer, ReportRow
 
 SEEN = datetime(2026, 11, 30, 8, 15, 30, tzinfo=UTC)
 INFO = ReportInfo(

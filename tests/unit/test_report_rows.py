@@ -1,4 +1,4 @@
-"""`worker.report_rows`: why each user and device of the usage report is licensed or not."""
+"""`worker.report.rows`: why each user and device of the usage report is licensed or not."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from worker.report_rows import (
+from worker.report.rows import (
     DeviceState,
     device_status,
     history_row,

@@ -1,4 +1,4 @@
-"""`worker.database_roles`: role names and the SCRAM verifiers `create-roles` stores."""
+"""`worker.db.roles`: role names and the SCRAM verifiers `create-roles` stores."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import hmac
 
 import pytest
 
-from worker.database_roles import DatabaseRoles, scram_sha256_verifier
-from worker.sql_files import role_setup_queries
+from worker.db.roles import DatabaseRoles, scram_sha256_verifier
+from worker.db.sql_files import role_setup_queries
 
 # RFC 7677, section 3: user "user", password "pencil".
 RFC_SALT = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")

@@ -1,4 +1,4 @@
-"""`worker.sql_files`: named queries from `sql/queries.sql` and the ordered migrations."""
+"""`worker.db.sql_files`: named queries from `sql/queries.sql` and the ordered migrations."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from worker import sql_files
-from worker.sql_files import Migration, load_migrations, parse_named_queries, queries, query
+from worker.db import sql_files
+from worker.db.sql_files import Migration, load_migrations, parse_named_queries, queries, query
 
 REPOSITORY = Path(__file__).parents[2]
 

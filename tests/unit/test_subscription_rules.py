@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.license_rules import (
+from worker.licensing.rules import (
     Basis,
     ChangeKind,
     CustomerTerms,
@@ -18,14 +18,14 @@ from worker.license_rules import (
     SubjectType,
     license_changes,
 )
-from worker.subscription_rules import (
+from worker.licensing.subscription_rules import (
     LiveSubscription,
     highest_package,
     package_attribution,
     status_event_type,
     trial_has_ended,
 )
-from worker.usage import LicenseCount, usage_totals
+from worker.licensing.usage import LicenseCount, usage_totals
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 WINDOW = timedelta(days=30)

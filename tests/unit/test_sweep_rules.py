@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.sweep_rules import (
+from worker.licensing.sweep_rules import (
     CustomerRisk,
     StoredProgress,
     customers_to_hold,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from worker.kafka_clients import create_producer, start_with_retry
+from worker.kafka.clients import create_producer, start_with_retry
 from worker.settings import Settings
-from worker.simulator import agent_event, build_fleet, console_events, encode, heartbeat_rounds
+from worker.sim.fleet import agent_event, build_fleet, console_events, encode, heartbeat_rounds
 
 
 async def produce_fleet(

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from worker.dead_letters import DeadLetter
-from worker.decoding import AgentEventModel, Rejection, decode_agent_event
+from worker.ingest.dead_letters import DeadLetter
+from worker.ingest.decoding import AgentEventModel, Rejection, decode_agent_event
 
 
 class Record(Protocol):

@@ -3,7 +3,7 @@
 Order per batch: decode; dead-letter bad messages (acknowledged by the broker); write the
 good ones in one transaction; commit `last offset + 1` per partition. An offset is only
 committed for messages that reached the database or the DLQ, or that the DLQ refused for
-good even truncated (logged with their offset and counted; worker/dead_letters.py). Every
+good even truncated (logged with their offset and counted; worker/ingest/dead_letters.py). Every
 write is idempotent (newest event time wins, lifecycle events keyed by event id), so a batch
 redelivered after a crash or a rebalance changes nothing the second time.
 """
@@ -23,9 +23,10 @@ import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from worker import metrics
-from worker.backoff import Backoff
-from worker.batch import (
+from worker.clock import Clock
+from worker.db.repository import Repository, SignalWriteResult, is_transient_database_error
+from worker.db.wait import wait_to_retry
+from worker.ingest.batch import (
     DecodedBatch,
     DecodedRecord,
     PartitionProgress,
@@ -33,14 +34,13 @@ from worker.batch import (
     dead_letter_for,
     decode_batch,
 )
-from worker.clock import Clock
-from worker.coalesce import BatchChanges, coalesce
-from worker.database_wait import wait_to_retry
-from worker.dead_letters import DeadLetter, Refusal, publish_dead_letters
-from worker.decoding import AgentEventModel, Rejection, RejectReason
-from worker.kafka_clients import PRODUCER_MAX_REQUEST_BYTES
-from worker.licensing import count_license_changes, decide_groups, groups_of_devices
-from worker.repository import Repository, SignalWriteResult, is_transient_database_error
+from worker.ingest.coalesce import BatchChanges, coalesce
+from worker.ingest.dead_letters import DeadLetter, Refusal, publish_dead_letters
+from worker.ingest.decoding import AgentEventModel, Rejection, RejectReason
+from worker.kafka.clients import PRODUCER_MAX_REQUEST_BYTES
+from worker.licensing.decisions import count_license_changes, decide_groups, groups_of_devices
+from worker.ops import metrics
+from worker.retry import Backoff
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -305,7 +305,7 @@ class IngestionLoop:
 
     async def _retry_database(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Runs `operation` until it succeeds, waiting after each transient error until
-        Postgres answers again (worker/database_wait.py); a permanent error is raised."""
+        Postgres answers again (worker/db/wait.py); a permanent error is raised."""
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
         attempt = 0
         while True:

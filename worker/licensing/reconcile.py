@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from worker.kafka_clients import read_until_end
-from worker.repository import Repository
+from worker.db.repository import Repository
+from worker.kafka.clients import read_until_end
 from worker.settings import Settings
 
 LICENSE_EVENT_TYPES = ("license.allocated", "license.released")

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from worker.backoff import Backoff
+from worker.retry import Backoff
 
 log = structlog.get_logger(__name__)
 

@@ -17,18 +17,18 @@ from typing import Any
 import structlog
 
 from schemas.admin_events import AdminEventModel
-from worker import metrics
-from worker.admin import AdminOutcome, UnknownSubscription, apply_admin_event
-from worker.batch import Record, dead_letter_for
-from worker.dead_letters import DeadLetter
-from worker.decoding import Rejection, RejectReason, decode_admin_event
-from worker.ingest import (
+from worker.ingest.batch import Record, dead_letter_for
+from worker.ingest.dead_letters import DeadLetter
+from worker.ingest.decoding import Rejection, RejectReason, decode_admin_event
+from worker.ingest.loop import (
     FlushBeforeRevoke,
     IngestionLoop,
     ShutdownDuringRetry,
     _PermanentDatabaseError,
 )
-from worker.licensing import count_license_changes
+from worker.licensing.decisions import count_license_changes
+from worker.ops import metrics
+from worker.tenants.changes import AdminOutcome, UnknownSubscription, apply_admin_event
 
 log = structlog.get_logger(__name__)
 ADMIN_BATCH_RECORDS = 200

@@ -1,5 +1,5 @@
 """The usage report (`license-worker report usage`): reads one database snapshot and hands
-the report, customer by customer and row by row, to a writer of `worker/report_formats.py`.
+the report, customer by customer and row by row, to a writer of `worker/report/formats.py`.
 
 Live, the totals come from the active license rows and the detail from every user and
 device. As of a past time, both are replayed from the license history decided by then.
@@ -17,7 +17,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
-from worker.report_formats import (
+from worker.db.repository import Repository, Session
+from worker.licensing.usage import LicenseCount, usage_totals
+from worker.report.formats import (
     CsvWriter,
     CustomerUsage,
     JsonWriter,
@@ -26,9 +28,7 @@ from worker.report_formats import (
     TableWriter,
     XlsxWriter,
 )
-from worker.report_rows import Customer, ReportRow, history_row, live_row
-from worker.repository import Repository, Session
-from worker.usage import LicenseCount, usage_totals
+from worker.report.rows import Customer, ReportRow, history_row, live_row
 
 FORMATS = ("table", "json", "csv", "xlsx")
 

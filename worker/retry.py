@@ -4,7 +4,7 @@ cap and replicas that failed together do not retry together. (Not "full jitter",
 draw from 0 to the ceiling.)
 
 For Kafka, and for Postgres while it answers but an operation still fails: waiting for
-Postgres to come back after an outage is worker/database_wait.py's probe, not this backoff."""
+Postgres to come back after an outage is worker/db/wait.py's probe, not this backoff."""
 
 from __future__ import annotations
 

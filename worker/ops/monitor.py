@@ -13,13 +13,13 @@ from typing import Any
 
 import structlog
 
-from worker import metrics
-from worker.health import Liveness, Readiness
-from worker.lag import PartitionLag, Watch, partition_lag, stuck_partitions, watch_partitions
-from worker.logs import error_fields
-from worker.repository import Repository, is_transient_database_error
+from worker.db.repository import Repository, is_transient_database_error
+from worker.licensing.sweep_rules import PartitionKey, StoredProgress
+from worker.ops import metrics
+from worker.ops.health import Liveness, Readiness
+from worker.ops.lag import PartitionLag, Watch, partition_lag, stuck_partitions, watch_partitions
+from worker.ops.logs import error_fields
 from worker.settings import Settings
-from worker.sweep_rules import PartitionKey, StoredProgress
 
 log = structlog.get_logger(__name__)
 PROBE_TIMEOUT_SECONDS = 5.0

@@ -15,8 +15,9 @@ _MIGRATION_FILE = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
 
 def sql_directory() -> Path:
     """`worker/sql` in an installed wheel, the repository's `sql/` in a checkout."""
-    packaged = Path(__file__).parent / "sql"
-    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "sql"
+    package = Path(__file__).parents[1]  # worker/
+    packaged = package / "sql"
+    return packaged if packaged.is_dir() else package.parent / "sql"
 
 
 def parse_named_queries(text: str) -> dict[str, str]:

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.dead_letters import HEADER_PREFIX
-from worker.kafka_clients import create_producer, read_until_end, start_once
+from worker.ingest.dead_letters import HEADER_PREFIX
+from worker.kafka.clients import create_producer, read_until_end, start_once
 from worker.settings import Settings
 
 REPLAYED_FROM_HEADER = "dlq.replayed_from"

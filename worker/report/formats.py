@@ -19,8 +19,8 @@ from openpyxl.styles import Font
 from openpyxl.utils import get_column_letter
 from openpyxl.worksheet._write_only import WriteOnlyWorksheet
 
-from worker.report_rows import COLUMNS, Customer, ReportRow
-from worker.usage import DEVICE_BASES, NO_PACKAGE, PackageTotals, UsageTotals
+from worker.licensing.usage import DEVICE_BASES, NO_PACKAGE, PackageTotals, UsageTotals
+from worker.report.rows import COLUMNS, Customer, ReportRow
 
 PACKAGES = ("core", "core_plus", NO_PACKAGE)
 EXCEL_MAX_ROWS = 1_048_576

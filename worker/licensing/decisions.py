@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 
-from worker import metrics
-from worker.license_rules import (
+from worker.db.repository import LicenseRow, Session
+from worker.licensing.rules import (
     Basis,
     ChangeKind,
     CustomerTerms,
@@ -25,8 +25,8 @@ from worker.license_rules import (
     license_changes,
     license_event_id,
 )
-from worker.repository import LicenseRow, Session
-from worker.subscription_rules import LiveSubscription, package_attribution
+from worker.licensing.subscription_rules import LiveSubscription, package_attribution
+from worker.ops import metrics
 
 EVENT_TYPES = {ChangeKind.ALLOCATED: "license.allocated", ChangeKind.RELEASED: "license.released"}
 

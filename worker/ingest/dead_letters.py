@@ -20,8 +20,8 @@ from typing import Any
 from aiokafka.errors import KafkaError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from worker.decoding import Rejection
-from worker.producer_errors import ProducerErrorKind, classify_producer_error
+from worker.ingest.decoding import Rejection
+from worker.kafka.producer_errors import ProducerErrorKind, classify_producer_error
 
 HEADER_PREFIX = "dlq."
 TRUNCATED_HEADER = HEADER_PREFIX + "truncated"

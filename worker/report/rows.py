@@ -1,5 +1,5 @@
 """The rows of the usage report, as pure functions: for every user and device, whether it
-holds a license and, if not, why not. No I/O; `worker/report.py` reads the database.
+holds a license and, if not, why not. No I/O; `worker/report/build.py` reads the database.
 
 The license rows are the truth for "licensed" (what billing is charged for). Why a device
 holds none is derived from its facts, in this order: the customer is inactive, the device
@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from worker.license_rules import DEFAULT_KIND, SubjectType
+from worker.licensing.rules import DEFAULT_KIND, SubjectType
 
 # The history changes after which a subject holds a license.
 LICENSED_CHANGES = frozenset({"allocated", "basis_changed", "package_changed"})

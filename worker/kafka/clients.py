@@ -12,8 +12,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
-from worker.backoff import Backoff
-from worker.kafka_refusals import KafkaAccessRefused, refusal_message
+from worker.kafka.refusals import KafkaAccessRefused, refusal_message
+from worker.retry import Backoff
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -21,7 +21,7 @@ T = TypeVar("T")
 AGENT_TOPIC_CONFIG = {"message.timestamp.type": "LogAppendTime"}
 DIAGNOSIS_TIMEOUT_SECONDS = 10.0
 # The most one produce request may carry (aiokafka's default, said out loud): a dead letter
-# larger than this, with its headers, is written truncated (worker/dead_letters.py).
+# larger than this, with its headers, is written truncated (worker/ingest/dead_letters.py).
 PRODUCER_MAX_REQUEST_BYTES = 1_048_576
 
 

@@ -13,7 +13,7 @@ The rules are those of the contract (`docs/licensing.md` states each one):
   not counted;
 - an inactive customer holds no license: inactivation releases them all
   (`customer_inactivated`, at the inactivation), and signals while inactive license nothing;
-- every license is attributed to a subscription package (`worker/subscription_rules.py`).
+- every license is attributed to a subscription package (`worker/licensing/subscription_rules.py`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 past the retention, holds suspicious mass releases. One replica at a time (advisory lock).
 
 It only reads the clock, calls the pure rules, writes and sleeps: the decisions are
-`worker/license_rules.py` and `worker/sweep_rules.py`.
+`worker/licensing/rules.py` and `worker/licensing/sweep_rules.py`.
 """
 
 from __future__ import annotations
@@ -17,30 +17,30 @@ from typing import Any
 
 import structlog
 
-from worker import metrics
-from worker.admin import subject_event
-from worker.backoff import Backoff
 from worker.clock import Clock
-from worker.database_wait import wait_to_retry
-from worker.license_rules import Reason, SubjectType, license_event_id, purge_due_at
-from worker.licensing import (
+from worker.db.repository import LicenseRow, Repository, is_transient_database_error
+from worker.db.wait import wait_to_retry
+from worker.licensing.decisions import (
     Group,
     count_license_changes,
     decide_groups,
     groups_of_devices,
     license_event_json,
 )
-from worker.logs import error_fields
-from worker.repository import LicenseRow, Repository, is_transient_database_error
-from worker.settings import Settings
-from worker.sweep_rules import (
+from worker.licensing.rules import Reason, SubjectType, license_event_id, purge_due_at
+from worker.licensing.sweep_rules import (
     CustomerRisk,
     StoredProgress,
     customers_to_hold,
     ingestion_watermark,
     pseudonym,
 )
-from worker.usage import LicenseCount, usage_totals
+from worker.licensing.usage import LicenseCount, usage_totals
+from worker.ops import metrics
+from worker.ops.logs import error_fields
+from worker.retry import Backoff
+from worker.settings import Settings
+from worker.tenants.changes import subject_event
 
 log = structlog.get_logger(__name__)
 BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)

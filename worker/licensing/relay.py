@@ -15,13 +15,13 @@ from typing import Any
 
 import structlog
 
-from worker import metrics
-from worker.backoff import Backoff
-from worker.database_wait import wait_to_retry
-from worker.kafka_clients import create_producer, start_once
-from worker.logs import error_fields
-from worker.producer_errors import ProducerErrorKind, classify_producer_error
-from worker.repository import Repository, is_transient_database_error
+from worker.db.repository import Repository, is_transient_database_error
+from worker.db.wait import wait_to_retry
+from worker.kafka.clients import create_producer, start_once
+from worker.kafka.producer_errors import ProducerErrorKind, classify_producer_error
+from worker.ops import metrics
+from worker.ops.logs import error_fields
+from worker.retry import Backoff
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)

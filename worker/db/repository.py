@@ -13,10 +13,10 @@ from typing import Any
 import asyncpg
 import structlog
 
-from worker.batch import PartitionProgress
-from worker.coalesce import BatchChanges
-from worker.database_wait import DatabaseAnswers
-from worker.sql_files import Migration, query, role_setup_queries
+from worker.db.sql_files import Migration, query, role_setup_queries
+from worker.db.wait import DatabaseAnswers
+from worker.ingest.batch import PartitionProgress
+from worker.ingest.coalesce import BatchChanges
 
 log = structlog.get_logger(__name__)
 

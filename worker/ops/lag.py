@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from worker.sweep_rules import PartitionKey, StoredProgress
+from worker.licensing.sweep_rules import PartitionKey, StoredProgress
 
 
 @dataclass(frozen=True, slots=True)

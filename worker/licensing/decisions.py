@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from worker.db.repository import LicenseRow, Session
+from worker.db.session import LicenseRow, Session
 from worker.licensing.rules import (
     Basis,
     ChangeKind,

@@ -118,7 +118,7 @@ class Session:
 
     async def _lock_device_users(self, changes: BatchChanges) -> None:
         """Locks, in key order and before any device, every user whose license this batch
-        can change (the lock order at the top of sql/queries.sql)."""
+        can change (the lock order at the top of sql/queries/licensing.sql)."""
         devices, users = sorted(changes.devices), sorted(changes.users)
         await self._connection.execute(
             query("lock_device_users"),
@@ -215,7 +215,7 @@ class Session:
 
     async def write_license_changes(self, rows: Sequence[LicenseRow], decided_at: datetime) -> None:
         connection = self._connection
-        # Each statement in key order (the lock order at the top of sql/queries.sql).
+        # Each statement in key order (the lock order at the top of sql/queries/licensing.sql).
         in_order = sorted(rows, key=lambda row: (row.customer_id, row.subject_type, row.subject_id))
         allocated = [row for row in in_order if row.change == "allocated"]
         released = [row for row in in_order if row.change == "released"]

@@ -121,11 +121,7 @@ class Session:
         can change (the lock order at the top of sql/queries/licensing.sql)."""
         devices, users = sorted(changes.devices), sorted(changes.users)
         await self._connection.execute(
-            query("lock_device_users"),
-            [customer for customer, _ in devices],
-            [device for _, device in devices],
-            [customer for customer, _ in users],
-            [user for _, user in users],
+            query("lock_device_users"), *_key_columns(devices), *_key_columns(users)
         )
 
     async def _upsert_users(self, changes: BatchChanges) -> None:
@@ -175,22 +171,14 @@ class Session:
         return {(row["customer_id"], row["event_id"]) for row in rows}
 
     async def lock_group_users(self, users: Sequence[tuple[str, str]]) -> None:
-        await self._connection.execute(
-            query("lock_group_users"),
-            [customer for customer, _ in users],
-            [user for _, user in users],
-        )
+        await self._connection.execute(query("lock_group_users"), *_key_columns(users))
 
     async def lock_group_devices(
         self, users: Sequence[tuple[str, str]], devices: Sequence[tuple[str, str]]
     ) -> list[asyncpg.Record]:
         return list(
             await self._connection.fetch(
-                query("lock_group_devices"),
-                [customer for customer, _ in users],
-                [user for _, user in users],
-                [customer for customer, _ in devices],
-                [device for _, device in devices],
+                query("lock_group_devices"), *_key_columns(users), *_key_columns(devices)
             )
         )
 
@@ -266,6 +254,11 @@ def _expect_decided(rows: Sequence[LicenseRow], written: Sequence[asyncpg.Record
             f"{len(rows) - len(written)} of {len(rows)} license changes were decided on a "
             "state another transaction has changed since"
         )
+
+
+def _key_columns(keys: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """The two column arrays of (customer_id, id) keys, for an `unnest($n, $n+1)`."""
+    return [customer for customer, _ in keys], [key for _, key in keys]
 
 
 def _columns(rows: Sequence[Any], names: str) -> list[list[Any]]:

@@ -48,7 +48,7 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except Exception as error:
             # Imported here: the module needs aiokafka, which `--help` should not load.
-            from worker.db.repository import DatabaseAccessRefused  # noqa: PLC0415
+            from worker.db.errors import DatabaseAccessRefused  # noqa: PLC0415
             from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
 
             if isinstance(error, KafkaAccessRefused | DatabaseAccessRefused):
@@ -67,11 +67,11 @@ def main() -> None:
 def migrate() -> None:
     """Apply the database migrations not applied yet (safe to run twice, or concurrently)."""
     # Imported here, as in every command: keeps `--help` fast.
-    from worker.db.repository import (  # noqa: PLC0415
+    from worker.db.migrations import (  # noqa: PLC0415
         MigrationChangedError,
         MigrationNotPermittedError,
-        Repository,
     )
+    from worker.db.repository import Repository  # noqa: PLC0415
     from worker.db.sql_files import load_migrations  # noqa: PLC0415
 
     settings = _settings()
@@ -121,8 +121,12 @@ def create_roles(
     Run by a DBA with DATABASE_URL naming a superuser and the service's database, before the
     first `migrate`; safe to run again (after migrations, to change a password). Only the
     SCRAM verifiers of the passwords are sent, never the passwords."""
-    from worker.db.repository import Repository, RoleSetupRefusedError  # noqa: PLC0415
-    from worker.db.roles import DatabaseRoles, scram_sha256_verifier  # noqa: PLC0415
+    from worker.db.repository import Repository  # noqa: PLC0415
+    from worker.db.roles import (  # noqa: PLC0415
+        DatabaseRoles,
+        RoleSetupRefusedError,
+        scram_sha256_verifier,
+    )
     from worker.settings import read_secret_file  # noqa: PLC0415
 
     settings = _settings()
@@ -172,7 +176,7 @@ def run() -> None:
         install_signal_handlers(worker)
         await worker.run()
 
-    from worker.db.repository import DatabaseAccessRefused  # noqa: PLC0415
+    from worker.db.errors import DatabaseAccessRefused  # noqa: PLC0415
     from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
 
     try:

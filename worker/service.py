@@ -19,14 +19,9 @@ import structlog
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from worker.clock import Clock, SystemClock
-from worker.db.repository import (
-    DatabaseAccessRefused,
-    Repository,
-    database_answers,
-    database_refusal,
-    is_transient_database_error,
-)
-from worker.db.wait import DatabaseAnswers, pause, wait_to_retry
+from worker.db.errors import DatabaseAccessRefused, database_refusal, is_transient_database_error
+from worker.db.repository import Repository
+from worker.db.wait import DatabaseAnswers, database_answers, pause, wait_to_retry
 from worker.ingest.loop import IngestionLoop
 from worker.kafka.clients import (
     PartitionEnds,

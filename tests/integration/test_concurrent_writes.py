@@ -17,7 +17,8 @@ import pytest
 from schemas import AGENT_EVENT_ADAPTER
 from tests.integration.license_support import day, ingest, sweep
 from tests.support import Services, encode, fetch, fetchval, make_settings, produce
-from worker.db.repository import Repository, is_transient_database_error
+from worker.db.errors import is_transient_database_error
+from worker.db.repository import Repository
 from worker.ingest.coalesce import AgentEventModel, coalesce
 from worker.licensing.decisions import Group, decide_groups, groups_of_devices
 from worker.licensing.rules import DeviceFacts, SubjectType, desired_licenses

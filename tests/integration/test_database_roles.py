@@ -29,7 +29,8 @@ from tests.support import (
     url_as,
     wait_until,
 )
-from worker.db.repository import Repository, RoleSetupRefusedError
+from worker.db.repository import Repository
+from worker.db.roles import RoleSetupRefusedError
 from worker.db.sql_files import Migration, load_migrations
 from worker.sim.fleet import SimulatedDevice, agent_event
 

@@ -18,12 +18,9 @@ from tests.integration.license_support import (
     sweeper_at,
 )
 from tests.support import Services, fetch, fetchval, make_settings, run_cli, settings_environment
-from worker.db.repository import (
-    ConcurrentDecisionError,
-    LicenseRow,
-    Repository,
-    is_transient_database_error,
-)
+from worker.db.errors import ConcurrentDecisionError, is_transient_database_error
+from worker.db.repository import Repository
+from worker.db.session import LicenseRow
 from worker.licensing.reconcile import SubjectMismatch, reconcile_subjects
 from worker.settings import Settings
 from worker.sim.fleet import SimulatedDevice

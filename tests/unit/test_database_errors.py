@@ -1,4 +1,4 @@
-"""`worker.db.repository.is_transient_database_error`: wait and retry, or reject the data."""
+"""`worker.db.errors.is_transient_database_error`: wait and retry, or reject the data."""
 
 from __future__ import annotations
 
@@ -9,12 +9,8 @@ import asyncpg
 import pytest
 
 from tests.support import free_port
-from worker.db.repository import (
-    PROBE_TIMEOUT_SECONDS,
-    database_answers,
-    is_no_answer,
-    is_transient_database_error,
-)
+from worker.db.errors import is_no_answer, is_transient_database_error
+from worker.db.wait import PROBE_TIMEOUT_SECONDS, database_answers
 
 
 @pytest.mark.parametrize(

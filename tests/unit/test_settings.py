@@ -422,7 +422,7 @@ def test_masked_keeps_the_tls_parameters_readable(monkeypatch: pytest.MonkeyPatc
 def test_a_rejected_login_is_a_refusal_naming_what_to_check() -> None:
     import asyncpg
 
-    from worker.db.repository import database_refusal
+    from worker.db.errors import database_refusal
 
     reason = database_refusal(asyncpg.InvalidPasswordError("password authentication failed"))
     assert reason is not None
@@ -436,7 +436,7 @@ def test_an_untrusted_certificate_is_a_refusal_and_an_outage_is_not() -> None:
 
     import asyncpg
 
-    from worker.db.repository import database_refusal
+    from worker.db.errors import database_refusal
 
     error = ssl.SSLCertVerificationError(1, "certificate verify failed")
     error.verify_message = "unable to get local issuer certificate"

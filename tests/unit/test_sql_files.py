@@ -1,4 +1,4 @@
-"""`worker.db.sql_files`: named queries from `sql/queries.sql` and the ordered migrations."""
+"""`worker.db.sql_files`: named queries from `sql/queries/*.sql` and the ordered migrations."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_duplicate_query_name_is_an_error(text: str) -> None:
         parse_named_queries(text)
 
 
-# --- the real queries.sql -------------------------------------------------------------------
+# --- the real query files ------------------------------------------------------------------
 
 
 def test_real_queries_load_and_none_is_empty() -> None:
@@ -107,14 +107,33 @@ def test_real_queries_load_and_none_is_empty() -> None:
 def test_real_query_files_are_what_is_loaded() -> None:
     assert sql_files.sql_directory() == REPOSITORY / "sql"
     expected: dict[str, str] = {}
-    for path in sorted((REPOSITORY / "sql").glob("*.sql")):
+    paths = sorted((REPOSITORY / "sql" / "queries").glob("*.sql"))
+    assert len(paths) > 1, "expected one query file per area"
+    for path in paths:
         expected |= parse_named_queries(path.read_text(encoding="utf-8"))
     assert queries() == expected
 
 
+def test_no_query_file_is_left_outside_sql_queries() -> None:
+    assert list((REPOSITORY / "sql").glob("*.sql")) == []
+
+
+def test_a_name_defined_in_two_files_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "queries", {"a.sql": "-- name: one\nSELECT 1;\n", "b.sql": "-- name: one\n"})
+    monkeypatch.setattr(sql_files, "sql_directory", lambda: tmp_path)
+    sql_files.queries.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"'one' is defined twice \(b\.sql\)"):
+            queries()
+    finally:
+        sql_files.queries.cache_clear()
+
+
 def test_every_query_the_worker_names_exists() -> None:
     called = set()
-    for path in (REPOSITORY / "worker").glob("*.py"):
+    for path in (REPOSITORY / "worker").rglob("*.py"):
         called |= set(
             re.findall(
                 r"""\b(?:query|fetch|execute|stream)\(\s*["']([a-z0-9_]+)["']""",

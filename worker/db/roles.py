@@ -1,5 +1,5 @@
-"""The service's two Postgres roles (sql/roles/create_roles.sql) and the verifiers of their
-passwords."""
+"""The service's two Postgres roles (sql/roles/create_roles.sql): their names, the verifiers
+of their passwords, and the setup a superuser runs to create and grant them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
+
+import asyncpg
+
+from worker.db.sql_files import role_setup_queries
 
 # Lower-case identifiers need no quoting in SQL, URLs or docs; 63 bytes is Postgres' limit.
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -28,6 +32,32 @@ class DatabaseRoles:
                 raise ValueError(f"{role!r} is not a role name: use a-z, 0-9 and _ (63 at most)")
         if self.owner == self.worker:
             raise ValueError(f"the owner and the worker must be two roles; both are {role!r}")
+
+
+class RoleSetupRefusedError(RuntimeError):
+    """Postgres refused to create or grant the roles: not a superuser, or a role in the way."""
+
+
+async def set_up_roles(
+    connection: asyncpg.Connection,
+    owner: str,
+    worker: str,
+    owner_verifier: str,
+    worker_verifier: str,
+) -> None:
+    """Runs sql/roles/create_roles.sql in one transaction: creates the two roles if
+    missing, sets the passwords whose verifiers are given ("" leaves one unchanged), and
+    grants each role what it needs in this database, and nothing more."""
+    blocks = role_setup_queries()
+    async with connection.transaction():
+        try:
+            await connection.execute(
+                blocks["choose_roles"], owner, worker, owner_verifier, worker_verifier
+            )
+            for name in ("create_roles", "grant_database_access", "grant_schema_access"):
+                await connection.execute(blocks[name])
+        except asyncpg.PostgresError as error:
+            raise RoleSetupRefusedError(str(error)) from error
 
 
 def scram_sha256_verifier(

@@ -1,5 +1,9 @@
-"""Finds the SQL files: named queries from `sql/*.sql` (one file per area: `queries.sql`,
-`report.sql`, ...) and the ordered migrations in `sql/migrations/`."""
+"""Finds the SQL files: named queries from `sql/queries/*.sql` (one file per area:
+`ingest.sql`, `licensing.sql`, `report.sql`, ...), the ordered migrations in
+`sql/migrations/` and the role setup in `sql/roles/`.
+
+In a query file, a block starts with a line `-- name: <name>` and runs to the next one; text
+before the first name (the file's header) belongs to no query."""
 
 from __future__ import annotations
 
@@ -20,6 +24,10 @@ def sql_directory() -> Path:
     return packaged if packaged.is_dir() else package.parent / "sql"
 
 
+def query_directory() -> Path:
+    return sql_directory() / "queries"
+
+
 def parse_named_queries(text: str) -> dict[str, str]:
     names = list(_NAME_LINE.finditer(text))
     queries: dict[str, str] = {}
@@ -35,9 +43,9 @@ def parse_named_queries(text: str) -> dict[str, str]:
 
 @cache
 def queries() -> dict[str, str]:
-    """Every named query of every file; a name defined in two files is an error."""
+    """Every named query of every query file; a name defined twice is an error."""
     merged: dict[str, str] = {}
-    for path in sorted(sql_directory().glob("*.sql")):
+    for path in sorted(query_directory().glob("*.sql")):
         for name, text in parse_named_queries(path.read_text(encoding="utf-8")).items():
             if name in merged:
                 raise ValueError(f"query {name!r} is defined twice ({path.name})")

@@ -21,14 +21,34 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 import structlog
 
+from worker.db.errors import is_no_answer
 from worker.retry import Backoff
 
 log = structlog.get_logger(__name__)
 
 POLL_SECONDS = 0.5
+# How long the outage probe may take: a connection and `SELECT 1` take milliseconds when the
+# server is up.
+PROBE_TIMEOUT_SECONDS = 1.0
 Probe = Callable[[], Awaitable[bool]]
+
+
+async def database_answers(database_url: str) -> bool:
+    """The outage probe: whether the server behind `database_url` answers at all, on a fresh
+    connection (never one of a pool's) within PROBE_TIMEOUT_SECONDS. A refusal is an answer."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+            connection = await asyncpg.connect(database_url)
+            try:
+                await connection.fetchval("SELECT 1")
+            finally:
+                await connection.close()
+    except Exception as error:
+        return not is_no_answer(error)
+    return True
 
 
 class DatabaseAnswers:

@@ -24,7 +24,9 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from worker.clock import Clock
-from worker.db.repository import Repository, SignalWriteResult, is_transient_database_error
+from worker.db.errors import is_transient_database_error
+from worker.db.repository import Repository
+from worker.db.session import SignalWriteResult
 from worker.db.wait import wait_to_retry
 from worker.ingest.batch import (
     DecodedBatch,

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from worker.db.repository import LicenseRow, Session
+from worker.db.session import LicenseRow, Session
 from worker.licensing.rules import (
     Basis,
     ChangeKind,
@@ -55,7 +55,7 @@ async def decide_groups(
     users = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.USER]
     lone = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.DEVICE]
     customers = sorted({g.customer_id for g in groups})
-    # The lock order at the top of sql/queries.sql: customers (share), users, devices,
+    # The lock order at the top of sql/queries/licensing.sql: customers (share), users, devices,
     # licenses, each in key order. A user's row is the lock of its decision.
     customer_rows = await session.fetch("customer_terms", customers)
     await session.lock_group_users(users)

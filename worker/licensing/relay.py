@@ -15,7 +15,8 @@ from typing import Any
 
 import structlog
 
-from worker.db.repository import Repository, is_transient_database_error
+from worker.db.errors import is_transient_database_error
+from worker.db.repository import Repository
 from worker.db.wait import wait_to_retry
 from worker.kafka.clients import create_producer, start_once
 from worker.kafka.producer_errors import ProducerErrorKind, classify_producer_error

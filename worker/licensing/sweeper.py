@@ -18,7 +18,9 @@ from typing import Any
 import structlog
 
 from worker.clock import Clock
-from worker.db.repository import LicenseRow, Repository, is_transient_database_error
+from worker.db.errors import is_transient_database_error
+from worker.db.repository import Repository
+from worker.db.session import LicenseRow
 from worker.db.wait import wait_to_retry
 from worker.licensing.decisions import (
     Group,

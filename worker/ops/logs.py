@@ -83,7 +83,7 @@ def _exception_as_fields(
 def exception_fields(error: BaseException) -> dict[str, object]:
     """An error in a log line: an expected outage (Postgres or a broker away) by its class
     and SQLSTATE (`error_fields`); anything else also by where it was raised (`crash_fields`)."""
-    from worker.db.repository import is_transient_database_error  # noqa: PLC0415 (asyncpg)
+    from worker.db.errors import is_transient_database_error  # noqa: PLC0415 (asyncpg)
 
     if is_transient_database_error(error):
         return dict(error_fields(error))

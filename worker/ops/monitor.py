@@ -13,7 +13,8 @@ from typing import Any
 
 import structlog
 
-from worker.db.repository import Repository, is_transient_database_error
+from worker.db.errors import is_transient_database_error
+from worker.db.repository import Repository
 from worker.licensing.sweep_rules import PartitionKey, StoredProgress
 from worker.ops import metrics
 from worker.ops.health import Liveness, Readiness

@@ -17,7 +17,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
-from worker.db.repository import Repository, Session
+from worker.db.repository import Repository
+from worker.db.session import Session
 from worker.licensing.usage import LicenseCount, usage_totals
 from worker.report.formats import (
     CsvWriter,

@@ -22,7 +22,7 @@ from schemas.admin_events import (
     SubscriptionAttached,
     SubscriptionStatusChanged,
 )
-from worker.db.repository import LicenseRow, OutboxEvent, Session
+from worker.db.session import LicenseRow, OutboxEvent, Session
 from worker.licensing.decisions import Group, decide_groups, license_event_json
 from worker.licensing.rules import SubjectType, license_event_id
 from worker.licensing.subscription_rules import LIVE_STATUSES, status_event_type

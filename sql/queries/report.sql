@@ -1,4 +1,4 @@
--- The usage report (`license-worker report usage`, worker/usage_report.py). Every query takes
+-- The usage report (`license-worker report usage`, worker/report/build.py). Every query takes
 -- $1 = one customer id, or NULL for all customers. Customers are ordered byte-wise
 -- (COLLATE "C") in every query, so the rows of each customer follow its header in the
 -- stream whatever the database's collation.

@@ -1,0 +1,161 @@
+-- Ingestion: a batch's signals written in one transaction (worker/db/session.py,
+-- Session.write_signals), and the per-partition progress stored with them.
+-- Row locks follow the one lock order stated at the top of licensing.sql.
+
+-- name: upsert_customers
+-- $1: customer ids, sorted (a fixed lock order keeps concurrent workers out of deadlocks).
+INSERT INTO customers (customer_id)
+SELECT customer_id FROM unnest($1::text[]) AS batch (customer_id)
+ON CONFLICT (customer_id) DO NOTHING;
+
+-- name: share_customers
+-- Taken before any device lock by every transaction that decides licenses (ingestion here,
+-- customer_terms in every decision): it conflicts only with lock_customer, so a console
+-- change (memberships, subscriptions, status) and a license decision for the same customer
+-- never run at once and never miss each other's writes. $1 sorted.
+SELECT customer_id FROM customers WHERE customer_id = ANY($1::text[])
+ORDER BY customer_id
+FOR SHARE;
+
+-- name: lock_device_users
+-- The users whose license a batch can change, locked in key order before any device: the
+-- current users of the batch's devices ($1, $2) and the users the batch names ($3, $4).
+-- Every decision about a user holds its row (lock_group_users), so two batches with
+-- devices of the same user, or a batch and the sweeper, decide that user one after the
+-- other, the later one seeing the earlier one's devices.
+SELECT u.customer_id, u.user_id
+FROM users AS u
+WHERE (u.customer_id, u.user_id) IN (
+    SELECT d.customer_id, d.user_id
+    FROM devices AS d
+    JOIN unnest($1::text[], $2::text[]) AS b (customer_id, device_id)
+        USING (customer_id, device_id)
+    WHERE d.user_id IS NOT NULL
+    UNION ALL
+    SELECT * FROM unnest($3::text[], $4::text[])
+)
+ORDER BY u.customer_id, u.user_id
+FOR NO KEY UPDATE OF u;
+
+-- name: upsert_users
+INSERT INTO users AS u (
+    customer_id, user_id, email, display_name, profile_reported_at, first_seen_at, last_seen_at
+)
+SELECT * FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
+    $7::timestamptz[]
+)
+ON CONFLICT (customer_id, user_id) DO UPDATE SET
+    email = CASE WHEN EXCLUDED.profile_reported_at >= coalesce(u.profile_reported_at, '-infinity')
+                 THEN EXCLUDED.email ELSE u.email END,
+    display_name = CASE WHEN EXCLUDED.profile_reported_at >= coalesce(u.profile_reported_at, '-infinity')
+                        THEN EXCLUDED.display_name ELSE u.display_name END,
+    profile_reported_at = greatest(u.profile_reported_at, EXCLUDED.profile_reported_at),
+    first_seen_at = least(u.first_seen_at, EXCLUDED.first_seen_at),
+    last_seen_at = greatest(u.last_seen_at, EXCLUDED.last_seen_at);
+
+-- name: upsert_devices
+-- Returns the devices whose change can change a license: new, (un)installed, moved to
+-- another user, kind changed, first seen earlier (the covered devices are the earliest first
+-- seen: a late, older event can move an over-allowance license), or heard from after having
+-- been silent past the window ($17).
+-- `before` reads the rows as they were: every part of one statement sees the same snapshot.
+WITH batch AS (
+    SELECT * FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::timestamptz[],
+        $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::timestamptz[],
+        $12::timestamptz[], $13::timestamptz[], $14::timestamptz[], $15::timestamptz[],
+        $16::timestamptz[]
+    ) AS b (
+        customer_id, device_id, user_id, user_reported_at, device_kind, kind_reported_at,
+        hostname, os, details_reported_at, agent_version, agent_version_reported_at,
+        first_seen_at, last_seen_at, last_present_at, last_installed_at, last_uninstalled_at
+    )
+),
+before AS (
+    -- No FOR UPDATE: a device's partition has one consumer, and locking every row first
+    -- would write each tuple twice.
+    SELECT d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.first_seen_at,
+           d.last_seen_at
+    FROM devices AS d
+    JOIN batch USING (customer_id, device_id)
+),
+upserted AS (
+    INSERT INTO devices AS d (
+        customer_id, device_id, user_id, user_reported_at, device_kind, kind_reported_at,
+        hostname, os, details_reported_at, agent_version, agent_version_reported_at,
+        first_seen_at, last_seen_at, last_present_at, last_installed_at, last_uninstalled_at
+    )
+    SELECT * FROM batch
+    ON CONFLICT (customer_id, device_id) DO UPDATE SET
+        user_id = CASE WHEN EXCLUDED.user_reported_at >= coalesce(d.user_reported_at, '-infinity')
+                       THEN EXCLUDED.user_id ELSE d.user_id END,
+        user_reported_at = greatest(d.user_reported_at, EXCLUDED.user_reported_at),
+        device_kind = CASE WHEN EXCLUDED.kind_reported_at >= coalesce(d.kind_reported_at, '-infinity')
+                           THEN EXCLUDED.device_kind ELSE d.device_kind END,
+        kind_reported_at = greatest(d.kind_reported_at, EXCLUDED.kind_reported_at),
+        hostname = CASE WHEN EXCLUDED.details_reported_at >= coalesce(d.details_reported_at, '-infinity')
+                        THEN EXCLUDED.hostname ELSE d.hostname END,
+        os = CASE WHEN EXCLUDED.details_reported_at >= coalesce(d.details_reported_at, '-infinity')
+                  THEN EXCLUDED.os ELSE d.os END,
+        details_reported_at = greatest(d.details_reported_at, EXCLUDED.details_reported_at),
+        agent_version = CASE WHEN EXCLUDED.agent_version_reported_at
+                                  >= coalesce(d.agent_version_reported_at, '-infinity')
+                             THEN EXCLUDED.agent_version ELSE d.agent_version END,
+        agent_version_reported_at = greatest(d.agent_version_reported_at,
+                                             EXCLUDED.agent_version_reported_at),
+        first_seen_at = least(d.first_seen_at, EXCLUDED.first_seen_at),
+        last_seen_at = greatest(d.last_seen_at, EXCLUDED.last_seen_at),
+        last_present_at = greatest(d.last_present_at, EXCLUDED.last_present_at),
+        last_installed_at = greatest(d.last_installed_at, EXCLUDED.last_installed_at),
+        last_uninstalled_at = greatest(d.last_uninstalled_at, EXCLUDED.last_uninstalled_at)
+    RETURNING d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.first_seen_at
+)
+SELECT u.customer_id, u.device_id, u.user_id, b.user_id AS previous_user_id
+FROM upserted AS u
+LEFT JOIN before AS b USING (customer_id, device_id)
+WHERE b.device_id IS NULL
+   OR u.protected IS DISTINCT FROM b.protected
+   OR u.user_id IS DISTINCT FROM b.user_id
+   OR u.device_kind IS DISTINCT FROM b.device_kind
+   OR u.first_seen_at IS DISTINCT FROM b.first_seen_at
+   OR (u.protected AND b.last_seen_at < $17::timestamptz);
+
+-- name: credit_device_users
+-- Signals that did not name a user (uninstalls, heartbeats without user_id) count for the
+-- device's current user. Runs after upsert_devices, so "current" includes this batch. One
+-- row per user, its devices' newest signal: UPDATE ... FROM applies only one of several
+-- rows that match a target, and which one is arbitrary. The users are locked already
+-- (lock_device_users).
+WITH credited AS (
+    SELECT d.customer_id, d.user_id, max(batch.seen_at) AS seen_at
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+        AS batch (customer_id, device_id, seen_at)
+    JOIN devices AS d USING (customer_id, device_id)
+    WHERE d.user_id IS NOT NULL
+    GROUP BY d.customer_id, d.user_id
+)
+UPDATE users AS u
+SET last_seen_at = c.seen_at
+FROM credited AS c
+WHERE u.customer_id = c.customer_id
+  AND u.user_id = c.user_id
+  AND u.last_seen_at < c.seen_at;
+
+-- name: insert_lifecycle_events
+INSERT INTO device_lifecycle_events (customer_id, event_id, device_id, event_type, occurred_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+ON CONFLICT (customer_id, event_id) DO NOTHING
+RETURNING customer_id, event_id;
+
+-- name: record_ingestion_progress
+INSERT INTO ingestion_progress AS p (topic, partition, next_offset, last_message_at)
+SELECT * FROM unnest($1::text[], $2::integer[], $3::bigint[], $4::timestamptz[])
+ON CONFLICT (topic, partition) DO UPDATE SET
+    next_offset = greatest(p.next_offset, EXCLUDED.next_offset),
+    last_message_at = greatest(p.last_message_at, EXCLUDED.last_message_at),
+    updated_at = now();
+
+-- name: ingestion_progress
+SELECT topic, partition, next_offset, last_message_at FROM ingestion_progress
+WHERE topic = ANY($1::text[]);

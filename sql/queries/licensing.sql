@@ -1,0 +1,144 @@
+-- License decisions (worker/licensing/decisions.py, worker/db/session.py): the facts a
+-- decision reads, the rows it locks, and the license state, history and outbox it writes.
+--
+-- Lock order (docs/licensing.md, "Concurrency"): every transaction takes its row locks in
+-- this order of tables, and the rows of one table in key order, in one statement each:
+--   customers (share; the console's changes: update), by customer_id
+--   -> users, by (customer_id, user_id): a user's row is the lock of its license decision
+--   -> devices, by (customer_id, device_id)
+--   -> lifecycle events, ingestion progress (by topic, partition)
+--   -> licenses, by (customer_id, subject_type, subject_id)
+--   -> license history and outbox (appended; unique event ids).
+-- Arrays handed to INSERT ... ON CONFLICT are sorted by the caller (rows are locked in array
+-- order); UPDATE ... FROM unnest(...) only touches rows locked before, or locks them in a
+-- sorted CTE. The purge skips what is locked (SKIP LOCKED) instead of waiting.
+
+-- name: customer_terms
+-- What a license decision needs of its customers, share-locked like share_customers (and
+-- taken before any device lock for the same reason). $1 sorted.
+SELECT customer_id, license_model, status, status_changed_at
+FROM customers
+WHERE customer_id = ANY($1::text[])
+ORDER BY customer_id
+FOR SHARE;
+
+-- name: live_subscriptions
+SELECT customer_id, group_id, package
+FROM subscriptions
+WHERE customer_id = ANY($1::text[]) AND status IN ('in_trial', 'active');
+
+-- name: group_memberships
+SELECT m.customer_id, m.user_id, m.group_id
+FROM group_members AS m
+JOIN unnest($1::text[], $2::text[]) AS u (customer_id, user_id)
+    ON m.customer_id = u.customer_id AND m.user_id = u.user_id
+WHERE m.member;
+
+-- name: lock_group_users
+-- The users of a license decision ($1, $2), in key order, before their devices: see
+-- lock_device_users.
+SELECT u.customer_id, u.user_id
+FROM users AS u
+JOIN unnest($1::text[], $2::text[]) AS g (customer_id, user_id) USING (customer_id, user_id)
+ORDER BY u.customer_id, u.user_id
+FOR NO KEY UPDATE OF u;
+
+-- name: lock_group_devices
+-- Every device of the given users ($1, $2) and the given devices ($3, $4), locked in key
+-- order: ingestion and the sweeper deciding the same user wait for each other.
+SELECT d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.first_seen_at,
+       d.last_seen_at, d.last_uninstalled_at, d.last_present_at
+FROM devices AS d
+WHERE (d.customer_id, d.device_id) IN (
+    SELECT u.customer_id, u.device_id
+    FROM devices AS u
+    JOIN unnest($1::text[], $2::text[]) AS g (customer_id, user_id)
+        ON u.customer_id = g.customer_id AND u.user_id = g.user_id
+    UNION ALL
+    SELECT * FROM unnest($3::text[], $4::text[])
+)
+ORDER BY d.customer_id, d.device_id
+FOR UPDATE OF d;
+
+-- name: held_licenses
+-- Locked in key order: the writes of the decision (allocate, release, reattribute) then only
+-- touch rows this transaction holds, or insert new ones in the same order.
+SELECT l.customer_id, l.subject_type, l.subject_id, l.active, l.basis, l.package,
+       l.event_sequence
+FROM licenses AS l
+JOIN unnest($1::text[], $2::text[], $3::text[]) AS s (customer_id, subject_type, subject_id)
+    USING (customer_id, subject_type, subject_id)
+WHERE l.purged_at IS NULL
+ORDER BY l.customer_id, l.subject_type, l.subject_id
+FOR UPDATE OF l;
+
+-- name: allocate_licenses
+-- $8 is the subject's event number of this allocation: the row is written only over the
+-- state the decision was made from (number $8 - 1), so a decision raced by another one
+-- writes nothing and the caller decides again. Returns the rows written.
+INSERT INTO licenses AS l (
+    customer_id, subject_type, subject_id, active, basis, allocated_at, allocation_reason,
+    package, event_sequence
+)
+SELECT c, t, s, true, b, a, r, p, n
+FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[],
+    $8::integer[]
+) AS x (c, t, s, b, a, r, p, n)
+WHERE x.n = 1 OR EXISTS (
+    SELECT FROM licenses AS held
+    WHERE held.customer_id = x.c AND held.subject_type = x.t AND held.subject_id = x.s
+)
+ON CONFLICT (customer_id, subject_type, subject_id) DO UPDATE SET
+    active = true,
+    basis = EXCLUDED.basis,
+    package = EXCLUDED.package,
+    allocated_at = EXCLUDED.allocated_at,
+    allocation_reason = EXCLUDED.allocation_reason,
+    released_at = NULL,
+    release_reason = NULL,
+    event_sequence = EXCLUDED.event_sequence,
+    updated_at = now()
+WHERE l.event_sequence = EXCLUDED.event_sequence - 1
+RETURNING 1;
+
+-- name: release_licenses
+-- $6 is the subject's event number of this release; written only over number $6 - 1 (see
+-- allocate_licenses). Returns the rows written. One row per subject: a decision changes a
+-- subject once (license_changes; checked by test_change_reasons), so no target has several
+-- rows. Sorted, locked by held_licenses.
+UPDATE licenses AS l
+SET active = false, released_at = x.released_at, release_reason = x.reason,
+    event_sequence = x.event_sequence, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::integer[])
+    AS x (customer_id, subject_type, subject_id, released_at, reason, event_sequence)
+WHERE l.customer_id = x.customer_id
+  AND l.subject_type = x.subject_type
+  AND l.subject_id = x.subject_id
+  AND l.event_sequence = x.event_sequence - 1
+RETURNING 1;
+
+-- name: reattribute_licenses
+-- A held license whose basis or package changed. One row per subject, as release_licenses.
+UPDATE licenses AS l
+SET basis = x.basis, package = x.package, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+    AS x (customer_id, subject_type, subject_id, basis, package)
+WHERE l.customer_id = x.customer_id
+  AND l.subject_type = x.subject_type
+  AND l.subject_id = x.subject_id;
+
+-- name: append_license_history
+INSERT INTO license_history (
+    customer_id, subject_type, subject_id, change, basis, reason, effective_at, package,
+    decided_at, event_id
+)
+SELECT * FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+    $7::timestamptz[], $8::text[], $9::timestamptz[], $10::uuid[]
+);
+
+-- name: enqueue_license_events
+INSERT INTO license_outbox (event_id, customer_id, subject_type, subject_id, payload)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
+ON CONFLICT (event_id) DO NOTHING;

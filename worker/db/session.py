@@ -1,0 +1,266 @@
+"""One connection inside one transaction: the named queries a batch, a decision or a
+console change runs, and the set-based writes of signals and license changes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from worker.db.errors import ConcurrentDecisionError
+from worker.db.sql_files import query
+from worker.ingest.batch import PartitionProgress
+from worker.ingest.coalesce import BatchChanges
+
+# Rows a streaming cursor fetches per round trip: few enough to keep memory flat, enough to
+# keep round trips from dominating.
+STREAM_PREFETCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class LicenseRelevantDevice:
+    """A device whose change in this batch can change a license."""
+
+    customer_id: str
+    device_id: str
+    user_id: str | None
+    previous_user_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SignalWriteResult:
+    # (customer_id, event_id) of the lifecycle events recorded for the first time.
+    inserted_lifecycle_events: set[tuple[str, str]]
+    license_relevant: list[LicenseRelevantDevice]
+
+
+@dataclass(frozen=True, slots=True)
+class LicenseRow:
+    """One license change to write: state, history row and (if any) outbox event."""
+
+    customer_id: str
+    subject_type: str
+    subject_id: str
+    change: str
+    basis: str
+    reason: str | None
+    effective_at: datetime
+    event_id: str | None
+    payload: str | None
+    package: str | None = None
+    # The subject's license event number this change announces (0: no event).
+    event_sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """An event for billing that is not a license change (subscription, customer, usage)."""
+
+    event_id: str
+    customer_id: str
+    subject_type: str | None
+    subject_id: str | None
+    payload: str
+
+
+class Session:
+    """One connection inside one transaction. Every method runs set-based statements."""
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self._connection = connection
+
+    async def fetch(self, name: str, *arguments: Any) -> list[asyncpg.Record]:
+        return list(await self._connection.fetch(query(name), *arguments))
+
+    async def execute(self, name: str, *arguments: Any) -> str:
+        return str(await self._connection.execute(query(name), *arguments))
+
+    async def stream(
+        self, name: str, *arguments: Any, prefetch: int = STREAM_PREFETCH
+    ) -> AsyncIterator[asyncpg.Record]:
+        """The rows of a named query through a server-side cursor, `prefetch` at a time:
+        memory stays bounded however many rows match. Cursors live in a transaction, which
+        every session has."""
+        cursor = self._connection.cursor(query(name), *arguments, prefetch=prefetch)
+        async for record in cursor:
+            yield record
+
+    async def write_signals(
+        self,
+        changes: BatchChanges,
+        progress: Sequence[PartitionProgress],
+        window_start: datetime,
+    ) -> SignalWriteResult:
+        connection = self._connection
+        relevant: list[LicenseRelevantDevice] = []
+        if changes.devices:
+            await connection.execute(query("upsert_customers"), changes.customer_ids)
+            # Before any device lock, like every transaction that decides licenses: a console
+            # change to one of these customers waits for this batch, or this batch for it.
+            await connection.execute(query("share_customers"), changes.customer_ids)
+            await self._lock_device_users(changes)
+            await self._upsert_users(changes)
+            relevant = await self._upsert_devices(changes, window_start)
+            await self._credit_device_users(changes)
+        inserted = await self._insert_lifecycle(changes)
+        if progress:
+            await connection.execute(
+                query("record_ingestion_progress"),
+                *_columns(
+                    sorted(progress, key=lambda p: (p.topic, p.partition)),
+                    "topic partition next_offset last_message_at",
+                ),
+            )
+        return SignalWriteResult(inserted, relevant)
+
+    async def _lock_device_users(self, changes: BatchChanges) -> None:
+        """Locks, in key order and before any device, every user whose license this batch
+        can change (the lock order at the top of sql/queries/licensing.sql)."""
+        devices, users = sorted(changes.devices), sorted(changes.users)
+        await self._connection.execute(
+            query("lock_device_users"), *_key_columns(devices), *_key_columns(users)
+        )
+
+    async def _upsert_users(self, changes: BatchChanges) -> None:
+        users = changes.sorted_users()
+        if users:
+            await self._connection.execute(
+                query("upsert_users"),
+                *_columns(
+                    users,
+                    "customer_id user_id email display_name profile_reported_at "
+                    "first_seen_at last_seen_at",
+                ),
+            )
+
+    async def _upsert_devices(
+        self, changes: BatchChanges, window_start: datetime
+    ) -> list[LicenseRelevantDevice]:
+        rows = await self._connection.fetch(
+            query("upsert_devices"),
+            *_columns(
+                changes.sorted_devices(),
+                "customer_id device_id user_id user_reported_at device_kind kind_reported_at "
+                "hostname os details_reported_at agent_version agent_version_reported_at "
+                "first_seen_at last_seen_at last_present_at last_installed_at "
+                "last_uninstalled_at",
+            ),
+            window_start,
+        )
+        return [LicenseRelevantDevice(*row) for row in rows]
+
+    async def _credit_device_users(self, changes: BatchChanges) -> None:
+        credited = [d for d in changes.sorted_devices() if d.unattributed_seen_at is not None]
+        if credited:
+            await self._connection.execute(
+                query("credit_device_users"),
+                *_columns(credited, "customer_id device_id unattributed_seen_at"),
+            )
+
+    async def _insert_lifecycle(self, changes: BatchChanges) -> set[tuple[str, str]]:
+        records = changes.sorted_lifecycle()
+        if not records:
+            return set()
+        rows = await self._connection.fetch(
+            query("insert_lifecycle_events"),
+            *_columns(records, "customer_id event_id device_id event_type occurred_at"),
+        )
+        return {(row["customer_id"], row["event_id"]) for row in rows}
+
+    async def lock_group_users(self, users: Sequence[tuple[str, str]]) -> None:
+        await self._connection.execute(query("lock_group_users"), *_key_columns(users))
+
+    async def lock_group_devices(
+        self, users: Sequence[tuple[str, str]], devices: Sequence[tuple[str, str]]
+    ) -> list[asyncpg.Record]:
+        return list(
+            await self._connection.fetch(
+                query("lock_group_devices"), *_key_columns(users), *_key_columns(devices)
+            )
+        )
+
+    async def held_licenses(self, subjects: Sequence[tuple[str, str, str]]) -> list[asyncpg.Record]:
+        return list(
+            await self._connection.fetch(
+                query("held_licenses"),
+                [subject[0] for subject in subjects],
+                [subject[1] for subject in subjects],
+                [subject[2] for subject in subjects],
+            )
+        )
+
+    async def enqueue_events(self, events: Sequence[OutboxEvent | LicenseRow]) -> None:
+        """Adds events to the outbox the relay publishes; an event id already there is
+        skipped. The one way into the outbox: license changes come through here too."""
+        if events:
+            await self._connection.execute(
+                query("enqueue_license_events"),
+                *_columns(events, "event_id customer_id subject_type subject_id payload"),
+            )
+
+    async def write_license_changes(self, rows: Sequence[LicenseRow], decided_at: datetime) -> None:
+        connection = self._connection
+        # Each statement in key order (the lock order at the top of sql/queries/licensing.sql).
+        in_order = sorted(rows, key=lambda row: (row.customer_id, row.subject_type, row.subject_id))
+        allocated = [row for row in in_order if row.change == "allocated"]
+        released = [row for row in in_order if row.change == "released"]
+        rebased = [row for row in in_order if row.change in ("basis_changed", "package_changed")]
+        if allocated:
+            written = await connection.fetch(
+                query("allocate_licenses"),
+                *_columns(
+                    allocated,
+                    "customer_id subject_type subject_id basis effective_at reason package "
+                    "event_sequence",
+                ),
+            )
+            _expect_decided(allocated, written)
+        if released:
+            written = await connection.fetch(
+                query("release_licenses"),
+                *_columns(
+                    released,
+                    "customer_id subject_type subject_id effective_at reason event_sequence",
+                ),
+            )
+            _expect_decided(released, written)
+        if rebased:
+            await connection.execute(
+                query("reattribute_licenses"),
+                *_columns(rebased, "customer_id subject_type subject_id basis package"),
+            )
+        if rows:
+            history = _columns(
+                rows,
+                "customer_id subject_type subject_id change basis reason effective_at package",
+            )
+            await connection.execute(
+                query("append_license_history"),
+                *history,
+                [decided_at] * len(rows),
+                [row.event_id for row in rows],
+            )
+        await self.enqueue_events([row for row in rows if row.event_id is not None])
+
+
+def _expect_decided(rows: Sequence[LicenseRow], written: Sequence[asyncpg.Record]) -> None:
+    """Each allocation or release is written only over the state it was decided from (the
+    subject's event number just before it); one that was not raced with another decision."""
+    if len(written) != len(rows):
+        raise ConcurrentDecisionError(
+            f"{len(rows) - len(written)} of {len(rows)} license changes were decided on a "
+            "state another transaction has changed since"
+        )
+
+
+def _key_columns(keys: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """The two column arrays of (customer_id, id) keys, for an `unnest($n, $n+1)`."""
+    return [customer for customer, _ in keys], [key for _, key in keys]
+
+
+def _columns(rows: Sequence[Any], names: str) -> list[list[Any]]:
+    """Column arrays for an `unnest(...)` statement, in the order the names are given."""
+    return [[getattr(row, name) for row in rows] for name in names.split()]

@@ -73,8 +73,11 @@ WITH batch AS (
     )
 ),
 before AS (
-    -- No FOR UPDATE: a device's partition has one consumer, and locking every row first
-    -- would write each tuple twice.
+    -- No FOR UPDATE: locking every row first would write each tuple twice. Two replicas can
+    -- write one device at once (its heartbeat and lifecycle partitions may be assigned to
+    -- different consumers): for a device with a user, the user locks above make the later
+    -- writer wait, so this snapshot is current; for one without, it can be older than the
+    -- row the upsert updates (known gap: an xfail test in test_concurrent_writes.py).
     SELECT d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.first_seen_at,
            d.last_seen_at
     FROM devices AS d

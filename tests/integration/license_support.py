@@ -26,7 +26,8 @@ from worker.clock import FixedClock
 from worker.db.repository import Repository
 from worker.kafka.clients import PartitionEnds
 from worker.licensing.relay import publish_pending_once
-from worker.licensing.sweeper import Sweeper, SweepReport
+from worker.licensing.sweep_report import SweepReport
+from worker.licensing.sweeper import Sweeper
 from worker.settings import Settings
 from worker.sim.fleet import SimulatedDevice, agent_event
 

@@ -16,7 +16,15 @@ import pytest
 
 from schemas import AGENT_EVENT_ADAPTER
 from tests.integration.license_support import day, ingest, sweep
-from tests.support import Services, encode, fetch, fetchval, make_settings, produce
+from tests.support import (
+    Services,
+    encode,
+    fetch,
+    fetchval,
+    make_settings,
+    produce,
+    wait_until,
+)
 from worker.db.errors import is_transient_database_error
 from worker.db.repository import Repository
 from worker.ingest.coalesce import AgentEventModel, coalesce
@@ -222,6 +230,44 @@ async def test_concurrent_replicas_and_the_sweeper_never_deadlock(
     await asyncio.sleep(0.5)
     assert deadlocks == []
     assert await database_deadlocks(superuser_url) == deadlocks_before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: two replicas can write one device at once (its heartbeat and lifecycle "
+    "partitions may have different consumers); for a device without a user nothing makes the "
+    "later writer wait before upsert_devices, whose `before` is then older than the row it "
+    "updates, so a change the other writer undid is not reported",
+)
+async def test_a_reinstall_written_while_another_replica_writes_the_uninstall_keeps_the_license(
+    database_url: str,
+) -> None:
+    now = T0 + timedelta(hours=3)
+    repository = await Repository.connect(database_url, 2)
+    try:
+        await write(repository, [agent("install", "kiosk", T0)], now)
+        uninstall = agent("uninstall", "kiosk", T0 + timedelta(hours=1))
+        heartbeat = agent("heartbeat", "kiosk", T0 + timedelta(hours=2))
+        async with repository.transaction() as session:  # the replica with the lifecycle topic
+            result = await session.write_signals(coalesce([uninstall], now, TOLERANCE), [], T0)
+            groups = groups_of_devices(
+                (d.customer_id, d.device_id, d.user_id, d.previous_user_id)
+                for d in result.license_relevant
+            )
+            await decide_groups(session, groups, now, now, WINDOW)
+            reinstall = asyncio.create_task(write(repository, [heartbeat], now))
+
+            async def reinstall_waits() -> bool:
+                waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                return bool(await fetchval(database_url, waiting))
+
+            await wait_until(reinstall_waits, timeout=10)
+        await reinstall
+    finally:
+        await repository.close()
+    [device] = await fetch(database_url, "SELECT protected FROM devices")
+    assert device["protected"], "heard from after its uninstall"
+    assert await active_licenses(database_url) == {"kiosk": "unassigned"}
 
 
 async def assert_licenses_follow_the_rules(database_url: str, now: datetime) -> None:

@@ -17,7 +17,8 @@ from tests.integration.license_support import day, ingest, send, sweep
 from tests.support import Services, fetch, make_settings
 from worker.db.repository import Repository
 from worker.report.build import ReportRequest, UnknownCustomerError, write_usage_report
-from worker.report.formats import JsonWriter, XlsxWriter
+from worker.report.formats import JsonWriter
+from worker.report.xlsx import XlsxWriter
 from worker.settings import Settings
 from worker.sim.fleet import SimulatedDevice
 

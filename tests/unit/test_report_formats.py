@@ -23,9 +23,9 @@ from worker.report.formats import (
     ReportInfo,
     ReportWriter,
     TableWriter,
-    XlsxWriter,
 )
 from worker.report.rows import COLUMNS, Customer, ReportRow
+from worker.report.xlsx import XlsxWriter
 
 SEEN = datetime(2026, 11, 30, 8, 15, 30, tzinfo=UTC)
 INFO = ReportInfo(

@@ -23,7 +23,6 @@ from worker.licensing.subscription_rules import (
     highest_package,
     package_attribution,
     status_event_type,
-    trial_has_ended,
 )
 from worker.licensing.usage import LicenseCount, usage_totals
 
@@ -88,24 +87,6 @@ def test_precedence_does_not_depend_on_order(packages: list[str], rng: object) -
     _, forward = package_attribution(subscriptions, {"u": groups})
     _, backward = package_attribution(list(reversed(subscriptions)), {"u": groups[::-1]})
     assert forward == backward == {"u": highest_package(shuffled)}
-
-
-# --- trials ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("status", "ends", "expected"),
-    [
-        ("in_trial", NOW - timedelta(seconds=1), True),
-        ("in_trial", NOW, True),  # the boundary itself: the trial has ended
-        ("in_trial", NOW + timedelta(seconds=1), False),
-        ("active", NOW - timedelta(days=1), False),
-        ("cancelled", NOW - timedelta(days=1), False),
-        ("in_trial", None, False),
-    ],
-)
-def test_trial_ends_at_its_end(status: str, ends: datetime | None, expected: bool) -> None:
-    assert trial_has_ended(status, ends, NOW) is expected
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""Subscription rules, as pure functions: which package a user is attributed to, when a trial
-turns active, and whether a change from the console still applies.
+"""Subscription rules, as pure functions: which package a user is attributed to, and which
+event billing gets for a status change.
 
 - A subscription in `in_trial` or `active` is live; a cancelled one attributes nothing.
 - A user in one or more groups with a live subscription gets the highest of those groups'
@@ -9,7 +9,8 @@ turns active, and whether a change from the console still applies.
 - An over-allowance device license has the package of its user.
 - A trial turns active at `trial_ends_at` (the boundary itself included) unless the console
   changed the status earlier: a console change made before the trial's end wins, even when it
-  reaches us after we converted the trial.
+  reaches us after we converted the trial. The conversion itself is one statement
+  (`trials_due` in sql/queries.sql, run by `worker/licensing/trials.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 
 PACKAGE_RANK = {"core": 1, "core_plus": 2}
 LIVE_STATUSES = frozenset({"in_trial", "active"})
@@ -51,10 +51,6 @@ def package_attribution(
         if package is not None:
             user_packages[user_id] = package
     return highest_package(customer_wide), user_packages
-
-
-def trial_has_ended(status: str, trial_ends_at: datetime | None, now: datetime) -> bool:
-    return status == "in_trial" and trial_ends_at is not None and trial_ends_at <= now
 
 
 def status_event_type(previous: str | None, status: str) -> str | None:

@@ -1,5 +1,6 @@
 """The usage report (`license-worker report usage`): reads one database snapshot and hands
-the report, customer by customer and row by row, to a writer of `worker/report/formats.py`.
+the report, customer by customer and row by row, to a writer of `worker/report/formats.py`
+(or `worker/report/xlsx.py`).
 
 Live, the totals come from the active license rows and the detail from every user and
 device. As of a past time, both are replayed from the license history decided by then.
@@ -27,9 +28,9 @@ from worker.report.formats import (
     ReportInfo,
     ReportWriter,
     TableWriter,
-    XlsxWriter,
 )
 from worker.report.rows import Customer, ReportRow, history_row, live_row
+from worker.report.xlsx import XlsxWriter
 
 FORMATS = ("table", "json", "csv", "xlsx")
 

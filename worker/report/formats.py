@@ -1,7 +1,7 @@
-"""The usage report's output formats: a table for the terminal, JSON, CSV and an Excel
-workbook. Each writer takes the report in order (the header with every customer's totals,
-then each customer's rows) and writes as it goes, so memory stays bounded however many rows
-there are."""
+"""The usage report's output formats: a table for the terminal, JSON and CSV (the Excel
+workbook is `worker/report/xlsx.py`). Each writer takes the report in order (the header with
+every customer's totals, then each customer's rows) and writes as it goes, so memory stays
+bounded however many rows there are."""
 
 from __future__ import annotations
 
@@ -9,22 +9,12 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import orjson
-from openpyxl import Workbook
-from openpyxl.cell import Cell, WriteOnlyCell
-from openpyxl.styles import Font
-from openpyxl.utils import get_column_letter
-from openpyxl.worksheet._write_only import WriteOnlyWorksheet
 
-from worker.licensing.usage import DEVICE_BASES, NO_PACKAGE, PackageTotals, UsageTotals
+from worker.licensing.usage import DEVICE_BASES, UsageTotals
 from worker.report.rows import COLUMNS, Customer, ReportRow
-
-PACKAGES = ("core", "core_plus", NO_PACKAGE)
-EXCEL_MAX_ROWS = 1_048_576
-EXCEL_DATETIME = "yyyy-mm-dd hh:mm:ss"
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,150 +246,3 @@ def _table_value(value: Any) -> str:
 
 def _table_time(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
-
-
-# Excel has no time zones: times are written as UTC without a zone, and the headings say so.
-DETAIL_SHEET = (
-    ("customer", 18),
-    ("subject type", 12),
-    ("subject id", 34),
-    ("user id", 30),
-    ("device kind", 12),
-    ("licensed", 10),
-    ("status", 28),
-    ("basis", 16),
-    ("package", 11),
-    ("last seen (UTC)", 20),
-    ("devices covered", 16),
-)
-SUMMARY_SHEET = (
-    ("customer", 18),
-    ("name", 24),
-    ("status", 10),
-    ("license model", 14),
-    ("as of (UTC)", 20),
-    ("source", 9),
-    ("licensed users", 15),
-    ("unassigned", 12),
-    ("over allowance", 15),
-    ("device model", 13),
-    ("device licenses", 16),
-    ("total licenses", 15),
-    *(
-        (f"{package} {what}", 14 + len(package))
-        for package in PACKAGES
-        for what in ("users", "device licenses", "total")
-    ),
-)
-
-
-class XlsxWriter:
-    """A workbook with a Summary sheet (one row per customer, and a total row when there
-    are several) and a Detail sheet (every row), streamed through openpyxl's write-only
-    mode. A detail longer than Excel's row limit continues on `Detail 2`, `Detail 3`, ..."""
-
-    def __init__(self, path: Path, max_rows: int = EXCEL_MAX_ROWS) -> None:
-        self._path = path
-        self._max_rows = max_rows
-        self._book = Workbook(write_only=True)
-        self._summary = self._sheet("Summary", SUMMARY_SHEET)
-        self._detail_sheets = 0
-        self._detail = self._new_detail_sheet()
-        self._detail_rows = 1
-
-    def start(
-        self, info: ReportInfo, customers: Sequence[CustomerUsage], totals: UsageTotals
-    ) -> None:
-        summary = self._summary
-        as_of = _excel_time(info.as_of, summary)
-        for usage in customers:
-            summary.append([*_customer_cells(usage.customer), as_of, info.source, *_totals(usage)])
-        if len(customers) > 1:
-            label = f"all {len(customers)} customers"
-            summary.append([label, None, None, None, as_of, info.source, *_totals_cells(totals)])
-
-    def start_customer(self, usage: CustomerUsage) -> None:
-        pass
-
-    def row(self, row: ReportRow) -> None:
-        if self._detail_rows >= self._max_rows:
-            self._detail = self._new_detail_sheet()
-            self._detail_rows = 1
-        self._detail.append(
-            [
-                row.customer_id,
-                row.subject_type,
-                row.subject_id,
-                row.user_id,
-                row.device_kind,
-                row.licensed,
-                row.status,
-                row.basis,
-                row.package,
-                _excel_time(row.last_seen_at, self._detail),
-                row.devices_covered,
-            ]
-        )
-        self._detail_rows += 1
-
-    def end_customer(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        self._book.save(self._path)
-
-    def abort(self) -> None:
-        """Saving is openpyxl's only way to close the sheets' temporary files; the caller
-        deletes the incomplete file."""
-        self._book.save(self._path)
-
-    def _new_detail_sheet(self) -> WriteOnlyWorksheet:
-        self._detail_sheets += 1
-        title = "Detail" if self._detail_sheets == 1 else f"Detail {self._detail_sheets}"
-        return self._sheet(title, DETAIL_SHEET)
-
-    def _sheet(self, title: str, columns: Sequence[tuple[str, int]]) -> WriteOnlyWorksheet:
-        """Widths and the frozen heading row must be set before the first row is written."""
-        sheet: WriteOnlyWorksheet = self._book.create_sheet(title)
-        # Set up by the worksheet's _setup(), missing from the type stubs.
-        dimensions: Any = sheet.column_dimensions  # type: ignore[attr-defined]
-        for number, (_, width) in enumerate(columns, start=1):
-            dimensions[get_column_letter(number)].width = width
-        sheet.freeze_panes = "A2"
-        bold = Font(bold=True)
-        headings = []
-        for heading, _ in columns:
-            cell = WriteOnlyCell(sheet, value=heading)
-            cell.font = bold
-            headings.append(cell)
-        sheet.append(headings)
-        return sheet
-
-
-def _customer_cells(customer: Customer) -> list[Any]:
-    return [customer.customer_id, customer.name, customer.status, customer.license_model]
-
-
-def _totals(usage: CustomerUsage) -> list[int]:
-    return _totals_cells(usage.totals)
-
-
-def _totals_cells(totals: UsageTotals) -> list[int]:
-    cells = [
-        totals.licensed_users,
-        *(totals.device_licenses[basis] for basis in DEVICE_BASES),
-        totals.total_device_licenses,
-        totals.total_licenses,
-    ]
-    for name in PACKAGES:
-        package = totals.by_package.get(name, PackageTotals())
-        cells += [package.licensed_users, package.device_licenses, package.total_licenses]
-    return cells
-
-
-def _excel_time(value: datetime | None, sheet: WriteOnlyWorksheet) -> Cell | None:
-    if value is None:
-        return None
-    cell = WriteOnlyCell(sheet, value=value.astimezone(UTC).replace(tzinfo=None))
-    cell.number_format = EXCEL_DATETIME
-    return cell

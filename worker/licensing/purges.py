@@ -1,0 +1,115 @@
+"""Purges the personal data of users past the retention: their identity is replaced by a
+pseudonym, and billing gets a `user.purged` event for each."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from worker.clock import Clock
+from worker.db.repository import Repository
+from worker.db.session import LicenseRow
+from worker.licensing.decisions import license_event_json
+from worker.licensing.rules import Reason, SubjectType, license_event_id, purge_due_at
+from worker.licensing.sweep_report import SweepReport
+from worker.licensing.sweep_rules import pseudonym
+from worker.ops import metrics
+from worker.settings import Settings
+
+
+class Purges:
+    def __init__(self, settings: Settings, repository: Repository, clock: Clock) -> None:
+        self._settings = settings
+        self._repository = repository
+        self._clock = clock
+
+    async def purge(self, decision_time: datetime, report: SweepReport, dry_run: bool) -> None:
+        """Personal data of users released longer ago than the retention, then of users who
+        never held a license and have been silent for the window plus the retention."""
+        due_before = decision_time - self._settings.retention
+        await self._purge_due(report, dry_run, "users_due_for_purge", due_before)
+        await self._purge_due(
+            report,
+            dry_run,
+            "unlicensed_users_due_for_purge",
+            due_before,
+            self._settings.license_window,
+        )
+
+    async def _purge_due(
+        self,
+        report: SweepReport,
+        dry_run: bool,
+        query_name: str,
+        due_before: datetime,
+        *window: timedelta,
+    ) -> None:
+        """Purges the users `query_name` finds, page by page."""
+        key = await self._pseudonym_key()
+        page_size = self._settings.sweep_page_size
+        while True:
+            async with self._repository.transaction(rollback=dry_run) as session:
+                due = await session.fetch(query_name, due_before, page_size, *window)
+                if not due:
+                    return
+                purged = [
+                    (
+                        row["customer_id"],
+                        row["user_id"],
+                        pseudonym(key, row["customer_id"], row["user_id"], row["released_at"]),
+                        row["released_at"],
+                    )
+                    for row in due
+                ]
+                await session.execute(
+                    "purge_users",
+                    [p[0] for p in purged],
+                    [p[1] for p in purged],
+                    [p[2] for p in purged],
+                    report.now,
+                )
+                await session.write_license_changes(
+                    [
+                        self._purge_row(customer, alias, released)
+                        for customer, _, alias, released in purged
+                    ],
+                    report.now,
+                )
+            report.purged += len(purged)
+            if not dry_run:
+                metrics.PURGES.inc(len(purged))
+            if dry_run:
+                return  # the rows are still there: one page shows what would happen
+
+    def _purge_row(self, customer_id: str, alias: str, released_at: datetime) -> LicenseRow:
+        effective_at = purge_due_at(released_at, self._settings.retention)
+        event_id = license_event_id(
+            customer_id, "user.purged", SubjectType.USER, alias, effective_at
+        )
+        payload = license_event_json(
+            event_id=event_id,
+            event_type="user.purged",
+            customer_id=customer_id,
+            subject_type=SubjectType.USER.value,
+            subject_id=alias,
+            reason=Reason.RETENTION.value,
+            basis=None,
+            effective_at=effective_at,
+            emitted_at=self._clock.now(),
+        )
+        return LicenseRow(
+            customer_id=customer_id,
+            subject_type=SubjectType.USER.value,
+            subject_id=alias,
+            change="purged",
+            basis="user",
+            reason=Reason.RETENTION.value,
+            effective_at=effective_at,
+            event_id=event_id,
+            payload=payload,
+        )
+
+    async def _pseudonym_key(self) -> bytes:
+        if self._settings.pseudonym_key is not None:
+            return self._settings.pseudonym_key.get_secret_value().encode()
+        rows = await self._repository.fetch("pseudonym_key")
+        return str(rows[0]["value"]).encode()

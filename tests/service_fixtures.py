@@ -13,14 +13,19 @@ needs more asks `services.owner_url(...)` or `services.superuser_url(...)` for i
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import SecureKafka, Services, create_topics, migrate_database
+from tests.support import (
+    SecureKafka,
+    Services,
+    create_topics,
+    local_services,
+    migrate_database,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,28 +64,8 @@ def _start_with_testcontainers() -> Iterator[Services]:
 
 
 def _start_with_local_script(state_dir: Path) -> Iterator[Services]:
-    script = REPO_ROOT / "deploy" / "local" / "services.sh"
-    output = subprocess.run(
-        ["bash", str(script), "start", str(state_dir)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    ).stdout
-    values = dict(
-        line.removeprefix("export ").split("=", 1)
-        for line in output.splitlines()
-        if line.startswith("export ")
-    )
-    try:
-        yield Services(
-            values["KAFKA_BOOTSTRAP_SERVERS"],
-            values["DATABASE_URL"],
-            state_dir=state_dir,
-            secure=SecureKafka.from_state_dir(state_dir),
-        )
-    finally:
-        subprocess.run(["bash", str(script), "stop", str(state_dir)], check=False, timeout=120)
+    with local_services(state_dir) as services:
+        yield services
 
 
 @pytest.fixture(scope="session")

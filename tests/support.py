@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,37 @@ class Services:
             timeout=180,
             capture_output=True,
         )
+
+
+SERVICES_SCRIPT = REPO_ROOT / "deploy" / "local" / "services.sh"
+
+
+@contextlib.contextmanager
+def local_services(state_dir: Path, *, clean: bool = False) -> Iterator[Services]:
+    """Kafka and Postgres started by deploy/local/services.sh in `state_dir`, stopped (and
+    with `clean`, deleted) when the block ends."""
+    output = subprocess.run(
+        ["bash", str(SERVICES_SCRIPT), "start", str(state_dir)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    ).stdout
+    values = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in output.splitlines()
+        if line.startswith("export ")
+    )
+    try:
+        yield Services(
+            values["KAFKA_BOOTSTRAP_SERVERS"],
+            values["DATABASE_URL"],
+            state_dir=state_dir,
+            secure=SecureKafka.from_state_dir(state_dir),
+        )
+    finally:
+        stop = ["bash", str(SERVICES_SCRIPT), "stop", *(["--clean"] if clean else [])]
+        subprocess.run([*stop, str(state_dir)], check=False, timeout=300)
 
 
 def url_as(url: str, user: str, password: str | None) -> str:

@@ -17,9 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, SERVICES_SCRIPT
 
-SERVICES_SCRIPT = REPO_ROOT / "deploy" / "local" / "services.sh"
 # How long a killed replica stays down, and a stopped service.
 RESTART_DELAY_SECONDS = (0.5, 3.0)
 OUTAGE_SECONDS = 4.0

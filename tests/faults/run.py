@@ -14,16 +14,14 @@ import argparse
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from tests.faults.harness import SuiteConfig, SuiteResult, run_fault_suite
-from tests.faults.replicas import SERVICES_SCRIPT
 from tests.faults.stream import Poison
-from tests.support import REPO_ROOT, SecureKafka, Services
+from tests.support import REPO_ROOT, SecureKafka, Services, local_services
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,25 +76,8 @@ def _services() -> Iterator[Services]:
         path = Path(state_dir)
         yield Services(kafka, database, state_dir=path, secure=SecureKafka.from_state_dir(path))
         return
-    path = REPO_ROOT / ".local" / "fault-services"
-    output = subprocess.run(
-        ["bash", str(SERVICES_SCRIPT), "start", str(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    ).stdout
-    values = dict(
-        line.removeprefix("export ").split("=", 1)
-        for line in output.splitlines()
-        if line.startswith("export ")
-    )
-    try:
-        yield Services(values["KAFKA_BOOTSTRAP_SERVERS"], values["DATABASE_URL"], state_dir=path)
-    finally:
-        subprocess.run(
-            ["bash", str(SERVICES_SCRIPT), "stop", "--clean", str(path)], check=False, timeout=300
-        )
+    with local_services(REPO_ROOT / ".local" / "fault-services", clean=True) as services:
+        yield services
 
 
 def _print(result: SuiteResult, work_dir: Path) -> None:

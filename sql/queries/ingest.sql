@@ -37,6 +37,20 @@ WHERE (u.customer_id, u.user_id) IN (
 ORDER BY u.customer_id, u.user_id
 FOR NO KEY UPDATE OF u;
 
+-- name: lock_devices_without_user
+-- The batch's stored devices ($1, $2) that have no user, locked in key order after the
+-- users and before the device upsert: a device with a user is guarded by its user's lock,
+-- one without by its own row. Two replicas writing one such device (its heartbeat and
+-- lifecycle partitions on different consumers) then write it one after the other, and the
+-- upsert's `before` is the row it updates.
+SELECT d.customer_id, d.device_id
+FROM devices AS d
+JOIN unnest($1::text[], $2::text[]) AS b (customer_id, device_id)
+    USING (customer_id, device_id)
+WHERE d.user_id IS NULL
+ORDER BY d.customer_id, d.device_id
+FOR NO KEY UPDATE OF d;
+
 -- name: upsert_users
 INSERT INTO users AS u (
     customer_id, user_id, email, display_name, profile_reported_at, first_seen_at, last_seen_at
@@ -75,9 +89,8 @@ WITH batch AS (
 before AS (
     -- No FOR UPDATE: locking every row first would write each tuple twice. Two replicas can
     -- write one device at once (its heartbeat and lifecycle partitions may be assigned to
-    -- different consumers): for a device with a user, the user locks above make the later
-    -- writer wait, so this snapshot is current; for one without, it can be older than the
-    -- row the upsert updates (known gap: an xfail test in test_concurrent_writes.py).
+    -- different consumers): for a device with a user, the user locks make the later writer
+    -- wait, for one without, lock_devices_without_user does; so this snapshot is current.
     SELECT d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.first_seen_at,
            d.last_seen_at
     FROM devices AS d

@@ -232,13 +232,6 @@ async def test_concurrent_replicas_and_the_sweeper_never_deadlock(
     assert await database_deadlocks(superuser_url) == deadlocks_before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: two replicas can write one device at once (its heartbeat and lifecycle "
-    "partitions may have different consumers); for a device without a user nothing makes the "
-    "later writer wait before upsert_devices, whose `before` is then older than the row it "
-    "updates, so a change the other writer undid is not reported",
-)
 async def test_a_reinstall_written_while_another_replica_writes_the_uninstall_keeps_the_license(
     database_url: str,
 ) -> None:

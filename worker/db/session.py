@@ -103,6 +103,7 @@ class Session:
             await connection.execute(query("share_customers"), changes.customer_ids)
             await self._lock_device_users(changes)
             await self._upsert_users(changes)
+            await self._lock_devices_without_user(changes)
             relevant = await self._upsert_devices(changes, window_start)
             await self._credit_device_users(changes)
         inserted = await self._insert_lifecycle(changes)
@@ -122,6 +123,15 @@ class Session:
         devices, users = sorted(changes.devices), sorted(changes.users)
         await self._connection.execute(
             query("lock_device_users"), *_key_columns(devices), *_key_columns(users)
+        )
+
+    async def _lock_devices_without_user(self, changes: BatchChanges) -> None:
+        """Locks, in key order, the batch's stored devices that have no user: no user lock
+        makes another replica writing the same device wait (its heartbeat and lifecycle
+        partitions may be read by two replicas), and the device upsert's image of the rows
+        before it must be the rows it updates."""
+        await self._connection.execute(
+            query("lock_devices_without_user"), *_key_columns(sorted(changes.devices))
         )
 
     async def _upsert_users(self, changes: BatchChanges) -> None:

@@ -22,6 +22,7 @@ from worker.clock import Clock, SystemClock
 from worker.db.errors import DatabaseAccessRefused, database_refusal, is_transient_database_error
 from worker.db.repository import Repository
 from worker.db.wait import DatabaseAnswers, database_answers, pause, wait_to_retry
+from worker.ingest.consumer_session import ConsumerSession
 from worker.ingest.loop import IngestionLoop
 from worker.kafka.clients import (
     PartitionEnds,
@@ -35,7 +36,7 @@ from worker.ops import metrics
 from worker.ops.health import Liveness, Readiness, health_app, serve_health
 from worker.ops.logs import error_fields
 from worker.ops.monitor import Monitor
-from worker.retry import Backoff
+from worker.retry import Backoff, Stopped, retry
 from worker.settings import Settings
 from worker.tenants.loop import AdminLoop
 
@@ -193,16 +194,19 @@ class Worker:
         never ends the process. Any other error ends the task, and `_supervise` the worker."""
         settings = self._settings
         backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
-        while not self._stopping.is_set():
-            error = await _outage_escaping(run)
-            if error is None or self._stopping.is_set():
-                return
+
+        async def wait(error: Exception) -> None:
             metrics.TASK_RESTARTS.labels(name).inc()
             log.warning("worker.task_interrupted", task=name, **error_fields(error))
             if is_transient_database_error(error):
                 await wait_to_retry(database.answers, backoff, self._stopping, task=name)
             else:
                 await pause(self._stopping, backoff.next_delay())
+
+        if self._stopping.is_set():
+            return
+        with contextlib.suppress(Stopped):
+            await retry(run, retriable=is_outage, wait=wait, stopping=self._stopping)
 
     async def _ingest(self, repository: Repository, producer: Any) -> None:
         """Runs the ingestion loop on a consumer; recreates the consumer when the monitor
@@ -211,15 +215,8 @@ class Worker:
         while not self._stopping.is_set():
             self._consumer_done = asyncio.Event()
             consumer = create_consumer(settings)
-            ingest = IngestionLoop(
-                settings=settings,
-                consumer=consumer,
-                producer=producer,
-                repository=repository,
-                clock=self._clock,
-                stopping=self._consumer_done,
-                beat=lambda: self.liveness.beat("ingest"),
-            )
+            session = self._session("ingest", consumer, producer, repository, self._consumer_done)
+            ingest = IngestionLoop(session)
             consumer.subscribe(list(settings.agent_topics), listener=ingest.rebalance_listener())
             try:
                 await self._unless_stopped(
@@ -240,15 +237,7 @@ class Worker:
         """Applies the console's administrative events (own consumer group)."""
         settings = self._settings
         consumer = create_consumer(settings, settings.admin_consumer_group)
-        admin = AdminLoop(
-            settings=settings,
-            consumer=consumer,
-            producer=producer,
-            repository=repository,
-            clock=self._clock,
-            stopping=self._stopping,
-            beat=lambda: self.liveness.beat("admin"),
-        )
+        admin = AdminLoop(self._session("admin", consumer, producer, repository, self._stopping))
         consumer.subscribe([settings.admin_topic], listener=admin.rebalance_listener())
         try:
             await self._unless_stopped(
@@ -259,6 +248,26 @@ class Worker:
             return
         finally:
             await consumer.stop()
+
+    def _session(
+        self,
+        task: str,
+        consumer: Any,
+        producer: Any,
+        repository: Repository,
+        stopping: asyncio.Event,
+    ) -> ConsumerSession:
+        """A consumer session for the loop `task` (which names its liveness beat too)."""
+        return ConsumerSession(
+            settings=self._settings,
+            consumer=consumer,
+            producer=producer,
+            repository=repository,
+            clock=self._clock,
+            stopping=stopping,
+            beat=lambda: self.liveness.beat(task),
+            task=task,
+        )
 
     def _recreate_consumer(self, stuck: list[tuple[str, int]]) -> None:
         self._consumer_done.set()
@@ -288,16 +297,9 @@ class Worker:
             raise RuntimeError(f"task {task.get_name()} ended without being asked to stop")
 
 
-async def _outage_escaping(run: Callable[[], Awaitable[None]]) -> BaseException | None:
-    """Runs `run`; returns the Postgres or Kafka outage it ended with, None if it returned.
-    Any other error is raised."""
-    try:
-        await run()
-    except Exception as error:
-        if is_transient_database_error(error) or is_transient_kafka_error(error):
-            return error
-        raise
-    return None
+def is_outage(error: BaseException) -> bool:
+    """Postgres or Kafka away: waited out, never the end of the process."""
+    return is_transient_database_error(error) or is_transient_kafka_error(error)
 
 
 def is_transient_kafka_error(error: BaseException) -> bool:
@@ -311,19 +313,24 @@ async def _connect_database(settings: Settings, pool_size: int) -> Repository:
     backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
     url = settings.database_url.get_secret_value()
     answers = DatabaseAnswers(lambda: database_answers(url))
-    never = asyncio.Event()  # _unless_stopped cancels this wait when the worker stops
-    while True:
-        try:
-            return await Repository.connect(url, pool_size)
-        except Exception as error:
-            reason = database_refusal(error)
-            if reason is not None:
-                log.error("postgres.access_refused", error=type(error).__name__, reason=reason)
-                raise DatabaseAccessRefused(reason) from None
-            if not is_transient_database_error(error):
-                raise
-            log.warning("startup.waiting", service="postgres", **error_fields(error))
-            await wait_to_retry(answers, backoff, never, task="startup")
+
+    async def wait(error: Exception) -> None:
+        # No `stopping` here: _unless_stopped cancels this wait when the worker stops.
+        log.warning("startup.waiting", service="postgres", **error_fields(error))
+        await wait_to_retry(answers, backoff, asyncio.Event(), task="startup")
+
+    def retriable(error: Exception) -> bool:
+        return database_refusal(error) is None and is_transient_database_error(error)
+
+    try:
+        connect = functools.partial(Repository.connect, url, pool_size)
+        return await retry(connect, retriable=retriable, wait=wait)
+    except Exception as error:
+        reason = database_refusal(error)
+        if reason is None:
+            raise
+        log.error("postgres.access_refused", error=type(error).__name__, reason=reason)
+        raise DatabaseAccessRefused(reason) from None
 
 
 def install_signal_handlers(worker: Worker) -> None:

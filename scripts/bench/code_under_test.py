@@ -96,6 +96,16 @@ def _worker_module(current: str, flat: str) -> Any:
         return importlib.import_module(f"worker.{flat}")
 
 
+def _ingestion_loop(ingest: Any) -> Callable[..., Any]:
+    """The agent loop, built from the benchmark's keyword arguments (settings, consumer,
+    producer, repository, clock, stopping): through the consumer session it composes where
+    the snapshot has one, directly in snapshots from before."""
+    session = getattr(ingest, "ConsumerSession", None)
+    if session is None:
+        return ingest.IngestionLoop  # type: ignore[no-any-return]
+    return lambda **parts: ingest.IngestionLoop(session(beat=lambda: None, task="bench", **parts))
+
+
 def import_worker_modules(snapshot: Path) -> None:
     sys.path.insert(0, str(snapshot))
     # The package layout of the commit under test: subpackages, or the flat one of commits
@@ -118,7 +128,7 @@ def import_worker_modules(snapshot: Path) -> None:
     UnderTest.device_bursts, UnderTest.encode = simulator.device_bursts, simulator.encode
     UnderTest.heartbeat_rounds = simulator.heartbeat_rounds
     UnderTest.decode_batch, UnderTest.coalesce = batch.decode_batch, folding.coalesce
-    UnderTest.IngestionLoop = ingest.IngestionLoop
+    UnderTest.IngestionLoop = _ingestion_loop(ingest)
     UnderTest.Repository = repository.Repository
     UnderTest.SystemClock = clock.SystemClock
     young = getattr(service, "YOUNG_COLLECTION_THRESHOLD", None)

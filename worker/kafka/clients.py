@@ -13,7 +13,7 @@ from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from worker.kafka.refusals import KafkaAccessRefused, refusal_message
-from worker.retry import Backoff
+from worker.retry import Backoff, retry
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -57,22 +57,25 @@ async def start_with_retry(
     """Waits for Kafka to be reachable at start-up instead of crash-looping, but raises
     KafkaAccessRefused at once when Kafka refuses the credentials or the certificate."""
     backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
-    while True:
-        try:
-            return await start()
-        except (KafkaConnectionError, OSError) as error:
-            cause = await diagnose_connection(name, settings)
-            if attempts is not None and backoff.attempts + 1 >= attempts:
-                raise
-            delay = backoff.next_delay()
-            log.warning(
-                "startup.waiting",
-                service=name,
-                error=type(error).__name__,
-                cause=type(cause).__name__ if cause else None,
-                retry_in=round(delay, 2),
-            )
-            await asyncio.sleep(delay)
+
+    async def wait(error: Exception) -> None:
+        cause = await diagnose_connection(name, settings)
+        if attempts is not None and backoff.attempts + 1 >= attempts:
+            raise error
+        delay = backoff.next_delay()
+        log.warning(
+            "startup.waiting",
+            service=name,
+            error=type(error).__name__,
+            cause=type(cause).__name__ if cause else None,
+            retry_in=round(delay, 2),
+        )
+        await asyncio.sleep(delay)
+
+    def unreachable(error: Exception) -> bool:
+        return isinstance(error, KafkaConnectionError | OSError)
+
+    return await retry(start, retriable=unreachable, wait=wait)
 
 
 async def start_once(name: str, start: Callable[[], Awaitable[T]], settings: Settings) -> T:

@@ -9,7 +9,6 @@ de-duplicates by `event_id`, as billing does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -17,12 +16,12 @@ import structlog
 
 from worker.db.errors import is_transient_database_error
 from worker.db.repository import Repository
-from worker.db.wait import wait_to_retry
+from worker.db.wait import pause, wait_to_retry
 from worker.kafka.clients import create_producer, start_once
 from worker.kafka.producer_errors import ProducerErrorKind, classify_producer_error
 from worker.ops import metrics
 from worker.ops.logs import error_fields
-from worker.retry import Backoff
+from worker.retry import Backoff, Stopped, always, retry
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -42,30 +41,37 @@ class Relay:
         self._producer = producer
 
     async def run_forever(self, stopping: asyncio.Event) -> None:
+        """Publishes what is pending every `relay_poll_seconds` (at once again after a pass
+        that published), retrying a failed pass until it succeeds or the worker stops."""
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
-        while not stopping.is_set():
-            self._beat()
-            delay = self._settings.relay_poll_seconds
-            try:
-                published = await self.publish_pending()
-                backoff.reset()
-                if published:
-                    delay = 0
-            except Exception as error:
-                # Nothing is marked that was not acknowledged. Postgres unavailable: retry
-                # as soon as it answers. Kafka: back off. Even a refusal for good is retried:
-                # a license event must never be dropped, and later events of the same
-                # customer may not overtake it.
-                if is_transient_database_error(error):
-                    log.warning("relay.failed", **error_fields(error))
-                    await wait_to_retry(
-                        self._repository.answers, backoff, stopping, task="relay", beat=self._beat
-                    )
-                    continue
+
+        async def wait(error: Exception) -> None:
+            # Nothing is marked that was not acknowledged. Postgres unavailable: retry as
+            # soon as it answers. Kafka: back off. Even a refusal for good is retried: a
+            # license event must never be dropped, and later events of the same customer
+            # may not overtake it.
+            if is_transient_database_error(error):
+                log.warning("relay.failed", **error_fields(error))
+                await wait_to_retry(
+                    self._repository.answers, backoff, stopping, task="relay", beat=self._beat
+                )
+            else:
                 delay = backoff.next_delay()
                 self._report_failure(error, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), delay)
+                await pause(stopping, delay)
+            self._beat()
+
+        while not stopping.is_set():
+            self._beat()
+            try:
+                published = await retry(
+                    self.publish_pending, retriable=always, wait=wait, stopping=stopping
+                )
+            except Stopped:
+                return
+            backoff.reset()
+            if not published:
+                await pause(stopping, self._settings.relay_poll_seconds)
 
     def _report_failure(self, error: Exception, retry_in: float) -> None:
         """An outage (Kafka or Postgres unavailable) is a warning; a refusal waiting cannot

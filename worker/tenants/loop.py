@@ -18,30 +18,30 @@ import structlog
 
 from schemas.admin_events import AdminEventModel
 from worker.ingest.batch import Record, dead_letter_for
+from worker.ingest.consumer_session import (
+    ConsumerSession,
+    FlushBeforeRevoke,
+    PermanentDatabaseError,
+    database_rejection,
+)
 from worker.ingest.dead_letters import DeadLetter
 from worker.ingest.decoding import Rejection, RejectReason, decode_admin_event
-from worker.ingest.loop import (
-    FlushBeforeRevoke,
-    IngestionLoop,
-    ShutdownDuringRetry,
-    _PermanentDatabaseError,
-)
 from worker.licensing.decisions import count_license_changes
 from worker.ops import metrics
+from worker.retry import Stopped
 from worker.tenants.changes import AdminOutcome, UnknownSubscription, apply_admin_event
 
 log = structlog.get_logger(__name__)
 ADMIN_BATCH_RECORDS = 200
 
 
-class AdminLoop(IngestionLoop):
-    """The ingestion loop's retry, dead-letter and commit machinery, applying admin events."""
+class AdminLoop:
+    """Console events, applied one transaction each; the Kafka mechanics (retries, the DLQ,
+    commits, rebalances) are the consumer session's."""
 
-    _lag_reported: set[Any]
-    _task = "admin"
-
-    def __init__(self, **arguments: Any) -> None:
-        super().__init__(**arguments)
+    def __init__(self, session: ConsumerSession) -> None:
+        self._session = session
+        self._lag_reported: set[Any] = set()
         # Held while a batch of console messages is applied (never across getmany).
         self._handling = asyncio.Lock()
 
@@ -50,42 +50,38 @@ class AdminLoop(IngestionLoop):
             async with self._handling:
                 pass
 
-        return FlushBeforeRevoke(
-            flush, self._settings.rebalance_flush_timeout_seconds, self._set_revoking
-        )
+        return self._session.rebalance_listener(flush)
 
     async def run(self) -> None:
-        log.info("admin.started", topic=self._settings.admin_topic)
-        self._lag_reported = set()
+        log.info("admin.started", topic=self._session.settings.admin_topic)
         try:
-            while not self._stopping.is_set():
-                records = await self._consumer.getmany(
-                    timeout_ms=self._settings.batch_max_wait_ms, max_records=ADMIN_BATCH_RECORDS
-                )
-                self._beat()
-                if records:
-                    async with self._handling:
-                        await self._handle(records)
-                await self._publish_lag()
-        except ShutdownDuringRetry:
+            await self._session.consume(ADMIN_BATCH_RECORDS, self._take)
+        except Stopped:
             log.warning("admin.batch_abandoned_for_shutdown")
         log.info("admin.stopped")
+
+    async def _take(self, records: Mapping[Any, Iterable[Record]]) -> None:
+        if records:
+            async with self._handling:
+                await self._handle(records)
+        await self._publish_lag()
 
     async def _publish_lag(self) -> None:
         """Console messages not yet applied, per assigned partition: the broker's end offset
         (as of the last fetch) minus our position. (Agent topics' lag is the monitor's.)"""
-        assigned = self._consumer.assignment()
+        consumer = self._session.consumer
+        assigned = consumer.assignment()
         for gone in self._lag_reported - assigned:
             metrics.CONSUMER_LAG_MESSAGES.remove(gone.topic, str(gone.partition))
         for partition in assigned:
-            end = self._consumer.highwater(partition)
+            end = consumer.highwater(partition)
             if end is None:
                 continue
-            position = await self._consumer.position(partition)
+            position = await consumer.position(partition)
             metrics.CONSUMER_LAG_MESSAGES.labels(partition.topic, str(partition.partition)).set(
                 max(0, end - position)
             )
-        self._lag_reported = {p for p in assigned if self._consumer.highwater(p) is not None}
+        self._lag_reported = {p for p in assigned if consumer.highwater(p) is not None}
 
     async def _handle(self, records: Mapping[object, Iterable[Record]]) -> None:
         letters: list[DeadLetter] = []
@@ -93,7 +89,7 @@ class AdminLoop(IngestionLoop):
         next_offsets = {}
         for partition_records in records.values():
             for record in partition_records:
-                decoded = decode_admin_event(record.value, self._settings.max_message_bytes)
+                decoded = decode_admin_event(record.value, self._session.settings.max_message_bytes)
                 if isinstance(decoded, Rejection):
                     letters.append(dead_letter_for(record, decoded))
                 else:
@@ -103,9 +99,9 @@ class AdminLoop(IngestionLoop):
                     else:
                         outcomes[(decoded.type, outcome.value)] += 1
                 next_offsets[(record.topic, record.partition)] = record.offset + 1
-        letters = await self._dead_letter(letters)
-        await self._commit(next_offsets)
-        topic = self._settings.admin_topic
+        letters = await self._session.dead_letter(letters)
+        await self._session.commit(next_offsets)
+        topic = self._session.settings.admin_topic
         for (event_type, outcome_name), count in outcomes.items():
             metrics.EVENTS.labels(topic, event_type, outcome_name).inc(count)
         for letter in letters:
@@ -114,11 +110,11 @@ class AdminLoop(IngestionLoop):
 
     async def _apply(self, record: Record, event: AdminEventModel) -> AdminOutcome | DeadLetter:
         async def in_transaction() -> AdminOutcome | None:
-            now = self._clock.now()
+            now = self._session.clock.now()
             try:
-                async with self._repository.transaction() as session:
+                async with self._session.repository.transaction() as session:
                     result = await apply_admin_event(
-                        session, event, now, self._settings.license_window
+                        session, event, now, self._session.settings.license_window
                     )
             except UnknownSubscription:
                 return None  # rolled back; not a database error, so no retry
@@ -126,10 +122,9 @@ class AdminLoop(IngestionLoop):
             return result.outcome
 
         try:
-            outcome = await self._retry_database(in_transaction)
-        except _PermanentDatabaseError as error:
-            name = type(error.cause).__name__
-            return dead_letter_for(record, Rejection(RejectReason.DATABASE_REJECTED, name))
+            outcome = await self._session.retry_database(in_transaction)
+        except PermanentDatabaseError as error:
+            return database_rejection(record, error)
         if outcome is None:
             detail = "subscription.status_changed for a subscription never attached"
             return dead_letter_for(record, Rejection(RejectReason.UNKNOWN_SUBSCRIPTION, detail))

@@ -13,6 +13,7 @@ import orjson
 import structlog
 from pydantic import ValidationError
 
+from worker.cli_support import connected
 from worker.ops.logs import configure_logging, crash_fields, install_asyncio_error_logging
 from worker.settings import Settings
 
@@ -70,18 +71,14 @@ def migrate() -> None:
     from worker.db.repository import (  # noqa: PLC0415
         MigrationChangedError,
         MigrationNotPermittedError,
-        Repository,
     )
     from worker.db.sql_files import load_migrations  # noqa: PLC0415
 
     settings = _settings()
 
     async def apply() -> None:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        try:
+        async with connected(settings) as repository:
             applied = await repository.apply_migrations(load_migrations())
-        finally:
-            await repository.close()
         log.info("migrate.done", applied=[migration.version for migration in applied])
 
     try:
@@ -121,7 +118,7 @@ def create_roles(
     Run by a DBA with DATABASE_URL naming a superuser and the service's database, before the
     first `migrate`; safe to run again (after migrations, to change a password). Only the
     SCRAM verifiers of the passwords are sent, never the passwords."""
-    from worker.db.repository import Repository, RoleSetupRefusedError  # noqa: PLC0415
+    from worker.db.repository import RoleSetupRefusedError  # noqa: PLC0415
     from worker.db.roles import DatabaseRoles, scram_sha256_verifier  # noqa: PLC0415
     from worker.settings import read_secret_file  # noqa: PLC0415
 
@@ -139,11 +136,8 @@ def create_roles(
         raise click.UsageError(str(error)) from None
 
     async def set_up() -> None:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        try:
+        async with connected(settings) as repository:
             await repository.set_up_roles(roles.owner, roles.worker, *verifiers)
-        finally:
-            await repository.close()
 
     try:
         asyncio.run(set_up())
@@ -198,7 +192,6 @@ def run() -> None:
 def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
     """Release licenses silent past the window and purge personal data past the retention."""
     from worker.clock import FixedClock, SystemClock  # noqa: PLC0415
-    from worker.db.repository import Repository  # noqa: PLC0415
     from worker.kafka.clients import PartitionEnds, start_once  # noqa: PLC0415
     from worker.licensing.sweeper import Sweeper  # noqa: PLC0415
 
@@ -206,18 +199,17 @@ def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
     clock = FixedClock(_parse_time(now_text)) if now_text else SystemClock()
 
     async def run_sweeps() -> dict[str, object] | None:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
-        partition_ends = PartitionEnds(settings)
-        try:
-            await start_once("kafka-lag-reader", partition_ends.start, settings)
-            sweeper = Sweeper(settings, repository, partition_ends, clock)
-            if once or dry_run:
-                return (await sweeper.run_once(dry_run=dry_run)).as_log()
-            await sweeper.run_forever()
-            return None
-        finally:
-            await partition_ends.stop()
-            await repository.close()
+        async with connected(settings, pool_size=2) as repository:
+            partition_ends = PartitionEnds(settings)
+            try:
+                await start_once("kafka-lag-reader", partition_ends.start, settings)
+                sweeper = Sweeper(settings, repository, partition_ends, clock)
+                if once or dry_run:
+                    return (await sweeper.run_once(dry_run=dry_run)).as_log()
+                await sweeper.run_forever()
+                return None
+            finally:
+                await partition_ends.stop()
 
     report = asyncio.run(run_sweeps())
     if report is not None:
@@ -229,18 +221,14 @@ def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
 @click.option("--by", "confirmed_by", default="operator", show_default=True)
 def confirm_releases(customer_id: str, confirmed_by: str) -> None:
     """Let the next sweep apply the releases the outage guard held for CUSTOMER_ID."""
-    from worker.db.repository import Repository  # noqa: PLC0415
 
     settings = _settings()
 
     async def confirm() -> int:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        try:
+        async with connected(settings) as repository:
             rows = await repository.fetch(
                 "confirm_hold", customer_id, datetime.now(UTC), confirmed_by
             )
-        finally:
-            await repository.close()
         return len(rows)
 
     if not asyncio.run(confirm()):
@@ -293,17 +281,13 @@ def reconcile(customer_id: str | None, show: int) -> None:
     """Check that billing's view agrees with the database: every subject's last license
     event on the topic (de-duplicated by event_id) must match its stored license. Prints the
     differences; exit 0 when there are none, 1 when there are (or on an error)."""
-    from worker.db.repository import Repository  # noqa: PLC0415
     from worker.licensing.reconcile import reconcile_subjects  # noqa: PLC0415
 
     settings = _settings()
 
     async def run_check() -> Any:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        try:
+        async with connected(settings) as repository:
             return await reconcile_subjects(settings, repository, customer_id)
-        finally:
-            await repository.close()
 
     result = asyncio.run(run_check())
     for mismatch in result.mismatches[:show]:
@@ -325,18 +309,14 @@ def reconcile(customer_id: str | None, show: int) -> None:
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds per service.")
 def check(timeout: float) -> None:
     """Exit 0 when Postgres and Kafka answer, 1 otherwise (container probes)."""
-    from worker.db.repository import Repository  # noqa: PLC0415
     from worker.kafka.clients import cluster_answers  # noqa: PLC0415
     from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
 
     settings = _settings()
 
     async def database_answers() -> None:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        try:
+        async with connected(settings) as repository:
             await repository.ping()
-        finally:
-            await repository.close()
 
     failures = []
     for name, probe in (
@@ -480,7 +460,6 @@ def report_usage(
 ) -> None:
     """Licenses consumed per customer, with totals and every user and device: licensed or
     not, and why. Large reports are streamed."""
-    from worker.db.repository import Repository  # noqa: PLC0415
     from worker.report.build import (  # noqa: PLC0415
         ReportRequest,
         UnknownCustomerError,
@@ -500,15 +479,9 @@ def report_usage(
     request = ReportRequest(customer_id, as_of, now, settings.license_window)
 
     async def produce() -> None:
-        try:
-            repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        except OSError as error:
-            raise click.ClickException(f"cannot reach the database: {error}") from None
-        try:
+        async with connected(settings, unreachable_is_error=True) as repository:
             with open_writer(output_format, output, sys.stdout) as writer:
                 await write_usage_report(repository, writer, request)
-        finally:
-            await repository.close()
 
     try:
         asyncio.run(produce())
@@ -574,16 +547,12 @@ def simulate(customers: int, devices_per_customer: int, rounds: int, console: bo
 @main.command()
 def status() -> None:
     """Print what is stored: customers, users, devices, and ingestion progress."""
-    from worker.db.repository import Repository  # noqa: PLC0415
 
     settings = _settings()
 
     async def show() -> None:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        try:
+        async with connected(settings) as repository:
             summary = await repository.summary()
-        finally:
-            await repository.close()
         for name, value in summary.items():
             click.echo(f"{name:>28}: {value}")
 

@@ -11,32 +11,16 @@ from typing import TYPE_CHECKING, Any
 import click
 import orjson
 import structlog
-from pydantic import ValidationError
 
-from worker.ops.logs import configure_logging, crash_fields, install_asyncio_error_logging
-from worker.settings import Settings
+from worker.cli_support import connected, load_settings, parse_time
+from worker.commands.dlq import dlq
+from worker.commands.report import report
+from worker.ops.logs import crash_fields, install_asyncio_error_logging
 
 if TYPE_CHECKING:
-    from worker.ingest.dlq_tools import DeadLetterRecord
+    pass
 
 log = structlog.get_logger(__name__)
-
-
-def _settings() -> Settings:
-    try:
-        settings = Settings()
-    except ValidationError as error:
-        problems = "; ".join(_problem(detail) for detail in error.errors(include_url=False))
-        raise click.ClickException(f"invalid configuration: {problems}") from None
-    configure_logging(settings.log_level, settings.log_format)
-    return settings
-
-
-def _problem(detail: Any) -> str:
-    """One refused setting; checks across variables (the *_FILE ones) name theirs."""
-    if not detail["loc"]:
-        return str(detail["msg"]).removeprefix("Value error, ")
-    return f"{str(detail['loc'][0]).upper()}: {detail['msg']}"
 
 
 class _Commands(click.Group):
@@ -71,17 +55,13 @@ def migrate() -> None:
         MigrationChangedError,
         MigrationNotPermittedError,
     )
-    from worker.db.repository import Repository  # noqa: PLC0415
     from worker.db.sql_files import load_migrations  # noqa: PLC0415
 
-    settings = _settings()
+    settings = load_settings()
 
     async def apply() -> None:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        try:
+        async with connected(settings) as repository:
             applied = await repository.apply_migrations(load_migrations())
-        finally:
-            await repository.close()
         log.info("migrate.done", applied=[migration.version for migration in applied])
 
     try:
@@ -121,7 +101,6 @@ def create_roles(
     Run by a DBA with DATABASE_URL naming a superuser and the service's database, before the
     first `migrate`; safe to run again (after migrations, to change a password). Only the
     SCRAM verifiers of the passwords are sent, never the passwords."""
-    from worker.db.repository import Repository  # noqa: PLC0415
     from worker.db.roles import (  # noqa: PLC0415
         DatabaseRoles,
         RoleSetupRefusedError,
@@ -129,7 +108,7 @@ def create_roles(
     )
     from worker.settings import read_secret_file  # noqa: PLC0415
 
-    settings = _settings()
+    settings = load_settings()
     try:
         roles = DatabaseRoles(owner, worker)
         verifiers = [
@@ -143,11 +122,8 @@ def create_roles(
         raise click.UsageError(str(error)) from None
 
     async def set_up() -> None:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        try:
+        async with connected(settings) as repository:
             await repository.set_up_roles(roles.owner, roles.worker, *verifiers)
-        finally:
-            await repository.close()
 
     try:
         asyncio.run(set_up())
@@ -168,7 +144,7 @@ def run() -> None:
     """Consume agent events until SIGTERM or SIGINT."""
     from worker.service import Worker, install_signal_handlers  # noqa: PLC0415
 
-    settings = _settings()
+    settings = load_settings()
 
     async def serve() -> None:
         install_asyncio_error_logging()
@@ -202,26 +178,24 @@ def run() -> None:
 def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
     """Release licenses silent past the window and purge personal data past the retention."""
     from worker.clock import FixedClock, SystemClock  # noqa: PLC0415
-    from worker.db.repository import Repository  # noqa: PLC0415
     from worker.kafka.clients import PartitionEnds, start_once  # noqa: PLC0415
     from worker.licensing.sweeper import Sweeper  # noqa: PLC0415
 
-    settings = _settings()
-    clock = FixedClock(_parse_time(now_text)) if now_text else SystemClock()
+    settings = load_settings()
+    clock = FixedClock(parse_time(now_text)) if now_text else SystemClock()
 
     async def run_sweeps() -> dict[str, object] | None:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
-        partition_ends = PartitionEnds(settings)
-        try:
-            await start_once("kafka-lag-reader", partition_ends.start, settings)
-            sweeper = Sweeper(settings, repository, partition_ends, clock)
-            if once or dry_run:
-                return (await sweeper.run_once(dry_run=dry_run)).as_log()
-            await sweeper.run_forever()
-            return None
-        finally:
-            await partition_ends.stop()
-            await repository.close()
+        async with connected(settings, pool_size=2) as repository:
+            partition_ends = PartitionEnds(settings)
+            try:
+                await start_once("kafka-lag-reader", partition_ends.start, settings)
+                sweeper = Sweeper(settings, repository, partition_ends, clock)
+                if once or dry_run:
+                    return (await sweeper.run_once(dry_run=dry_run)).as_log()
+                await sweeper.run_forever()
+                return None
+            finally:
+                await partition_ends.stop()
 
     report = asyncio.run(run_sweeps())
     if report is not None:
@@ -233,37 +207,19 @@ def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
 @click.option("--by", "confirmed_by", default="operator", show_default=True)
 def confirm_releases(customer_id: str, confirmed_by: str) -> None:
     """Let the next sweep apply the releases the outage guard held for CUSTOMER_ID."""
-    from worker.db.repository import Repository  # noqa: PLC0415
 
-    settings = _settings()
+    settings = load_settings()
 
     async def confirm() -> int:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        try:
+        async with connected(settings) as repository:
             rows = await repository.fetch(
                 "confirm_hold", customer_id, datetime.now(UTC), confirmed_by
             )
-        finally:
-            await repository.close()
         return len(rows)
 
     if not asyncio.run(confirm()):
         raise click.ClickException(f"no unconfirmed hold for customer {customer_id!r}")
     click.echo(f"confirmed: the next sweep releases the held licenses of {customer_id}")
-
-
-def _parse_time(text: str, param_hint: str = "--now") -> datetime:
-    try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r} is not an ISO 8601 time", param_hint=param_hint
-        ) from None
-    if parsed.tzinfo is None:
-        raise click.BadParameter(
-            "give a time zone, e.g. 2026-12-30T00:00:00Z", param_hint=param_hint
-        )
-    return parsed
 
 
 @main.command("publish-events")
@@ -272,7 +228,7 @@ def publish_events() -> None:
     `run` does this continuously)."""
     from worker.licensing.relay import publish_pending_once  # noqa: PLC0415
 
-    published = asyncio.run(publish_pending_once(_settings()))
+    published = asyncio.run(publish_pending_once(load_settings()))
     click.echo(f"published {published} license events")
 
 
@@ -283,7 +239,7 @@ def license_events(timeout: float) -> None:
     billing receives it."""
     from worker.kafka.clients import read_topic  # noqa: PLC0415
 
-    settings = _settings()
+    settings = load_settings()
     for value in asyncio.run(read_topic(settings, settings.license_events_topic, timeout)):
         click.echo(value.decode())
 
@@ -297,17 +253,13 @@ def reconcile(customer_id: str | None, show: int) -> None:
     """Check that billing's view agrees with the database: every subject's last license
     event on the topic (de-duplicated by event_id) must match its stored license. Prints the
     differences; exit 0 when there are none, 1 when there are (or on an error)."""
-    from worker.db.repository import Repository  # noqa: PLC0415
     from worker.licensing.reconcile import reconcile_subjects  # noqa: PLC0415
 
-    settings = _settings()
+    settings = load_settings()
 
     async def run_check() -> Any:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        try:
+        async with connected(settings) as repository:
             return await reconcile_subjects(settings, repository, customer_id)
-        finally:
-            await repository.close()
 
     result = asyncio.run(run_check())
     for mismatch in result.mismatches[:show]:
@@ -329,18 +281,14 @@ def reconcile(customer_id: str | None, show: int) -> None:
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds per service.")
 def check(timeout: float) -> None:
     """Exit 0 when Postgres and Kafka answer, 1 otherwise (container probes)."""
-    from worker.db.repository import Repository  # noqa: PLC0415
     from worker.kafka.clients import cluster_answers  # noqa: PLC0415
     from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
 
-    settings = _settings()
+    settings = load_settings()
 
     async def database_answers() -> None:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        try:
+        async with connected(settings) as repository:
             await repository.ping()
-        finally:
-            await repository.close()
 
     failures = []
     for name, probe in (
@@ -358,176 +306,6 @@ def check(timeout: float) -> None:
     click.echo("ok: postgres and kafka answer")
 
 
-@main.group()
-def dlq() -> None:
-    """Inspect the dead-letter topic and replay messages after a fix."""
-
-
-@dlq.command("inspect")
-@click.option("--samples", default=3, show_default=True, help="Samples shown per reason.")
-def dlq_inspect(samples: int) -> None:
-    """Count dead letters by reason and source topic, with samples of each reason."""
-    from worker.ingest.dlq_tools import inspect, read_dead_letters  # noqa: PLC0415
-
-    settings = _settings()
-
-    async def collect() -> list[DeadLetterRecord]:
-        return [record async for record in read_dead_letters(settings)]
-
-    report = inspect(asyncio.run(collect()), samples)
-    click.echo(f"{report.total} dead letters in {settings.dlq_topic}")
-    for reason, count in report.by_reason.most_common():
-        click.echo(f"\n{count:>8}  {reason}")
-        for record in report.samples[reason]:
-            click.echo(
-                f"          {record.source_topic}[{record.headers.get('source.partition')}]"
-                f"@{record.headers.get('source.offset')} at {record.headers.get('failed_at')}: "
-                f"{record.headers.get('error.message', '')[:160]}"
-            )
-            click.echo(f"          value: {_preview(record.value)}")
-            if record.truncated:
-                click.echo(f"          {_truncation(record)}")
-    if report.truncated:
-        click.echo(
-            f"\n{report.truncated} truncated (too large for the DLQ): the whole messages are "
-            "at their source offsets; replay skips them"
-        )
-    if report.by_source:
-        click.echo(
-            "\nby source topic: " + ", ".join(f"{t} {n}" for t, n in report.by_source.most_common())
-        )
-
-
-@dlq.command("replay")
-@click.option("--reason", "reasons", multiple=True, help="Only this reason (repeatable).")
-@click.option("--source-topic", "source_topics", multiple=True, help="Only from this topic.")
-@click.option("--dry-run", is_flag=True, help="Count what would be replayed; send nothing.")
-def dlq_replay(reasons: tuple[str, ...], source_topics: tuple[str, ...], dry_run: bool) -> None:
-    """Send dead letters back to their source topic, unchanged, once the cause is fixed.
-    Ingestion is idempotent: replaying a message twice changes nothing the second time."""
-    from worker.ingest.dlq_tools import (  # noqa: PLC0415
-        read_dead_letters,
-        replay,
-        selected,
-        split_truncated,
-    )
-
-    settings = _settings()
-    skipped: list[DeadLetterRecord] = []
-
-    async def run_replay() -> int:
-        chosen, truncated = split_truncated(
-            [
-                record
-                async for record in read_dead_letters(settings)
-                if selected(record, set(reasons), set(source_topics))
-            ]
-        )
-        skipped.extend(truncated)
-        if dry_run:
-            return len(chosen)
-        with click.progressbar(length=len(chosen), label="replaying", file=sys.stderr) as bar:
-            return await replay(settings, chosen, on_sent=lambda _: bar.update(1))
-
-    count = asyncio.run(run_replay())
-    click.echo(f"{'would replay' if dry_run else 'replayed'} {count} messages")
-    if skipped:
-        click.echo(
-            f"skipped {len(skipped)} truncated dead letters: their DLQ copy is cut, so it is "
-            "not sent; the whole messages are in their source topics at"
-        )
-        for record in skipped:
-            click.echo(f"  {_truncation(record)}")
-
-
-def _truncation(record: DeadLetterRecord) -> str:
-    return (
-        f"truncated: the original is {record.source}, {record.headers.get('original_size')} "
-        f"bytes, sha256 {record.headers.get('original_sha256')}"
-    )
-
-
-def _preview(value: bytes | None, limit: int = 120) -> str:
-    if value is None:
-        return "(no value)"
-    text = value[:limit].decode("utf-8", "replace")
-    return repr(text) + (f" ... ({len(value)} bytes)" if len(value) > limit else "")
-
-
-@main.group()
-def report() -> None:
-    """Reports on license usage."""
-
-
-@report.command("usage")
-@click.option("--customer", "customer_id", metavar="ID", help="One customer (default: all).")
-@click.option(
-    "--as-of",
-    "as_of_text",
-    metavar="TIME",
-    help="As the licenses stood at this ISO 8601 time, replayed from the license history.",
-)
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(["table", "json", "csv", "xlsx"]),
-    default="table",
-    show_default=True,
-)
-@click.option(
-    "--output",
-    type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    help="Write to this file (required for xlsx; default: standard output).",
-)
-def report_usage(
-    customer_id: str | None, as_of_text: str | None, output_format: str, output: Path | None
-) -> None:
-    """Licenses consumed per customer, with totals and every user and device: licensed or
-    not, and why. Large reports are streamed."""
-    from worker.db.repository import Repository  # noqa: PLC0415
-    from worker.report.build import (  # noqa: PLC0415
-        ReportRequest,
-        UnknownCustomerError,
-        open_writer,
-        write_usage_report,
-    )
-
-    if output_format == "xlsx" and output is None:
-        raise click.UsageError("--format xlsx writes a workbook: give --output PATH")
-    now = datetime.now(UTC)
-    as_of = _parse_time(as_of_text, "--as-of") if as_of_text else None
-    if as_of is not None and as_of > now:
-        raise click.BadParameter(
-            "is in the future; leave it out for the live report", param_hint="--as-of"
-        )
-    settings = _settings()
-    request = ReportRequest(customer_id, as_of, now, settings.license_window)
-
-    async def produce() -> None:
-        try:
-            repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        except OSError as error:
-            raise click.ClickException(f"cannot reach the database: {error}") from None
-        try:
-            with open_writer(output_format, output, sys.stdout) as writer:
-                await write_usage_report(repository, writer, request)
-        finally:
-            await repository.close()
-
-    try:
-        asyncio.run(produce())
-    except UnknownCustomerError as error:
-        raise click.ClickException(str(error)) from None
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, as Unix tools do.
-        sys.stderr.close()
-        raise SystemExit(0) from None
-    except OSError as error:
-        raise click.ClickException(f"cannot write the report: {error}") from None
-    if output is not None:
-        click.echo(f"wrote {output}", err=True)
-
-
 @main.command("create-topics")
 @click.option("--partitions", default=4, show_default=True, help="Partitions of each topic.")
 @click.option("--replication-factor", default=1, show_default=True)
@@ -535,7 +313,7 @@ def create_topics(partitions: int, replication_factor: int) -> None:
     """Create the service's Kafka topics that do not exist yet."""
     from worker.kafka.clients import ensure_topics  # noqa: PLC0415
 
-    settings = _settings()
+    settings = load_settings()
     created = asyncio.run(ensure_topics(settings, partitions, replication_factor))
     log.info("topics.created", topics=created)
 
@@ -565,7 +343,7 @@ def simulate(customers: int, devices_per_customer: int, rounds: int, console: bo
     """Produce a small simulated fleet's installs and heartbeats (for the demo)."""
     from worker.sim.producer import produce_fleet  # noqa: PLC0415
 
-    settings = _settings()
+    settings = load_settings()
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5 * rounds)
     sent = asyncio.run(
         produce_fleet(
@@ -578,21 +356,20 @@ def simulate(customers: int, devices_per_customer: int, rounds: int, console: bo
 @main.command()
 def status() -> None:
     """Print what is stored: customers, users, devices, and ingestion progress."""
-    from worker.db.repository import Repository  # noqa: PLC0415
 
-    settings = _settings()
+    settings = load_settings()
 
     async def show() -> None:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-        try:
+        async with connected(settings) as repository:
             summary = await repository.summary()
-        finally:
-            await repository.close()
         for name, value in summary.items():
             click.echo(f"{name:>28}: {value}")
 
     asyncio.run(show())
 
+
+main.add_command(dlq)
+main.add_command(report)
 
 if __name__ == "__main__":
     sys.exit(main())

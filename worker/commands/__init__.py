@@ -1,0 +1,1 @@
+"""The CLI's command groups, each registered on `worker.cli.main`."""

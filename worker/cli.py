@@ -6,7 +6,7 @@ import asyncio
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 import orjson
@@ -18,7 +18,7 @@ from worker.commands.report import report
 from worker.ops.logs import crash_fields, install_asyncio_error_logging
 
 if TYPE_CHECKING:
-    pass
+    from worker.licensing.reconcile import Reconciliation
 
 log = structlog.get_logger(__name__)
 
@@ -257,7 +257,7 @@ def reconcile(customer_id: str | None, show: int) -> None:
 
     settings = load_settings()
 
-    async def run_check() -> Any:
+    async def run_check() -> Reconciliation:
         async with connected(settings) as repository:
             return await reconcile_subjects(settings, repository, customer_id)
 

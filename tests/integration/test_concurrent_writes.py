@@ -28,8 +28,8 @@ from tests.support import (
 from worker.db.errors import is_transient_database_error
 from worker.db.repository import Repository
 from worker.ingest.coalesce import AgentEventModel, coalesce
-from worker.licensing.decisions import Group, decide_groups, groups_of_devices
-from worker.licensing.rules import DeviceFacts, SubjectType, desired_licenses
+from worker.licensing.decisions import Group, decide_groups, device_facts, groups_of_devices
+from worker.licensing.rules import SubjectType, desired_licenses
 from worker.settings import Settings
 from worker.sim.fleet import SimulatedDevice, agent_event
 
@@ -270,17 +270,7 @@ async def assert_licenses_follow_the_rules(database_url: str, now: datetime) -> 
         "SELECT device_id, user_id, device_kind, protected, first_seen_at, last_seen_at "
         "FROM devices",
     )
-    devices = [
-        DeviceFacts(
-            device_id=r["device_id"],
-            user_id=r["user_id"],
-            kind=r["device_kind"],
-            protected=r["protected"],
-            first_seen_at=r["first_seen_at"],
-            last_seen_at=r["last_seen_at"],
-        )
-        for r in rows
-    ]
+    devices = [device_facts(dict(r)) for r in rows]
     wanted = desired_licenses(devices, "user", now, WINDOW)
     expected = {subject_id: basis.value for (_, subject_id), basis in wanted.items()}
     assert await active_licenses(database_url) == expected

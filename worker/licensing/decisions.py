@@ -5,7 +5,7 @@ and outbox events together."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -62,18 +62,7 @@ async def decide_groups(
     device_rows = await session.lock_group_devices(users, lone)
     devices_by_customer: dict[str, list[DeviceFacts]] = defaultdict(list)
     for row in device_rows:
-        devices_by_customer[row["customer_id"]].append(
-            DeviceFacts(
-                device_id=row["device_id"],
-                user_id=row["user_id"],
-                kind=row["device_kind"],
-                protected=row["protected"],
-                first_seen_at=row["first_seen_at"],
-                last_seen_at=row["last_seen_at"],
-                last_uninstalled_at=row["last_uninstalled_at"],
-                last_present_at=row["last_present_at"],
-            )
-        )
+        devices_by_customer[row["customer_id"]].append(device_facts(row))
     subjects = {(c, SubjectType.USER.value, u) for c, u in users}
     subjects |= {
         (c, SubjectType.DEVICE.value, d.device_id)
@@ -99,6 +88,21 @@ async def decide_groups(
         rows.extend(license_row(customer_id, change, emitted_at) for change in changes)
     await session.write_license_changes(rows, emitted_at)
     return rows
+
+
+def device_facts(row: Mapping[str, Any]) -> DeviceFacts:
+    """The facts the rules need of a stored device row (`lock_group_devices`' columns; the
+    uninstall and presence times may be absent)."""
+    return DeviceFacts(
+        device_id=row["device_id"],
+        user_id=row["user_id"],
+        kind=row["device_kind"],
+        protected=row["protected"],
+        first_seen_at=row["first_seen_at"],
+        last_seen_at=row["last_seen_at"],
+        last_uninstalled_at=row.get("last_uninstalled_at"),
+        last_present_at=row.get("last_present_at"),
+    )
 
 
 async def customer_terms(

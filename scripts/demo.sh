@@ -46,15 +46,16 @@ echo "written: .local/demo-usage.xlsx"
 day() { date -u -d "+$1 days" +%Y-%m-%dT%H:%M:%SZ; }
 section "day 31: every device has been silent for 30 days (and the Core+ trial has ended)"
 $cli sweep --once --now "$(day 31)"
-# The relay inside `run` would publish the releases within a second; no worker runs here.
-$cli publish-events
+# The relay inside `run` would publish the allocations once settled (ALLOCATION_SETTLE_SECONDS
+# after their decision) and the releases within a second; no worker runs here.
+$cli publish-events --now "$(day 31)"
 section "day 121: 90 days after the releases"
 $cli sweep --once --now "$(day 121)"
 psql "$DATABASE_URL" -c "SELECT subject_type, active, release_reason, purged_at IS NOT NULL AS purged, count(*) FROM licenses GROUP BY 1, 2, 3, 4 ORDER BY 1"
 psql "$DATABASE_URL" -c "SELECT user_id, email FROM users ORDER BY user_id LIMIT 3"
 
 section "what billing receives (license.events topic; type, subject, reason)"
-$cli publish-events
+$cli publish-events --now "$(day 121)"
 $cli license-events | python3 -c '
 import collections, json, sys
 events = [json.loads(line) for line in sys.stdin]

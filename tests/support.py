@@ -323,6 +323,9 @@ def make_settings(
         "kafka_bootstrap_servers": services.kafka_bootstrap_servers,
         "database_url": database_url,
         "batch_max_wait_ms": 100,
+        # Allocations published at once, as these tests expect; the settle window has tests
+        # of its own that set it (test_settled_allocations.py).
+        "allocation_settle_seconds": 0,
         "retry_initial_seconds": 0.05,
         "retry_max_seconds": 1.0,
         **topics,

@@ -223,12 +223,20 @@ def confirm_releases(customer_id: str, confirmed_by: str) -> None:
 
 
 @main.command("publish-events")
-def publish_events() -> None:
+@click.option(
+    "--now",
+    "now_text",
+    default=None,
+    help="Publish as of this ISO 8601 time instead of the clock: allocations settled by then.",
+)
+def publish_events(now_text: str | None) -> None:
     """Publish the pending license events of the outbox now, then exit (the relay inside
     `run` does this continuously)."""
+    from worker.clock import FixedClock  # noqa: PLC0415
     from worker.licensing.relay import publish_pending_once  # noqa: PLC0415
 
-    published = asyncio.run(publish_pending_once(load_settings()))
+    clock = FixedClock(parse_time(now_text)) if now_text else None
+    published = asyncio.run(publish_pending_once(load_settings(), clock))
     click.echo(f"published {published} license events")
 
 

@@ -153,7 +153,13 @@ class Worker:
             tasks.append(self._through_outages("admin", admin, repository))
         if settings.relay_enabled:
             liveness.register("relay", settings.relay_poll_seconds + slack)
-            relay = Relay(settings, background, producer, beat=lambda: liveness.beat("relay"))
+            relay = Relay(
+                settings,
+                background,
+                producer,
+                beat=lambda: liveness.beat("relay"),
+                clock=self._clock,
+            )
             publish = functools.partial(relay.run_forever, self._stopping)
             tasks.append(self._through_outages("relay", publish, background))
         if settings.sweep_enabled:

@@ -62,6 +62,18 @@ class Settings(BaseSettings):
     rebalance_flush_timeout_seconds: float = Field(default=60.0, gt=0)
 
     license_release_days: int = Field(default=30, ge=1, le=3650)
+    allocation_settle_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        le=86_400,
+        description=(
+            "How long an allocation's event waits in the outbox before it is published: a "
+            "decision about the same subject within that time (its device's kind arrives, "
+            "a late event reorders the allowance) withdraws or re-dates it, so billing never "
+            "receives an allocation that arrival order or batch boundaries alone caused. "
+            "0 publishes at once."
+        ),
+    )
     personal_data_retention_days: int = Field(default=90, ge=1, le=3650)
 
     sweep_enabled: bool = True
@@ -138,6 +150,10 @@ class Settings(BaseSettings):
     @property
     def license_window(self) -> timedelta:
         return timedelta(days=self.license_release_days)
+
+    @property
+    def allocation_settle(self) -> timedelta:
+        return timedelta(seconds=self.allocation_settle_seconds)
 
     @property
     def retention(self) -> timedelta:

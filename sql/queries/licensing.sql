@@ -36,8 +36,8 @@ WHERE m.member;
 
 -- name: lock_group_users
 -- The users of a license decision ($1, $2), in key order, before their devices: see
--- lock_device_users.
-SELECT u.customer_id, u.user_id
+-- lock_device_users. Their first sighting bounds a first allocation's effective time.
+SELECT u.customer_id, u.user_id, u.first_seen_at
 FROM users AS u
 JOIN unnest($1::text[], $2::text[]) AS g (customer_id, user_id) USING (customer_id, user_id)
 ORDER BY u.customer_id, u.user_id
@@ -64,13 +64,83 @@ FOR UPDATE OF d;
 -- Locked in key order: the writes of the decision (allocate, release, reattribute) then only
 -- touch rows this transaction holds, or insert new ones in the same order.
 SELECT l.customer_id, l.subject_type, l.subject_id, l.active, l.basis, l.package,
-       l.event_sequence
+       l.event_sequence, l.allocated_at, l.released_at
 FROM licenses AS l
 JOIN unnest($1::text[], $2::text[], $3::text[]) AS s (customer_id, subject_type, subject_id)
     USING (customer_id, subject_type, subject_id)
 WHERE l.purged_at IS NULL
 ORDER BY l.customer_id, l.subject_type, l.subject_id
 FOR UPDATE OF l;
+
+-- name: unsettled_allocations
+-- The allocations of subjects ($1, $2, $3) still in their settle window as of $4 (the
+-- decision's clock) and not published, locked (after their licenses, see the lock order):
+-- the relay skips what a decision holds, and a decision waits for a relay publishing them,
+-- then no longer sees them. With each, the release billing saw last (if any): the state
+-- the subject returns to if the allocation is withdrawn.
+SELECT o.customer_id, o.subject_type, o.subject_id, o.event_id, o.payload::text AS payload,
+       r.basis AS settled_basis, r.package AS settled_package,
+       r.effective_at AS settled_released_at, r.reason AS settled_reason
+FROM license_outbox AS o
+JOIN unnest($1::text[], $2::text[], $3::text[]) AS s (customer_id, subject_type, subject_id)
+    USING (customer_id, subject_type, subject_id)
+LEFT JOIN LATERAL (
+    SELECT h.basis, h.package, h.effective_at, h.reason
+    FROM license_history AS h
+    WHERE h.customer_id = o.customer_id AND h.subject_type = o.subject_type
+      AND h.subject_id = o.subject_id AND h.change = 'released'
+    ORDER BY h.id DESC
+    LIMIT 1
+) AS r ON true
+WHERE o.published_at IS NULL AND o.settles_at > $4::timestamptz
+  AND o.payload->>'type' = 'license.allocated'
+ORDER BY o.id
+FOR UPDATE OF o;
+
+-- name: withdraw_license_events
+-- Withdrawn allocations ($1, event ids; locked by unsettled_allocations): their outbox rows,
+-- and their subjects' history from the allocation on (a basis or package change made while
+-- it was pending included). Billing never heard of any of it. Returns the withdrawn events.
+WITH withdrawn AS (
+    DELETE FROM license_outbox AS o
+    WHERE o.event_id = ANY($1::uuid[]) AND o.published_at IS NULL
+    RETURNING o.customer_id, o.subject_type, o.subject_id, o.event_id
+),
+announced AS (
+    SELECT h.customer_id, h.subject_type, h.subject_id, h.id
+    FROM license_history AS h
+    JOIN withdrawn AS w
+        ON h.customer_id = w.customer_id AND h.subject_type = w.subject_type
+       AND h.subject_id = w.subject_id AND h.event_id = w.event_id
+),
+history AS (
+    DELETE FROM license_history AS h
+    USING announced AS a
+    WHERE h.customer_id = a.customer_id AND h.subject_type = a.subject_type
+      AND h.subject_id = a.subject_id AND h.id >= a.id
+)
+SELECT event_id FROM withdrawn;
+
+-- name: forget_withdrawn_licenses
+-- Subjects ($1, $2, $3) whose withdrawn allocation was their first event: no license row,
+-- as if never decided. Locked by held_licenses.
+DELETE FROM licenses AS l
+USING unnest($1::text[], $2::text[], $3::text[]) AS x (customer_id, subject_type, subject_id)
+WHERE l.customer_id = x.customer_id AND l.subject_type = x.subject_type
+  AND l.subject_id = x.subject_id AND l.event_sequence = 1 AND l.active;
+
+-- name: restore_released_licenses
+-- Subjects whose withdrawn allocation followed a release: back to that release (basis,
+-- package, time, reason) and its event number $8. Locked by held_licenses.
+UPDATE licenses AS l
+SET active = false, basis = x.basis, package = x.package, released_at = x.released_at,
+    release_reason = x.reason, event_sequence = x.event_sequence, updated_at = now()
+FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[],
+    $8::integer[]
+) AS x (customer_id, subject_type, subject_id, basis, package, released_at, reason, event_sequence)
+WHERE l.customer_id = x.customer_id AND l.subject_type = x.subject_type
+  AND l.subject_id = x.subject_id AND l.event_sequence = x.event_sequence + 1 AND l.active;
 
 -- name: allocate_licenses
 -- $8 is the subject's event number of this allocation: the row is written only over the
@@ -139,6 +209,9 @@ SELECT * FROM unnest(
 );
 
 -- name: enqueue_license_events
-INSERT INTO license_outbox (event_id, customer_id, subject_type, subject_id, payload)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
+-- $6: when an allocation settles (NULL: publish at once).
+INSERT INTO license_outbox (event_id, customer_id, subject_type, subject_id, payload, settles_at)
+SELECT * FROM unnest(
+    $1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::timestamptz[]
+)
 ON CONFLICT (event_id) DO NOTHING;

@@ -8,19 +8,35 @@ SELECT pg_try_advisory_lock(hashtext('license-telemetry:relay'));
 SELECT pg_advisory_unlock(hashtext('license-telemetry:relay'));
 
 -- name: pending_license_events
-SELECT id, event_id, customer_id, payload::text AS payload
-FROM license_outbox
-WHERE published_at IS NULL
-ORDER BY id
-LIMIT $1;
+-- The next events to publish as of $2 (the relay's clock): an allocation once settled, and
+-- no event while an allocation of the same subject before it waits (a decision made on a
+-- later clock, `sweep --now`, may follow an allocation the relay's clock has not settled).
+-- Locked for the relay's transaction; rows a decision holds (an allocation it may withdraw)
+-- are skipped and published on a later pass if they are still there.
+SELECT o.id, o.event_id, o.customer_id, o.payload::text AS payload
+FROM license_outbox AS o
+WHERE o.published_at IS NULL AND (o.settles_at IS NULL OR o.settles_at <= $2::timestamptz)
+  AND NOT EXISTS (
+      SELECT FROM license_outbox AS waiting
+      WHERE waiting.published_at IS NULL AND waiting.settles_at IS NOT NULL
+        AND waiting.customer_id = o.customer_id AND waiting.subject_type = o.subject_type
+        AND waiting.subject_id = o.subject_id AND waiting.id < o.id
+  )
+ORDER BY o.id
+LIMIT $1
+FOR UPDATE SKIP LOCKED;
 
 -- name: mark_license_events_published
 UPDATE license_outbox SET published_at = now() WHERE id = ANY($1::bigint[]);
 
 -- name: outbox_backlog
+-- Events due for publication (an allocation in its settle window is not late yet); the age
+-- of an allocation counts from when it settled.
 SELECT count(*) AS pending,
-       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age_seconds
-FROM license_outbox WHERE published_at IS NULL;
+       coalesce(extract(epoch FROM now() - min(coalesce(settles_at, created_at))), 0)::float8
+           AS oldest_age_seconds
+FROM license_outbox
+WHERE published_at IS NULL AND (settles_at IS NULL OR settles_at <= now());
 
 -- name: licenses_to_reconcile
 -- Every license of customer $1 (NULL: of every customer) that billing knows by its subject:

@@ -74,6 +74,9 @@ def replica_settings(
         "batch_max_records": batch_max_records,
         "sweep_interval_seconds": 5.0,
         "monitor_interval_seconds": 2.0,
+        # A short settle window: allocations withdrawn or re-dated within it under faults,
+        # published soon enough for the suite's final relay pass.
+        "allocation_settle_seconds": 1.0,
         **topics,
     }
     return Settings(**values)

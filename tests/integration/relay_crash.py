@@ -8,13 +8,14 @@ import os
 import signal
 
 from worker.db.repository import Repository
+from worker.db.session import Session
 from worker.kafka.clients import create_producer
 from worker.licensing.relay import Relay
 from worker.settings import Settings
 
 
 class RelayKilledAfterPublish(Relay):
-    async def _mark_published(self, ids: list[int]) -> None:
+    async def _mark_published(self, session: Session, ids: list[int]) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

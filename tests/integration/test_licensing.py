@@ -133,13 +133,15 @@ async def test_late_heartbeat_reactivates_and_future_heartbeat_is_clamped(
     await ingest(services, settings, day(31), total)
     await publish_outbox(settings)
     events = [e for e in await billing_view(services, settings, 4) if e["type"] != "usage.snapshot"]
-    assert [(e["type"], e["reason"]) for e in sorted(events, key=lambda e: e["effective_at"])] == [
+    assert [(e["type"], e["reason"]) for e in sorted(events, key=lambda e: e["sequence"])] == [
         ("license.allocated", "first_signal"),
-        ("license.allocated", "reactivated"),
         ("license.released", "inactive_30d"),
+        ("license.allocated", "reactivated"),
     ]
+    # The late signal of day 20 shows the kiosk counted on: licensed again from the release
+    # (day 30), not from day 20, which would bill days 20 to 30 twice (intervals never overlap).
     reactivation = next(e for e in events if e["reason"] == "reactivated")
-    assert datetime.fromisoformat(reactivation["effective_at"]) == day(20)
+    assert datetime.fromisoformat(reactivation["effective_at"]) == day(30)
 
     total += await send(services, settings, [(KIOSK, "heartbeat", day(400))])  # agent clock ahead
     await ingest(services, settings, day(31), total)

@@ -333,7 +333,8 @@ CHANGE_CASES = [
         [device("u1", user_id=None, first=ago(3))],
         {},
         "user",
-        [change(ALLOCATED, dev("u1"), Basis.UNASSIGNED, Reason.FIRST_SIGNAL, ago(0, hours=1))],
+        # Counted since its first sighting: its signals are less than the window apart.
+        [change(ALLOCATED, dev("u1"), Basis.UNASSIGNED, Reason.FIRST_SIGNAL, ago(3))],
         id="unassigned-first-signal",
     ),
     pytest.param(
@@ -378,7 +379,12 @@ CHANGE_CASES = [
         [device("b1", first=ago(50), last=ago(31)), device("b2", first=ago(10))],
         {user("alice"): active(Basis.USER), dev("b2"): active(Basis.OVER_ALLOWANCE)},
         "user",
-        [change(RELEASED, dev("b2"), Basis.OVER_ALLOWANCE, Reason.COVERED_BY_USER, NOW)],
+        # At the newest signal decided (here b2's own), never later than the decision.
+        [
+            change(
+                RELEASED, dev("b2"), Basis.OVER_ALLOWANCE, Reason.COVERED_BY_USER, ago(0, hours=1)
+            )
+        ],
         id="covered-by-user-when-covered-device-goes-silent",
     ),
     pytest.param(
@@ -386,8 +392,9 @@ CHANGE_CASES = [
         {dev("b1"): active(Basis.UNASSIGNED)},
         "user",
         [
+            # The device license ends where the user's begins: at the signal naming the user.
             change(ALLOCATED, user("alice"), Basis.USER, Reason.FIRST_SIGNAL, ago(0, hours=1)),
-            change(RELEASED, dev("b1"), Basis.UNASSIGNED, Reason.COVERED_BY_USER, NOW),
+            change(RELEASED, dev("b1"), Basis.UNASSIGNED, Reason.COVERED_BY_USER, ago(0, hours=1)),
         ],
         id="unassigned-device-gets-a-user-with-room",
     ),
@@ -396,8 +403,9 @@ CHANGE_CASES = [
         {user("alice"): active(Basis.USER)},
         "user",
         [
+            # Alice's license ends where Bob's begins: at the signal that moved the device.
             change(ALLOCATED, user("bob"), Basis.USER, Reason.FIRST_SIGNAL, ago(0, hours=1)),
-            change(RELEASED, user("alice"), Basis.USER, Reason.NO_DEVICES, NOW),
+            change(RELEASED, user("alice"), Basis.USER, Reason.NO_DEVICES, ago(0, hours=1)),
         ],
         id="no-devices-when-only-device-moves-to-another-user",
     ),

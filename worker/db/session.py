@@ -53,6 +53,32 @@ class LicenseRow:
     package: str | None = None
     # The subject's license event number this change announces (0: no event).
     event_sequence: int = 0
+    # An allocation's event is published from then on (None: at once).
+    settles_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SettledLicense:
+    """A released license as billing last saw it: its release's basis, package, time and
+    reason, and its event number."""
+
+    basis: str
+    package: str | None
+    released_at: datetime
+    reason: str | None
+    event_sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawnAllocation:
+    """A pending allocation taken back, and the state its subject returns to (None: never
+    licensed)."""
+
+    customer_id: str
+    subject_type: str
+    subject_id: str
+    event_id: str
+    settled: SettledLicense | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +206,8 @@ class Session:
         )
         return {(row["customer_id"], row["event_id"]) for row in rows}
 
-    async def lock_group_users(self, users: Sequence[tuple[str, str]]) -> None:
-        await self._connection.execute(query("lock_group_users"), *_key_columns(users))
+    async def lock_group_users(self, users: Sequence[tuple[str, str]]) -> list[asyncpg.Record]:
+        return list(await self._connection.fetch(query("lock_group_users"), *_key_columns(users)))
 
     async def lock_group_devices(
         self, users: Sequence[tuple[str, str]], devices: Sequence[tuple[str, str]]
@@ -209,6 +235,56 @@ class Session:
             await self._connection.execute(
                 query("enqueue_license_events"),
                 *_columns(events, "event_id customer_id subject_type subject_id payload"),
+                [getattr(event, "settles_at", None) for event in events],
+            )
+
+    async def unsettled_allocations(
+        self, subjects: Sequence[tuple[str, str, str]], now: datetime
+    ) -> list[asyncpg.Record]:
+        """The subjects' allocations still in their settle window at `now`, locked."""
+        return list(
+            await self._connection.fetch(
+                query("unsettled_allocations"),
+                [subject[0] for subject in subjects],
+                [subject[1] for subject in subjects],
+                [subject[2] for subject in subjects],
+                now,
+            )
+        )
+
+    async def withdraw_allocations(self, withdrawn: Sequence[WithdrawnAllocation]) -> None:
+        """Takes back allocations billing never received: their outbox and history rows go,
+        and each subject's license returns to the state billing last saw (none, or its
+        release) with that event number. Locked by `held_licenses` and
+        `unsettled_allocations` in this transaction."""
+        if not withdrawn:
+            return
+        in_order = sorted(withdrawn, key=lambda w: (w.customer_id, w.subject_type, w.subject_id))
+        connection = self._connection
+        forgotten = [w for w in in_order if w.settled is None]
+        restored = [w for w in in_order if w.settled is not None]
+        if forgotten:
+            await connection.execute(
+                query("forget_withdrawn_licenses"),
+                *_columns(forgotten, "customer_id subject_type subject_id"),
+            )
+        if restored:
+            await connection.execute(
+                query("restore_released_licenses"),
+                *_columns(restored, "customer_id subject_type subject_id"),
+                [w.settled.basis for w in restored if w.settled],
+                [w.settled.package for w in restored if w.settled],
+                [w.settled.released_at for w in restored if w.settled],
+                [w.settled.reason for w in restored if w.settled],
+                [w.settled.event_sequence for w in restored if w.settled],
+            )
+        rows = await connection.fetch(
+            query("withdraw_license_events"), [w.event_id for w in in_order]
+        )
+        if len(rows) != len(in_order):
+            raise ConcurrentDecisionError(
+                f"{len(in_order) - len(rows)} of {len(in_order)} withdrawn allocations were "
+                "published meanwhile"
             )
 
     async def write_license_changes(self, rows: Sequence[LicenseRow], decided_at: datetime) -> None:

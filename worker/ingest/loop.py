@@ -211,7 +211,14 @@ class IngestionLoop:
                 (d.customer_id, d.device_id, d.user_id, d.previous_user_id)
                 for d in result.license_relevant
             )
-            decided = await decide_groups(session, groups, now, now, window)
+            decided = await decide_groups(
+                session,
+                groups,
+                now,
+                now,
+                window,
+                settle=self._session.settings.allocation_settle,
+            )
         count_license_changes(decided)
         return result
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from worker.db.session import LicenseRow, Session
+from worker.db.session import LicenseRow, Session, SettledLicense, WithdrawnAllocation
 from worker.licensing.rules import (
     Basis,
     ChangeKind,
@@ -20,10 +20,12 @@ from worker.licensing.rules import (
     DeviceFacts,
     HeldLicense,
     LicenseChange,
+    PendingAllocation,
+    Reason,
     Subject,
     SubjectType,
-    license_changes,
     license_event_id,
+    settled_license_changes,
 )
 from worker.licensing.subscription_rules import LiveSubscription, package_attribution
 from worker.ops import metrics
@@ -47,8 +49,13 @@ async def decide_groups(
     now: datetime,
     emitted_at: datetime,
     window: timedelta,
+    *,
+    settle: timedelta = timedelta(0),
 ) -> list[LicenseRow]:
-    """Brings the licenses of `groups` in line with the rules as of `now`; returns what changed."""
+    """Brings the licenses of `groups` in line with the rules as of `now`; returns what changed.
+    `emitted_at` is the service's clock: an allocation's event settles `settle` after it, and
+    until then a decision about its subject may withdraw or re-date it
+    (`settled_license_changes`)."""
     groups = sorted(set(groups), key=lambda g: (g.customer_id, g.subject_type, g.subject_id))
     if not groups:
         return []
@@ -58,7 +65,7 @@ async def decide_groups(
     # The lock order at the top of sql/queries/licensing.sql: customers (share), users, devices,
     # licenses, each in key order. A user's row is the lock of its decision.
     customer_rows = await session.fetch("customer_terms", customers)
-    await session.lock_group_users(users)
+    user_rows = await session.lock_group_users(users)
     device_rows = await session.lock_group_devices(users, lone)
     devices_by_customer: dict[str, list[DeviceFacts]] = defaultdict(list)
     for row in device_rows:
@@ -72,22 +79,99 @@ async def decide_groups(
     held_by_customer: dict[str, dict[Subject, HeldLicense]] = defaultdict(dict)
     for row in await session.held_licenses(sorted(subjects)):
         subject = (SubjectType(row["subject_type"]), row["subject_id"])
-        held_by_customer[row["customer_id"]][subject] = HeldLicense(
-            row["active"], Basis(row["basis"]), row["package"], row["event_sequence"]
-        )
-    terms = await customer_terms(session, customer_rows, users)
+        held_by_customer[row["customer_id"]][subject] = held_license(row)
+    pending_by_customer: dict[str, dict[Subject, PendingAllocation]] = defaultdict(dict)
+    pending_rows: dict[tuple[str, Subject], Any] = {}
+    for row in await session.unsettled_allocations(sorted(subjects), emitted_at):
+        subject = (SubjectType(row["subject_type"]), row["subject_id"])
+        pending_by_customer[row["customer_id"]][subject] = pending_allocation(row)
+        pending_rows[(row["customer_id"], subject)] = row
+    first_seen = {(row["customer_id"], row["user_id"]): row["first_seen_at"] for row in user_rows}
+    terms = await customer_terms(session, customer_rows, users, first_seen)
     rows: list[LicenseRow] = []
+    withdrawn: list[WithdrawnAllocation] = []
+    settles_at = emitted_at + settle if settle > timedelta(0) else None
     for customer_id in customers:
-        changes = license_changes(
+        pending = pending_by_customer.get(customer_id, {})
+        decision = settled_license_changes(
             devices_by_customer.get(customer_id, []),
             held_by_customer.get(customer_id, {}),
             terms.get(customer_id, CustomerTerms()),
             now,
             window,
+            pending=pending,
         )
-        rows.extend(license_row(customer_id, change, emitted_at) for change in changes)
+        withdrawn.extend(
+            withdrawn_allocation(pending_rows[(customer_id, subject)], pending[subject])
+            for subject in decision.withdrawn
+        )
+        rows.extend(
+            license_row(customer_id, change, emitted_at, settles_at) for change in decision.changes
+        )
+    await session.withdraw_allocations(withdrawn)
     await session.write_license_changes(rows, emitted_at)
+    if withdrawn:
+        metrics.WITHDRAWN_ALLOCATIONS.inc(len(withdrawn))
     return rows
+
+
+def held_license(row: Mapping[str, Any]) -> HeldLicense:
+    """A stored license row (`held_licenses`' columns) as the rules see it."""
+    return HeldLicense(
+        row["active"],
+        Basis(row["basis"]),
+        row["package"],
+        row["event_sequence"],
+        row["allocated_at"] if row["active"] else row["released_at"],
+    )
+
+
+def pending_allocation(row: Mapping[str, Any]) -> PendingAllocation:
+    """An unsettled allocation (`unsettled_allocations`' columns): the change its event
+    announced, and the release billing saw before it (if any)."""
+    event = orjson.loads(row["payload"])
+    sequence = int(event["sequence"])
+    change = LicenseChange(
+        ChangeKind.ALLOCATED,
+        SubjectType(event["subject_type"]),
+        event["subject_id"],
+        Basis(event["basis"]),
+        Reason(event["reason"]),
+        datetime.fromisoformat(event["effective_at"]),
+        event.get("package"),
+        sequence,
+    )
+    settled = None
+    if row["settled_released_at"] is not None and sequence > 1:
+        settled = HeldLicense(
+            False,
+            Basis(row["settled_basis"]),
+            row["settled_package"],
+            sequence - 1,
+            row["settled_released_at"],
+        )
+    return PendingAllocation(change, settled)
+
+
+def withdrawn_allocation(row: Mapping[str, Any], pending: PendingAllocation) -> WithdrawnAllocation:
+    """A pending allocation (`unsettled_allocations`' row) to take back, and the release its
+    subject returns to."""
+    settled = pending.settled
+    return WithdrawnAllocation(
+        row["customer_id"],
+        row["subject_type"],
+        row["subject_id"],
+        str(row["event_id"]),
+        None
+        if settled is None or settled.last_event_at is None
+        else SettledLicense(
+            settled.basis.value,
+            settled.package,
+            settled.last_event_at,
+            row["settled_reason"],
+            settled.event_sequence,
+        ),
+    )
 
 
 def device_facts(row: Mapping[str, Any]) -> DeviceFacts:
@@ -106,10 +190,16 @@ def device_facts(row: Mapping[str, Any]) -> DeviceFacts:
 
 
 async def customer_terms(
-    session: Session, customer_rows: Sequence[Any], users: Sequence[tuple[str, str]]
+    session: Session,
+    customer_rows: Sequence[Any],
+    users: Sequence[tuple[str, str]],
+    first_seen: Mapping[tuple[str, str], datetime] | None = None,
 ) -> dict[str, CustomerTerms]:
     """Each customer's license model, status (`customer_rows`) and package attribution for
-    `users`."""
+    `users`, and when each of `users` was first seen (`first_seen`, by customer and user)."""
+    users_first_seen: dict[str, dict[str, datetime]] = defaultdict(dict)
+    for (customer_id, user_id), at in (first_seen or {}).items():
+        users_first_seen[customer_id][user_id] = at
     customers = [row["customer_id"] for row in customer_rows]
     subscriptions: dict[str, list[LiveSubscription]] = defaultdict(list)
     for row in await session.fetch("live_subscriptions", customers):
@@ -134,6 +224,7 @@ async def customer_terms(
             status_changed_at=row["status_changed_at"],
             default_package=default_package,
             user_packages=user_packages,
+            user_first_seen=users_first_seen.get(customer_id, {}),
         )
     return terms
 
@@ -153,7 +244,13 @@ def groups_of_devices(
     return groups
 
 
-def license_row(customer_id: str, change: LicenseChange, emitted_at: datetime) -> LicenseRow:
+def license_row(
+    customer_id: str,
+    change: LicenseChange,
+    emitted_at: datetime,
+    settles_at: datetime | None = None,
+) -> LicenseRow:
+    """The rows of one change. `settles_at` applies to an allocation's event only."""
     event_type = EVENT_TYPES.get(change.kind)
     event_id = payload = None
     if event_type is not None:
@@ -190,6 +287,7 @@ def license_row(customer_id: str, change: LicenseChange, emitted_at: datetime) -
         payload=payload,
         package=change.package,
         event_sequence=change.sequence,
+        settles_at=settles_at if change.kind is ChangeKind.ALLOCATED else None,
     )
 
 

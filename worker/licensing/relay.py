@@ -1,5 +1,10 @@
 """The outbox relay: publishes pending license events in the order they were decided, then
-marks them published. One replica at a time (advisory lock), so per-customer order holds.
+marks them published. One replica at a time (advisory lock), so per-customer order holds,
+except that an allocation waits until it has settled (`settles_at`, on the relay's clock):
+events of other subjects decided after it may go first. A subject's own events keep their
+order, since a decision about a subject with an unsettled allocation withdraws it or keeps
+it unchanged. Each batch is read, published and marked in one transaction holding its rows:
+a decision withdrawing an allocation waits for it, then finds it published.
 
 A crash between publishing and marking re-publishes the same rows with the same
 `event_id` after restart: at least once on the topic, exactly once for a consumer that
@@ -14,8 +19,10 @@ from typing import Any
 
 import structlog
 
+from worker.clock import Clock, SystemClock
 from worker.db.errors import is_transient_database_error
 from worker.db.repository import Repository
+from worker.db.session import Session
 from worker.db.wait import pause, wait_to_retry
 from worker.kafka.clients import create_producer, start_once
 from worker.kafka.producer_errors import ProducerErrorKind, classify_producer_error
@@ -34,8 +41,10 @@ class Relay:
         repository: Repository,
         producer: Any,
         beat: Callable[[], None] = lambda: None,
+        clock: Clock | None = None,
     ) -> None:
         self._beat = beat
+        self._clock = clock or SystemClock()
         self._settings = settings
         self._repository = repository
         self._producer = producer
@@ -94,14 +103,20 @@ class Relay:
         async with self._repository.exclusive("relay") as lock:
             if not lock.acquired:
                 return 0
-            while rows := await self._repository.fetch(
-                "pending_license_events", self._settings.relay_batch_size
-            ):
-                await self._publish(rows)
-                await self._mark_published([row["id"] for row in rows])
-                total += len(rows)
+            while published := await self._publish_batch():
+                total += published
         await self._report_backlog()
         return total
+
+    async def _publish_batch(self) -> int:
+        async with self._repository.transaction() as session:
+            rows = await session.fetch(
+                "pending_license_events", self._settings.relay_batch_size, self._clock.now()
+            )
+            if rows:
+                await self._publish(rows)
+                await self._mark_published(session, [row["id"] for row in rows])
+        return len(rows)
 
     async def _publish(self, rows: list[Any]) -> None:
         deliveries = [
@@ -116,8 +131,8 @@ class Relay:
         await asyncio.gather(*deliveries)
         metrics.OUTBOX_PUBLISHED.inc(len(rows))
 
-    async def _mark_published(self, ids: list[int]) -> None:
-        await self._repository.execute("mark_license_events_published", ids)
+    async def _mark_published(self, session: Session, ids: list[int]) -> None:
+        await session.execute("mark_license_events_published", ids)
 
     async def _report_backlog(self) -> None:
         [row] = await self._repository.fetch("outbox_backlog")
@@ -125,13 +140,14 @@ class Relay:
         metrics.OUTBOX_OLDEST_AGE.set(max(row["oldest_age_seconds"], 0.0))
 
 
-async def publish_pending_once(settings: Settings) -> int:
-    """Publishes what is pending with a relay of its own, then closes it (CLI, tests)."""
+async def publish_pending_once(settings: Settings, clock: Clock | None = None) -> int:
+    """Publishes what is pending (allocations settled by `clock`'s time) with a relay of its
+    own, then closes it (CLI, tests)."""
     repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
     producer = create_producer(settings)
     try:
         await start_once("kafka-producer", producer.start, settings)
-        return await Relay(settings, repository, producer).publish_pending()
+        return await Relay(settings, repository, producer, clock=clock).publish_pending()
     finally:
         await producer.stop()
         await repository.close()

@@ -91,6 +91,9 @@ class HeldLicense:
     basis: Basis
     package: str | None = None
     event_sequence: int = 0
+    # The effective time of the subject's latest license event (its allocation if active,
+    # its release if not); None: not known (no event, or a caller that does not tell).
+    last_event_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,9 @@ class CustomerTerms:
     default_package: str | None = None
     # Users whose groups give them a package; everyone else gets the default.
     user_packages: Mapping[str, str] = field(default_factory=dict)
+    # When each user was first named by a signal (bounds a first allocation: a device moved
+    # to a user counted for someone else before).
+    user_first_seen: Mapping[str, datetime] = field(default_factory=dict)
 
     def package_of_user(self, user_id: str) -> str | None:
         return self.user_packages.get(user_id, self.default_package)
@@ -214,7 +220,7 @@ def license_changes(
         current, package = held.get(subject), packages[subject]
         if current is None or not current.active:
             reason = Reason.FIRST_SIGNAL if current is None else Reason.REACTIVATED
-            at = facts.allocated_at(subject)
+            at = _not_before(facts.allocated_at(subject, basis, first=current is None), current)
             sequence = _next_event(current)
             changes.append(
                 LicenseChange(ChangeKind.ALLOCATED, *subject, basis, reason, at, package, sequence)
@@ -230,6 +236,7 @@ def license_changes(
     for subject, current in sorted(held.items()):
         if current.active and subject not in wanted:
             reason, at = facts.release(subject, current.basis)
+            at = _not_before(at, current)
             changes.append(
                 LicenseChange(
                     ChangeKind.RELEASED,
@@ -242,6 +249,91 @@ def license_changes(
                 )
             )
     return changes
+
+
+# Releases with an event time of their own: the interval they close is real even when it
+# opened and closed within one settle window (a replayed install and uninstall).
+REAL_ENDS = frozenset({Reason.INACTIVE, Reason.UNINSTALLED, Reason.CUSTOMER_INACTIVATED})
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAllocation:
+    """A subject's allocation still in its settle window: decided, not yet published.
+    `settled` is the subject's license as billing last heard of it (None: never licensed)."""
+
+    change: LicenseChange
+    settled: HeldLicense | None
+
+
+@dataclass(frozen=True, slots=True)
+class SettledDecision:
+    # The pending allocations to withdraw (never published; the subject's state and event
+    # number return to `settled`) before `changes` are written.
+    withdrawn: list[Subject]
+    changes: list[LicenseChange]
+
+
+def settled_license_changes(
+    devices: Sequence[DeviceFacts],
+    held: Mapping[Subject, HeldLicense],
+    terms: CustomerTerms | str,
+    now: datetime,
+    window: timedelta,
+    *,
+    pending: Mapping[Subject, PendingAllocation],
+) -> SettledDecision:
+    """`license_changes`, where an allocation still in its settle window is provisional: it
+    is decided again from the state billing last saw, with today's facts.
+    - Decided the same: it stays as announced.
+    - Decided differently (another effective time, basis, package): it is withdrawn and the
+      new allocation takes its number (a late install re-dates a licence first decided from
+      a heartbeat).
+    - Not licensed any more: if the release has an event time of its own after the
+      allocation (`REAL_ENDS`), both are real and both are published; otherwise (covered by
+      its user, moved, model changed, or an empty interval) the allocation is withdrawn and
+      billing hears of neither. What arrival order or batch boundaries alone caused never
+      leaves the outbox."""
+    pending = {s: p for s, p in pending.items() if s in held and held[s].active}
+    settled = {s: h for s, h in held.items() if s not in pending}
+    settled |= {s: p.settled for s, p in pending.items() if p.settled is not None}
+    decided = license_changes(devices, settled, terms, now, window)
+    redecided = {c.subject: c for c in decided if c.subject in pending}
+    changes = [c for c in decided if c.subject not in pending]
+    withdrawn: list[Subject] = []
+    releases: dict[Subject, LicenseChange] | None = None
+    for subject, allocation in sorted(pending.items()):
+        again = redecided.get(subject)
+        if again == allocation.change:
+            continue
+        if again is not None:
+            withdrawn.append(subject)
+            changes.append(again)
+            continue
+        if releases is None:
+            releases = {
+                c.subject: c
+                for c in license_changes(devices, held, terms, now, window)
+                if c.kind is ChangeKind.RELEASED
+            }
+        release = releases.get(subject)
+        if (
+            release is not None
+            and release.reason in REAL_ENDS
+            and release.effective_at > allocation.change.effective_at
+        ):
+            changes.append(release)
+        else:
+            withdrawn.append(subject)
+    changes.sort(key=lambda c: c.subject)
+    return SettledDecision(withdrawn, changes)
+
+
+def _not_before(at: datetime, current: HeldLicense | None) -> datetime:
+    """A subject's events take effect in the order they are numbered: never before the
+    subject's previous event, so its intervals on the topic never overlap."""
+    if current is None or current.last_event_at is None:
+        return at
+    return max(at, current.last_event_at)
 
 
 def _next_event(current: HeldLicense | None) -> int:
@@ -266,6 +358,9 @@ class _SubjectFacts:
         self._window = window
         self._terms = terms
         self._by_device = {device.device_id: device for device in devices}
+        # A move or a new covering device is known from the signal that reported it: the
+        # newest one decided (as the allocation it makes for the new owner), not later than now.
+        self._newest_signal = min(max((d.last_seen_at for d in devices), default=now), now)
         self._by_user: dict[str, list[DeviceFacts]] = defaultdict(list)
         for device in devices:
             if device.user_id is not None:
@@ -278,26 +373,56 @@ class _SubjectFacts:
         device = self._by_device.get(subject_id)
         return [device] if device else []
 
-    def allocated_at(self, subject: Subject) -> datetime:
-        """An allocation takes effect at the newest signal that made the subject count: never
-        back-dated to a device's first sighting, which may predate a move between users, nor
-        to before the customer's reactivation."""
-        devices = self._devices_of(subject)
-        newest = max(d.last_seen_at for d in devices if counts(d, self._now, self._window))
+    def allocated_at(self, subject: Subject, basis: Basis, *, first: bool) -> datetime:
+        """When an allocation takes effect: never before the customer's reactivation, and
+        - a subject's first license as a user, or as an unassigned device: when it started
+          counting, the first sighting of a device that has counted since (first and last
+          signal less than the window apart, never uninstalled), not before the user was
+          first named (a device moved to a user counted for someone else before);
+        - any other (a reactivation, a device pushed over the allowance or to the device
+          model): the newest signal that made it count, since its devices' first sightings
+          may predate the change.
+        The first case depends only on facts every arrival order and batching ends with."""
+        devices = [d for d in self._devices_of(subject) if counts(d, self._now, self._window)]
+        at = max(d.last_seen_at for d in devices)
+        if first:
+            started = self._started_counting(subject, basis, devices)
+            at = started if started is not None else at
         reactivated_at = self._terms.status_changed_at
-        return newest if reactivated_at is None else max(newest, reactivated_at)
+        return at if reactivated_at is None else max(at, reactivated_at)
+
+    def _started_counting(
+        self, subject: Subject, basis: Basis, devices: Sequence[DeviceFacts]
+    ) -> datetime | None:
+        user_first_seen = None
+        if basis is Basis.USER:
+            user_first_seen = self._terms.user_first_seen.get(subject[1])
+            if user_first_seen is None:
+                return None
+        elif basis is not Basis.UNASSIGNED:
+            return None
+        known = [
+            d.first_seen_at
+            for d in devices
+            if d.last_uninstalled_at is None and d.last_seen_at - d.first_seen_at < self._window
+        ]
+        if not known:
+            return None
+        started = min(known)
+        return started if user_first_seen is None else max(started, user_first_seen)
 
     def release(self, subject: Subject, basis: Basis) -> tuple[Reason, datetime]:
         if not self._terms.active:
             return Reason.CUSTOMER_INACTIVATED, self._terms.status_changed_at or self._now
         devices = self._devices_of(subject)
         if not devices:
-            return Reason.NO_DEVICES, self._now
+            return Reason.NO_DEVICES, self._newest_signal
         if any(counts(device, self._now, self._window) for device in devices):
             # Still counting, yet no longer licensed as this subject.
             model_changed = (basis is Basis.DEVICE_MODEL) != (self._terms.license_model == "device")
-            reason = Reason.LICENSE_MODEL_CHANGED if model_changed else Reason.COVERED_BY_USER
-            return reason, self._now
+            if model_changed:
+                return Reason.LICENSE_MODEL_CHANGED, self._now
+            return Reason.COVERED_BY_USER, self._newest_signal
         # The subject stopped counting when its last device did, for that device's reason.
         at, stop_reason = max(self._stopped_counting(device) for device in devices)
         return Reason(stop_reason), at

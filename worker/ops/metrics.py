@@ -54,6 +54,11 @@ LICENSE_CHANGES = Counter(
     "License allocations, releases and basis changes, by subject type and reason.",
     ["change", "subject_type", "reason"],
 )
+WITHDRAWN_ALLOCATIONS = Counter(
+    "license_worker_withdrawn_allocations_total",
+    "Allocations taken back within their settle window, never published: a decision about "
+    "the same subject re-dated them or found them caused by arrival order alone.",
+)
 SWEEP_LAST_SUCCESS = Gauge(
     "license_worker_sweep_last_success_timestamp_seconds",
     "When the last sweep (not a dry run) finished, as a Unix time.",

@@ -46,14 +46,19 @@ class AdminResult:
 
 
 async def apply_admin_event(
-    session: Session, event: AdminEventModel, now: datetime, window: timedelta
+    session: Session,
+    event: AdminEventModel,
+    now: datetime,
+    window: timedelta,
+    settle: timedelta = timedelta(0),
 ) -> AdminResult:
-    """Applies one event; `now` is the decision time for the licenses it changes."""
+    """Applies one event; `now` is the decision time for the licenses it changes, and
+    allocations settle `settle` after it."""
     await session.execute("ensure_customer", event.customer_id)
     # Waits for the license decisions in progress for this customer, and holds off new ones
     # until this change commits: neither can decide on what the other has not written yet.
     await session.execute("lock_customer", event.customer_id)
-    applier = _Applier(session, event, now, window)
+    applier = _Applier(session, event, now, window, settle)
     if isinstance(event, CustomerUpserted):
         return await applier.customer_profile(event)
     if isinstance(event, CustomerInactivated | CustomerReactivated):
@@ -67,12 +72,18 @@ async def apply_admin_event(
 
 class _Applier:
     def __init__(
-        self, session: Session, event: AdminEventModel, now: datetime, window: timedelta
+        self,
+        session: Session,
+        event: AdminEventModel,
+        now: datetime,
+        window: timedelta,
+        settle: timedelta,
     ) -> None:
         self._session = session
         self._customer_id = event.customer_id
         self._now = now
         self._window = window
+        self._settle = settle
 
     async def customer_profile(self, event: CustomerUpserted) -> AdminResult:
         model = event.license_model.value if event.license_model else None
@@ -198,7 +209,9 @@ class _Applier:
         return await self._decide(groups)
 
     async def _decide(self, groups: list[Group]) -> list[LicenseRow]:
-        return await decide_groups(self._session, groups, self._now, self._now, self._window)
+        return await decide_groups(
+            self._session, groups, self._now, self._now, self._window, settle=self._settle
+        )
 
     async def _emit(
         self,

@@ -104,12 +104,14 @@ async def sweeper_at(settings: Settings, at: datetime) -> AsyncIterator[Sweeper]
 async def sweep(settings: Settings, at: datetime, **options: Any) -> SweepReport:
     async with sweeper_at(settings, at) as sweeper:
         report = await sweeper.run_once(**options)
-    await publish_outbox(settings)
+    await publish_outbox(settings, at)
     return report
 
 
-async def publish_outbox(settings: Settings) -> int:
-    return await publish_pending_once(settings)
+async def publish_outbox(settings: Settings, at: datetime | None = None) -> int:
+    """Publishes the outbox with the relay's clock at `at` (default: now): allocations
+    settled by then."""
+    return await publish_pending_once(settings, FixedClock(at) if at else None)
 
 
 async def billing_view(

@@ -118,9 +118,10 @@ def test_a_pending_allocation_decided_the_same_way_stays_as_announced() -> None:
     assert (decision.withdrawn, decision.changes) == ([], [])
 
 
-def test_an_uninstall_after_a_pending_allocation_is_a_real_interval() -> None:
-    """A replay after an outage: installed, then uninstalled hours later in event time, both
-    decided within seconds. Billing gets both."""
+def test_an_uninstall_within_the_window_withdraws_the_allocation() -> None:
+    """Installed, then uninstalled hours later in event time, both decided within the settle
+    window (a replay after an outage): decided as one batch with both would be, the device
+    was never licensed."""
     terms = CustomerTerms(user_first_seen={"alice": ago(0, hours=9)})
     [first] = license_changes(
         [device("b1", first=ago(0, hours=9), last=ago(0, hours=9))], {}, terms, NOW, WINDOW
@@ -134,10 +135,8 @@ def test_an_uninstall_after_a_pending_allocation_is_a_real_interval() -> None:
         WINDOW,
         pending={user("alice"): pending(first)},
     )
-    assert decision.withdrawn == []
-    assert decision.changes == [
-        change(RELEASED, user("alice"), Basis.USER, Reason.UNINSTALLED, ago(0, hours=1), 2)
-    ]
+    assert (decision.withdrawn, decision.changes) == ([user("alice")], [])
+    assert license_changes([gone], {}, terms, NOW, WINDOW) == []
 
 
 def test_an_uninstall_no_later_than_the_allocation_withdraws_it() -> None:

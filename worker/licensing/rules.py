@@ -251,11 +251,6 @@ def license_changes(
     return changes
 
 
-# Releases with an event time of their own: the interval they close is real even when it
-# opened and closed within one settle window (a replayed install and uninstall).
-REAL_ENDS = frozenset({Reason.INACTIVE, Reason.UNINSTALLED, Reason.CUSTOMER_INACTIVATED})
-
-
 @dataclass(frozen=True, slots=True)
 class PendingAllocation:
     """A subject's allocation still in its settle window: decided, not yet published.
@@ -286,13 +281,14 @@ def settled_license_changes(
     is decided again from the state billing last saw, with today's facts.
     - Decided the same: it stays as announced.
     - Decided differently (another effective time, basis, package): it is withdrawn and the
-      new allocation takes its number (a late install re-dates a licence first decided from
+      new allocation takes its number (a late install re-dates a license first decided from
       a heartbeat).
-    - Not licensed any more: if the release has an event time of its own after the
-      allocation (`REAL_ENDS`), both are real and both are published; otherwise (covered by
-      its user, moved, model changed, or an empty interval) the allocation is withdrawn and
-      billing hears of neither. What arrival order or batch boundaries alone caused never
-      leaves the outbox."""
+    - Not licensed any more (covered by its user once the kind is known, moved, uninstalled):
+      it is withdrawn, and billing hears of neither the allocation nor its release.
+    Every signal that arrives within the window is thus decided as if it had arrived in one
+    batch with the others: the result depends on the facts, not on their order or batching.
+    A license shorter than the window is never billed, as when its install and uninstall
+    arrive together."""
     pending = {s: p for s, p in pending.items() if s in held and held[s].active}
     settled = {s: h for s, h in held.items() if s not in pending}
     settled |= {s: p.settled for s, p in pending.items() if p.settled is not None}
@@ -300,30 +296,13 @@ def settled_license_changes(
     redecided = {c.subject: c for c in decided if c.subject in pending}
     changes = [c for c in decided if c.subject not in pending]
     withdrawn: list[Subject] = []
-    releases: dict[Subject, LicenseChange] | None = None
     for subject, allocation in sorted(pending.items()):
         again = redecided.get(subject)
         if again == allocation.change:
             continue
+        withdrawn.append(subject)
         if again is not None:
-            withdrawn.append(subject)
             changes.append(again)
-            continue
-        if releases is None:
-            releases = {
-                c.subject: c
-                for c in license_changes(devices, held, terms, now, window)
-                if c.kind is ChangeKind.RELEASED
-            }
-        release = releases.get(subject)
-        if (
-            release is not None
-            and release.reason in REAL_ENDS
-            and release.effective_at > allocation.change.effective_at
-        ):
-            changes.append(release)
-        else:
-            withdrawn.append(subject)
     changes.sort(key=lambda c: c.subject)
     return SettledDecision(withdrawn, changes)
 

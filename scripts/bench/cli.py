@@ -209,6 +209,10 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     r["drain"]["events_per_second_with_startup"] for r in runs
                 ),
                 "ratio": median(r["ratio"] for r in runs),
+                "license_events_per_device": median(
+                    r["drain"]["extra"].get("license_events_per_device") or float("nan")
+                    for r in runs
+                ),
             },
         }
         del workload
@@ -281,6 +285,12 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     results["verdicts"]["peak_rss_mb"] = verdict(
         results["peak_rss_mb"], TARGETS["peak_rss_mb"], False
     )
+    if "live" in results["shapes"]:
+        results["verdicts"]["live_license_events_per_device"] = verdict(
+            results["shapes"]["live"]["median"]["license_events_per_device"],
+            TARGETS["live_license_events_per_device"],
+            False,
+        )
     return results
 
 

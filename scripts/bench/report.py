@@ -20,6 +20,7 @@ from scripts.bench.stages import STAGE_LABELS, stage_rates
 TARGETS = {
     "live_events_per_second": 20_000,
     "backlog_events_per_second": 80_000,
+    "live_license_events_per_device": 1.05,
     "latency_p99_ms": 250,
     "peak_rss_mb": 256,
 }
@@ -87,6 +88,9 @@ def shape_rows(shape: str, runs: list[dict[str, Any]]) -> list[Row]:
         r["drain"]["extra"].get("second_half_events_per_second") or float("nan") for r in runs
     ]
     ratios = [r["ratio"] for r in runs]
+    per_device = [
+        r["drain"]["extra"].get("license_events_per_device") or float("nan") for r in runs
+    ]
     target = TARGETS[f"{shape}_events_per_second"]
     messages = runs[0]["messages"]
     rows = [measure_row(f"{shape} ({messages:,} msgs): (a) read limit, ev/s", reads)]
@@ -101,7 +105,19 @@ def shape_rows(shape: str, runs: list[dict[str, Any]]) -> list[Row]:
         measure_row(f"{shape}: (b) second half of the messages only, ev/s", halves),
         measure_row(f"{shape}: (b') drain incl. start-up, ev/s", walls),
         measure_row(f"{shape}: (c) drain / read limit", ratios, 2),
+        license_events_row(shape, per_device),
     ]
+
+
+def license_events_row(shape: str, per_device: list[float]) -> Row:
+    """License events billing receives per device of the fleet (issue #18: no allocation
+    that arrival order alone caused); the live shape has a ceiling."""
+    label = f"{shape}: license events per device"
+    ceiling = TARGETS.get(f"{shape}_license_events_per_device")
+    if ceiling is None:
+        return measure_row(label, per_device, 2)
+    check = verdict(median(per_device), ceiling, False)
+    return measure_row(label, per_device, 2, f"<= {ceiling}", check)
 
 
 def latency_rows(latency: list[dict[str, Any]]) -> list[Row]:

@@ -233,6 +233,12 @@ async def measure_drain(
                     batches[name] = batches.get(name, 0.0) + value
             devices = await watch.fetchval("SELECT count(*) FROM devices")
             lifecycle = await watch.fetchval("SELECT count(*) FROM device_lifecycle_events")
+            # What billing receives of this fleet: license events in the outbox, published or
+            # settling (withdrawn allocations are gone from it).
+            license_events = await watch.fetchval(
+                "SELECT count(*) FROM license_outbox "
+                "WHERE payload->>'type' IN ('license.allocated', 'license.released')"
+            )
         finally:
             codes = [replica.stop() for replica in replicas]
             code = max(codes, key=abs)
@@ -273,6 +279,8 @@ async def measure_drain(
                 if "write_seconds" in batches
                 else None
             ),
+            "license_events": license_events,
+            "license_events_per_device": round(license_events / devices, 3) if devices else None,
             "exit_code": code,
             "error_log_lines": len(errors),
         },

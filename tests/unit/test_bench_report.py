@@ -75,7 +75,7 @@ def test_the_table_has_the_drain_verdict_and_the_largest_peak_rss() -> None:
         "drain": {
             "events_per_second": 21_000.0,
             "events_per_second_with_startup": 9_000.0,
-            "extra": {"second_half_events_per_second": None},
+            "extra": {"second_half_events_per_second": None, "license_events_per_device": 0.41},
         },
         "ratio": 0.07,
     }
@@ -86,8 +86,10 @@ def test_the_table_has_the_drain_verdict_and_the_largest_peak_rss() -> None:
         "live: (b) second half of the messages only, ev/s",
         "live: (b') drain incl. start-up, ev/s",
         "live: (c) drain / read limit",
+        "live: license events per device",
         "(e) worker peak RSS, MB (max over all runs)",
     ]
+    assert rows[5][1:] == ("<= 1.05", "0.41", "0.41", "PASS")
     assert rows[1][1:] == (">= 20,000", "21,000", "21,000", "PASS")
     assert rows[2][2] == "-"  # the second half was not measured
     assert rows[-1][1:] == ("<= 256", "300.0", "80, 300", "FAIL")

@@ -261,6 +261,7 @@ def check_license_events(
                 tally="lost",
             )
         _check_alternation(key, subject_events, findings)
+        _check_intervals(key, subject_events, findings)
     return {"distinct": len(seen), "records": len(events)}
 
 
@@ -275,6 +276,25 @@ def _check_alternation(
                 tally="doubled",
             )
             return
+
+
+def _check_intervals(key: LicenseKey, events: Sequence[dict[str, Any]], findings: Findings) -> None:
+    """docs/licensing.md, "The one rule for effective times": by `sequence`, a subject's
+    events take effect in order, so no interval opens before the previous one closed."""
+    numbered = [e for e in events if isinstance(e.get("sequence"), int)]
+    try:
+        times = [
+            datetime.fromisoformat(e["effective_at"])
+            for e in sorted(numbered, key=lambda e: e["sequence"])
+        ]
+    except (KeyError, TypeError, ValueError):
+        return  # no effective time to compare (the harness's own model tests)
+    if any(later < earlier for earlier, later in itertools.pairwise(times)):
+        findings.report(
+            "billing: a subject's intervals are ordered and never overlap",
+            f"{key}: {_event_trail(events)}",
+            tally="doubled",
+        )
 
 
 def _event_trail(events: Sequence[dict[str, Any]]) -> str:

@@ -147,3 +147,23 @@ def test_billing_sees_a_released_license_when_a_reallocation_reused_an_event_id(
     [violation] = findings.failed
     assert "stored active" in violation.examples[0]
     assert "released(r @ t)" in violation.examples[0]
+
+
+def test_billing_sees_a_reallocation_effective_before_the_previous_release() -> None:
+    """The black-box finding of issue #18: released on Feb 15, re-allocated from Feb 2."""
+    stored = Stored([], [], [], [{"customer_id": "c", "subject_type": "device",
+                                  "subject_id": "d", "active": True}], [])  # fmt: skip
+    times = ("2026-02-01T00:00:00+00:00", "2026-02-15T00:00:00+00:00", "2026-02-02T00:00:00+00:00")
+    events = []
+    for number, (event_type, at) in enumerate(
+        zip(("license.allocated", "license.released", "license.allocated"), times, strict=True)
+    ):
+        body: dict[str, object] = {"event_id": f"e{number}", "type": event_type}
+        body |= {"customer_id": "c"}
+        body |= {"subject_type": "device", "subject_id": "d", "reason": "r"}
+        body |= {"effective_at": at, "sequence": number + 1}
+        events.append(TopicRecord(0, number, b"c", orjson.dumps(body), {}))
+    findings = Findings()
+    check_license_events(stored, events, findings)
+    [violation] = findings.failed
+    assert violation.invariant == "billing: a subject's intervals are ordered and never overlap"

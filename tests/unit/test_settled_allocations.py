@@ -246,3 +246,51 @@ def test_every_event_takes_effect_no_earlier_than_the_subjects_previous_one(
             assert previous.last_event_at is not None
             assert c.effective_at >= previous.last_event_at
             assert c.sequence == previous.event_sequence + 1
+
+
+# --- the stored form of a pending allocation ------------------------------------------------
+
+
+def pending_row(sequence: int, released_at: object = None) -> dict[str, object]:
+    from worker.licensing.decisions import license_event_json
+
+    payload = license_event_json(
+        event_id="e",
+        event_type="license.allocated",
+        customer_id="acme",
+        subject_type="device",
+        subject_id="b2",
+        reason="reactivated" if sequence > 1 else "first_signal",
+        basis="over_allowance",
+        effective_at=ago(1),
+        emitted_at=NOW,
+        package="core",
+        sequence=sequence,
+    )
+    return {
+        "customer_id": "acme",
+        "subject_type": "device",
+        "subject_id": "b2",
+        "event_id": "e",
+        "payload": payload,
+        "settled_basis": "unassigned" if released_at else None,
+        "settled_package": None,
+        "settled_released_at": released_at,
+        "settled_reason": "covered_by_user" if released_at else None,
+    }
+
+
+def test_a_pending_allocation_is_read_back_as_the_change_it_announced() -> None:
+    from worker.licensing.decisions import pending_allocation
+
+    first = pending_allocation(pending_row(1))
+    assert first is not None
+    assert first.change == LicenseChange(
+        ALLOCATED, *dev("b2"), Basis.OVER_ALLOWANCE, Reason.FIRST_SIGNAL, ago(1), "core", 1
+    )
+    assert first.settled is None
+    again = pending_allocation(pending_row(3, ago(2)))
+    assert again is not None
+    assert again.settled == HeldLicense(False, Basis.UNASSIGNED, None, 2, ago(2))
+    # A reactivation whose release the history no longer shows settles as it is.
+    assert pending_allocation(pending_row(3)) is None

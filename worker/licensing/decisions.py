@@ -84,7 +84,10 @@ async def decide_groups(
     pending_rows: dict[tuple[str, Subject], Any] = {}
     for row in await session.unsettled_allocations(sorted(subjects), emitted_at):
         subject = (SubjectType(row["subject_type"]), row["subject_id"])
-        pending_by_customer[row["customer_id"]][subject] = pending_allocation(row)
+        allocation = pending_allocation(row)
+        if allocation is None:
+            continue
+        pending_by_customer[row["customer_id"]][subject] = allocation
         pending_rows[(row["customer_id"], subject)] = row
     first_seen = {(row["customer_id"], row["user_id"]): row["first_seen_at"] for row in user_rows}
     terms = await customer_terms(session, customer_rows, users, first_seen)
@@ -126,9 +129,10 @@ def held_license(row: Mapping[str, Any]) -> HeldLicense:
     )
 
 
-def pending_allocation(row: Mapping[str, Any]) -> PendingAllocation:
+def pending_allocation(row: Mapping[str, Any]) -> PendingAllocation | None:
     """An unsettled allocation (`unsettled_allocations`' columns): the change its event
-    announced, and the release billing saw before it (if any)."""
+    announced, and the release billing saw before it (if any). None for one that follows
+    an event the history no longer shows: it cannot be withdrawn, so it settles as is."""
     event = orjson.loads(row["payload"])
     sequence = int(event["sequence"])
     change = LicenseChange(
@@ -141,8 +145,10 @@ def pending_allocation(row: Mapping[str, Any]) -> PendingAllocation:
         event.get("package"),
         sequence,
     )
+    if sequence > 1 and row["settled_released_at"] is None:
+        return None
     settled = None
-    if row["settled_released_at"] is not None and sequence > 1:
+    if sequence > 1:
         settled = HeldLicense(
             False,
             Basis(row["settled_basis"]),

@@ -75,16 +75,16 @@ def schema_id(file_name: str) -> str:
 
 def contract_json_schema(file_name: str, adapter: TypeAdapter[Any]) -> dict[str, Any]:
     """The committed document for one contract: dialect, id and portable patterns."""
-    schema = _with_portable_patterns(adapter.json_schema())
+    schema = with_portable_patterns(adapter.json_schema())
     return {"$schema": JSON_SCHEMA_DIALECT, "$id": schema_id(file_name), **schema}
 
 
-def _with_portable_patterns(node: Any) -> Any:
+def with_portable_patterns(node: Any) -> Any:
     if isinstance(node, list):
-        return [_with_portable_patterns(item) for item in node]
+        return [with_portable_patterns(item) for item in node]
     if not isinstance(node, dict):
         return node
-    rewritten = {key: _with_portable_patterns(value) for key, value in node.items()}
+    rewritten = {key: with_portable_patterns(value) for key, value in node.items()}
     pattern = rewritten.get("pattern")
     if isinstance(pattern, str) and pattern in _PORTABLE_PATTERNS:
         rewritten["pattern"], note = _PORTABLE_PATTERNS[pattern]

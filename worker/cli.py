@@ -320,12 +320,22 @@ def create_topics(partitions: int, replication_factor: int) -> None:
 
 @main.command("export-schemas")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-def export_schemas(directory: Path) -> None:
+@click.option(
+    "--asyncapi",
+    "asyncapi_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the AsyncAPI 3.0 document of every topic to this file.",
+)
+def export_schemas(directory: Path, asyncapi_path: Path | None) -> None:
     """Write the wire contracts as JSON Schema files into DIRECTORY."""
     from schemas.export import export_json_schemas  # noqa: PLC0415
+    from worker.asyncapi import write_asyncapi_document  # noqa: PLC0415
 
     for path in export_json_schemas(directory):
         click.echo(str(path))
+    if asyncapi_path is not None:
+        write_asyncapi_document(asyncapi_path)
+        click.echo(str(asyncapi_path))
 
 
 @main.command()

@@ -23,6 +23,8 @@ LicenseEventType = Literal[
     "subscription.activated",
     "subscription.cancelled",
     "subscription.trial_changed",
+    "subscription.over_seats",
+    "subscription.within_seats",
     "customer.inactivated",
     "customer.reactivated",
     "usage.snapshot",

@@ -4,6 +4,7 @@ broker and database: package attribution, trial conversion, inactivation, bad in
 from __future__ import annotations
 
 import asyncio
+import io
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
@@ -34,6 +35,8 @@ from worker.ingest.decoding import (
     decode_agent_event,
 )
 from worker.licensing.decisions import decide_groups, groups_of_devices
+from worker.report.build import ReportRequest, write_usage_report
+from worker.report.formats import JsonWriter
 from worker.settings import Settings
 from worker.sim.fleet import SimulatedDevice, agent_event
 from worker.tenants.changes import apply_admin_event
@@ -97,6 +100,18 @@ def subscription(
 def member(group_id: str, user_id: str, at: datetime, added: bool = True) -> dict[str, Any]:
     event_type = "group.member_added" if added else "group.member_removed"
     return admin_event(event_type, ACME, at, group_id=group_id, user_id=user_id)
+
+
+async def usage_report(settings: Settings, now: datetime) -> dict[str, Any]:
+    out = io.StringIO()
+    repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
+    try:
+        request = ReportRequest(None, None, now, settings.license_window)
+        await write_usage_report(repository, JsonWriter(out), request)
+    finally:
+        await repository.close()
+    document: dict[str, Any] = orjson.loads(out.getvalue())
+    return document
 
 
 async def packages(settings: Settings) -> dict[str, tuple[bool, str | None]]:
@@ -469,3 +484,98 @@ def decode_agent(event: dict[str, Any]) -> AgentEventModel:
     decoded = decode_agent_event(orjson.dumps(event), 65_536)
     assert not isinstance(decoded, Rejection), decoded
     return decoded
+
+
+async def test_an_inactive_customers_trial_waits_for_its_reactivation(
+    services: Services, settings: Settings
+) -> None:
+    ends, reactivated_at = day(2), day(4)
+    console = Console(services, settings)
+    await console.send(
+        day(0),
+        admin_event("customer.created", ACME, day(0), name="Acme Ltd"),
+        subscription("s-trial", "core_plus", day(0), status="in_trial", trial_ends_at=ends),
+    )
+    await console.send(day(1), admin_event("customer.inactivated", ACME, day(1)))
+    while_inactive = await sweep(settings, ends + timedelta(hours=1))
+    assert while_inactive.trials_activated == 0
+    url = settings.database_url.get_secret_value()
+    status_sql = "SELECT status FROM subscriptions WHERE subscription_id = 's-trial'"
+    assert await fetchval(url, status_sql) == "in_trial"
+
+    await console.send(reactivated_at, admin_event("customer.reactivated", ACME, reactivated_at))
+    after = await sweep(settings, reactivated_at + timedelta(minutes=5))
+    assert after.trials_activated == 1
+    assert await fetchval(url, status_sql) == "active"
+    events = await billing_view(services, settings, 5)
+    [activated] = [e for e in events if e["type"] == "subscription.activated"]
+    assert activated["reason"] == "trial_ended"
+    assert datetime.fromisoformat(activated["effective_at"]) == reactivated_at
+    order = [e["type"] for e in events]
+    assert order.index("customer.reactivated") < order.index("subscription.activated")
+
+
+async def test_seats_over_and_back_are_told_to_billing_once_each(
+    services: Services, settings: Settings
+) -> None:
+    console, agents = Console(services, settings), Agents(services, settings)
+    await console.send(
+        day(0),
+        admin_event("customer.created", ACME, day(0), name="Acme Ltd"),
+        subscription("s-core", "core", day(0), seats=2),
+        subscription("s-admins", "core_plus", day(0), group_id="admins", seats=1),
+        member("admins", ANN_USER, day(0)),
+        member("admins", BOB_USER, day(0)),
+    )
+    # Ann and Bob use the group's core+ seats (2 of 1); Carl and the kiosk's device license
+    # are core: Carl is the customer-wide subscription's only licensed user (1 of 2).
+    await agents.send(
+        day(0) + timedelta(minutes=5),
+        *[(device, "install", day(0)) for device in (ANN, BOB, CARL, KIOSK)],
+    )
+    first = await sweep(settings, day(0) + timedelta(minutes=10))
+    assert first.seat_crossings == 1
+    shown = await usage_report(settings, day(0) + timedelta(minutes=11))
+    [customer] = shown["customers"]
+    assert [
+        (s["subscription_id"], s["used"], s["seats"], s["over"]) for s in customer["seats"]
+    ] == [
+        ("s-admins", 2, 1, True),
+        ("s-core", 1, 2, False),
+    ]
+    again = await sweep(settings, day(0) + timedelta(minutes=20))
+    assert again.seat_crossings == 0, "told once, not at every pass"
+
+    await console.send(day(1), member("admins", BOB_USER, day(1), added=False))
+    back = await sweep(settings, day(1) + timedelta(minutes=10))
+    assert back.seat_crossings == 1
+    events = await billing_view(services, settings, 4 + 4 + 2)
+    seat_events = [
+        (e["type"], e["subject_id"], e["seats"], e["seats_used"], e["package"])
+        for e in events
+        if e["type"].startswith("subscription.") and "seats_used" in e
+    ]
+    assert seat_events == [
+        ("subscription.over_seats", "s-admins", 1, 2, "core_plus"),
+        ("subscription.within_seats", "s-admins", 1, 1, "core_plus"),
+    ]
+
+
+async def test_an_inactive_customer_is_never_told_over_seats(
+    services: Services, settings: Settings
+) -> None:
+    console, agents = Console(services, settings), Agents(services, settings)
+    await console.send(
+        day(0),
+        admin_event("customer.created", ACME, day(0), name="Acme Ltd"),
+        subscription("s-core", "core", day(0), seats=1),
+    )
+    await agents.send(
+        day(0) + timedelta(minutes=5), *[(device, "install", day(0)) for device in (ANN, BOB)]
+    )
+    await console.send(
+        day(0) + timedelta(minutes=6),
+        admin_event("customer.inactivated", ACME, day(0) + timedelta(minutes=6)),
+    )
+    report = await sweep(settings, day(0) + timedelta(minutes=10))
+    assert report.seat_crossings == 0

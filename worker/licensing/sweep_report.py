@@ -19,6 +19,7 @@ class SweepReport:
     basis_changed: int = 0
     purged: int = 0
     trials_activated: int = 0
+    seat_crossings: int = 0
     usage_snapshots: int = 0
     held_customers: list[str] = field(default_factory=list)
     applied_holds: list[str] = field(default_factory=list)

@@ -1,7 +1,8 @@
 """The license sweeper: one pass every interval, by one replica at a time (advisory lock).
 A pass releases licenses silent past the window and holds suspicious mass releases
 (`releases.py`), purges personal data past the retention (`purges.py`), ends trials
-(`trials.py`) and takes the daily usage snapshots (`usage_snapshots.py`).
+(`trials.py`), tells billing about subscriptions over their seats (`seats.py`) and
+takes the daily usage snapshots (`usage_snapshots.py`).
 
 It only reads the clock, calls the pure rules, writes and sleeps: the decisions are
 `worker/licensing/rules.py` and `worker/licensing/sweep_rules.py`.
@@ -23,6 +24,7 @@ from worker.db.repository import Repository
 from worker.db.wait import wait_to_retry
 from worker.licensing.purges import Purges
 from worker.licensing.releases import BEGINNING, Releases, silent_devices
+from worker.licensing.seats import check_seats
 from worker.licensing.sweep_report import SweepInterrupted, SweepReport, loggable
 from worker.licensing.sweep_rules import PartitionKey, StoredProgress, ingestion_watermark
 from worker.licensing.trials import end_trials
@@ -131,6 +133,7 @@ class Sweeper:
         # Independent of ingestion lag: trials end by the clock, and billing gets a snapshot
         # every day even while ingestion is behind.
         await end_trials(self._repository, report, dry_run)
+        await check_seats(self._repository, report, dry_run)
         if self._settings.usage_snapshots_enabled:
             await take_usage_snapshots(self._repository, report, dry_run)
         duration = asyncio.get_running_loop().time() - started

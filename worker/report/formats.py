@@ -13,6 +13,7 @@ from typing import Any, Protocol, TextIO
 
 import orjson
 
+from worker.licensing.subscription_rules import SeatUsage
 from worker.licensing.usage import DEVICE_BASES, UsageTotals
 from worker.report.rows import COLUMNS, Customer, ReportRow
 
@@ -30,6 +31,27 @@ class ReportInfo:
 class CustomerUsage:
     customer: Customer
     totals: UsageTotals
+    # Its live subscriptions with seats, as used now (a live report only: not replayed).
+    seats: tuple[SeatUsage, ...] = ()
+
+
+def seats_dict(usage: SeatUsage) -> dict[str, Any]:
+    return {
+        "subscription_id": usage.subscription_id,
+        "package": usage.package,
+        "group_id": usage.group_id,
+        "seats": usage.seats,
+        "used": usage.used,
+        "over": usage.over,
+    }
+
+
+def seats_text(usage: SeatUsage) -> str:
+    """`s-admins core_plus (group admins): 2 of 1 seats, OVER`."""
+    scope = f" (group {usage.group_id})" if usage.group_id else ""
+    over = ", OVER" if usage.over else ""
+    used = f"{usage.used} of {usage.seats} seats"
+    return f"{usage.subscription_id} {usage.package}{scope}: {used}{over}"
 
 
 class ReportWriter(Protocol):
@@ -88,7 +110,8 @@ class JsonWriter:
         separator = "," if self._customers else ""
         self._out.write(
             f'{separator}\n{{"customer":{_json(customer_dict(usage.customer))},'
-            f'"totals":{_json(usage.totals.as_dict())},"rows":['
+            f'"totals":{_json(usage.totals.as_dict())},'
+            f'"seats":{_json([seats_dict(seats) for seats in usage.seats])},"rows":['
         )
         self._customers += 1
         self._rows = 0
@@ -194,6 +217,8 @@ class TableWriter:
         described += f" ({', '.join(details)} model)" if details else ""
         self._out.write(f"\n== {customer.customer_id}{described}\n")
         self._write_totals(usage.totals)
+        for seats in usage.seats:
+            self._out.write(f"  seats            {'':>8}   {seats_text(seats)}\n")
         self._out.write("\n" + _table_line([heading for heading, _, _ in TABLE_COLUMNS]))
 
     def row(self, row: ReportRow) -> None:

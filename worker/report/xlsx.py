@@ -15,7 +15,7 @@ from openpyxl.utils import get_column_letter
 from openpyxl.worksheet._write_only import WriteOnlyWorksheet
 
 from worker.licensing.usage import DEVICE_BASES, NO_PACKAGE, PackageTotals, UsageTotals
-from worker.report.formats import CustomerUsage, ReportInfo
+from worker.report.formats import CustomerUsage, ReportInfo, seats_text
 from worker.report.rows import Customer, ReportRow
 
 PACKAGES = ("core", "core_plus", NO_PACKAGE)
@@ -54,6 +54,7 @@ SUMMARY_SHEET = (
         for package in PACKAGES
         for what in ("users", "device licenses", "total")
     ),
+    ("seats (live)", 40),
 )
 
 
@@ -77,7 +78,15 @@ class XlsxWriter:
         summary = self._summary
         as_of = _excel_time(info.as_of, summary)
         for usage in customers:
-            summary.append([*_customer_cells(usage.customer), as_of, info.source, *_totals(usage)])
+            summary.append(
+                [
+                    *_customer_cells(usage.customer),
+                    as_of,
+                    info.source,
+                    *_totals(usage),
+                    "; ".join(seats_text(seats) for seats in usage.seats) or None,
+                ]
+            )
         if len(customers) > 1:
             label = f"all {len(customers)} customers"
             summary.append([label, None, None, None, as_of, info.source, *_totals_cells(totals)])

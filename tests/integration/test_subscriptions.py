@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
 from schemas.admin_events import AdminEventModel
@@ -39,7 +40,9 @@ from worker.report.build import ReportRequest, write_usage_report
 from worker.report.formats import JsonWriter
 from worker.settings import Settings
 from worker.sim.fleet import SimulatedDevice, agent_event
+from worker.tenants import loop as loop_module
 from worker.tenants.changes import apply_admin_event
+from worker.tenants.loop import AdminLoop
 
 pytestmark = pytest.mark.integration
 
@@ -579,3 +582,45 @@ async def test_an_inactive_customer_is_never_told_over_seats(
     )
     report = await sweep(settings, day(0) + timedelta(minutes=10))
     assert report.seat_crossings == 0
+
+
+async def test_console_lag_is_reported_in_seconds_like_the_agent_topics(
+    services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One console message a fetch, each produced an hour ago: while messages wait, the lag in
+    seconds is the age of the newest applied one; caught up, it is 0 (#18 part 10)."""
+    monkeypatch.setattr(loop_module, "ADMIN_BATCH_RECORDS", 1)
+    seen: list[tuple[float | None, float | None]] = []
+    publish = AdminLoop._publish_lag
+
+    async def publish_and_record(self: AdminLoop) -> None:
+        await publish(self)
+        labels = {"topic": settings.admin_topic, "partition": "0"}
+        seen.append(
+            (
+                REGISTRY.get_sample_value("license_worker_consumer_lag_messages", labels),
+                REGISTRY.get_sample_value("license_worker_consumer_lag_seconds", labels),
+            )
+        )
+
+    monkeypatch.setattr(AdminLoop, "_publish_lag", publish_and_record)
+    an_hour_ago = int((datetime.now(UTC) - timedelta(hours=1)).timestamp() * 1000)
+    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        for index in range(3):
+            event = admin_event("customer.created", f"c-{index}", day(0), name=f"C {index}")
+            await producer.send_and_wait(
+                settings.admin_topic,
+                value=orjson.dumps(event),
+                key=event["customer_id"].encode(),
+                partition=0,
+                timestamp_ms=an_hour_ago,
+            )
+    finally:
+        await producer.stop()
+    await apply_admin(services, settings, day(0), 3)
+    behind = [(messages, seconds) for messages, seconds in seen if messages]
+    assert behind, f"never seen behind: {seen}"
+    assert all(seconds is not None and 3500 < seconds < 3700 for _, seconds in behind), behind
+    assert seen[-1] == (0.0, 0.0)

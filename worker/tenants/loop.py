@@ -10,8 +10,10 @@ consumer group, so a slow admin change never holds up agent ingestion.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -27,7 +29,9 @@ from worker.ingest.consumer_session import (
 from worker.ingest.dead_letters import DeadLetter
 from worker.ingest.decoding import Rejection, RejectReason, decode_admin_event
 from worker.licensing.decisions import count_license_changes
+from worker.licensing.sweep_rules import StoredProgress
 from worker.ops import metrics
+from worker.ops.lag import partition_lag
 from worker.retry import Stopped
 from worker.tenants.changes import AdminOutcome, UnknownSubscription, apply_admin_event
 
@@ -42,6 +46,8 @@ class AdminLoop:
     def __init__(self, session: ConsumerSession) -> None:
         self._session = session
         self._lag_reported: set[Any] = set()
+        # The Kafka timestamp of the newest message applied, per partition (this process).
+        self._last_applied_at: dict[Any, datetime] = {}
         # Held while a batch of console messages is applied (never across getmany).
         self._handling = asyncio.Lock()
 
@@ -64,23 +70,41 @@ class AdminLoop:
         if records:
             async with self._handling:
                 await self._handle(records)
+            for partition, partition_records in records.items():
+                newest = max((record.timestamp for record in partition_records), default=None)
+                if newest is not None:
+                    self._last_applied_at[partition] = datetime.fromtimestamp(newest / 1000, UTC)
         await self._publish_lag()
 
     async def _publish_lag(self) -> None:
-        """Console messages not yet applied, per assigned partition: the broker's end offset
-        (as of the last fetch) minus our position. (Agent topics' lag is the monitor's.)"""
+        """Console messages not yet applied, per assigned partition, as the agent topics'
+        lag is measured (`worker/ops/lag.py`): the broker's end offset (as of the last fetch)
+        minus our position, and while any wait, how old the newest applied message is.
+        (Agent topics' lag is the monitor's.)"""
         consumer = self._session.consumer
         assigned = consumer.assignment()
         for gone in self._lag_reported - assigned:
-            metrics.CONSUMER_LAG_MESSAGES.remove(gone.topic, str(gone.partition))
+            labels = (gone.topic, str(gone.partition))
+            metrics.CONSUMER_LAG_MESSAGES.remove(*labels)
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG_SECONDS.remove(*labels)
+            self._last_applied_at.pop(gone, None)
+        now = datetime.now(UTC)  # wall time, like the Kafka timestamps (not the rules' clock)
         for partition in assigned:
             end = consumer.highwater(partition)
             if end is None:
                 continue
             position = await consumer.position(partition)
-            metrics.CONSUMER_LAG_MESSAGES.labels(partition.topic, str(partition.partition)).set(
-                max(0, end - position)
-            )
+            applied_at = self._last_applied_at.get(partition)
+            labels = (partition.topic, str(partition.partition))
+            if applied_at is None and end > position:
+                # Behind, and nothing applied by this process yet: its age is not known.
+                metrics.CONSUMER_LAG_MESSAGES.labels(*labels).set(end - position)
+                continue
+            stored = StoredProgress(position, applied_at or now)
+            lag = partition_lag(end, stored, now)
+            metrics.CONSUMER_LAG_MESSAGES.labels(*labels).set(lag.messages)
+            metrics.CONSUMER_LAG_SECONDS.labels(*labels).set(lag.seconds)
         self._lag_reported = {p for p in assigned if consumer.highwater(p) is not None}
 
     async def _handle(self, records: Mapping[object, Iterable[Record]]) -> None:

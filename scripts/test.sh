@@ -12,6 +12,7 @@ $UV run --frozen ruff format --check .
 $UV run --frozen mypy
 # Fails on a known vulnerability; only warns when no vulnerability service answers.
 UV="$UV" bash scripts/audit.sh
+bash scripts/test_tools.sh
 
 if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" || -z "${DATABASE_URL:-}" ]]; then
   state_dir="$PWD/.local/test-services"

@@ -370,7 +370,11 @@ async def test_bad_console_messages_go_to_the_dlq_and_changes_apply_once(
     lags = [
         REGISTRY.get_sample_value(
             "license_worker_consumer_lag_messages",
-            {"topic": settings.admin_topic, "partition": str(partition)},
+            {
+                "group": settings.admin_consumer_group,
+                "topic": settings.admin_topic,
+                "partition": str(partition),
+            },
         )
         for partition in range(4)
     ]
@@ -595,7 +599,11 @@ async def test_console_lag_is_reported_in_seconds_like_the_agent_topics(
 
     async def publish_and_record(self: AdminLoop) -> None:
         await publish(self)
-        labels = {"topic": settings.admin_topic, "partition": "0"}
+        labels = {
+            "group": settings.admin_consumer_group,
+            "topic": settings.admin_topic,
+            "partition": "0",
+        }
         seen.append(
             (
                 REGISTRY.get_sample_value("license_worker_consumer_lag_messages", labels),

@@ -92,14 +92,15 @@ OUTBOX_OLDEST_AGE = Gauge(
 )
 CONSUMER_LAG_MESSAGES = Gauge(
     "license_worker_consumer_lag_messages",
-    "Messages of an assigned partition not yet stored: end offset minus committed offset.",
-    ["topic", "partition"],
+    "Messages of an assigned partition not yet stored: end offset minus committed offset. "
+    "Labelled like kafka-lag-exporter (group, topic, partition).",
+    ["group", "topic", "partition"],
 )
 CONSUMER_LAG_SECONDS = Gauge(
     "license_worker_consumer_lag_seconds",
     "While messages wait: now minus the broker timestamp of the last stored message; 0 when "
     "caught up; +Inf when nothing was ever stored.",
-    ["topic", "partition"],
+    ["group", "topic", "partition"],
 )
 STUCK_PARTITIONS = Gauge(
     "license_worker_stuck_partitions",

@@ -82,9 +82,10 @@ class AdminLoop:
         minus our position, and while any wait, how old the newest applied message is.
         (Agent topics' lag is the monitor's.)"""
         consumer = self._session.consumer
+        group = self._session.settings.admin_consumer_group
         assigned = consumer.assignment()
         for gone in self._lag_reported - assigned:
-            labels = (gone.topic, str(gone.partition))
+            labels = (group, gone.topic, str(gone.partition))
             metrics.CONSUMER_LAG_MESSAGES.remove(*labels)
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG_SECONDS.remove(*labels)
@@ -96,7 +97,7 @@ class AdminLoop:
                 continue
             position = await consumer.position(partition)
             applied_at = self._last_applied_at.get(partition)
-            labels = (partition.topic, str(partition.partition))
+            labels = (group, partition.topic, str(partition.partition))
             if applied_at is None and end > position:
                 # Behind, and nothing applied by this process yet: its age is not known.
                 metrics.CONSUMER_LAG_MESSAGES.labels(*labels).set(end - position)

@@ -23,6 +23,7 @@ from worker.db.errors import DatabaseAccessRefused, database_refusal, is_transie
 from worker.db.repository import Repository
 from worker.db.wait import DatabaseAnswers, database_answers, pause, wait_to_retry
 from worker.ingest.consumer_session import ConsumerSession
+from worker.ingest.decoding import RejectReason
 from worker.ingest.loop import IngestionLoop
 from worker.kafka.clients import (
     PartitionEnds,
@@ -81,6 +82,8 @@ class Worker:
     async def run(self) -> None:
         settings = self._settings
         log.info("worker.starting", config=settings.masked())
+        topics = [*settings.agent_topics, settings.admin_topic]
+        metrics.initialise(topics, [reason.value for reason in RejectReason])
         try:
             async with contextlib.AsyncExitStack() as resources:
                 if settings.metrics_port:

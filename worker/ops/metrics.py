@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS = Counter(
@@ -16,10 +18,10 @@ DEAD_LETTERS = Counter(
 )
 DEAD_LETTERS_FAILED = Counter(
     "license_worker_dead_letters_failed_total",
-    "Dead letters the DLQ refused for good, even truncated, by source topic, reason and "
-    "error: logged (dead_letter.refused, with the source offset) and skipped; the original "
-    "stays in its source topic.",
-    ["topic", "reason", "error"],
+    "Dead letters the DLQ refused for good, even truncated, by source topic and reason: "
+    "logged (dead_letter.refused, with the error and the source offset) and skipped; the "
+    "original stays in its source topic.",
+    ["topic", "reason"],
 )
 CLAMPED_EVENTS = Counter(
     "license_worker_clamped_events_total",
@@ -128,3 +130,23 @@ PAUSED_PARTITIONS = Gauge(
     "license_worker_paused_partitions",
     "Partitions paused while the worker waits out a Kafka or Postgres outage.",
 )
+
+
+FAILURE_KINDS = ("transient", "permanent")
+KAFKA_OPERATIONS = ("commit", "commit_refused", "dead_letter")
+
+
+def initialise(topics: Iterable[str], reasons: Iterable[str]) -> None:
+    """Every series an alert takes `rate()` or `increase()` of exists from the start, at 0:
+    a counter that first appears at 1 shows no increase, so its first failure would not
+    alert (and a dashboard would show "no data" rather than 0)."""
+    reasons = list(reasons)
+    for topic in topics:
+        for reason in reasons:
+            DEAD_LETTERS.labels(topic, reason)
+            DEAD_LETTERS_FAILED.labels(topic, reason)
+    for kind in FAILURE_KINDS:
+        DATABASE_ERRORS.labels(kind)
+        RELAY_FAILURES.labels(kind)
+    for operation in KAFKA_OPERATIONS:
+        KAFKA_ERRORS.labels(operation)

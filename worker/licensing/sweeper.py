@@ -97,9 +97,13 @@ class Sweeper:
             if not lock.acquired:
                 return False
             log.info("sweep.leader_elected")
-            while await lock.still_held() and not self._stopping.is_set():
-                await self._run_logged()
-                await self._sleep(self._settings.sweep_interval_seconds)
+            try:
+                await self._publish_totals()  # true from the election, not after a pass
+                while await lock.still_held() and not self._stopping.is_set():
+                    await self._run_logged()
+                    await self._sleep(self._settings.sweep_interval_seconds)
+            finally:
+                _withdraw_leader_gauges()
             return True
 
     async def _run_logged(self) -> None:
@@ -176,7 +180,10 @@ class Sweeper:
         }
         watermark = ingestion_watermark(end_offsets, progress, report.now)
         lag = report.now - watermark if watermark else None
-        metrics.SWEEP_INGESTION_LAG.set(lag.total_seconds() if lag else float("nan"))
+        if lag is None:
+            metrics.SWEEP_INGESTION_LAG.withdraw()  # not known: absent, not NaN
+        else:
+            metrics.SWEEP_INGESTION_LAG.set(lag.total_seconds())
         if watermark is None or lag is None or lag > LAG_REPORT_THRESHOLD:
             report.waited_for_lag = True
             metrics.SWEEP_LAG_WAITS.inc()
@@ -192,9 +199,15 @@ class Sweeper:
             (row["subject_type"], row["basis"]): row["licenses"]
             for row in await self._repository.fetch("license_totals")
         }
-        for subject_type, basis in LICENSE_KINDS:
-            metrics.LICENSES_ACTIVE.labels(subject_type, basis).set(
-                counts.get((subject_type, basis), 0)
-            )
+        metrics.LICENSES_ACTIVE.set_all(
+            ((subject_type, basis), counts.get((subject_type, basis), 0))
+            for subject_type, basis in LICENSE_KINDS
+        )
         [row] = await self._repository.fetch("customers_with_licenses")
         metrics.CUSTOMERS_LICENSED.set(row["customers"])
+
+
+def _withdraw_leader_gauges() -> None:
+    """This replica no longer sweeps: what it measured is not kept as if still true."""
+    for gauge in (metrics.LICENSES_ACTIVE, metrics.CUSTOMERS_LICENSED, metrics.SWEEP_INGESTION_LAG):
+        gauge.withdraw()

@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from worker.ops.leader_gauges import LeaderGauge
+
 EVENTS = Counter(
     "license_worker_events_total",
     "Agent messages processed, by topic, event type and outcome.",
@@ -70,9 +72,10 @@ SWEEP_LAG_WAITS = Counter(
     "license_worker_sweep_lag_waits_total",
     "Sweeps that decided at an earlier time than now because ingestion was behind.",
 )
-SWEEP_INGESTION_LAG = Gauge(
+SWEEP_INGESTION_LAG = LeaderGauge(
     "license_worker_sweep_ingestion_lag_seconds",
-    "How far ingestion was behind at the last sweep (NaN: could not be told).",
+    "How far ingestion was behind at the sweeper leader's last pass (absent while it cannot "
+    "be told: a partition never stored).",
 )
 SWEEP_HELD = Counter(
     "license_worker_sweep_held_customers_total",
@@ -88,9 +91,13 @@ RELAY_FAILURES = Counter(
     "(Kafka refuses the license events for good: too large, not authorised); both retried.",
     ["kind"],
 )
-OUTBOX_PENDING = Gauge("license_worker_outbox_pending", "License events not yet published.")
-OUTBOX_OLDEST_AGE = Gauge(
-    "license_worker_outbox_oldest_age_seconds", "Age of the oldest unpublished license event."
+OUTBOX_PENDING = LeaderGauge(
+    "license_worker_outbox_pending",
+    "License events not yet published (the relay leader's count after its last pass).",
+)
+OUTBOX_OLDEST_AGE = LeaderGauge(
+    "license_worker_outbox_oldest_age_seconds",
+    "Age of the oldest unpublished license event (the relay leader's, after its last pass).",
 )
 CONSUMER_LAG_MESSAGES = Gauge(
     "license_worker_consumer_lag_messages",
@@ -117,14 +124,16 @@ TASK_RESTARTS = Counter(
     "Times a background task was run again after a Postgres or Kafka outage ended it.",
     ["task"],
 )
-LICENSES_ACTIVE = Gauge(
+LICENSES_ACTIVE = LeaderGauge(
     "license_worker_licenses_active",
-    "Licenses in use, all customers together, by subject type and basis (after the last sweep).",
+    "Licenses in use, all customers together, by subject type and basis: the sweeper leader's "
+    "count, from its election and after each pass.",
     ["subject_type", "basis"],
 )
-CUSTOMERS_LICENSED = Gauge(
+CUSTOMERS_LICENSED = LeaderGauge(
     "license_worker_customers_licensed",
-    "Customers holding at least one license (after the last sweep).",
+    "Customers holding at least one license: the sweeper leader's count, from its election "
+    "and after each pass.",
 )
 PAUSED_PARTITIONS = Gauge(
     "license_worker_paused_partitions",

@@ -14,6 +14,9 @@ $UV run --frozen mypy
 UV="$UV" bash scripts/audit.sh
 bash scripts/test_tools.sh
 
+# The export tests open reports in LibreOffice (installed here when SERVICES_AUTO_INSTALL=1).
+bash deploy/local/services.sh require-libreoffice
+
 if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" || -z "${DATABASE_URL:-}" ]]; then
   state_dir="$PWD/.local/test-services"
   trap 'bash deploy/local/services.sh stop --clean "$state_dir"' EXIT

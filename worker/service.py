@@ -85,7 +85,9 @@ class Worker:
             async with contextlib.AsyncExitStack() as resources:
                 if settings.metrics_port:
                     server = serve_health(
-                        settings.metrics_port, health_app(self.liveness, self.readiness)
+                        settings.metrics_port,
+                        health_app(self.liveness, self.readiness),
+                        str(settings.metrics_host),
                     )
                     resources.callback(server.server_close)
                     resources.callback(server.shutdown)

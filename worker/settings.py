@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     monitor_interval_seconds: float = Field(default=10.0, gt=0)
     stuck_partition_seconds: float = Field(default=120.0, gt=0)
     liveness_slack_seconds: float = Field(default=120.0, gt=0)
+    strict_security: bool = Field(
+        default=False,
+        description="refuse to start with a weak setting (worker/weak_settings.py) instead "
+        "of logging security.weak_setting",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

@@ -172,6 +172,16 @@ def test_inspection_of_a_hostile_dlq_keeps_bounded_names_and_samples() -> None:
     sample = report.samples["reason-0"][0]
     assert sample.value == big[:SAMPLE_VALUE_BYTES]
     assert sample.size == len(big)
+    assert sample.original_headers == []
+    assert sample.source == "t-0[2]@0"
+
+
+def test_a_huge_forged_header_is_cut_in_counts_and_samples() -> None:
+    huge = "r" * 100_000
+    report = inspect([dead_letter(1, reason=huge)], samples_per_reason=3)
+    [(reason, count)] = report.by_reason.items()
+    assert (len(reason), count) == (200, 1)
+    assert len(report.samples[reason][0].headers["error.class"]) == SAMPLE_VALUE_BYTES
 
 
 def test_inspect_counts_the_truncated() -> None:

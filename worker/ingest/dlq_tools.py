@@ -23,8 +23,20 @@ REPLAYED_FROM_HEADER = "dlq.replayed_from"
 # could name a million).
 MAX_DISTINCT_NAMES = 100
 OTHER = "(other)"
-# Of a sample's value, kept for its preview.
+MAX_NAME_CHARS = 200
+# Of a sample's value and headers, kept for its preview.
 SAMPLE_VALUE_BYTES = 1024
+SAMPLE_HEADERS = (
+    "error.class",
+    "error.message",
+    "source.topic",
+    "source.partition",
+    "source.offset",
+    "failed_at",
+    "truncated",
+    "original_size",
+    "original_sha256",
+)
 # Truncated dead letters whose source is listed; the rest are counted.
 MAX_LISTED_TRUNCATED = 50
 # Sends not yet acknowledged, by count and by bytes (a dead letter may be 1 MiB): the
@@ -82,7 +94,9 @@ class Inspection:
 
 
 def count_name(counter: Counter[str], name: str) -> str:
-    """Counts `name`, or OTHER once MAX_DISTINCT_NAMES are counted; returns which."""
+    """Counts `name` (its first MAX_NAME_CHARS), or OTHER once MAX_DISTINCT_NAMES are
+    counted; returns which."""
+    name = name[:MAX_NAME_CHARS]
     if name not in counter and len(counter) >= MAX_DISTINCT_NAMES:
         name = OTHER
     counter[name] += 1
@@ -90,9 +104,19 @@ def count_name(counter: Counter[str], name: str) -> str:
 
 
 def as_sample(record: DeadLetterRecord) -> DeadLetterRecord:
-    """The record with only the start of its value: enough for a preview."""
-    value = record.value[:SAMPLE_VALUE_BYTES] if record.value is not None else None
-    return replace(record, value=value, key=record.key[:SAMPLE_VALUE_BYTES] if record.key else None)
+    """The record cut to what a preview shows: the start of its value and of our headers;
+    the original headers left out."""
+    return replace(
+        record,
+        key=record.key[:SAMPLE_VALUE_BYTES] if record.key is not None else None,
+        value=record.value[:SAMPLE_VALUE_BYTES] if record.value is not None else None,
+        headers={
+            name: record.headers[name][:SAMPLE_VALUE_BYTES]
+            for name in SAMPLE_HEADERS
+            if name in record.headers
+        },
+        original_headers=[],
+    )
 
 
 def to_record(record: Any) -> DeadLetterRecord:

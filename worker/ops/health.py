@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -130,6 +131,12 @@ class _HealthRequestHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Probes every few seconds would flood the logs."""
 
+    def get_stderr(self) -> io.StringIO:
+        """Where wsgiref prints the traceback of an answer that failed, a write past the
+        deadline included: discarded, not on stderr among the JSON log lines (a failed
+        probe answer shows as the probe failing)."""
+        return io.StringIO()
+
 
 class HealthServer(ThreadingMixIn, WSGIServer):
     """One daemon thread per connection, at most `max_connections` at once."""
@@ -164,8 +171,10 @@ class HealthServer(ThreadingMixIn, WSGIServer):
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that timed out or went away: nothing to report (the default prints a
-        traceback to stderr for each)."""
+        """A client that timed out or went away is not worth a traceback on stderr (the
+        default, for every one); anything else still gets it."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 def serve_health(

@@ -34,8 +34,9 @@ class _Commands(click.Group):
             # Imported here: the module needs aiokafka, which `--help` should not load.
             from worker.db.errors import DatabaseAccessRefused  # noqa: PLC0415
             from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
+            from worker.weak_settings import WeakSettingsRefused  # noqa: PLC0415
 
-            if isinstance(error, KafkaAccessRefused | DatabaseAccessRefused):
+            if isinstance(error, KafkaAccessRefused | DatabaseAccessRefused | WeakSettingsRefused):
                 raise click.ClickException(str(error)) from None
             raise
 
@@ -154,10 +155,11 @@ def run() -> None:
 
     from worker.db.errors import DatabaseAccessRefused  # noqa: PLC0415
     from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
+    from worker.weak_settings import WeakSettingsRefused  # noqa: PLC0415
 
     try:
         asyncio.run(serve())
-    except (KafkaAccessRefused, DatabaseAccessRefused):
+    except (KafkaAccessRefused, DatabaseAccessRefused, WeakSettingsRefused):
         raise  # a configuration problem, told as such by the command group (exit 1)
     except Exception as error:
         # Python's traceback would print the error's message, which can quote a personal

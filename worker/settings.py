@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, IPvAnyAddress, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -83,9 +84,21 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="/metrics, /livez, /readyz; 0 disables them"
     )
+    # Every interface by default: the kubelet's probes and Prometheus connect to the pod's
+    # address, so a loopback default would fail every probe. 127.0.0.1 keeps a local run's
+    # metrics to its own machine; a network policy keeps them inside the cluster.
+    metrics_host: IPvAnyAddress = Field(
+        default=IPv4Address("0.0.0.0"),  # noqa: S104
+        description="address the /metrics, /livez, /readyz server binds to (an IP literal)",
+    )
     monitor_interval_seconds: float = Field(default=10.0, gt=0)
     stuck_partition_seconds: float = Field(default=120.0, gt=0)
     liveness_slack_seconds: float = Field(default=120.0, gt=0)
+    strict_security: bool = Field(
+        default=False,
+        description="refuse to start with a weak setting (worker/weak_settings.py) instead "
+        "of logging security.weak_setting",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

@@ -6,6 +6,7 @@ import json
 import ssl
 from collections.abc import Callable
 from datetime import timedelta
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -33,6 +34,7 @@ def test_defaults() -> None:
     assert settings.max_message_bytes == 65_536
     assert settings.future_tolerance == timedelta(minutes=5)
     assert settings.metrics_port == 0
+    assert str(settings.metrics_host) == "0.0.0.0"
 
 
 @pytest.mark.parametrize(
@@ -47,6 +49,8 @@ def test_defaults() -> None:
         ("FUTURE_TOLERANCE_SECONDS", "90.5", "future_tolerance", timedelta(seconds=90.5)),
         ("RETRY_MAX_SECONDS", "2.5", "retry_max_seconds", 2.5),
         ("METRICS_PORT", "9100", "metrics_port", 9100),
+        ("METRICS_HOST", "127.0.0.1", "metrics_host", IPv4Address("127.0.0.1")),
+        ("METRICS_HOST", "::1", "metrics_host", IPv6Address("::1")),
         ("LOG_LEVEL", "debug", "log_level", "debug"),
         ("KAFKA_SSL_CHECK_HOSTNAME", "false", "kafka_ssl_check_hostname", False),
         ("KAFKA_SASL_MECHANISM", "PLAIN", "kafka_sasl_mechanism", "PLAIN"),
@@ -83,6 +87,7 @@ def test_secrets_from_the_environment_are_secret(monkeypatch: pytest.MonkeyPatch
         ("FUTURE_TOLERANCE_SECONDS", "-1"),
         ("RETRY_INITIAL_SECONDS", "0"),
         ("METRICS_PORT", "65536"),
+        ("METRICS_HOST", "localhost"),  # an address, not a name to resolve
         ("KAFKA_SECURITY_PROTOCOL", "TLS"),
         ("KAFKA_SASL_MECHANISM", "GSSAPI"),
         ("LOG_LEVEL", "trace"),

@@ -74,8 +74,6 @@ def replica_settings(
         "batch_max_records": batch_max_records,
         "sweep_interval_seconds": 5.0,
         "monitor_interval_seconds": 2.0,
-        # The fault stream has no console: its agents' customers are admitted.
-        "unknown_customers": "admit",
         **topics,
     }
     return Settings(**values)

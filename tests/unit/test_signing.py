@@ -4,6 +4,7 @@ verification the worker runs on every agent message, key rotation, the keys file
 from __future__ import annotations
 
 import base64
+import hmac
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -123,7 +124,8 @@ def test_the_same_instant_in_another_offset_is_the_same_signed_time() -> None:
     """The worker reads event times as instants: the signature covers the instant in UTC."""
     plus_one = AT.astimezone(timezone(timedelta(hours=1))).isoformat()
     assert isinstance(verdict(signed_heartbeat(occurred_at=plus_one)), Heartbeat)
-    assert canonical_time(AT) == "2026-11-28T17:00:00.000000Z"
+    assert canonical_time(AT) == "1795885200000000"
+    assert canonical_time(AT + timedelta(microseconds=1)) == "1795885200000001"
 
 
 def test_fields_outside_the_signature_may_differ() -> None:
@@ -138,7 +140,8 @@ def test_fields_outside_the_signature_may_differ() -> None:
         ([(KEY_ID_HEADER, b"2026-12")], "no valid sig.key_id and sig.hmac headers"),
         ([(HMAC_HEADER, b"0" * 64)], "no valid sig.key_id and sig.hmac headers"),
         ([(KEY_ID_HEADER, b"2026-12"), (HMAC_HEADER, b"0" * 63)], "no valid"),
-        ([(KEY_ID_HEADER, b"2026-12"), (HMAC_HEADER, b"A" * 64)], "no valid"),
+        ([(KEY_ID_HEADER, b"2026-12"), (HMAC_HEADER, b"A" * 64)], "signature does not match"),
+        ([(KEY_ID_HEADER, b"2026-12"), (HMAC_HEADER, b"\xff" * 64)], "signature does not"),
         ([(KEY_ID_HEADER, b"\xff"), (HMAC_HEADER, b"0" * 64)], "no valid"),
         ([(KEY_ID_HEADER, b"2026-12"), (HMAC_HEADER, b"0" * 64)], "signature does not match"),
     ],
@@ -198,6 +201,13 @@ def test_the_signed_bytes_never_coincide_for_different_fields(
     first = agent_signed_bytes(a, b, c, "heartbeat", AT)
     second = agent_signed_bytes(d, e, f, "heartbeat", AT)
     assert (first == second) == ((a, b, c) == (d, e, f))
+
+
+@given(st.binary(min_size=32, max_size=200), st.binary(max_size=300))
+def test_the_precomputed_hmac_is_hmac_sha256(key: bytes, message: bytes) -> None:
+    keys = SigningKeys({"k": key}, current="k")
+    assert keys.hex_digest("k", message) == hmac.new(key, message, "sha256").hexdigest().encode()
+    assert sign(keys, message)[1] == (HMAC_HEADER, keys.hex_digest("k", message))
 
 
 def test_console_signature_covers_the_whole_value() -> None:

@@ -29,7 +29,8 @@ from tests.integration.license_support import (
 )
 from tests.support import Services, fetch, make_settings, read_all, run_cli, settings_environment
 from worker.settings import Settings
-from worker.sim.fleet import SimulatedDevice, agent_event, encode
+from worker.sim.fleet import SimulatedDevice, agent_event, encode, simulated_customer_id
+from worker.sim.producer import produce_fleet
 from worker.trust.signing import (
     SigningKeys,
     agent_signed_bytes,
@@ -360,3 +361,24 @@ async def test_without_signatures_refuse_mode_still_admits_existing_customers_fo
     await flow.send(forgeries(settings, now, None))
     await flow.process(now + timedelta(minutes=1))
     assert ("device", "rogue-1") in await active_licenses(settings, VICTIM)
+
+
+async def test_the_simulator_signs_as_the_gateway_and_the_console_when_keys_are_set(
+    services: Services, signed_settings: Settings
+) -> None:
+    """`license-worker simulate` with the keys files set: the worker, verifying, stores
+    everything and dead-letters nothing (the reference signer and the verifier agree)."""
+    settings, start = signed_settings, day(0)
+    console = await produce_fleet(settings, 2, 4, 2, start, with_console=True, with_agents=False)
+    await apply_admin(services, settings, start, console)
+    agents = await produce_fleet(settings, 2, 4, 2, start)
+    await ingest(services, settings, start + timedelta(minutes=10), agents)
+    rows = await fetch(
+        settings.database_url.get_secret_value(),
+        "SELECT customer_id, count(*) AS devices FROM devices GROUP BY 1 ORDER BY 1",
+    )
+    assert [(row["customer_id"], row["devices"]) for row in rows] == [
+        (simulated_customer_id(0), 4),
+        (simulated_customer_id(1), 4),
+    ]
+    assert await read_all(services.kafka_bootstrap_servers, settings.dlq_topic, 1, 2) == []

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.trust.signing import SigningKeys, load_signing_keys
@@ -153,6 +153,12 @@ class Settings(BaseSettings):
             if path and not os.access(path, os.R_OK):
                 raise ValueError(f"{variable}: cannot read {path!r}")
         return self
+
+    @field_validator("agent_signing_keys_file", "console_signing_keys_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """An empty variable means no signatures (a Job that needs no keys blanks them)."""
+        return value or None
 
     @model_validator(mode="after")
     def _signing_keys_are_usable(self) -> Settings:

@@ -276,6 +276,14 @@ def test_settings_refuse_an_unusable_keys_file_at_start(tmp_path: Path) -> None:
         Settings(agent_signing_keys_file=tmp_path / "missing.json")
 
 
+def test_an_empty_keys_file_variable_means_no_signatures(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENT_SIGNING_KEYS_FILE", "")
+    monkeypatch.setenv("CONSOLE_SIGNING_KEYS_FILE", "")
+    settings = Settings()
+    assert settings.agent_signing_keys() is None
+    assert settings.console_signing_keys() is None
+
+
 def test_settings_default_to_refusing_unknown_customers_without_signatures() -> None:
     settings = Settings()
     assert settings.unknown_customers == "refuse"

@@ -325,6 +325,9 @@ def make_settings(
         "batch_max_wait_ms": 100,
         "retry_initial_seconds": 0.05,
         "retry_max_seconds": 1.0,
+        # Most tests send agent signals without creating their customers on the console
+        # topic first: today's behaviour. Tests of the refusal ask for "refuse".
+        "unknown_customers": "admit",
         **topics,
         **overrides,
     }

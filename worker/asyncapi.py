@@ -38,6 +38,7 @@ from worker.ingest.dead_letters import (
 )
 from worker.ingest.decoding import RejectReason
 from worker.settings import Settings
+from worker.trust.signing import HMAC_HEADER, KEY_ID_HEADER
 
 ASYNCAPI_VERSION = "3.0.0"
 CONTRACT_VERSION = "1.0.0"
@@ -198,9 +199,31 @@ def _message(
     return message
 
 
+def _signature_headers(signed: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "Required when the worker has signing keys for this topic "
+        f"(docs/security.md, tenant binding): an HMAC-SHA256 over {signed}.",
+        "properties": {
+            KEY_ID_HEADER: _text("The id of the key in the keys file that signed it."),
+            HMAC_HEADER: _text("The HMAC-SHA256, lowercase hex.", pattern="^[0-9a-f]{64}$"),
+        },
+    }
+
+
 def _messages() -> dict[str, Any]:
-    messages = {name: _message(model, _AGENT_KEY) for name, model in _AGENT_MESSAGES.items()}
-    messages |= {name: _message(model, _CUSTOMER_KEY) for name, model in _ADMIN_MESSAGES.items()}
+    agent_headers = _signature_headers(
+        "the type, customer id, device id, event id and occurred_at, length-prefixed "
+        "(worker/trust/signing.py `agent_signed_bytes`)"
+    )
+    console_headers = _signature_headers("the whole message value")
+    messages = {
+        name: _message(model, _AGENT_KEY, agent_headers) for name, model in _AGENT_MESSAGES.items()
+    }
+    messages |= {
+        name: _message(model, _CUSTOMER_KEY, console_headers)
+        for name, model in _ADMIN_MESSAGES.items()
+    }
     messages["licenseEvent"] = _message(LicenseEvent, _CUSTOMER_KEY)
     messages["deadLetter"] = {
         "name": "DeadLetter",

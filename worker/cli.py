@@ -348,21 +348,40 @@ def export_schemas(directory: Path, asyncapi_path: Path | None) -> None:
     "--console/--no-console",
     default=False,
     show_default=True,
-    help="Also send the console's messages: a Core subscription per customer, a Core+ trial "
-    "for the first customer's admins group.",
+    help="Also send the console's messages first: each customer's creation, a Core "
+    "subscription per customer, a Core+ trial for the first customer's admins group.",
 )
-def simulate(customers: int, devices_per_customer: int, rounds: int, console: bool) -> None:
-    """Produce a small simulated fleet's installs and heartbeats (for the demo)."""
+@click.option(
+    "--agents/--no-agents",
+    default=True,
+    show_default=True,
+    help="Send the agents' installs and heartbeats (--console --no-agents: only create the "
+    "customers, which the worker must have applied before their agents' signals arrive).",
+)
+def simulate(
+    customers: int, devices_per_customer: int, rounds: int, console: bool, agents: bool
+) -> None:
+    """Produce a small simulated fleet's installs and heartbeats (for the demo), signed
+    when AGENT_SIGNING_KEYS_FILE or CONSOLE_SIGNING_KEYS_FILE is set."""
     from worker.sim.producer import produce_fleet  # noqa: PLC0415
 
     settings = load_settings()
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5 * rounds)
     sent = asyncio.run(
         produce_fleet(
-            settings, customers, devices_per_customer, rounds, start, with_console=console
+            settings,
+            customers,
+            devices_per_customer,
+            rounds,
+            start,
+            with_console=console,
+            with_agents=agents,
         )
     )
-    click.echo(f"produced {sent} {'agent and console' if console else 'agent'} events")
+    what = {(True, True): "agent and console", (True, False): "console"}.get(
+        (console, agents), "agent"
+    )
+    click.echo(f"produced {sent} {what} events")
 
 
 @main.command()

@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, IPvAnyAddress, SecretStr, model_validator
+from pydantic import Field, IPvAnyAddress, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.trust.signing import SigningKeys, load_signing_keys
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+UnknownCustomers = Literal["refuse", "admit"]
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/license"
 
 
@@ -52,6 +55,26 @@ class Settings(BaseSettings):
     consumer_group: str = "license-telemetry"
     admin_consumer_group: str = "license-telemetry-admin"
     admin_enabled: bool = True
+    unknown_customers: UnknownCustomers = Field(
+        default="refuse",
+        description=(
+            "Agent signals for a customer the console never created: `refuse` sends them to "
+            "the DLQ (reason unknown_customer, replayable once the customer exists); `admit` "
+            "creates the customer, for deployments without the console topic"
+        ),
+    )
+    agent_signing_keys_file: Path | None = Field(
+        default=None,
+        description=(
+            "JSON keys file of the agents' gateway (worker/trust/signing.py): when set, every "
+            "agent message must carry a valid gateway signature, or goes to the DLQ "
+            "(reason unauthenticated)"
+        ),
+    )
+    console_signing_keys_file: Path | None = Field(
+        default=None,
+        description="The same for the console topic, with the console's own keys",
+    )
 
     batch_max_records: int = Field(default=5000, ge=1, le=100_000)
     batch_max_wait_ms: int = Field(default=200, ge=1, le=60_000)
@@ -143,6 +166,33 @@ class Settings(BaseSettings):
             if path and not os.access(path, os.R_OK):
                 raise ValueError(f"{variable}: cannot read {path!r}")
         return self
+
+    @field_validator("agent_signing_keys_file", "console_signing_keys_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """An empty variable means no signatures (a Job that needs no keys blanks them)."""
+        return value or None
+
+    @model_validator(mode="after")
+    def _signing_keys_are_usable(self) -> Settings:
+        """A keys file that is missing or malformed stops start-up with the setting's name."""
+        for variable, path in (
+            ("AGENT_SIGNING_KEYS_FILE", self.agent_signing_keys_file),
+            ("CONSOLE_SIGNING_KEYS_FILE", self.console_signing_keys_file),
+        ):
+            if path is not None:
+                load_signing_keys(path, variable)
+        return self
+
+    def agent_signing_keys(self) -> SigningKeys | None:
+        """The gateway's keys, read from AGENT_SIGNING_KEYS_FILE (None: no signatures)."""
+        path = self.agent_signing_keys_file
+        return None if path is None else load_signing_keys(path, "AGENT_SIGNING_KEYS_FILE")
+
+    def console_signing_keys(self) -> SigningKeys | None:
+        """The console's keys, read from CONSOLE_SIGNING_KEYS_FILE (None: no signatures)."""
+        path = self.console_signing_keys_file
+        return None if path is None else load_signing_keys(path, "CONSOLE_SIGNING_KEYS_FILE")
 
     @property
     def future_tolerance(self) -> timedelta:

@@ -8,6 +8,11 @@ INSERT INTO customers (customer_id)
 SELECT customer_id FROM unnest($1::text[]) AS batch (customer_id)
 ON CONFLICT (customer_id) DO NOTHING;
 
+-- name: existing_customers
+-- Which of the batch's customers ($1) exist: with UNKNOWN_CUSTOMERS=refuse, the signals of
+-- the others go to the DLQ (worker/ingest/loop.py).
+SELECT customer_id FROM customers WHERE customer_id = ANY($1::text[]);
+
 -- name: share_customers
 -- Taken before any device lock by every transaction that decides licenses (ingestion here,
 -- customer_terms in every decision): it conflicts only with lock_customer, so a console

@@ -34,6 +34,7 @@ from worker.ops import metrics
 from worker.ops.lag import partition_lag
 from worker.retry import Stopped
 from worker.tenants.changes import AdminOutcome, UnknownSubscription, apply_admin_event
+from worker.trust.signing import console_signed_bytes, signature_in, unauthenticated_reason
 
 log = structlog.get_logger(__name__)
 ADMIN_BATCH_RECORDS = 200
@@ -45,6 +46,7 @@ class AdminLoop:
 
     def __init__(self, session: ConsumerSession) -> None:
         self._session = session
+        self._signing_keys = session.settings.console_signing_keys()
         self._lag_reported: set[Any] = set()
         # The Kafka timestamp of the newest message applied, per partition (this process).
         self._last_applied_at: dict[Any, datetime] = {}
@@ -114,7 +116,7 @@ class AdminLoop:
         next_offsets = {}
         for partition_records in records.values():
             for record in partition_records:
-                decoded = decode_admin_event(record.value, self._session.settings.max_message_bytes)
+                decoded = self._decode(record)
                 if isinstance(decoded, Rejection):
                     letters.append(dead_letter_for(record, decoded))
                 else:
@@ -132,6 +134,17 @@ class AdminLoop:
         for letter in letters:
             metrics.EVENTS.labels(topic, "unknown", "dead_lettered").inc()
             metrics.DEAD_LETTERS.labels(topic, letter.rejection.reason.value).inc()
+
+    def _decode(self, record: Record) -> AdminEventModel | Rejection:
+        """The console's event; with CONSOLE_SIGNING_KEYS_FILE, only if the console signed
+        its value, checked before the value is parsed."""
+        if self._signing_keys is not None:
+            signed = console_signed_bytes(record.value or b"")
+            signature = signature_in(record.headers)
+            reason = unauthenticated_reason(self._signing_keys, signature, signed)
+            if reason is not None:
+                return Rejection(RejectReason.UNAUTHENTICATED, reason)
+        return decode_admin_event(record.value, self._session.settings.max_message_bytes)
 
     async def _apply(self, record: Record, event: AdminEventModel) -> AdminOutcome | DeadLetter:
         async def in_transaction() -> AdminOutcome | None:

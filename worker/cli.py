@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,6 +52,8 @@ def main() -> None:
 def migrate() -> None:
     """Apply the database migrations not applied yet (safe to run twice, or concurrently)."""
     # Imported here, as in every command: keeps `--help` fast.
+    import asyncpg  # noqa: PLC0415
+
     from worker.db.migrations import (  # noqa: PLC0415
         MigrationChangedError,
         MigrationNotPermittedError,
@@ -59,15 +62,20 @@ def migrate() -> None:
 
     settings = load_settings()
 
+    key = settings.pseudonym_key
+    key_hash = hashlib.sha256(key.get_secret_value().encode()).hexdigest() if key else ""
+
     async def apply() -> None:
         async with connected(settings) as repository:
-            applied = await repository.apply_migrations(load_migrations())
+            applied = await repository.apply_migrations(load_migrations(), key_hash)
         log.info("migrate.done", applied=[migration.version for migration in applied])
 
     try:
         asyncio.run(apply())
     except (MigrationChangedError, MigrationNotPermittedError) as error:
         raise click.ClickException(str(error)) from None
+    except asyncpg.RaiseError as error:  # a migration's own refusal (RAISE EXCEPTION)
+        raise click.ClickException(f"migration refused: {error}") from None
 
 
 @main.command("create-roles")
@@ -144,7 +152,7 @@ def run() -> None:
     """Consume agent events until SIGTERM or SIGINT."""
     from worker.service import Worker, install_signal_handlers  # noqa: PLC0415
 
-    settings = load_settings()
+    settings = load_settings(needs_pseudonym_key=True)
 
     async def serve() -> None:
         install_asyncio_error_logging()
@@ -181,8 +189,8 @@ def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
     from worker.kafka.clients import PartitionEnds, start_once  # noqa: PLC0415
     from worker.licensing.sweeper import Sweeper  # noqa: PLC0415
 
-    settings = load_settings()
     clock = FixedClock(parse_time(now_text)) if now_text else SystemClock()
+    settings = load_settings(needs_pseudonym_key=True)
 
     async def run_sweeps() -> dict[str, object] | None:
         async with connected(settings, pool_size=2) as repository:

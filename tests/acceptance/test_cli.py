@@ -166,6 +166,25 @@ def test_invalid_configuration_fails_fast_with_a_clear_message() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [["run"], ["sweep", "--once"]])
+def test_run_and_sweep_refuse_to_start_without_a_pseudonym_key(command: list[str]) -> None:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PSEUDONYM_KEY")}
+    result = run_cli(environment, *command)
+    assert result.returncode == 1
+    assert "invalid configuration: PSEUDONYM_KEY_FILE is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_sample_pseudonym_key_is_refused(tmp_path: Path) -> None:
+    sample = tmp_path / "pseudonym.key"
+    sample.write_text("CHANGE-ME-to-64-random-hex-characters\n")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PSEUDONYM_KEY")}
+    result = run_cli({**environment, "PSEUDONYM_KEY_FILE": str(sample)}, "run")
+    assert result.returncode == 1
+    assert "PSEUDONYM_KEY_FILE: the pseudonym key is the sample value" in result.stderr
+    assert "CHANGE-ME" not in result.stderr
+
+
 def test_export_schemas_writes_json_schema(tmp_path: Path) -> None:
     result = run_cli(dict(os.environ), "export-schemas", str(tmp_path))
     assert result.returncode == 0, result.stderr

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.support import Services, fetch, migrate_database
+from tests.support import Services, fetch, migrate_database, run_cli
+from worker.db.repository import Repository
 from worker.db.sql_files import load_migrations
 
 pytestmark = pytest.mark.integration
@@ -49,3 +52,58 @@ async def test_migrate_twice_and_concurrently_applies_each_file_once(services: S
     await migrate_database(url)
     rows = await fetch(url, "SELECT version FROM schema_migrations ORDER BY version")
     assert [row["version"] for row in rows] == [m.version for m in load_migrations()]
+
+
+async def migrated_to_0007_with_a_purged_user(services: Services) -> str:
+    url = await empty_database(services)
+    repository = await Repository.connect(url, 1)
+    try:
+        await repository.apply_migrations([m for m in load_migrations() if m.version <= 7])
+    finally:
+        await repository.close()
+    await fetch(url, "INSERT INTO customers (customer_id) VALUES ('acme')")
+    await fetch(
+        url,
+        "INSERT INTO users (customer_id, user_id, first_seen_at, last_seen_at, purged_at)"
+        " VALUES ('acme', 'purged-0123', now(), now(), now())",
+    )
+    return url
+
+
+def migrate_with(url: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    environment = {
+        name: value for name, value in os.environ.items() if not name.startswith("PSEUDONYM_KEY")
+    }
+    return run_cli({**environment, "DATABASE_URL": url, **variables}, "migrate")
+
+
+async def test_0008_refuses_to_drop_a_database_key_that_made_pseudonyms_until_exported(
+    services: Services, tmp_path: Path
+) -> None:
+    url = await migrated_to_0007_with_a_purged_user(services)
+    other_key = tmp_path / "other.key"
+    other_key.write_text(secrets.token_hex(32))
+
+    for refused in (migrate_with(url), migrate_with(url, PSEUDONYM_KEY_FILE=str(other_key))):
+        assert refused.returncode == 1, refused.stderr
+        assert "migration refused" in refused.stderr
+        assert "export it to a file first" in refused.stderr
+        assert await fetch(url, "SELECT FROM service_keys") != []
+
+    # The documented export, as the owner: the database key becomes the key file.
+    (stored,) = await fetch(url, "SELECT value FROM service_keys WHERE name = 'pseudonym'")
+    exported = tmp_path / "pseudonym.key"
+    exported.write_text(stored["value"] + "\n")
+    migrated = migrate_with(url, PSEUDONYM_KEY_FILE=str(exported))
+    assert migrated.returncode == 0, migrated.stderr
+    rows = await fetch(url, "SELECT to_regclass('service_keys') IS NULL AS gone")
+    assert rows[0]["gone"]
+
+
+async def test_0008_drops_a_database_key_that_never_made_a_pseudonym(services: Services) -> None:
+    url = await migrated_to_0007_with_a_purged_user(services)
+    await fetch(url, "UPDATE users SET purged_at = NULL")
+    migrated = migrate_with(url)
+    assert migrated.returncode == 0, migrated.stderr
+    rows = await fetch(url, "SELECT to_regclass('service_keys') IS NULL AS gone")
+    assert rows[0]["gone"]

@@ -129,10 +129,17 @@ class Repository:
             row = await connection.fetchrow(query("summary"))
         return dict(row)
 
-    async def apply_migrations(self, migrations: Sequence[Migration]) -> list[Migration]:
-        """Applies the migrations not yet recorded (worker.db.migrations)."""
+    async def apply_migrations(
+        self, migrations: Sequence[Migration], pseudonym_key_sha256: str = ""
+    ) -> list[Migration]:
+        """Applies the migrations not yet recorded (worker.db.migrations). The SHA-256 of
+        the configured pseudonym key lets migration 0008 check it was exported."""
         async with self._pool.acquire() as connection:
-            return await apply_migrations(connection, migrations)
+            await connection.execute(query("tell_migrations_the_key_hash"), pseudonym_key_sha256)
+            try:
+                return await apply_migrations(connection, migrations)
+            finally:
+                await connection.execute(query("tell_migrations_the_key_hash"), "")
 
     async def set_up_roles(
         self, owner: str, worker: str, owner_verifier: str, worker_verifier: str

@@ -65,6 +65,7 @@ AGENT_TOPIC_KEYS = ("heartbeat_topic", "lifecycle_topic")
 ROLES = DatabaseRoles()
 OWNER_PASSWORD = "owner-test-password"
 WORKER_PASSWORD = "worker-test-password"
+REPORTER_PASSWORD = "reporter-test-password"
 
 # Stands in for any row Postgres refuses as data (not an outage): a trigger that rejects one
 # device id with an SQL data error.
@@ -127,15 +128,18 @@ class Services:
     def worker_url(self, url: str) -> str:
         return url_as(self.superuser_url(url), ROLES.worker, WORKER_PASSWORD)
 
+    def reporter_url(self, url: str) -> str:
+        return url_as(self.superuser_url(url), ROLES.reporter, REPORTER_PASSWORD)
+
     async def set_up_roles(self, url: str, *, set_passwords: bool = False) -> None:
         """What `license-worker create-roles` does, in `url`'s database, as the superuser."""
         verifiers = [
             scram_sha256_verifier(password) if set_passwords else ""
-            for password in (OWNER_PASSWORD, WORKER_PASSWORD)
+            for password in (OWNER_PASSWORD, WORKER_PASSWORD, REPORTER_PASSWORD)
         ]
         repository = await Repository.connect(self.superuser_url(url), 1)
         try:
-            await repository.set_up_roles(ROLES.owner, ROLES.worker, *verifiers)
+            await repository.set_up_roles(ROLES, *verifiers)
         finally:
             await repository.close()
 

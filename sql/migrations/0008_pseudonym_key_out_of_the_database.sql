@@ -29,3 +29,27 @@ END
 $upgrade$;
 
 DROP TABLE service_keys;
+
+-- A confirmation of releases the outage guard held names the database login that made it
+-- (session_user), not free text: whatever a statement writes into confirmed_by, this
+-- trigger records session_user when the hold is confirmed, and refuses to rewrite a
+-- confirmation afterwards. An optional free-text note (a ticket) goes beside it.
+ALTER TABLE sweep_holds ADD COLUMN confirmation_note text;
+
+CREATE FUNCTION sweep_holds_record_confirmer() RETURNS trigger
+LANGUAGE plpgsql AS $confirmer$
+BEGIN
+    IF TG_OP = 'INSERT' OR NEW.confirmed_at IS DISTINCT FROM OLD.confirmed_at THEN
+        NEW.confirmed_by := CASE WHEN NEW.confirmed_at IS NULL THEN NULL ELSE session_user END;
+    ELSIF NEW.confirmed_by IS DISTINCT FROM OLD.confirmed_by
+       OR NEW.confirmation_note IS DISTINCT FROM OLD.confirmation_note THEN
+        RAISE EXCEPTION 'a confirmation names the database login that made it and cannot be '
+                        'rewritten' USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END
+$confirmer$;
+
+CREATE TRIGGER sweep_holds_record_confirmer
+BEFORE INSERT OR UPDATE ON sweep_holds
+FOR EACH ROW EXECUTE FUNCTION sweep_holds_record_confirmer();

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from worker.db.migrations import apply_migrations
-from worker.db.roles import set_up_roles
+from worker.db.roles import DatabaseRoles, set_up_roles
 from worker.db.session import Session
 from worker.db.sql_files import Migration, query
 from worker.db.wait import DatabaseAnswers, database_answers
@@ -141,9 +141,7 @@ class Repository:
             finally:
                 await connection.execute(query("tell_migrations_the_key_hash"), "")
 
-    async def set_up_roles(
-        self, owner: str, worker: str, owner_verifier: str, worker_verifier: str
-    ) -> None:
+    async def set_up_roles(self, roles: DatabaseRoles, *verifiers: str) -> None:
         """Creates and grants the service's roles (worker.db.roles.set_up_roles)."""
         async with self._pool.acquire() as connection:
-            await set_up_roles(connection, owner, worker, owner_verifier, worker_verifier)
+            await set_up_roles(connection, roles, *verifiers)

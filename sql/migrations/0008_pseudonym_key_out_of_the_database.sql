@@ -30,6 +30,32 @@ $upgrade$;
 
 DROP TABLE service_keys;
 
+-- License event ids were UUIDv5 of customer, type, subject, time and number under a namespace
+-- written in the source: anyone could test a guessed user id against a stored id, before
+-- and after the purge. New ids are keyed (worker/licensing/rules.py, license_event_id). The
+-- published events of users keep no id of the old scheme here: each gets a random id, the
+-- same in the history, the outbox column and the payload. Billing keeps the ids it received
+-- (they are opaque to it; nothing here is published again). Rows not published yet keep
+-- theirs: the relay may have sent them already without marking them, and billing
+-- de-duplicates by id (docs/security.md, "The pseudonym key").
+WITH legacy AS MATERIALIZED (
+    SELECT event_id AS old_id, gen_random_uuid() AS new_id
+    FROM license_outbox
+    WHERE subject_type = 'user' AND published_at IS NOT NULL
+      AND substr(event_id::text, 15, 1) = '5'
+),
+history_done AS (
+    UPDATE license_history AS h
+    SET event_id = l.new_id
+    FROM legacy AS l
+    WHERE h.event_id = l.old_id
+)
+UPDATE license_outbox AS o
+SET event_id = l.new_id,
+    payload = jsonb_set(o.payload, '{event_id}', to_jsonb(l.new_id::text))
+FROM legacy AS l
+WHERE o.event_id = l.old_id;
+
 -- A confirmation of releases the outage guard held names the database login that made it
 -- (session_user), not free text: whatever a statement writes into confirmed_by, this
 -- trigger records session_user when the hold is confirmed, and refuses to rewrite a

@@ -100,6 +100,43 @@ async def test_0008_refuses_to_drop_a_database_key_that_made_pseudonyms_until_ex
     assert rows[0]["gone"]
 
 
+LEGACY_ID = "429e0b36-7f0d-580a-985b-becd2598b9e9"  # a UUIDv5 of the old scheme
+PENDING_ID = "5d1c7a2e-0b9f-5e4d-8c3b-2a1f0e9d8c7b"
+
+
+async def test_0008_gives_published_user_events_ids_of_no_guessable_scheme(
+    services: Services,
+) -> None:
+    url = await migrated_to_0007_with_a_purged_user(services)
+    await fetch(url, "DELETE FROM users")  # no pseudonym made: the key may go
+    for event_id, published in ((LEGACY_ID, "now()"), (PENDING_ID, "NULL")):
+        await fetch(
+            url,
+            "INSERT INTO license_history (customer_id, subject_type, subject_id, change,"
+            " effective_at, decided_at, event_id) VALUES ('acme', 'user', 'purged-0123',"
+            " 'allocated', now(), now(), $1)",
+            event_id,
+        )
+        await fetch(
+            url,
+            "INSERT INTO license_outbox (event_id, customer_id, subject_type, subject_id,"
+            f" payload, published_at) VALUES ($1::uuid, 'acme', 'user', 'purged-0123',"
+            f" jsonb_build_object('event_id', $1::text), {published})",
+            event_id,
+        )
+    migrated = migrate_with(url)
+    assert migrated.returncode == 0, migrated.stderr
+    history = {str(r["event_id"]) for r in await fetch(url, "SELECT event_id FROM license_history")}
+    outbox = await fetch(
+        url, "SELECT event_id, payload::jsonb ->> 'event_id' AS in_payload FROM license_outbox"
+    )
+    assert LEGACY_ID not in history
+    assert PENDING_ID in history, "not published yet: keeps the id the relay may have sent"
+    assert {(str(r["event_id"]), r["in_payload"]) for r in outbox} == {
+        (event_id, event_id) for event_id in history
+    }
+
+
 async def test_0008_drops_a_database_key_that_never_made_a_pseudonym(services: Services) -> None:
     url = await migrated_to_0007_with_a_purged_user(services)
     await fetch(url, "UPDATE users SET purged_at = NULL")

@@ -84,6 +84,8 @@ async def test_migrate_create_topics_simulate_run_status(
         migrated = run_cli(owner, "migrate")
         assert migrated.returncode == 0, migrated.stderr
     assert "migrate.done" in migrated.stderr
+    regranted = run_cli(admin, "create-roles")  # the grants of the tables just created
+    assert regranted.returncode == 0, regranted.stderr
     refused = run_cli(environment, "migrate")
     assert refused.returncode == 1
     assert "role license_worker may not change the schema" in refused.stderr

@@ -25,6 +25,7 @@ async def create_database(services: Services) -> str:
     url = await services.create_database("license_faults")
     await services.set_up_roles(url, set_passwords=True)
     await migrate_database(services.owner_url(url))
+    await services.set_up_roles(url)  # the migrated tables' grants
     return url
 
 

@@ -749,6 +749,7 @@ cmd_env() {
   load_ports 2>/dev/null || die "services not started in $STATE_DIR"
   kafka_running || die "Kafka is not running (state $STATE_DIR)"
   pg_running || die "Postgres is not running (state $STATE_DIR)"
+  ensure_pseudonym_key
   env_lines
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,6 +53,8 @@ def main() -> None:
 def migrate() -> None:
     """Apply the database migrations not applied yet (safe to run twice, or concurrently)."""
     # Imported here, as in every command: keeps `--help` fast.
+    import asyncpg  # noqa: PLC0415
+
     from worker.db.migrations import (  # noqa: PLC0415
         MigrationChangedError,
         MigrationNotPermittedError,
@@ -60,15 +63,20 @@ def migrate() -> None:
 
     settings = load_settings()
 
+    key = settings.pseudonym_key
+    key_hash = hashlib.sha256(key.get_secret_value().encode()).hexdigest() if key else ""
+
     async def apply() -> None:
         async with connected(settings) as repository:
-            applied = await repository.apply_migrations(load_migrations())
+            applied = await repository.apply_migrations(load_migrations(), key_hash)
         log.info("migrate.done", applied=[migration.version for migration in applied])
 
     try:
         asyncio.run(apply())
     except (MigrationChangedError, MigrationNotPermittedError) as error:
         raise click.ClickException(str(error)) from None
+    except asyncpg.RaiseError as error:  # a migration's own refusal (RAISE EXCEPTION)
+        raise click.ClickException(f"migration refused: {error}") from None
 
 
 @main.command("create-roles")
@@ -85,6 +93,12 @@ def migrate() -> None:
     help="`run` and the other commands run as it.",
 )
 @click.option(
+    "--reporter",
+    default="license_reporter",
+    show_default=True,
+    help="Reads what `report usage` reads, nothing else; writes nothing.",
+)
+@click.option(
     "--owner-password-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Sets the owner's password to this file's content (else left as it is).",
@@ -94,8 +108,19 @@ def migrate() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Sets the worker's password to this file's content (else left as it is).",
 )
+@click.option(
+    "--reporter-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Sets the reporter's password to this file's content (else left as it is).",
+)
 def create_roles(
-    owner: str, worker: str, owner_password_file: Path | None, worker_password_file: Path | None
+    *,
+    owner: str,
+    worker: str,
+    reporter: str,
+    owner_password_file: Path | None,
+    worker_password_file: Path | None,
+    reporter_password_file: Path | None,
 ) -> None:
     """Create the service's database roles and grant them what they need, no more.
 
@@ -111,12 +136,13 @@ def create_roles(
 
     settings = load_settings()
     try:
-        roles = DatabaseRoles(owner, worker)
+        roles = DatabaseRoles(owner, worker, reporter)
         verifiers = [
             scram_sha256_verifier(read_secret_file(option, path)) if path else ""
             for option, path in (
                 ("--owner-password-file", owner_password_file),
                 ("--worker-password-file", worker_password_file),
+                ("--reporter-password-file", reporter_password_file),
             )
         ]
     except ValueError as error:
@@ -124,17 +150,20 @@ def create_roles(
 
     async def set_up() -> None:
         async with connected(settings) as repository:
-            await repository.set_up_roles(roles.owner, roles.worker, *verifiers)
+            await repository.set_up_roles(roles, *verifiers)
 
     try:
         asyncio.run(set_up())
     except RoleSetupRefusedError as error:
         raise click.ClickException(f"create-roles refused: {error}") from None
     click.echo(
-        f"roles ready: migrate as {roles.owner}, run the worker as {roles.worker}"
+        f"roles ready: migrate as {roles.owner}, run the worker as {roles.worker}, "
+        f"report as {roles.reporter}"
         + "".join(
             f"; {role}'s password left unchanged"
-            for role, verifier in zip((roles.owner, roles.worker), verifiers, strict=True)
+            for role, verifier in zip(
+                (roles.owner, roles.worker, roles.reporter), verifiers, strict=True
+            )
             if not verifier
         )
     )
@@ -145,7 +174,7 @@ def run() -> None:
     """Consume agent events until SIGTERM or SIGINT."""
     from worker.service import Worker, install_signal_handlers  # noqa: PLC0415
 
-    settings = load_settings()
+    settings = load_settings(needs_pseudonym_key=True)
 
     async def serve() -> None:
         install_asyncio_error_logging()
@@ -183,8 +212,8 @@ def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
     from worker.kafka.clients import PartitionEnds, start_once  # noqa: PLC0415
     from worker.licensing.sweeper import Sweeper  # noqa: PLC0415
 
-    settings = load_settings()
     clock = FixedClock(parse_time(now_text)) if now_text else SystemClock()
+    settings = load_settings(needs_pseudonym_key=True)
 
     async def run_sweeps() -> dict[str, object] | None:
         async with connected(settings, pool_size=2) as repository:
@@ -206,22 +235,27 @@ def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
 
 @main.command("confirm-releases")
 @click.argument("customer_id")
-@click.option("--by", "confirmed_by", default="operator", show_default=True)
-def confirm_releases(customer_id: str, confirmed_by: str) -> None:
-    """Let the next sweep apply the releases the outage guard held for CUSTOMER_ID."""
+@click.option("--note", help="A note kept with the confirmation (a ticket, a reason).")
+def confirm_releases(customer_id: str, note: str | None) -> None:
+    """Let the next sweep apply the releases the outage guard held for CUSTOMER_ID.
+
+    The confirmation records the database login that made it (session_user): confirm with
+    your own login, a member of the worker role (docs/security.md, "Least privilege")."""
 
     settings = load_settings()
 
-    async def confirm() -> int:
+    async def confirm() -> list[str]:
         async with connected(settings) as repository:
-            rows = await repository.fetch(
-                "confirm_hold", customer_id, datetime.now(UTC), confirmed_by
-            )
-        return len(rows)
+            rows = await repository.fetch("confirm_hold", customer_id, datetime.now(UTC), note)
+        return [row["confirmed_by"] for row in rows]
 
-    if not asyncio.run(confirm()):
+    confirmed_by = asyncio.run(confirm())
+    if not confirmed_by:
         raise click.ClickException(f"no unconfirmed hold for customer {customer_id!r}")
-    click.echo(f"confirmed: the next sweep releases the held licenses of {customer_id}")
+    click.echo(
+        f"confirmed by {confirmed_by[0]}: the next sweep releases the held licenses of "
+        f"{customer_id}"
+    )
 
 
 @main.command("publish-events")

@@ -68,6 +68,7 @@ class StoppedDuringStartup(Exception):
 
 class Worker:
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        settings.required_pseudonym_key()  # event ids and the purge: refuse now, not later
         self._settings = settings
         self._clock = clock or SystemClock()
         self._stopping = asyncio.Event()

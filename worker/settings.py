@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 from pydantic import Field, IPvAnyAddress, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.pseudonym_key import PseudonymKeyError, checked_key, event_id_key
 from worker.trust.signing import SigningKeys, load_signing_keys
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -95,7 +96,14 @@ class Settings(BaseSettings):
     guard_max_release_share: float = Field(default=0.2, gt=0, le=1)
     guard_min_releases: int = Field(default=10, ge=1)
     guard_override: bool = False
+    # The key of purged users' pseudonyms and of license event ids: at least 64 hexadecimal
+    # digits (worker/pseudonym_key.py). From a mounted secret file; `run` and `sweep` refuse
+    # to start without it.
     pseudonym_key: SecretStr | None = None
+    pseudonym_key_file: Path | None = Field(
+        default=None,
+        description="file holding PSEUDONYM_KEY (hexadecimal text, `openssl rand -hex 32`)",
+    )
 
     relay_enabled: bool = True
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
@@ -152,7 +160,7 @@ class Settings(BaseSettings):
                     "give the password one way only"
                 )
             data["kafka_sasl_password"] = read_secret_file("KAFKA_SASL_PASSWORD_FILE", sasl_file)
-        return data
+        return _read_pseudonym_key(data)
 
     @model_validator(mode="after")
     def _tls_files_are_readable(self) -> Settings:
@@ -193,6 +201,22 @@ class Settings(BaseSettings):
         """The console's keys, read from CONSOLE_SIGNING_KEYS_FILE (None: no signatures)."""
         path = self.console_signing_keys_file
         return None if path is None else load_signing_keys(path, "CONSOLE_SIGNING_KEYS_FILE")
+
+    def required_pseudonym_key(self) -> str:
+        """The pseudonym key, or a ValueError naming the setting (commands that decide
+        licenses or purge cannot run without it)."""
+        if self.pseudonym_key is None:
+            raise ValueError(
+                "PSEUDONYM_KEY_FILE is not set: license event ids and the pseudonyms of "
+                "purged users are keyed with it. Create one with "
+                "`(umask 077; openssl rand -hex 32 > pseudonym.key)` and keep it in the "
+                "secret store (docs/security.md, 'The pseudonym key')"
+            )
+        return self.pseudonym_key.get_secret_value()
+
+    def event_id_key(self) -> bytes:
+        """The key of license event ids (derived from the pseudonym key)."""
+        return event_id_key(self.required_pseudonym_key())
 
     @property
     def future_tolerance(self) -> timedelta:
@@ -248,6 +272,28 @@ _URL_PASSWORD_PARAMETERS = {"password", "sslpassword"}
 
 def _plain(value: Any) -> str:
     return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
+def _read_pseudonym_key(data: dict[str, Any]) -> dict[str, Any]:
+    """PSEUDONYM_KEY_FILE into PSEUDONYM_KEY; either one checked (worker/pseudonym_key.py)."""
+    key_file = data.get("pseudonym_key_file") or None
+    data["pseudonym_key_file"] = key_file
+    if key_file is not None:
+        if data.get("pseudonym_key") is not None:
+            raise ValueError(
+                "PSEUDONYM_KEY and PSEUDONYM_KEY_FILE are both set: give the key one way only"
+            )
+        data["pseudonym_key"] = read_secret_file("PSEUDONYM_KEY_FILE", key_file)
+    key = data.get("pseudonym_key") or None
+    if key is not None:
+        variable = "PSEUDONYM_KEY_FILE" if key_file is not None else "PSEUDONYM_KEY"
+        try:
+            data["pseudonym_key"] = checked_key(_plain(key))
+        except PseudonymKeyError as error:
+            raise ValueError(f"{variable}: the pseudonym key {error}") from None
+    else:
+        data["pseudonym_key"] = None
+    return data
 
 
 def read_secret_file(variable: str, path: str | Path) -> str:

@@ -119,6 +119,7 @@ KAFKA_LOG="$KAFKA_DIR/server.log"
 KAFKA_OUT="$KAFKA_DIR/kafka.out"
 TLS_DIR="$KAFKA_DIR/tls"
 SASL_PASSWORD_FILE="$KAFKA_DIR/sasl-password"
+PSEUDONYM_KEY_FILE="$STATE_DIR/pseudonym.key"
 SCRAM_MARKER="$KAFKA_DIR/scram-user-created"   # the user exists in the cluster metadata
 SASL_USER=license-worker
 SASL_MECHANISM=SCRAM-SHA-512
@@ -194,6 +195,15 @@ save_ports() {
 env_lines() {
   printf 'export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:%s\n' "$KAFKA_PORT"
   printf 'export DATABASE_URL=postgresql://%s@127.0.0.1:%s/%s\n' "$PG_SUPERUSER" "$PG_PORT" "$PG_DB"
+  printf 'export PSEUDONYM_KEY_FILE=%s\n' "$PSEUDONYM_KEY_FILE"
+}
+
+# The worker's pseudonym key (docs/security.md): 32 random bytes as hexadecimal text, made
+# once per state dir and readable by its owner only.
+ensure_pseudonym_key() {
+  [ -s "$PSEUDONYM_KEY_FILE" ] && return
+  (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' >"$PSEUDONYM_KEY_FILE.tmp")
+  mv "$PSEUDONYM_KEY_FILE.tmp" "$PSEUDONYM_KEY_FILE"
 }
 
 secure_env_lines() {
@@ -702,6 +712,7 @@ choose_ports() {
 }
 
 write_env() {
+  ensure_pseudonym_key
   env_lines >"$ENV_FILE.tmp"
   mv "$ENV_FILE.tmp" "$ENV_FILE"
 }
@@ -756,6 +767,7 @@ cmd_env() {
   load_ports 2>/dev/null || die "services not started in $STATE_DIR"
   kafka_running || die "Kafka is not running (state $STATE_DIR)"
   pg_running || die "Postgres is not running (state $STATE_DIR)"
+  ensure_pseudonym_key
   env_lines
 }
 

@@ -3,9 +3,6 @@
 -- It never waits for a row lock (SKIP LOCKED): see the lock order at the top of
 -- licensing.sql.
 
--- name: pseudonym_key
-SELECT value FROM service_keys WHERE name = 'pseudonym';
-
 -- name: users_due_for_purge
 -- Skips (never waits for) what another transaction holds: a customer the console is
 -- changing, a user being decided, so the purge cannot deadlock with them (lock order at

@@ -92,9 +92,11 @@ UPDATE sweep_holds SET to_boundary = greatest(to_boundary, $1)
 WHERE applied_at IS NULL AND confirmed_at IS NULL;
 
 -- name: confirm_hold
-UPDATE sweep_holds SET confirmed_at = $2, confirmed_by = $3
+-- $3: an optional note. confirmed_by is the database login (session_user), also enforced by
+-- migration 0009's trigger whatever a statement writes.
+UPDATE sweep_holds SET confirmed_at = $2, confirmed_by = session_user, confirmation_note = $3
 WHERE customer_id = $1 AND applied_at IS NULL AND confirmed_at IS NULL
-RETURNING id;
+RETURNING id, confirmed_by;
 
 -- name: mark_hold_applied
 UPDATE sweep_holds SET applied_at = $2 WHERE id = $1;

@@ -11,7 +11,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tests.support import Services, migrate_database
+from tests.support import Services, migrate_database, pseudonym_key_file_for_tests
 from worker.kafka.clients import AGENT_TOPIC_CONFIG
 from worker.settings import Settings
 
@@ -25,6 +25,7 @@ async def create_database(services: Services) -> str:
     url = await services.create_database("license_faults")
     await services.set_up_roles(url, set_passwords=True)
     await migrate_database(services.owner_url(url))
+    await services.set_up_roles(url)  # the migrated tables' grants
     return url
 
 
@@ -74,6 +75,7 @@ def replica_settings(
         "batch_max_records": batch_max_records,
         "sweep_interval_seconds": 5.0,
         "monitor_interval_seconds": 2.0,
+        "pseudonym_key_file": pseudonym_key_file_for_tests(),
         **topics,
     }
     return Settings(**values)

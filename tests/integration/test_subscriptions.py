@@ -447,6 +447,7 @@ async def test_a_membership_change_and_a_first_signal_at_once_never_miss_each_ot
     transaction must see the other's writes, or Dan keeps the default package for good."""
     now = day(0)
     repository = await Repository.connect(settings.database_url.get_secret_value(), 3)
+    event_key = settings.event_id_key()
     dan = SimulatedDevice(ACME, "dan-laptop", "dan@acme.example", "business")
     try:
         for event in (
@@ -454,7 +455,9 @@ async def test_a_membership_change_and_a_first_signal_at_once_never_miss_each_ot
             subscription("s-plus", "core_plus", now, group_id="admins"),
         ):
             async with repository.transaction() as session:
-                await apply_admin_event(session, decode(event), now, settings.license_window)
+                await apply_admin_event(
+                    session, decode(event), now, settings.license_window, event_key=event_key
+                )
 
         install = decode_agent(agent_event(dan, "install", now))
         changes = coalesce([install], now, settings.future_tolerance)
@@ -464,13 +467,17 @@ async def test_a_membership_change_and_a_first_signal_at_once_never_miss_each_ot
                 (d.customer_id, d.device_id, d.user_id, d.previous_user_id)
                 for d in result.license_relevant
             )
-            rows = await decide_groups(ingestion, groups, now, now, settings.license_window)
+            rows = await decide_groups(
+                ingestion, groups, now, now, settings.license_window, event_key=event_key
+            )
             assert [(r.change, r.package) for r in rows] == [("allocated", "core")]
 
             async def add_dan() -> None:
                 async with repository.transaction() as console:
                     event = decode(member("admins", "dan@acme.example", now))
-                    await apply_admin_event(console, event, now, settings.license_window)
+                    await apply_admin_event(
+                        console, event, now, settings.license_window, event_key=event_key
+                    )
 
             membership = asyncio.create_task(add_dan())
             await asyncio.sleep(0.5)

@@ -244,7 +244,9 @@ class IngestionLoop:
                 (d.customer_id, d.device_id, d.user_id, d.previous_user_id)
                 for d in result.license_relevant
             )
-            decided = await decide_groups(session, groups, now, now, window)
+            decided = await decide_groups(
+                session, groups, now, now, window, event_key=self._session.settings.event_id_key()
+            )
         count_license_changes(decided)
         return result
 

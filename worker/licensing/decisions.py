@@ -47,8 +47,11 @@ async def decide_groups(
     now: datetime,
     emitted_at: datetime,
     window: timedelta,
+    *,
+    event_key: bytes,
 ) -> list[LicenseRow]:
-    """Brings the licenses of `groups` in line with the rules as of `now`; returns what changed."""
+    """Brings the licenses of `groups` in line with the rules as of `now`; returns what changed.
+    `event_key` keys the event ids (`Settings.event_id_key()`)."""
     groups = sorted(set(groups), key=lambda g: (g.customer_id, g.subject_type, g.subject_id))
     if not groups:
         return []
@@ -85,7 +88,7 @@ async def decide_groups(
             now,
             window,
         )
-        rows.extend(license_row(customer_id, change, emitted_at) for change in changes)
+        rows.extend(license_row(event_key, customer_id, change, emitted_at) for change in changes)
     await session.write_license_changes(rows, emitted_at)
     return rows
 
@@ -153,11 +156,14 @@ def groups_of_devices(
     return groups
 
 
-def license_row(customer_id: str, change: LicenseChange, emitted_at: datetime) -> LicenseRow:
+def license_row(
+    event_key: bytes, customer_id: str, change: LicenseChange, emitted_at: datetime
+) -> LicenseRow:
     event_type = EVENT_TYPES.get(change.kind)
     event_id = payload = None
     if event_type is not None:
         event_id = license_event_id(
+            event_key,
             customer_id,
             event_type,
             change.subject_type,

@@ -13,6 +13,7 @@ from worker.licensing.rules import Reason, SubjectType, license_event_id, purge_
 from worker.licensing.sweep_report import SweepReport
 from worker.licensing.sweep_rules import pseudonym
 from worker.ops import metrics
+from worker.pseudonym_key import pseudonym_hmac_key
 from worker.settings import Settings
 
 
@@ -44,7 +45,7 @@ class Purges:
         *window: timedelta,
     ) -> None:
         """Purges the users `query_name` finds, page by page."""
-        key = await self._pseudonym_key()
+        key = pseudonym_hmac_key(self._settings.required_pseudonym_key())
         page_size = self._settings.sweep_page_size
         while True:
             async with self._repository.transaction(rollback=dry_run) as session:
@@ -83,7 +84,12 @@ class Purges:
     def _purge_row(self, customer_id: str, alias: str, released_at: datetime) -> LicenseRow:
         effective_at = purge_due_at(released_at, self._settings.retention)
         event_id = license_event_id(
-            customer_id, "user.purged", SubjectType.USER, alias, effective_at
+            self._settings.event_id_key(),
+            customer_id,
+            "user.purged",
+            SubjectType.USER,
+            alias,
+            effective_at,
         )
         payload = license_event_json(
             event_id=event_id,
@@ -107,9 +113,3 @@ class Purges:
             event_id=event_id,
             payload=payload,
         )
-
-    async def _pseudonym_key(self) -> bytes:
-        if self._settings.pseudonym_key is not None:
-            return self._settings.pseudonym_key.get_secret_value().encode()
-        rows = await self._repository.fetch("pseudonym_key")
-        return str(rows[0]["value"]).encode()

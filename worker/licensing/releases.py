@@ -164,7 +164,12 @@ class Releases:
     ) -> None:
         async with self._repository.transaction(rollback=dry_run) as session:
             rows = await decide_groups(
-                session, groups, decision_time, report.now, self._settings.license_window
+                session,
+                groups,
+                decision_time,
+                report.now,
+                self._settings.license_window,
+                event_key=self._settings.event_id_key(),
             )
         report.released += sum(row.change == "released" for row in rows)
         report.basis_changed += sum(row.change == "basis_changed" for row in rows)

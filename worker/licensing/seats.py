@@ -27,13 +27,16 @@ async def seat_usage(session: Session, customer_id: str | None = None) -> list[S
     ]
 
 
-async def check_seats(repository: Repository, report: SweepReport, dry_run: bool) -> None:
+async def check_seats(
+    repository: Repository, report: SweepReport, dry_run: bool, event_key: bytes
+) -> None:
     async with repository.transaction(rollback=dry_run) as session:
         usages = await seat_usage(session)
         crossed = seat_crossings(usages)
         await session.enqueue_events(
             [
                 subject_event(
+                    event_key,
                     customer_id=usage.customer_id,
                     event_type=seat_event_type(usage),
                     subject_type="subscription",

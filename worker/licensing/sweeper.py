@@ -136,10 +136,11 @@ class Sweeper:
         await self._sweep(report, dry_run)
         # Independent of ingestion lag: trials end by the clock, and billing gets a snapshot
         # every day even while ingestion is behind.
-        await end_trials(self._repository, report, dry_run)
-        await check_seats(self._repository, report, dry_run)
+        event_key = self._settings.event_id_key()
+        await end_trials(self._repository, report, dry_run, event_key)
+        await check_seats(self._repository, report, dry_run, event_key)
         if self._settings.usage_snapshots_enabled:
-            await take_usage_snapshots(self._repository, report, dry_run)
+            await take_usage_snapshots(self._repository, report, dry_run, event_key)
         duration = asyncio.get_running_loop().time() - started
         if not dry_run:
             metrics.SWEEP_LAST_SUCCESS.set(time.time())

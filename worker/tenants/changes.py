@@ -46,14 +46,20 @@ class AdminResult:
 
 
 async def apply_admin_event(
-    session: Session, event: AdminEventModel, now: datetime, window: timedelta
+    session: Session,
+    event: AdminEventModel,
+    now: datetime,
+    window: timedelta,
+    *,
+    event_key: bytes,
 ) -> AdminResult:
-    """Applies one event; `now` is the decision time for the licenses it changes."""
+    """Applies one event; `now` is the decision time for the licenses it changes, `event_key`
+    keys the ids of the events it emits."""
     await session.execute("ensure_customer", event.customer_id)
     # Waits for the license decisions in progress for this customer, and holds off new ones
     # until this change commits: neither can decide on what the other has not written yet.
     await session.execute("lock_customer", event.customer_id)
-    applier = _Applier(session, event, now, window)
+    applier = _Applier(session, event, now, window, event_key)
     if isinstance(event, CustomerUpserted):
         return await applier.customer_profile(event)
     if isinstance(event, CustomerInactivated | CustomerReactivated):
@@ -67,9 +73,15 @@ async def apply_admin_event(
 
 class _Applier:
     def __init__(
-        self, session: Session, event: AdminEventModel, now: datetime, window: timedelta
+        self,
+        session: Session,
+        event: AdminEventModel,
+        now: datetime,
+        window: timedelta,
+        event_key: bytes,
     ) -> None:
         self._session = session
+        self._event_key = event_key
         self._customer_id = event.customer_id
         self._now = now
         self._window = window
@@ -198,7 +210,9 @@ class _Applier:
         return await self._decide(groups)
 
     async def _decide(self, groups: list[Group]) -> list[LicenseRow]:
-        return await decide_groups(self._session, groups, self._now, self._now, self._window)
+        return await decide_groups(
+            self._session, groups, self._now, self._now, self._window, event_key=self._event_key
+        )
 
     async def _emit(
         self,
@@ -214,6 +228,7 @@ class _Applier:
         await self._session.enqueue_events(
             [
                 subject_event(
+                    self._event_key,
                     customer_id=self._customer_id,
                     event_type=event_type,
                     subject_type=subject_type,
@@ -229,6 +244,7 @@ class _Applier:
 
 
 def subject_event(
+    event_key: bytes,
     *,
     customer_id: str,
     event_type: str,
@@ -240,8 +256,11 @@ def subject_event(
     package: str | None = None,
     **details: object,
 ) -> OutboxEvent:
-    """A subscription, customer or usage event with its deterministic id."""
-    event_id = license_event_id(customer_id, event_type, subject_type, subject_id, effective_at)
+    """A subscription, customer or usage event with its deterministic id (keyed by
+    `event_key`)."""
+    event_id = license_event_id(
+        event_key, customer_id, event_type, subject_type, subject_id, effective_at
+    )
     payload = license_event_json(
         event_id=event_id,
         event_type=event_type,

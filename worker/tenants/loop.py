@@ -151,8 +151,13 @@ class AdminLoop:
             now = self._session.clock.now()
             try:
                 async with self._session.repository.transaction() as session:
+                    settings = self._session.settings
                     result = await apply_admin_event(
-                        session, event, now, self._session.settings.license_window
+                        session,
+                        event,
+                        now,
+                        settings.license_window,
+                        event_key=settings.event_id_key(),
                     )
             except UnknownSubscription:
                 return None  # rolled back; not a database error, so no retry

@@ -8,7 +8,7 @@ import contextlib
 import hashlib
 import hmac
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -71,19 +71,24 @@ async def fleet(services: Services, settings: Settings, devices: list[SimulatedD
 
 
 async def erase(
-    settings: Settings, scope: str, subject: str, customer: str | None = "acme"
+    settings: Settings,
+    scope: str,
+    subject: str,
+    customer: str | None = "acme",
+    at: datetime | None = None,
 ) -> Receipt:
-    async with erasures(settings) as service:
+    async with erasures(settings, at) as service:
         target = ErasureTarget.of(Scope(scope), subject, customer if scope != "customer" else None)
         return await service.erase(target, "ticket GDPR-42", wait_seconds=30)
 
 
 @contextlib.asynccontextmanager
-async def erasures(settings: Settings) -> AsyncIterator[Erasures]:
-    """An Erasures service on its own pool, the clock at day 1."""
+async def erasures(settings: Settings, at: datetime | None = None) -> AsyncIterator[Erasures]:
+    """An Erasures service on its own pool, the clock at `at` (day 1)."""
     repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
+    clock = FixedClock(at or day(1))
     try:
-        yield Erasures(settings, repository, FixedClock(day(1)), lambda: publish_outbox(settings))
+        yield Erasures(settings, repository, clock, lambda: publish_outbox(settings))
     finally:
         await repository.close()
 
@@ -353,21 +358,24 @@ async def test_erasure_and_a_concurrent_sweep_both_finish_without_deadlock(
 ) -> None:
     await fleet(services, settings, [*ALICE_DEVICES, KIOSK, BOB_LAPTOP])
     await sweep(settings, day(31))
+    # Alice comes back on day 100 (licensed again); Bob and the kiosk stay silent.
+    back = await send(services, settings, [(ALICE_DEVICES[0], "heartbeat", day(100))])
+    await ingest(services, settings, day(100) + timedelta(minutes=10), 12 + back)
+    await publish_outbox(settings)
     url = services.superuser_url(settings.database_url.get_secret_value())
-    before = await fetchval(
-        url, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
-    )
+    deadlocks = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+    before = await fetchval(url, deadlocks)
+    # The sweep purges Bob and the kiosk's host name while the erasure releases and
+    # purges Alice, on the same customer.
     report, receipt = await asyncio.gather(
-        sweep(settings, day(125)), erase(settings, "user", ALICE)
+        sweep(settings, day(125)), erase(settings, "user", ALICE, at=day(125))
     )
     assert receipt.action == "erased"
     leftover = await sweep(settings, day(125) + timedelta(hours=1))
     assert report.purged + leftover.purged == 1, "Bob, by one of the two passes"
+    assert report.purged_devices + leftover.purged_devices == 1, "the kiosk"
     await assert_absent(services, settings, [*alice_values(), "bob@acme.example", "host-kiosk-1"])
-    after = await fetchval(
-        url, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
-    )
-    assert after == before
+    assert await fetchval(url, deadlocks) == before
 
 
 async def test_the_commands_print_the_receipt_and_exit_by_outcome(

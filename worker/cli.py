@@ -15,6 +15,7 @@ import structlog
 
 from worker.cli_support import connected, load_settings, parse_time
 from worker.commands.dlq import dlq
+from worker.commands.erasure import erase, hold, release_hold
 from worker.commands.report import report
 from worker.ops.logs import crash_fields, install_asyncio_error_logging
 
@@ -435,6 +436,9 @@ def status() -> None:
 
 main.add_command(dlq)
 main.add_command(report)
+main.add_command(erase)
+main.add_command(hold)
+main.add_command(release_hold)
 
 if __name__ == "__main__":
     sys.exit(main())

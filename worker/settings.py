@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     heartbeat_topic: str = "agent.heartbeat.v1"
     lifecycle_topic: str = "agent.lifecycle.v1"
     dlq_topic: str = "agent.events.dlq.v1"
+    dlq_retention_days: float = Field(
+        default=7,
+        gt=0,
+        le=3650,
+        description="retention.ms `create-topics` gives a new DLQ topic: dead letters are "
+        "raw agent messages with personal data, out of reach of the purge and of erasure",
+    )
     license_events_topic: str = "license.events.v1"
     admin_topic: str = "tenant.admin.v1"
     consumer_group: str = "license-telemetry"

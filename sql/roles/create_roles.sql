@@ -136,7 +136,8 @@ $schema$;
 --   (purge.sql, users_due_for_purge). No other column, no DELETE.
 -- - sweep_holds: the sweeper holds, extends and applies; confirm-releases confirms (migration
 --   0008's trigger records session_user as confirmed_by). Never its customer or held_at.
--- - DELETE only on group_members: the purge deletes a purged user's memberships.
+-- - DELETE only on group_members (the purge deletes a purged user's memberships; a customer's
+--   erasure all of them) and legal_holds (`release-hold`).
 -- - reporter: the tables of sql/queries/report.sql, SELECT only.
 DO $tables$
 DECLARE
@@ -170,11 +171,15 @@ BEGIN
             ('worker', 'subscriptions', 'SELECT, INSERT, UPDATE'),
             ('worker', 'group_members', 'SELECT, INSERT, UPDATE, DELETE'),
             ('worker', 'usage_snapshots', 'SELECT, INSERT'),
+            ('worker', 'legal_holds', 'SELECT, INSERT, DELETE'),
+            ('worker', 'erasure_audit', 'SELECT, INSERT'),
             ('reporter', 'customers', 'SELECT'),
             ('reporter', 'users', 'SELECT'),
             ('reporter', 'devices', 'SELECT'),
             ('reporter', 'licenses', 'SELECT'),
-            ('reporter', 'license_history', 'SELECT')
+            ('reporter', 'license_history', 'SELECT'),
+            ('reporter', 'subscriptions', 'SELECT'),
+            ('reporter', 'group_members', 'SELECT')
         ) AS g (grantee, table_name, privileges)
     LOOP
         -- Before the first migration (or the one creating a table) there is nothing to grant

@@ -134,6 +134,8 @@ async def ensure_topics(settings: Settings, partitions: int, replication_factor:
             # Agent topics take the broker's clock: lag in seconds and the sweeper's
             # watermark must not depend on agent clocks.
             configs = AGENT_TOPIC_CONFIG if name in settings.agent_topics else {}
+            if name == settings.dlq_topic:
+                configs = dlq_topic_config(settings)
             try:
                 await admin.create_topics(
                     [
@@ -154,6 +156,13 @@ async def ensure_topics(settings: Settings, partitions: int, replication_factor:
         return created
     finally:
         await admin.close()
+
+
+def dlq_topic_config(settings: Settings) -> dict[str, str]:
+    """The DLQ keeps raw agent messages (personal data the purge and erasure cannot reach):
+    it deletes them after DLQ_RETENTION_DAYS."""
+    retention_ms = round(settings.dlq_retention_days * 24 * 3600 * 1000)
+    return {"retention.ms": str(retention_ms), "cleanup.policy": "delete"}
 
 
 class PartitionEnds:

@@ -55,6 +55,7 @@ class Reason(StrEnum):
     NO_DEVICES = "no_devices"
     CUSTOMER_INACTIVATED = "customer_inactivated"
     RETENTION = "retention_90d"
+    ERASURE_REQUESTED = "erasure_requested"
 
 
 class ChangeKind(StrEnum):

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import shutil
 import subprocess
 import unicodedata
 import uuid
@@ -39,6 +37,7 @@ from tests.support import (
     fetch,
     make_settings,
     produce,
+    required_tool,
     run_cli,
     settings_environment,
 )
@@ -264,15 +263,8 @@ CONVERT_TIMEOUT = 120
 
 @pytest.fixture
 def soffice() -> str:
-    """LibreOffice's binary. CI installs it (SERVICES_AUTO_INSTALL=1, scripts/test.sh): a
-    missing one fails there; elsewhere these tests are skipped with the reason."""
-    path = shutil.which("soffice")
-    if path is None:
-        reason = "LibreOffice is not installed (apt-get install libreoffice-calc-nogui)"
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(f"{reason}; CI must run this check")
-        pytest.skip(reason)
-    return path
+    """LibreOffice's binary (installed in CI)."""
+    return required_tool("soffice", "libreoffice-calc-nogui")
 
 
 def convert_to_xlsx(soffice: str, source: Path, out_dir: Path, infilter: str | None = None) -> Path:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import shutil
 import subprocess
 import urllib.parse
 from collections.abc import Iterator
@@ -32,6 +30,7 @@ from tests.support import (
     http_get,
     make_settings,
     produce,
+    required_tool,
     wait_until,
 )
 from worker.sim.fleet import SimulatedDevice, agent_event
@@ -44,13 +43,7 @@ SELECTOR = re.compile(r"\b(?:license_worker_[a-z_]+|up)(?:\{[^}]*\})?")
 
 
 def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        message = "prometheus missing: apt-get install prometheus (scripts/test_tools.sh)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return required_tool("prometheus", "prometheus")
 
 
 def dashboard_expressions() -> list[str]:

@@ -4,7 +4,6 @@ broker and database: package attribution, trial conversion, inactivation, bad in
 from __future__ import annotations
 
 import asyncio
-import io
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
@@ -26,6 +25,7 @@ from tests.integration.license_support import (
     send_admin,
     sweep,
 )
+from tests.integration.test_usage_report import report
 from tests.support import Services, fetch, fetchval, make_settings, read_all
 from worker.db.repository import Repository
 from worker.ingest.coalesce import coalesce
@@ -36,8 +36,6 @@ from worker.ingest.decoding import (
     decode_agent_event,
 )
 from worker.licensing.decisions import decide_groups, groups_of_devices
-from worker.report.build import ReportRequest, write_usage_report
-from worker.report.formats import JsonWriter
 from worker.settings import Settings
 from worker.sim.fleet import SimulatedDevice, agent_event
 from worker.tenants import loop as loop_module
@@ -103,18 +101,6 @@ def subscription(
 def member(group_id: str, user_id: str, at: datetime, added: bool = True) -> dict[str, Any]:
     event_type = "group.member_added" if added else "group.member_removed"
     return admin_event(event_type, ACME, at, group_id=group_id, user_id=user_id)
-
-
-async def usage_report(settings: Settings, now: datetime) -> dict[str, Any]:
-    out = io.StringIO()
-    repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
-    try:
-        request = ReportRequest(None, None, now, settings.license_window)
-        await write_usage_report(repository, JsonWriter(out), request)
-    finally:
-        await repository.close()
-    document: dict[str, Any] = orjson.loads(out.getvalue())
-    return document
 
 
 async def packages(settings: Settings) -> dict[str, tuple[bool, str | None]]:
@@ -549,7 +535,7 @@ async def test_seats_over_and_back_are_told_to_billing_once_each(
     )
     first = await sweep(settings, day(0) + timedelta(minutes=10))
     assert first.seat_crossings == 1
-    shown = await usage_report(settings, day(0) + timedelta(minutes=11))
+    shown = await report(settings, day(0) + timedelta(minutes=11))
     [customer] = shown["customers"]
     assert [
         (s["subscription_id"], s["used"], s["seats"], s["over"]) for s in customer["seats"]

@@ -4,8 +4,6 @@ not; every runbook link is absolute and lands on its section of docs/operations.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 import yaml
 
 from scripts.alert_rules import DEFAULT_RUNBOOK_BASE, with_runbook_base
+from tests.support import required_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "deploy" / "monitoring"
@@ -21,13 +20,7 @@ ALERT_TESTS = MONITORING / "alerts.test.yaml"
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        message = "promtool missing: apt-get install prometheus (scripts/test_tools.sh)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return required_tool("promtool", "prometheus")
 
 
 def run_promtool(*arguments: str) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,6 @@ import csv
 import io
 import subprocess
 import unicodedata
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,6 +29,7 @@ import pytest
 from openpyxl import load_workbook
 
 from tests.integration.license_support import admin_event, apply_admin, ingest, send_admin
+from tests.service_fixtures import fresh_topic_names
 from tests.support import (
     Services,
     create_topics,
@@ -161,16 +161,7 @@ async def hostile_exports(
     """One hostile fleet, exported in every format, for the tests of this module."""
     url = await services.create_database("license_test", template=template_database)
     await services.set_up_roles(url)
-    suffix = uuid.uuid4().hex[:10]
-    topics = {
-        "heartbeat_topic": f"agent.heartbeat.{suffix}",
-        "lifecycle_topic": f"agent.lifecycle.{suffix}",
-        "dlq_topic": f"agent.events.dlq.{suffix}",
-        "license_events_topic": f"license.events.{suffix}",
-        "admin_topic": f"tenant.admin.{suffix}",
-        "consumer_group": f"license-telemetry-{suffix}",
-        "admin_consumer_group": f"license-telemetry-admin-{suffix}",
-    }
+    topics = fresh_topic_names()
     await create_topics(services.kafka_bootstrap_servers, topics, partitions=1)
     settings = make_settings(services, services.worker_url(url), topics)
     try:

@@ -46,8 +46,8 @@ services: ## Start local Kafka and Postgres (.local/services) and print their va
 services-stop: ## Stop the local services
 	bash $(SERVICES) stop
 
-schemas: setup ## Export the wire contracts as JSON Schema into schemas/json
-	$(UV) run --frozen license-worker export-schemas schemas/json
+schemas: setup ## Export the wire contracts: JSON Schema into schemas/json, AsyncAPI into schemas/asyncapi.yaml
+	$(UV) run --frozen license-worker export-schemas schemas/json --asyncapi schemas/asyncapi.yaml
 
 clean: services-stop
 	rm -rf .local/services .local/test-services .venv

@@ -27,12 +27,12 @@ MAX_TEXT_LENGTH = 512
 # overrides, zero-width joiners), line separators, or surrounding white space there are an
 # agent bug or an attack, and NUL cannot be stored in Postgres text. Inner spaces are fine.
 # Patterns (not Python validators) keep validation in pydantic-core's fast path.
-_IDENTIFIER_PATTERN = r"^[^\p{C}\p{Z}](?:[^\p{Cc}\p{Cf}\p{Zl}\p{Zp}]*[^\p{C}\p{Z}])?$"
+IDENTIFIER_PATTERN = r"^[^\p{C}\p{Z}](?:[^\p{Cc}\p{Cf}\p{Zl}\p{Zp}]*[^\p{C}\p{Z}])?$"
 _NO_NUL_PATTERN = r"^[^\x00]*$"
 
 Identifier = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=_IDENTIFIER_PATTERN),
+    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=IDENTIFIER_PATTERN),
 ]
 FreeText = Annotated[str, StringConstraints(max_length=MAX_TEXT_LENGTH, pattern=_NO_NUL_PATTERN)]
 

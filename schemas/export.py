@@ -10,6 +10,7 @@ from pydantic import TypeAdapter
 
 from schemas.admin_events import ADMIN_EVENT_ADAPTER
 from schemas.agent_events import AGENT_EVENT_ADAPTER
+from schemas.json_schema import contract_json_schema
 from schemas.license_events import LICENSE_EVENT_ADAPTER
 
 CONTRACTS: dict[str, TypeAdapter[object]] = {
@@ -24,7 +25,7 @@ def export_json_schemas(directory: Path) -> list[Path]:
     written = []
     for file_name, adapter in CONTRACTS.items():
         path = directory / file_name
-        schema = adapter.json_schema()
+        schema = contract_json_schema(file_name, adapter)
         path.write_bytes(orjson.dumps(schema, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
         written.append(path)
     return written

@@ -4,8 +4,12 @@
 de-duplicate an event published twice; two decisions are two ids, even for one subject with
 one effective time (allocated, released, allocated again).
 
-License events (`license.*`, `user.purged`) have a user or a device as subject; subscription
-events a subscription; `customer.*` and `usage.snapshot` the customer. Each type may add its
+License events (`license.*`, `user.purged`, `user.erased`, `device.erased`) have a user or a
+device as subject; subscription events a subscription; `customer.*` and `usage.snapshot` the
+customer. `user.erased` and `customer.erased` (reason `erasure_requested`) follow an erasure
+on request: the subject's licenses were released before (`license.released`, reason
+`erasure_requested`, under the ids billing knows); the erased user's `subject_id` is their
+pseudonym. Each type may add its
 own fields (a subscription's `status` and `trial_ends_at`, a snapshot's counts).
 """
 
@@ -19,12 +23,17 @@ LicenseEventType = Literal[
     "license.allocated",
     "license.released",
     "user.purged",
+    "user.erased",
+    "device.erased",
     "subscription.attached",
     "subscription.activated",
     "subscription.cancelled",
     "subscription.trial_changed",
+    "subscription.over_seats",
+    "subscription.within_seats",
     "customer.inactivated",
     "customer.reactivated",
+    "customer.erased",
     "usage.snapshot",
 ]
 

@@ -26,11 +26,20 @@ section "day 0: migrate, create topics, a simulated fleet (3 customers x 20 devi
 echo "(the console gives every customer Core, and cust-00-0000's admins group a 14-day Core+ trial)"
 $cli migrate
 $cli create-topics --partitions 4
-$cli simulate --customers 3 --devices-per-customer 20 --rounds 5 --console
 
 section "day 0: the worker runs for 15 seconds (SIGTERM stops it in order)"
+echo "(the console creates the customers first: the worker refuses signals for customers it"
+echo " does not know, UNKNOWN_CUSTOMERS=refuse; then the agents install and heartbeat)"
+$cli simulate --customers 3 --console --no-agents
 $cli run &
 worker=$!
+for _ in $(seq 60); do
+  known="$(psql "$DATABASE_URL" -tAc "SELECT count(*) FROM customers")"
+  [ "$known" -ge 3 ] && break
+  sleep 0.5
+done
+[ "$known" -ge 3 ] || { echo "the console's customers were not applied in 30 s" >&2; kill -TERM "$worker"; exit 1; }
+$cli simulate --customers 3 --devices-per-customer 20 --rounds 5
 sleep 15
 kill -TERM "$worker"
 wait "$worker"

@@ -133,6 +133,7 @@ async def main() -> None:
         "METRICS_PORT": str(port),
         "MONITOR_INTERVAL_SECONDS": "1",
         "SWEEP_ENABLED": "false",
+        "UNKNOWN_CUSTOMERS": "admit",  # an agent-only fleet, no console
         "LOG_LEVEL": "warning",
         "LOG_FORMAT": "json",
     }

@@ -12,6 +12,10 @@ $UV run --frozen ruff format --check .
 $UV run --frozen mypy
 # Fails on a known vulnerability; only warns when no vulnerability service answers.
 UV="$UV" bash scripts/audit.sh
+bash scripts/test_tools.sh
+
+# The export tests open reports in LibreOffice (installed here when SERVICES_AUTO_INSTALL=1).
+bash deploy/local/services.sh require-libreoffice
 
 if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" || -z "${DATABASE_URL:-}" ]]; then
   state_dir="$PWD/.local/test-services"

@@ -99,11 +99,10 @@ async def database_url(services: Services, template_database: str) -> AsyncItera
     await services.drop_database(url)
 
 
-@pytest.fixture
-async def topics(services: Services) -> dict[str, str]:
-    """Fresh topic names for one test, so tests never read each other's messages."""
+def fresh_topic_names() -> dict[str, str]:
+    """Topic and consumer group settings under a random suffix, unused by any other test."""
     suffix = uuid.uuid4().hex[:10]
-    names = {
+    return {
         "heartbeat_topic": f"agent.heartbeat.{suffix}",
         "lifecycle_topic": f"agent.lifecycle.{suffix}",
         "dlq_topic": f"agent.events.dlq.{suffix}",
@@ -112,5 +111,11 @@ async def topics(services: Services) -> dict[str, str]:
         "consumer_group": f"license-telemetry-{suffix}",
         "admin_consumer_group": f"license-telemetry-admin-{suffix}",
     }
+
+
+@pytest.fixture
+async def topics(services: Services) -> dict[str, str]:
+    """Fresh topic names for one test, so tests never read each other's messages."""
+    names = fresh_topic_names()
     await create_topics(services.kafka_bootstrap_servers, names, partitions=4)
     return names

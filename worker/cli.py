@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,6 +15,7 @@ import structlog
 
 from worker.cli_support import connected, load_settings, parse_time
 from worker.commands.dlq import dlq
+from worker.commands.erasure import erase, hold, release_hold
 from worker.commands.report import report
 from worker.ops.logs import crash_fields, install_asyncio_error_logging
 
@@ -34,8 +36,9 @@ class _Commands(click.Group):
             # Imported here: the module needs aiokafka, which `--help` should not load.
             from worker.db.errors import DatabaseAccessRefused  # noqa: PLC0415
             from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
+            from worker.weak_settings import WeakSettingsRefused  # noqa: PLC0415
 
-            if isinstance(error, KafkaAccessRefused | DatabaseAccessRefused):
+            if isinstance(error, KafkaAccessRefused | DatabaseAccessRefused | WeakSettingsRefused):
                 raise click.ClickException(str(error)) from None
             raise
 
@@ -51,6 +54,8 @@ def main() -> None:
 def migrate() -> None:
     """Apply the database migrations not applied yet (safe to run twice, or concurrently)."""
     # Imported here, as in every command: keeps `--help` fast.
+    import asyncpg  # noqa: PLC0415
+
     from worker.db.migrations import (  # noqa: PLC0415
         MigrationChangedError,
         MigrationNotPermittedError,
@@ -59,15 +64,20 @@ def migrate() -> None:
 
     settings = load_settings()
 
+    key = settings.pseudonym_key
+    key_hash = hashlib.sha256(key.get_secret_value().encode()).hexdigest() if key else ""
+
     async def apply() -> None:
         async with connected(settings) as repository:
-            applied = await repository.apply_migrations(load_migrations())
+            applied = await repository.apply_migrations(load_migrations(), key_hash)
         log.info("migrate.done", applied=[migration.version for migration in applied])
 
     try:
         asyncio.run(apply())
     except (MigrationChangedError, MigrationNotPermittedError) as error:
         raise click.ClickException(str(error)) from None
+    except asyncpg.RaiseError as error:  # a migration's own refusal (RAISE EXCEPTION)
+        raise click.ClickException(f"migration refused: {error}") from None
 
 
 @main.command("create-roles")
@@ -84,6 +94,12 @@ def migrate() -> None:
     help="`run` and the other commands run as it.",
 )
 @click.option(
+    "--reporter",
+    default="license_reporter",
+    show_default=True,
+    help="Reads what `report usage` reads, nothing else; writes nothing.",
+)
+@click.option(
     "--owner-password-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Sets the owner's password to this file's content (else left as it is).",
@@ -93,8 +109,19 @@ def migrate() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Sets the worker's password to this file's content (else left as it is).",
 )
+@click.option(
+    "--reporter-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Sets the reporter's password to this file's content (else left as it is).",
+)
 def create_roles(
-    owner: str, worker: str, owner_password_file: Path | None, worker_password_file: Path | None
+    *,
+    owner: str,
+    worker: str,
+    reporter: str,
+    owner_password_file: Path | None,
+    worker_password_file: Path | None,
+    reporter_password_file: Path | None,
 ) -> None:
     """Create the service's database roles and grant them what they need, no more.
 
@@ -110,12 +137,13 @@ def create_roles(
 
     settings = load_settings()
     try:
-        roles = DatabaseRoles(owner, worker)
+        roles = DatabaseRoles(owner, worker, reporter)
         verifiers = [
             scram_sha256_verifier(read_secret_file(option, path)) if path else ""
             for option, path in (
                 ("--owner-password-file", owner_password_file),
                 ("--worker-password-file", worker_password_file),
+                ("--reporter-password-file", reporter_password_file),
             )
         ]
     except ValueError as error:
@@ -123,17 +151,20 @@ def create_roles(
 
     async def set_up() -> None:
         async with connected(settings) as repository:
-            await repository.set_up_roles(roles.owner, roles.worker, *verifiers)
+            await repository.set_up_roles(roles, *verifiers)
 
     try:
         asyncio.run(set_up())
     except RoleSetupRefusedError as error:
         raise click.ClickException(f"create-roles refused: {error}") from None
     click.echo(
-        f"roles ready: migrate as {roles.owner}, run the worker as {roles.worker}"
+        f"roles ready: migrate as {roles.owner}, run the worker as {roles.worker}, "
+        f"report as {roles.reporter}"
         + "".join(
             f"; {role}'s password left unchanged"
-            for role, verifier in zip((roles.owner, roles.worker), verifiers, strict=True)
+            for role, verifier in zip(
+                (roles.owner, roles.worker, roles.reporter), verifiers, strict=True
+            )
             if not verifier
         )
     )
@@ -144,7 +175,7 @@ def run() -> None:
     """Consume agent events until SIGTERM or SIGINT."""
     from worker.service import Worker, install_signal_handlers  # noqa: PLC0415
 
-    settings = load_settings()
+    settings = load_settings(needs_pseudonym_key=True)
 
     async def serve() -> None:
         install_asyncio_error_logging()
@@ -154,10 +185,11 @@ def run() -> None:
 
     from worker.db.errors import DatabaseAccessRefused  # noqa: PLC0415
     from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
+    from worker.weak_settings import WeakSettingsRefused  # noqa: PLC0415
 
     try:
         asyncio.run(serve())
-    except (KafkaAccessRefused, DatabaseAccessRefused):
+    except (KafkaAccessRefused, DatabaseAccessRefused, WeakSettingsRefused):
         raise  # a configuration problem, told as such by the command group (exit 1)
     except Exception as error:
         # Python's traceback would print the error's message, which can quote a personal
@@ -181,8 +213,8 @@ def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
     from worker.kafka.clients import PartitionEnds, start_once  # noqa: PLC0415
     from worker.licensing.sweeper import Sweeper  # noqa: PLC0415
 
-    settings = load_settings()
     clock = FixedClock(parse_time(now_text)) if now_text else SystemClock()
+    settings = load_settings(needs_pseudonym_key=True)
 
     async def run_sweeps() -> dict[str, object] | None:
         async with connected(settings, pool_size=2) as repository:
@@ -204,22 +236,27 @@ def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
 
 @main.command("confirm-releases")
 @click.argument("customer_id")
-@click.option("--by", "confirmed_by", default="operator", show_default=True)
-def confirm_releases(customer_id: str, confirmed_by: str) -> None:
-    """Let the next sweep apply the releases the outage guard held for CUSTOMER_ID."""
+@click.option("--note", help="A note kept with the confirmation (a ticket, a reason).")
+def confirm_releases(customer_id: str, note: str | None) -> None:
+    """Let the next sweep apply the releases the outage guard held for CUSTOMER_ID.
+
+    The confirmation records the database login that made it (session_user): confirm with
+    your own login, a member of the worker role (docs/security.md, "Least privilege")."""
 
     settings = load_settings()
 
-    async def confirm() -> int:
+    async def confirm() -> list[str]:
         async with connected(settings) as repository:
-            rows = await repository.fetch(
-                "confirm_hold", customer_id, datetime.now(UTC), confirmed_by
-            )
-        return len(rows)
+            rows = await repository.fetch("confirm_hold", customer_id, datetime.now(UTC), note)
+        return [row["confirmed_by"] for row in rows]
 
-    if not asyncio.run(confirm()):
+    confirmed_by = asyncio.run(confirm())
+    if not confirmed_by:
         raise click.ClickException(f"no unconfirmed hold for customer {customer_id!r}")
-    click.echo(f"confirmed: the next sweep releases the held licenses of {customer_id}")
+    click.echo(
+        f"confirmed by {confirmed_by[0]}: the next sweep releases the held licenses of "
+        f"{customer_id}"
+    )
 
 
 @main.command("publish-events")
@@ -328,12 +365,22 @@ def create_topics(partitions: int, replication_factor: int) -> None:
 
 @main.command("export-schemas")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-def export_schemas(directory: Path) -> None:
+@click.option(
+    "--asyncapi",
+    "asyncapi_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the AsyncAPI 3.0 document of every topic to this file.",
+)
+def export_schemas(directory: Path, asyncapi_path: Path | None) -> None:
     """Write the wire contracts as JSON Schema files into DIRECTORY."""
     from schemas.export import export_json_schemas  # noqa: PLC0415
+    from worker.asyncapi import write_asyncapi_document  # noqa: PLC0415
 
     for path in export_json_schemas(directory):
         click.echo(str(path))
+    if asyncapi_path is not None:
+        write_asyncapi_document(asyncapi_path)
+        click.echo(str(asyncapi_path))
 
 
 @main.command()
@@ -344,21 +391,40 @@ def export_schemas(directory: Path) -> None:
     "--console/--no-console",
     default=False,
     show_default=True,
-    help="Also send the console's messages: a Core subscription per customer, a Core+ trial "
-    "for the first customer's admins group.",
+    help="Also send the console's messages first: each customer's creation, a Core "
+    "subscription per customer, a Core+ trial for the first customer's admins group.",
 )
-def simulate(customers: int, devices_per_customer: int, rounds: int, console: bool) -> None:
-    """Produce a small simulated fleet's installs and heartbeats (for the demo)."""
+@click.option(
+    "--agents/--no-agents",
+    default=True,
+    show_default=True,
+    help="Send the agents' installs and heartbeats (--console --no-agents: only create the "
+    "customers, which the worker must have applied before their agents' signals arrive).",
+)
+def simulate(
+    customers: int, devices_per_customer: int, rounds: int, console: bool, agents: bool
+) -> None:
+    """Produce a small simulated fleet's installs and heartbeats (for the demo), signed
+    when AGENT_SIGNING_KEYS_FILE or CONSOLE_SIGNING_KEYS_FILE is set."""
     from worker.sim.producer import produce_fleet  # noqa: PLC0415
 
     settings = load_settings()
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5 * rounds)
     sent = asyncio.run(
         produce_fleet(
-            settings, customers, devices_per_customer, rounds, start, with_console=console
+            settings,
+            customers,
+            devices_per_customer,
+            rounds,
+            start,
+            with_console=console,
+            with_agents=agents,
         )
     )
-    click.echo(f"produced {sent} {'agent and console' if console else 'agent'} events")
+    what = {(True, True): "agent and console", (True, False): "console"}.get(
+        (console, agents), "agent"
+    )
+    click.echo(f"produced {sent} {what} events")
 
 
 @main.command()
@@ -378,6 +444,9 @@ def status() -> None:
 
 main.add_command(dlq)
 main.add_command(report)
+main.add_command(erase)
+main.add_command(hold)
+main.add_command(release_hold)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,12 +18,19 @@ if TYPE_CHECKING:
     from worker.db.repository import Repository
 
 
-def load_settings() -> Settings:
+def load_settings(*, needs_pseudonym_key: bool = False) -> Settings:
+    """The settings, or a one-line command error. Commands that decide licenses or purge
+    (`run`, `sweep`) need the pseudonym key: they refuse to start without it."""
     try:
         settings = Settings()
     except ValidationError as error:
         problems = "; ".join(describe_problem(detail) for detail in error.errors(include_url=False))
         raise click.ClickException(f"invalid configuration: {problems}") from None
+    if needs_pseudonym_key:
+        try:
+            settings.required_pseudonym_key()
+        except ValueError as error:
+            raise click.ClickException(f"invalid configuration: {error}") from None
     configure_logging(settings.log_level, settings.log_format)
     return settings
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from worker.db.errors import DatabaseAccessRefused, database_refusal, is_transie
 from worker.db.repository import Repository
 from worker.db.wait import DatabaseAnswers, database_answers, pause, wait_to_retry
 from worker.ingest.consumer_session import ConsumerSession
+from worker.ingest.decoding import RejectReason
 from worker.ingest.loop import IngestionLoop
 from worker.kafka.clients import (
     PartitionEnds,
@@ -39,6 +41,7 @@ from worker.ops.monitor import Monitor
 from worker.retry import Backoff, Stopped, retry
 from worker.settings import Settings
 from worker.tenants.loop import AdminLoop
+from worker.weak_settings import configuration_weaknesses, enforce, role_weaknesses
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -65,6 +68,7 @@ class StoppedDuringStartup(Exception):
 
 class Worker:
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        settings.required_pseudonym_key()  # event ids and the purge: refuse now, not later
         self._settings = settings
         self._clock = clock or SystemClock()
         self._stopping = asyncio.Event()
@@ -81,11 +85,16 @@ class Worker:
     async def run(self) -> None:
         settings = self._settings
         log.info("worker.starting", config=settings.masked())
+        enforce(configuration_weaknesses(settings, os.environ), strict=settings.strict_security)
+        topics = [*settings.agent_topics, settings.admin_topic]
+        metrics.initialise(topics, [reason.value for reason in RejectReason])
         try:
             async with contextlib.AsyncExitStack() as resources:
                 if settings.metrics_port:
                     server = serve_health(
-                        settings.metrics_port, health_app(self.liveness, self.readiness)
+                        settings.metrics_port,
+                        health_app(self.liveness, self.readiness),
+                        str(settings.metrics_host),
                     )
                     resources.callback(server.server_close)
                     resources.callback(server.shutdown)
@@ -107,6 +116,7 @@ class Worker:
         # (whose leader lock keeps one for good) or the monitor.
         repository = await _connect_database(settings, settings.database_pool_size)
         resources.push_async_callback(repository.close)
+        await _check_database_role(repository, settings)
         background = await _connect_database(settings, settings.background_pool_size)
         resources.push_async_callback(background.close)
         producer = create_producer(settings)
@@ -337,6 +347,12 @@ async def _connect_database(settings: Settings, pool_size: int) -> Repository:
             raise
         log.error("postgres.access_refused", error=type(error).__name__, reason=reason)
         raise DatabaseAccessRefused(reason) from None
+
+
+async def _check_database_role(repository: Repository, settings: Settings) -> None:
+    """A superuser connection is a weak setting (worker/weak_settings.py)."""
+    [row] = await repository.fetch("connected_as_superuser")
+    enforce(role_weaknesses(bool(row["rolsuper"])), strict=settings.strict_security)
 
 
 def install_signal_handlers(worker: Worker) -> None:

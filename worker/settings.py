@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, IPvAnyAddress, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.pseudonym_key import PseudonymKeyError, checked_key, event_id_key
+from worker.trust.signing import SigningKeys, load_signing_keys
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+UnknownCustomers = Literal["refuse", "admit"]
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/license"
 
 
@@ -46,11 +51,38 @@ class Settings(BaseSettings):
     heartbeat_topic: str = "agent.heartbeat.v1"
     lifecycle_topic: str = "agent.lifecycle.v1"
     dlq_topic: str = "agent.events.dlq.v1"
+    dlq_retention_days: float = Field(
+        default=7,
+        gt=0,
+        le=3650,
+        description="retention.ms `create-topics` gives a new DLQ topic: dead letters are "
+        "raw agent messages with personal data, out of reach of the purge and of erasure",
+    )
     license_events_topic: str = "license.events.v1"
     admin_topic: str = "tenant.admin.v1"
     consumer_group: str = "license-telemetry"
     admin_consumer_group: str = "license-telemetry-admin"
     admin_enabled: bool = True
+    unknown_customers: UnknownCustomers = Field(
+        default="refuse",
+        description=(
+            "Agent signals for a customer the console never created: `refuse` sends them to "
+            "the DLQ (reason unknown_customer, replayable once the customer exists); `admit` "
+            "creates the customer, for deployments without the console topic"
+        ),
+    )
+    agent_signing_keys_file: Path | None = Field(
+        default=None,
+        description=(
+            "JSON keys file of the agents' gateway (worker/trust/signing.py): when set, every "
+            "agent message must carry a valid gateway signature, or goes to the DLQ "
+            "(reason unauthenticated)"
+        ),
+    )
+    console_signing_keys_file: Path | None = Field(
+        default=None,
+        description="The same for the console topic, with the console's own keys",
+    )
 
     batch_max_records: int = Field(default=5000, ge=1, le=100_000)
     batch_max_wait_ms: int = Field(default=200, ge=1, le=60_000)
@@ -83,7 +115,14 @@ class Settings(BaseSettings):
     guard_max_release_share: float = Field(default=0.2, gt=0, le=1)
     guard_min_releases: int = Field(default=10, ge=1)
     guard_override: bool = False
+    # The key of purged users' pseudonyms and of license event ids: at least 64 hexadecimal
+    # digits (worker/pseudonym_key.py). From a mounted secret file; `run` and `sweep` refuse
+    # to start without it.
     pseudonym_key: SecretStr | None = None
+    pseudonym_key_file: Path | None = Field(
+        default=None,
+        description="file holding PSEUDONYM_KEY (hexadecimal text, `openssl rand -hex 32`)",
+    )
 
     relay_enabled: bool = True
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
@@ -95,9 +134,21 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="/metrics, /livez, /readyz; 0 disables them"
     )
+    # Every interface by default: the kubelet's probes and Prometheus connect to the pod's
+    # address, so a loopback default would fail every probe. 127.0.0.1 keeps a local run's
+    # metrics to its own machine; a network policy keeps them inside the cluster.
+    metrics_host: IPvAnyAddress = Field(
+        default=IPv4Address("0.0.0.0"),  # noqa: S104
+        description="address the /metrics, /livez, /readyz server binds to (an IP literal)",
+    )
     monitor_interval_seconds: float = Field(default=10.0, gt=0)
     stuck_partition_seconds: float = Field(default=120.0, gt=0)
     liveness_slack_seconds: float = Field(default=120.0, gt=0)
+    strict_security: bool = Field(
+        default=False,
+        description="refuse to start with a weak setting (worker/weak_settings.py) instead "
+        "of logging security.weak_setting",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -128,7 +179,7 @@ class Settings(BaseSettings):
                     "give the password one way only"
                 )
             data["kafka_sasl_password"] = read_secret_file("KAFKA_SASL_PASSWORD_FILE", sasl_file)
-        return data
+        return _read_pseudonym_key(data)
 
     @model_validator(mode="after")
     def _tls_files_are_readable(self) -> Settings:
@@ -142,6 +193,49 @@ class Settings(BaseSettings):
             if path and not os.access(path, os.R_OK):
                 raise ValueError(f"{variable}: cannot read {path!r}")
         return self
+
+    @field_validator("agent_signing_keys_file", "console_signing_keys_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """An empty variable means no signatures (a Job that needs no keys blanks them)."""
+        return value or None
+
+    @model_validator(mode="after")
+    def _signing_keys_are_usable(self) -> Settings:
+        """A keys file that is missing or malformed stops start-up with the setting's name."""
+        for variable, path in (
+            ("AGENT_SIGNING_KEYS_FILE", self.agent_signing_keys_file),
+            ("CONSOLE_SIGNING_KEYS_FILE", self.console_signing_keys_file),
+        ):
+            if path is not None:
+                load_signing_keys(path, variable)
+        return self
+
+    def agent_signing_keys(self) -> SigningKeys | None:
+        """The gateway's keys, read from AGENT_SIGNING_KEYS_FILE (None: no signatures)."""
+        path = self.agent_signing_keys_file
+        return None if path is None else load_signing_keys(path, "AGENT_SIGNING_KEYS_FILE")
+
+    def console_signing_keys(self) -> SigningKeys | None:
+        """The console's keys, read from CONSOLE_SIGNING_KEYS_FILE (None: no signatures)."""
+        path = self.console_signing_keys_file
+        return None if path is None else load_signing_keys(path, "CONSOLE_SIGNING_KEYS_FILE")
+
+    def required_pseudonym_key(self) -> str:
+        """The pseudonym key, or a ValueError naming the setting (commands that decide
+        licenses or purge cannot run without it)."""
+        if self.pseudonym_key is None:
+            raise ValueError(
+                "PSEUDONYM_KEY_FILE is not set: license event ids and the pseudonyms of "
+                "purged users are keyed with it. Create one with "
+                "`(umask 077; openssl rand -hex 32 > pseudonym.key)` and keep it in the "
+                "secret store (docs/security.md, 'The pseudonym key')"
+            )
+        return self.pseudonym_key.get_secret_value()
+
+    def event_id_key(self) -> bytes:
+        """The key of license event ids (derived from the pseudonym key)."""
+        return event_id_key(self.required_pseudonym_key())
 
     @property
     def future_tolerance(self) -> timedelta:
@@ -201,6 +295,28 @@ _URL_PASSWORD_PARAMETERS = {"password", "sslpassword"}
 
 def _plain(value: Any) -> str:
     return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
+def _read_pseudonym_key(data: dict[str, Any]) -> dict[str, Any]:
+    """PSEUDONYM_KEY_FILE into PSEUDONYM_KEY; either one checked (worker/pseudonym_key.py)."""
+    key_file = data.get("pseudonym_key_file") or None
+    data["pseudonym_key_file"] = key_file
+    if key_file is not None:
+        if data.get("pseudonym_key") is not None:
+            raise ValueError(
+                "PSEUDONYM_KEY and PSEUDONYM_KEY_FILE are both set: give the key one way only"
+            )
+        data["pseudonym_key"] = read_secret_file("PSEUDONYM_KEY_FILE", key_file)
+    key = data.get("pseudonym_key") or None
+    if key is not None:
+        variable = "PSEUDONYM_KEY_FILE" if key_file is not None else "PSEUDONYM_KEY"
+        try:
+            data["pseudonym_key"] = checked_key(_plain(key))
+        except PseudonymKeyError as error:
+            raise ValueError(f"{variable}: the pseudonym key {error}") from None
+    else:
+        data["pseudonym_key"] = None
+    return data
 
 
 def read_secret_file(variable: str, path: str | Path) -> str:

@@ -17,6 +17,12 @@
 #   stop-postgres / start-postgres   stop/restart only Postgres, same port
 #   stop-kafka    / start-kafka      stop/restart only Kafka, same ports
 #   env-secure     print the env lines of the secured (SASL_SSL) listener
+#   require-libreoffice
+#                  LibreOffice is no service, but the report tests open the
+#                  exports in it as an MSP would: installs
+#                  libreoffice-calc-nogui when soffice is missing and
+#                  SERVICES_AUTO_INSTALL=1; otherwise only says it is missing
+#                  (the test then skips, or fails under CI=true)
 #
 # STATE_DIR defaults to <repo>/.local/services.  stdout carries only the two
 # env lines, so this works:
@@ -52,7 +58,8 @@
 #                        /usr/lib/postgresql/*/bin, preferring 15)
 #   SERVICES_AUTO_INSTALL=1
 #                        when running as root with apt-get, install missing
-#                        JDK/Maven/Postgres packages instead of failing.
+#                        JDK/Maven/Postgres packages (and, for
+#                        require-libreoffice, LibreOffice) instead of failing.
 #                        Off by default: a script that silently changes the
 #                        system's packages is a surprise, and the Debian
 #                        postgresql package may also create/start its own
@@ -82,7 +89,7 @@ log() { printf '[services] %s\n' "$*" >&2; }
 die() { printf '[services] ERROR: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-  sed -n '8,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '8,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -112,6 +119,7 @@ KAFKA_LOG="$KAFKA_DIR/server.log"
 KAFKA_OUT="$KAFKA_DIR/kafka.out"
 TLS_DIR="$KAFKA_DIR/tls"
 SASL_PASSWORD_FILE="$KAFKA_DIR/sasl-password"
+PSEUDONYM_KEY_FILE="$STATE_DIR/pseudonym.key"
 SCRAM_MARKER="$KAFKA_DIR/scram-user-created"   # the user exists in the cluster metadata
 SASL_USER=license-worker
 SASL_MECHANISM=SCRAM-SHA-512
@@ -187,6 +195,15 @@ save_ports() {
 env_lines() {
   printf 'export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:%s\n' "$KAFKA_PORT"
   printf 'export DATABASE_URL=postgresql://%s@127.0.0.1:%s/%s\n' "$PG_SUPERUSER" "$PG_PORT" "$PG_DB"
+  printf 'export PSEUDONYM_KEY_FILE=%s\n' "$PSEUDONYM_KEY_FILE"
+}
+
+# The worker's pseudonym key (docs/security.md): 32 random bytes as hexadecimal text, made
+# once per state dir and readable by its owner only.
+ensure_pseudonym_key() {
+  [ -s "$PSEUDONYM_KEY_FILE" ] && return
+  (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' >"$PSEUDONYM_KEY_FILE.tmp")
+  mv "$PSEUDONYM_KEY_FILE.tmp" "$PSEUDONYM_KEY_FILE"
 }
 
 secure_env_lines() {
@@ -272,6 +289,17 @@ or point PG_BIN at the directory holding initdb/pg_ctl
       die "running as root but there is no 'postgres' user to run the server as (initdb refuses root)"
     command -v runuser >/dev/null 2>&1 || die "runuser (util-linux) is needed to run Postgres as the postgres user"
   fi
+}
+
+require_libreoffice() {
+  command -v soffice >/dev/null 2>&1 && return 0
+  if apt_install --no-install-recommends libreoffice-calc-nogui; then
+    command -v soffice >/dev/null 2>&1 || die "libreoffice-calc-nogui is installed but soffice is not on PATH"
+    return 0
+  fi
+  log "LibreOffice (soffice) not found: the report tests' spreadsheet check will skip (and fail under CI=true).
+    apt-get install -y --no-install-recommends libreoffice-calc-nogui
+(or rerun as root with SERVICES_AUTO_INSTALL=1)"
 }
 
 kafka_lib_dir() { printf '%s\n' "${KAFKA_LIB_DIR:-$(dirname "$STATE_DIR")/kafka-lib}"; }
@@ -684,6 +712,7 @@ choose_ports() {
 }
 
 write_env() {
+  ensure_pseudonym_key
   env_lines >"$ENV_FILE.tmp"
   mv "$ENV_FILE.tmp" "$ENV_FILE"
 }
@@ -738,6 +767,7 @@ cmd_env() {
   load_ports 2>/dev/null || die "services not started in $STATE_DIR"
   kafka_running || die "Kafka is not running (state $STATE_DIR)"
   pg_running || die "Postgres is not running (state $STATE_DIR)"
+  ensure_pseudonym_key
   env_lines
 }
 
@@ -771,6 +801,7 @@ case "$CMD" in
   start-kafka)
     require_state; take_lock; require_java_maven; fetch_kafka_lib
     choose_ports 1 KAFKA_PORT CONTROLLER_PORT KAFKA_SECURE_PORT; start_kafka; write_secure_env ;;
+  require-libreoffice) require_libreoffice ;;
   -h|--help|help) usage ;;
-  *) die "unknown command: $CMD (start|stop|clean|env|env-secure|status|stop-postgres|start-postgres|stop-kafka|start-kafka)" ;;
+  *) die "unknown command: $CMD (start|stop|clean|env|env-secure|status|stop-postgres|start-postgres|stop-kafka|start-kafka|require-libreoffice)" ;;
 esac

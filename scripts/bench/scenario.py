@@ -55,6 +55,8 @@ class Scenario:
             kafka_bootstrap_servers=services.kafka_bootstrap_servers,
             database_url=self.database_url,
             consumer_group=group,
+            # The benchmark's fleet has no console (ignored by versions without the setting).
+            unknown_customers="admit",
             **self.topics,
         )
 
@@ -65,6 +67,7 @@ class Scenario:
                 "KAFKA_BOOTSTRAP_SERVERS": services.kafka_bootstrap_servers,
                 "DATABASE_URL": self.database_url,
                 "CONSUMER_GROUP": self.worker_group,
+                "UNKNOWN_CUSTOMERS": "admit",
                 "LOG_FORMAT": "json",
                 "LOG_LEVEL": environment.get("LOG_LEVEL", "info"),
                 "METRICS_PORT": str(free_port()),

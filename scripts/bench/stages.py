@@ -183,6 +183,7 @@ async def measure_write_limit(
             kafka_bootstrap_servers=services.kafka_bootstrap_servers,
             database_url=url,
             consumer_group=scenario.stage_groups[1],
+            unknown_customers="admit",
             **scenario.topics,
         )
         repository = await UnderTest.Repository.connect(url, settings.database_pool_size)

@@ -8,6 +8,11 @@ INSERT INTO customers (customer_id)
 SELECT customer_id FROM unnest($1::text[]) AS batch (customer_id)
 ON CONFLICT (customer_id) DO NOTHING;
 
+-- name: existing_customers
+-- Which of the batch's customers ($1) exist: with UNKNOWN_CUSTOMERS=refuse, the signals of
+-- the others go to the DLQ (worker/ingest/loop.py).
+SELECT customer_id FROM customers WHERE customer_id = ANY($1::text[]);
+
 -- name: share_customers
 -- Taken before any device lock by every transaction that decides licenses (ingestion here,
 -- customer_terms in every decision): it conflicts only with lock_customer, so a console
@@ -58,6 +63,12 @@ INSERT INTO users AS u (
 SELECT * FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
     $7::timestamptz[]
+) AS b (customer_id, user_id, email, display_name, profile_reported_at, first_seen_at,
+        last_seen_at)
+-- Nothing is stored for an erased customer (migration 0009): a late signal does not
+-- bring its people back.
+WHERE NOT EXISTS (
+    SELECT FROM customers AS c WHERE c.customer_id = b.customer_id AND c.erased_at IS NOT NULL
 )
 ON CONFLICT (customer_id, user_id) DO UPDATE SET
     email = CASE WHEN EXCLUDED.profile_reported_at >= coalesce(u.profile_reported_at, '-infinity')
@@ -84,6 +95,11 @@ WITH batch AS (
         customer_id, device_id, user_id, user_reported_at, device_kind, kind_reported_at,
         hostname, os, details_reported_at, agent_version, agent_version_reported_at,
         first_seen_at, last_seen_at, last_present_at, last_installed_at, last_uninstalled_at
+    )
+    -- Nothing is stored for an erased customer (as upsert_users).
+    WHERE NOT EXISTS (
+        SELECT FROM customers AS c
+        WHERE c.customer_id = b.customer_id AND c.erased_at IS NOT NULL
     )
 ),
 before AS (
@@ -161,6 +177,11 @@ WHERE u.customer_id = c.customer_id
 -- name: insert_lifecycle_events
 INSERT INTO device_lifecycle_events (customer_id, event_id, device_id, event_type, occurred_at)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+    AS b (customer_id, event_id, device_id, event_type, occurred_at)
+-- Its device was not stored (upsert_devices): nothing for an erased customer.
+WHERE NOT EXISTS (
+    SELECT FROM customers AS c WHERE c.customer_id = b.customer_id AND c.erased_at IS NOT NULL
+)
 ON CONFLICT (customer_id, event_id) DO NOTHING
 RETURNING customer_id, event_id;
 

@@ -99,35 +99,12 @@ FOR UPDATE OF o;
 
 -- name: withdraw_license_events
 -- Withdrawn allocations ($1, event ids; locked by unsettled_allocations): their outbox rows,
--- and their subjects' history from the allocation on (a basis or package change made while
--- it was pending included). Billing never heard of any of it. Returns the withdrawn events.
-WITH withdrawn AS (
-    DELETE FROM license_outbox AS o
-    WHERE o.event_id = ANY($1::uuid[]) AND o.published_at IS NULL
-    RETURNING o.customer_id, o.subject_type, o.subject_id, o.event_id
-),
-announced AS (
-    SELECT h.customer_id, h.subject_type, h.subject_id, h.id
-    FROM license_history AS h
-    JOIN withdrawn AS w
-        ON h.customer_id = w.customer_id AND h.subject_type = w.subject_type
-       AND h.subject_id = w.subject_id AND h.event_id = w.event_id
-),
-history AS (
-    DELETE FROM license_history AS h
-    USING announced AS a
-    WHERE h.customer_id = a.customer_id AND h.subject_type = a.subject_type
-      AND h.subject_id = a.subject_id AND h.id >= a.id
-)
-SELECT event_id FROM withdrawn;
-
--- name: forget_withdrawn_licenses
--- Subjects ($1, $2, $3) whose withdrawn allocation was their first event: no license row,
--- as if never decided. Locked by held_licenses.
-DELETE FROM licenses AS l
-USING unnest($1::text[], $2::text[], $3::text[]) AS x (customer_id, subject_type, subject_id)
-WHERE l.customer_id = x.customer_id AND l.subject_type = x.subject_type
-  AND l.subject_id = x.subject_id AND l.event_sequence = 1 AND l.active;
+-- their subjects' history from the allocation on (a basis or package change made while it
+-- was pending included), and the license rows they were the first event of. Billing never
+-- heard of any of it. The worker has no DELETE on these tables: the function (migration
+-- 0011) deletes only unpublished allocations in their settle window. Returns the withdrawn
+-- event ids.
+SELECT event_id FROM withdraw_unsettled_allocations($1::uuid[]) AS w (event_id);
 
 -- name: restore_released_licenses
 -- Subjects whose withdrawn allocation followed a release: back to that release (basis,

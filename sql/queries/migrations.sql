@@ -40,3 +40,8 @@ SELECT version, name, checksum FROM schema_migrations ORDER BY version;
 
 -- name: record_migration
 INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3);
+
+-- name: tell_migrations_the_key_hash
+-- The SHA-256 (hex) of the configured pseudonym key, for migration 0009's check ('' when
+-- none is configured); session-wide, since each migration runs in a transaction of its own.
+SELECT set_config('license.pseudonym_key_sha256', $1, false);

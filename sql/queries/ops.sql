@@ -23,3 +23,7 @@ GROUP BY subject_type, basis;
 
 -- name: customers_with_licenses
 SELECT count(DISTINCT customer_id) AS customers FROM licenses WHERE active;
+
+-- name: connected_as_superuser
+-- Whether DATABASE_URL's role is a superuser: a weak setting (worker/weak_settings.py).
+SELECT rolsuper FROM pg_roles WHERE rolname = current_user;

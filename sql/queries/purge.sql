@@ -3,9 +3,6 @@
 -- It never waits for a row lock (SKIP LOCKED): see the lock order at the top of
 -- licensing.sql.
 
--- name: pseudonym_key
-SELECT value FROM service_keys WHERE name = 'pseudonym';
-
 -- name: users_due_for_purge
 -- Skips (never waits for) what another transaction holds: a customer the console is
 -- changing, a user being decided, so the purge cannot deadlock with them (lock order at
@@ -13,7 +10,7 @@ SELECT value FROM service_keys WHERE name = 'pseudonym';
 -- before the purge commits. Only users whose every license event has been published: the
 -- purge rewrites the user's id in the outbox, and a release that reached billing under the
 -- pseudonym would leave billing charging the user it never saw released. Such users wait
--- for the relay.
+-- for the relay. A legal hold on the user or their customer keeps them (legal_holds).
 SELECT l.customer_id, l.subject_id AS user_id, l.released_at
 FROM licenses AS l
 JOIN users AS u ON u.customer_id = l.customer_id AND u.user_id = l.subject_id
@@ -23,6 +20,11 @@ WHERE NOT l.active AND l.subject_type = 'user' AND l.purged_at IS NULL AND l.rel
     SELECT FROM license_outbox AS o
     WHERE o.customer_id = l.customer_id AND o.subject_type = 'user'
       AND o.subject_id = l.subject_id AND o.published_at IS NULL
+  )
+  AND NOT EXISTS (
+    SELECT FROM legal_holds AS h
+    WHERE h.customer_id = l.customer_id
+      AND (h.scope = 'customer' OR (h.scope = 'user' AND h.subject_id = l.subject_id))
   )
 ORDER BY l.released_at, l.customer_id, l.subject_id
 LIMIT $2
@@ -43,6 +45,11 @@ WHERE u.purged_at IS NULL
       SELECT 1 FROM licenses AS l
       WHERE l.customer_id = u.customer_id AND l.subject_type = 'user'
         AND l.subject_id = u.user_id
+  )
+  AND NOT EXISTS (
+      SELECT FROM legal_holds AS h
+      WHERE h.customer_id = u.customer_id
+        AND (h.scope = 'customer' OR (h.scope = 'user' AND h.subject_id = u.user_id))
   )
 ORDER BY u.last_seen_day, u.customer_id, u.user_id
 LIMIT $2
@@ -106,3 +113,34 @@ SELECT (SELECT count(*) FROM users_done) AS users,
        (SELECT count(*) FROM history_done) AS history,
        (SELECT count(*) FROM memberships_done) AS memberships,
        (SELECT count(*) FROM outbox_done) AS outbox;
+
+-- name: devices_without_user_due_for_purge
+-- Devices without a user that still have a host name, hold no license, and whose license
+-- ended (or, never licensed, whose last signal + the window $3) at least the retention ago:
+-- $1 = decision time - retention, $2 = page size. Skips what is locked and held customers,
+-- as users_due_for_purge. A device's own row is the lock of its license decision.
+SELECT d.customer_id, d.device_id
+FROM devices AS d
+JOIN customers AS c ON c.customer_id = d.customer_id
+LEFT JOIN licenses AS l
+    ON l.customer_id = d.customer_id AND l.subject_type = 'device' AND l.subject_id = d.device_id
+WHERE d.user_id IS NULL AND d.hostname IS NOT NULL
+  AND NOT coalesce(l.active, false)
+  AND coalesce(l.released_at, d.last_seen_at + $3::interval) <= $1::timestamptz
+  AND NOT EXISTS (
+      SELECT FROM legal_holds AS h
+      WHERE h.customer_id = d.customer_id AND h.scope = 'customer'
+  )
+ORDER BY d.customer_id, d.device_id
+LIMIT $2
+FOR SHARE OF c SKIP LOCKED
+FOR UPDATE OF d SKIP LOCKED;
+
+-- name: purge_devices
+-- $1 customers, $2 device ids, locked by the caller. Removes a device's personal data: its
+-- host name and its link to a user. The row stays (audit, lifecycle events).
+UPDATE devices AS d
+SET hostname = NULL, user_id = NULL
+FROM unnest($1::text[], $2::text[]) AS p (customer_id, device_id)
+WHERE d.customer_id = p.customer_id AND d.device_id = p.device_id
+  AND (d.hostname IS NOT NULL OR d.user_id IS NOT NULL);

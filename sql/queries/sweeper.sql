@@ -92,19 +92,27 @@ UPDATE sweep_holds SET to_boundary = greatest(to_boundary, $1)
 WHERE applied_at IS NULL AND confirmed_at IS NULL;
 
 -- name: confirm_hold
-UPDATE sweep_holds SET confirmed_at = $2, confirmed_by = $3
+-- $3: an optional note. confirmed_by is the database login (session_user), also enforced by
+-- migration 0009's trigger whatever a statement writes.
+UPDATE sweep_holds SET confirmed_at = $2, confirmed_by = session_user, confirmation_note = $3
 WHERE customer_id = $1 AND applied_at IS NULL AND confirmed_at IS NULL
-RETURNING id;
+RETURNING id, confirmed_by;
 
 -- name: mark_hold_applied
 UPDATE sweep_holds SET applied_at = $2 WHERE id = $1;
 
 -- name: trials_due
--- In-trial subscriptions whose trial has ended by $1; they turn active.
-UPDATE subscriptions
-SET status = 'active', trial_converted_at = trial_ends_at
-WHERE status = 'in_trial' AND trial_ends_at <= $1
-RETURNING customer_id, subscription_id, package, group_id, trial_ends_at;
+-- In-trial subscriptions of active customers whose trial has ended by $1; they turn active,
+-- effective at the trial's end, or at the customer's reactivation if the trial ended while
+-- the customer was inactive (an inactive customer's trial never converts).
+UPDATE subscriptions AS s
+SET status = 'active',
+    trial_converted_at = greatest(s.trial_ends_at, coalesce(c.status_changed_at, s.trial_ends_at))
+FROM customers AS c
+WHERE c.customer_id = s.customer_id AND c.status = 'active'
+  AND s.status = 'in_trial' AND s.trial_ends_at <= $1
+RETURNING s.customer_id, s.subscription_id, s.package, s.group_id, s.trial_ends_at,
+          s.trial_converted_at AS activated_at;
 
 -- name: snapshot_counts
 -- Active licenses by kind and package of every active customer without a snapshot for the
@@ -124,3 +132,44 @@ INSERT INTO usage_snapshots (customer_id, day, event_id, taken_at)
 SELECT customer_id, $2, event_id, $3
 FROM unnest($1::text[], $4::uuid[]) AS s (customer_id, event_id)
 ON CONFLICT (customer_id, day) DO NOTHING;
+
+-- name: seat_usage
+-- Every live subscription with seats, of active customers ($1, or all when NULL), with its
+-- licensed users now (the sweeper's seat check and the live usage report):
+-- a group's subscription counts the group's licensed members attributed its package; a
+-- customer-wide one counts the customer's licensed users attributed its package who are
+-- not members of a group with a live subscription of that package (those count there).
+-- A device-model customer has no licensed users: its device licenses count instead.
+SELECT s.customer_id, s.subscription_id, s.package, s.group_id, s.seats, s.over_seats,
+       (
+           SELECT count(*)
+           FROM licenses AS l
+           WHERE l.customer_id = s.customer_id AND l.active AND l.package = s.package
+             AND l.subject_type = CASE c.license_model WHEN 'device' THEN 'device' ELSE 'user' END
+             AND CASE
+                 WHEN s.group_id IS NOT NULL THEN EXISTS (
+                     SELECT 1 FROM group_members AS m
+                     WHERE m.customer_id = s.customer_id AND m.group_id = s.group_id
+                       AND m.user_id = l.subject_id AND m.member
+                 )
+                 ELSE NOT EXISTS (
+                     SELECT 1
+                     FROM group_members AS m
+                     JOIN subscriptions AS g
+                       ON g.customer_id = m.customer_id AND g.group_id = m.group_id
+                     WHERE m.customer_id = s.customer_id AND m.user_id = l.subject_id
+                       AND m.member AND g.package = s.package AND g.status IN ('in_trial', 'active')
+                 )
+             END
+       ) AS used
+FROM subscriptions AS s
+JOIN customers AS c ON c.customer_id = s.customer_id
+WHERE s.seats IS NOT NULL AND s.status IN ('in_trial', 'active') AND c.status = 'active'
+  AND ($1::text IS NULL OR s.customer_id = $1)
+ORDER BY s.customer_id, s.subscription_id;
+
+-- name: save_seat_state
+UPDATE subscriptions AS s
+SET over_seats = v.over_seats
+FROM unnest($1::text[], $2::text[], $3::boolean[]) AS v (customer_id, subscription_id, over_seats)
+WHERE s.customer_id = v.customer_id AND s.subscription_id = v.subscription_id;

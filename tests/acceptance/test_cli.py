@@ -84,6 +84,8 @@ async def test_migrate_create_topics_simulate_run_status(
         migrated = run_cli(owner, "migrate")
         assert migrated.returncode == 0, migrated.stderr
     assert "migrate.done" in migrated.stderr
+    regranted = run_cli(admin, "create-roles")  # the grants of the tables just created
+    assert regranted.returncode == 0, regranted.stderr
     refused = run_cli(environment, "migrate")
     assert refused.returncode == 1
     assert "role license_worker may not change the schema" in refused.stderr
@@ -164,6 +166,25 @@ def test_invalid_configuration_fails_fast_with_a_clear_message() -> None:
     assert result.returncode != 0
     assert "invalid configuration: BATCH_MAX_RECORDS" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["run"], ["sweep", "--once"]])
+def test_run_and_sweep_refuse_to_start_without_a_pseudonym_key(command: list[str]) -> None:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PSEUDONYM_KEY")}
+    result = run_cli(environment, *command)
+    assert result.returncode == 1
+    assert "invalid configuration: PSEUDONYM_KEY_FILE is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_sample_pseudonym_key_is_refused(tmp_path: Path) -> None:
+    sample = tmp_path / "pseudonym.key"
+    sample.write_text("CHANGE-ME-to-64-random-hex-characters\n")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PSEUDONYM_KEY")}
+    result = run_cli({**environment, "PSEUDONYM_KEY_FILE": str(sample)}, "run")
+    assert result.returncode == 1
+    assert "PSEUDONYM_KEY_FILE: the pseudonym key is the sample value" in result.stderr
+    assert "CHANGE-ME" not in result.stderr
 
 
 def test_export_schemas_writes_json_schema(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tests.support import Services, migrate_database
+from tests.support import Services, migrate_database, pseudonym_key_file_for_tests
 from worker.kafka.clients import AGENT_TOPIC_CONFIG
 from worker.settings import Settings
 
@@ -25,6 +25,7 @@ async def create_database(services: Services) -> str:
     url = await services.create_database("license_faults")
     await services.set_up_roles(url, set_passwords=True)
     await migrate_database(services.owner_url(url))
+    await services.set_up_roles(url)  # the migrated tables' grants
     return url
 
 
@@ -77,6 +78,7 @@ def replica_settings(
         # A short settle window: allocations withdrawn or re-dated within it under faults,
         # published soon enough for the suite's final relay pass.
         "allocation_settle_seconds": 1.0,
+        "pseudonym_key_file": pseudonym_key_file_for_tests(),
         **topics,
     }
     return Settings(**values)

@@ -187,3 +187,30 @@ async def rows_containing(settings: Settings, needle: str) -> list[str]:
         )
         found += [f"{table}: {row['line']}" for row in rows]
     return found
+
+
+TEXT_COLUMNS = """
+SELECT c.table_name, c.column_name
+FROM information_schema.columns AS c
+JOIN information_schema.tables AS t USING (table_schema, table_name)
+WHERE c.table_schema = 'public' AND t.table_type = 'BASE TABLE'
+  AND c.data_type IN ('text', 'character varying', 'character', 'json', 'jsonb')
+ORDER BY c.table_name, c.column_name
+"""
+
+
+async def columns_containing(url: str, needle: str) -> list[str]:
+    """Every text, varchar, json and jsonb column of every table of the public schema,
+    searched for `needle` without case (found generically: a new table is searched too).
+    `url` must see every table (the superuser's: the worker cannot read the migrations')."""
+    found = []
+    for column in await fetch(url, TEXT_COLUMNS):
+        table, name = column["table_name"], column["column_name"]
+        rows = await fetch(
+            url,
+            f'SELECT count(*) AS n FROM "{table}" WHERE "{name}"::text ILIKE $1',
+            f"%{needle}%",
+        )
+        if rows[0]["n"]:
+            found.append(f"{table}.{name}: {rows[0]['n']} rows")
+    return found

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.integration
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
 WINDOW = timedelta(days=30)
+EVENT_KEY = bytes(range(32))
 TOLERANCE = timedelta(minutes=5)
 _event_numbers = itertools.count()
 
@@ -77,7 +78,7 @@ async def write(repository: Repository, events: Iterable[AgentEventModel], now: 
             (d.customer_id, d.device_id, d.user_id, d.previous_user_id)
             for d in result.license_relevant
         )
-        await decide_groups(session, groups, now, now, WINDOW)
+        await decide_groups(session, groups, now, now, WINDOW, event_key=EVENT_KEY)
 
 
 async def test_a_user_last_seen_is_the_newest_of_several_devices_signals_in_one_batch(
@@ -185,7 +186,7 @@ async def sweep_decisions(
     while not done.is_set():
         try:
             async with repository.transaction() as session:
-                await decide_groups(session, groups, now, now, WINDOW)
+                await decide_groups(session, groups, now, now, WINDOW, event_key=EVENT_KEY)
         except asyncpg.DeadlockDetectedError as error:
             deadlocks.append(str(error))
         await asyncio.sleep(0)
@@ -247,7 +248,7 @@ async def test_a_reinstall_written_while_another_replica_writes_the_uninstall_ke
                 (d.customer_id, d.device_id, d.user_id, d.previous_user_id)
                 for d in result.license_relevant
             )
-            await decide_groups(session, groups, now, now, WINDOW)
+            await decide_groups(session, groups, now, now, WINDOW, event_key=EVENT_KEY)
             reinstall = asyncio.create_task(write(repository, [heartbeat], now))
 
             async def reinstall_waits() -> bool:

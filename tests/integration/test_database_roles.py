@@ -5,7 +5,9 @@ that role."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -18,6 +20,7 @@ from tests.support import (
     ROLES,
     Services,
     encode,
+    fetch,
     fetchval,
     make_settings,
     migrate_database,
@@ -30,7 +33,7 @@ from tests.support import (
     wait_until,
 )
 from worker.db.repository import Repository
-from worker.db.roles import RoleSetupRefusedError
+from worker.db.roles import DatabaseRoles, RoleSetupRefusedError
 from worker.db.sql_files import Migration, load_migrations
 from worker.sim.fleet import SimulatedDevice, agent_event
 
@@ -105,10 +108,76 @@ async def test_the_worker_role_cannot_read_another_schema(
     assert "permission denied for schema other" in str(error)
 
 
-async def test_a_table_a_later_migration_adds_is_the_workers_to_use(
+# Issue #14 part 6: every statement the worker role may not run, table by table (the grants
+# of sql/roles/create_roles.sql are derived from the statements of sql/queries/*.sql).
+FORBIDDEN_TO_THE_WORKER = [
+    # The history is append-only: the purge may only replace a user's id by its pseudonym.
+    "UPDATE license_history SET change = 'released'",
+    "UPDATE license_history SET effective_at = now()",
+    "UPDATE license_history SET event_id = NULL",
+    "UPDATE license_history SET customer_id = 'other'",
+    "DELETE FROM license_history",
+    # The outbox: published, and the purge's id and payload rewrite; never its identity.
+    "UPDATE license_outbox SET event_id = gen_random_uuid()",
+    "UPDATE license_outbox SET customer_id = 'other'",
+    "UPDATE license_outbox SET created_at = now()",
+    "DELETE FROM license_outbox",
+    # Holds: a confirmation cannot be rewritten to another customer or time held.
+    "UPDATE sweep_holds SET customer_id = 'other'",
+    "UPDATE sweep_holds SET held_at = now()",
+    "DELETE FROM sweep_holds",
+    # Written once, never changed.
+    "UPDATE usage_snapshots SET event_id = gen_random_uuid()",
+    "DELETE FROM usage_snapshots",
+    "UPDATE device_lifecycle_events SET event_type = 'uninstall'",
+    "DELETE FROM device_lifecycle_events",
+    # DELETE only where the code deletes (the purge's group memberships).
+    "DELETE FROM customers",
+    "DELETE FROM users",
+    "DELETE FROM devices",
+    "DELETE FROM licenses",
+    "DELETE FROM subscriptions",
+    "DELETE FROM sweep_state",
+    "DELETE FROM ingestion_progress",
+]
+
+
+@pytest.mark.parametrize("statement", FORBIDDEN_TO_THE_WORKER)
+async def test_the_worker_role_runs_only_the_statements_of_the_code(
+    database_url: str, statement: str
+) -> None:
+    error = await refusal(database_url, statement)
+    assert error.sqlstate == INSUFFICIENT_PRIVILEGE, error
+
+
+async def test_the_pseudonym_key_is_no_longer_in_the_database(database_url: str) -> None:
+    assert await fetchval(database_url, "SELECT to_regclass('service_keys') IS NULL")
+
+
+ALLOWED_TO_THE_WORKER = [
+    "UPDATE license_history SET subject_id = subject_id",
+    "UPDATE license_outbox SET published_at = now(), subject_id = subject_id, payload = payload",
+    "DELETE FROM group_members",
+    "UPDATE sweep_holds SET to_boundary = to_boundary",
+]
+
+
+@pytest.mark.parametrize("statement", ALLOWED_TO_THE_WORKER)
+async def test_the_worker_role_keeps_what_the_purge_and_relay_need(
+    database_url: str, statement: str
+) -> None:
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def test_a_table_a_later_migration_adds_is_not_the_workers_until_granted(
     services: Services, database_url: str
 ) -> None:
-    """Default privileges: the owner's next migration needs no new grant for the worker."""
+    """No default privileges: a new table gets the worker's grants only when
+    sql/roles/create_roles.sql lists them (forgetting shows at once, in every test)."""
     later = Migration(
         len(load_migrations()) + 1,
         "add_later_table",
@@ -119,15 +188,116 @@ async def test_a_table_a_later_migration_adds_is_the_workers_to_use(
         assert await owner.apply_migrations([*load_migrations(), later]) == [later]
     finally:
         await owner.close()
+    await services.set_up_roles(database_url)
+    for statement in ("INSERT INTO later_table (note) VALUES ('a')", "SELECT * FROM later_table"):
+        assert (await refusal(database_url, statement)).sqlstate == INSUFFICIENT_PRIVILEGE
 
+
+READ_BY_THE_REPORT = [
+    "customers",
+    "users",
+    "devices",
+    "licenses",
+    "license_history",
+    "subscriptions",  # seats
+    "group_members",  # seats
+]
+NOT_READ_BY_THE_REPORT = [
+    "license_outbox",
+    "sweep_holds",
+    "legal_holds",
+    "erasure_audit",
+    "usage_snapshots",
+    "ingestion_progress",
+    "schema_migrations",
+]
+
+
+async def test_the_reporter_role_reads_what_the_report_reads_and_writes_nothing(
+    services: Services, database_url: str
+) -> None:
+    reporter = services.reporter_url(database_url)
+    assert await fetchval(reporter, "SELECT current_user") == ROLES.reporter
+    for table in READ_BY_THE_REPORT:
+        await fetchval(reporter, f"SELECT count(*) FROM {table}")
+        for statement in (
+            f"INSERT INTO {table} DEFAULT VALUES",
+            f"UPDATE {table} SET customer_id = customer_id",
+            f"DELETE FROM {table}",
+            f"TRUNCATE {table}",
+        ):
+            error = await refusal(reporter, statement)
+            assert error.sqlstate == INSUFFICIENT_PRIVILEGE, (statement, error)
+    for table in NOT_READ_BY_THE_REPORT:
+        error = await refusal(reporter, f"SELECT * FROM {table}")
+        assert error.sqlstate == INSUFFICIENT_PRIVILEGE, (table, error)
+
+
+async def test_report_usage_runs_as_the_reporter_role(
+    services: Services, database_url: str
+) -> None:
     worker = await asyncpg.connect(database_url)
     try:
-        await worker.execute("INSERT INTO later_table (note) VALUES ('a'), ('b')")  # a sequence
-        await worker.execute("UPDATE later_table SET note = 'c' WHERE id = 1")
-        await worker.execute("DELETE FROM later_table WHERE id = 2")
-        assert await worker.fetchval("SELECT string_agg(note, ',') FROM later_table") == "c"
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await worker.execute("TRUNCATE later_table")
+        await worker.execute("INSERT INTO customers (customer_id, name) VALUES ('acme', 'Acme')")
+    finally:
+        await worker.close()
+    environment = {**os.environ, "DATABASE_URL": services.reporter_url(database_url)}
+    result = await asyncio.to_thread(
+        run_cli, environment, "report", "usage", "--customer", "acme", "--format", "json"
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"acme"' in result.stdout
+
+
+async def open_hold(database_url: str) -> None:
+    worker = await asyncpg.connect(database_url)
+    try:
+        await worker.execute("INSERT INTO customers (customer_id) VALUES ('big')")
+        await worker.execute(
+            "INSERT INTO sweep_holds (customer_id, from_boundary, to_boundary, at_risk, active)"
+            " VALUES ('big', now() - interval '1 day', now(), 15, 20)"
+        )
+    finally:
+        await worker.close()
+
+
+async def test_a_confirmation_records_the_database_login_that_made_it(
+    services: Services, database_url: str
+) -> None:
+    """`confirm-releases` records session_user, not free text: an operator confirming with
+    a personal login (a member of the worker role) is named."""
+    await open_hold(database_url)
+    operator, password = f"ops_{uuid.uuid4().hex[:8]}", "ops-test-password"
+    superuser = await asyncpg.connect(services.superuser_url(database_url))
+    try:
+        await superuser.execute(f"CREATE ROLE {operator} LOGIN PASSWORD '{password}'")
+        await superuser.execute(f"GRANT {ROLES.worker} TO {operator}")
+        environment = {**os.environ, "DATABASE_URL": url_as(database_url, operator, password)}
+        result = await asyncio.to_thread(
+            run_cli, environment, "confirm-releases", "big", "--note", "ticket 4711"
+        )
+        assert result.returncode == 0, result.stderr
+        row = (
+            await fetch(database_url, "SELECT confirmed_by, confirmation_note FROM sweep_holds")
+        )[0]
+        assert (row["confirmed_by"], row["confirmation_note"]) == (operator, "ticket 4711")
+    finally:
+        await superuser.execute(f"REVOKE {ROLES.worker} FROM {operator}")
+        await superuser.execute(f"DROP ROLE {operator}")
+        await superuser.close()
+
+
+async def test_a_confirmation_cannot_name_someone_else(database_url: str) -> None:
+    await open_hold(database_url)
+    worker = await asyncpg.connect(database_url)
+    try:
+        await worker.execute(
+            "UPDATE sweep_holds SET confirmed_at = now(), confirmed_by = 'the-ceo'"
+        )
+        assert await worker.fetchval("SELECT confirmed_by FROM sweep_holds") == ROLES.worker
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await worker.execute("UPDATE sweep_holds SET confirmed_by = 'the-ceo'")
+        assert refused.value.sqlstate == INSUFFICIENT_PRIVILEGE
     finally:
         await worker.close()
 
@@ -176,7 +346,7 @@ async def test_create_roles_refuses_a_role_with_powers(
     repository = await Repository.connect(empty_database, 1)
     try:
         with pytest.raises(RoleSetupRefusedError, match="powers the service must not have"):
-            await repository.set_up_roles(superuser_name, ROLES.worker, "", "")
+            await repository.set_up_roles(DatabaseRoles(superuser_name, ROLES.worker))
     finally:
         await repository.close()
     assert await fetchval(
@@ -197,7 +367,7 @@ async def test_create_roles_refuses_a_worker_inside_the_owner_role(
         repository = await Repository.connect(empty_database, 1)
         try:
             with pytest.raises(RoleSetupRefusedError, match="would have the owner's powers"):
-                await repository.set_up_roles("license_test_owner", ROLES.worker, "", "")
+                await repository.set_up_roles(DatabaseRoles("license_test_owner", ROLES.worker))
         finally:
             await repository.close()
     finally:

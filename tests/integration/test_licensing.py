@@ -204,7 +204,7 @@ async def test_outage_guard_holds_mass_release_until_confirmed(
 
     repository = await Repository.connect(settings.database_url.get_secret_value(), 1)
     try:
-        assert await repository.fetch("confirm_hold", "big", day(31), "test")
+        assert await repository.fetch("confirm_hold", "big", day(31), None)
     finally:
         await repository.close()
     confirmed = await sweep(guarded, day(31) + timedelta(hours=1))

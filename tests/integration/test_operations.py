@@ -72,7 +72,11 @@ async def test_stalled_partition_shows_broker_lag_flips_livez_and_recovers(
         async def lag_reported() -> bool:
             _, text = await asyncio.to_thread(get, port, "/metrics")
             value = metric(
-                text, "license_worker_consumer_lag_messages", partition="0", topic=stalled.topic
+                text,
+                "license_worker_consumer_lag_messages",
+                group=settings.consumer_group,
+                partition="0",
+                topic=stalled.topic,
             )
             return value == 40
 
@@ -80,7 +84,11 @@ async def test_stalled_partition_shows_broker_lag_flips_livez_and_recovers(
         assert await broker_lag(services, settings.consumer_group, stalled) == 40
         _, text = await asyncio.to_thread(get, port, "/metrics")
         assert metric(
-            text, "license_worker_consumer_lag_seconds", partition="0", topic=stalled.topic
+            text,
+            "license_worker_consumer_lag_seconds",
+            group=settings.consumer_group,
+            partition="0",
+            topic=stalled.topic,
         ) == float("inf")
 
         async def livez_failing() -> bool:

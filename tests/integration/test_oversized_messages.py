@@ -126,7 +126,7 @@ async def test_a_dead_letter_the_dlq_refuses_even_truncated_is_logged_and_ingest
     }
     total = await produce_to_partitions(services, topic, messages)
     settings = make_settings(services, database_url, topics, sweep_enabled=False)
-    labels = {"topic": topic, "reason": "oversized", "error": "MessageSizeTooLargeError"}
+    labels = {"topic": topic, "reason": "oversized"}
     failed_before = REGISTRY.get_sample_value("license_worker_dead_letters_failed_total", labels)
 
     with capture_logs() as logs:

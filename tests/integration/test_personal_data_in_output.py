@@ -48,7 +48,7 @@ PERSONAL = [EMAIL, USER_ID, DISPLAY_NAME, HOSTNAME, "zoe.leak", "zoe.user", "Lea
 # The worker role's password (the database_url fixture logs in with it).
 DB_PASSWORD = WORKER_PASSWORD
 KAFKA_PASSWORD = "kafka-secret-51c2d"
-PSEUDONYM_KEY = "pseudonym-secret-99aa0"
+PSEUDONYM_KEY = "5ec2e7a1b9d04f3c8e6a2d1f0b9c8e7d6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d"
 SECRETS = [DB_PASSWORD, KAFKA_PASSWORD, PSEUDONYM_KEY]
 MAX_BYTES = 4096
 

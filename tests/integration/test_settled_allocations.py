@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 
@@ -29,7 +30,11 @@ from tests.support import (
     fetchval,
     make_settings,
 )
+from worker.clock import FixedClock
+from worker.db.repository import Repository
 from worker.kafka.clients import read_until_end
+from worker.licensing.erasure_rules import ErasureTarget, Scope
+from worker.licensing.erasures import Erasures
 from worker.settings import Settings
 from worker.sim.fleet import SimulatedDevice, build_fleet
 
@@ -317,3 +322,85 @@ async def test_the_same_stream_bills_the_same_whatever_the_batch_size(
         assert billed.intervals == reference.intervals, f"BATCH_MAX_RECORDS={size}"
         assert billed.daily == reference.daily, f"BATCH_MAX_RECORDS={size}"
         assert billed.events == reference.events, f"BATCH_MAX_RECORDS={size}"
+
+
+# --- withdrawals: what the worker may delete, and erasures ---------------------------------------
+
+
+async def test_an_erasure_withdraws_a_pending_allocation_instead_of_releasing_it(
+    services: Services, settings: Settings
+) -> None:
+    """Alice is licensed and erased within the settle window: billing hears of neither her
+    allocation nor a release, only of the erasure, and the erasure does not wait for the
+    window to end."""
+    installed = [(d, "install", day(0)) for d in ALICE_DEVICES]
+    decided_at = day(0) + timedelta(minutes=10)
+    await ingest(services, settings, decided_at, await send(services, settings, installed))
+    url = settings.database_url.get_secret_value()
+    assert await fetchval(url, "SELECT count(*) FROM license_outbox") == 2  # Alice, the watch
+    repository = await Repository.connect(url, 2)
+    try:
+        erasures = Erasures(
+            settings,
+            repository,
+            FixedClock(decided_at + timedelta(seconds=30)),
+            lambda: publish_outbox(settings, decided_at + timedelta(seconds=30)),
+        )
+        target = ErasureTarget.of(Scope.USER, ALICE_DEVICES[0].user_id or "", "acme")
+        receipt = await erasures.erase(target, "ticket GDPR-7", wait_seconds=5)
+    finally:
+        await repository.close()
+    assert receipt.removed.get("licenses", 0) == 0  # withdrawn: nothing left to erase
+    await publish_outbox(settings, decided_at + SETTLE * 2)
+    events = []
+    async for record in read_until_end(settings, settings.license_events_topic):
+        events.append(orjson.loads(record.value))
+    assert [e["type"] for e in events] == ["user.erased"]
+    assert await fetch(url, "SELECT 1 FROM licenses") == []
+    # The history keeps the erasure's own record, and nothing of the withdrawn allocations.
+    history = await fetch(url, "SELECT change FROM license_history")
+    assert [row["change"] for row in history] == ["purged"]
+
+
+async def test_the_worker_can_withdraw_only_what_billing_has_not_received(
+    services: Services, settings: Settings
+) -> None:
+    """The worker role has no DELETE on the outbox, the history or the licenses; the function
+    it withdraws through refuses a published allocation, another event type, and an
+    allocation published at once (no settle window)."""
+    kiosk = SimulatedDevice("acme", "kiosk-3", None, "business")
+    decided_at = day(1)
+    await ingest(
+        services, settings, decided_at, await send(services, settings, [(kiosk, "install", day(0))])
+    )
+    url = settings.database_url.get_secret_value()
+    [pending] = await fetch(url, "SELECT event_id FROM license_outbox")
+    # Published: out of reach.
+    assert await publish_outbox(settings, decided_at + SETTLE) == 1
+    withdrawn = await fetch(
+        url, "SELECT * FROM withdraw_unsettled_allocations($1::uuid[])", [pending["event_id"]]
+    )
+    assert withdrawn == []
+    # Unpublished, but not an allocation in its settle window: out of reach too.
+    superuser = services.superuser_url(url)
+    for event_type, settles_at in (("license.released", day(9)), ("license.allocated", None)):
+        event_id = uuid.uuid4()
+        await fetch(
+            superuser,
+            "INSERT INTO license_outbox (event_id, customer_id, subject_type, subject_id, "
+            "payload, settles_at) VALUES ($1, 'acme', 'device', 'kiosk-3', $2::jsonb, $3)",
+            event_id,
+            orjson.dumps({"type": event_type}).decode(),
+            settles_at,
+        )
+        withdrawn = await fetch(
+            url, "SELECT * FROM withdraw_unsettled_allocations($1::uuid[])", [event_id]
+        )
+        assert withdrawn == [], event_type
+    assert await fetchval(url, "SELECT count(*) FROM license_history") == 1
+    assert await fetchval(url, "SELECT count(*) FROM license_outbox") == 3
+    assert await fetchval(url, "SELECT count(*) FROM licenses") == 1
+    # The reporter may not call it at all.
+    reporter = services.reporter_url(url)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await fetch(reporter, "SELECT * FROM withdraw_unsettled_allocations('{}'::uuid[])")

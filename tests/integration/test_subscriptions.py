@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
 from schemas.admin_events import AdminEventModel
@@ -24,6 +25,7 @@ from tests.integration.license_support import (
     send_admin,
     sweep,
 )
+from tests.integration.test_usage_report import report
 from tests.support import Services, fetch, fetchval, make_settings, read_all
 from worker.db.repository import Repository
 from worker.ingest.coalesce import coalesce
@@ -36,7 +38,9 @@ from worker.ingest.decoding import (
 from worker.licensing.decisions import decide_groups, groups_of_devices
 from worker.settings import Settings
 from worker.sim.fleet import SimulatedDevice, agent_event
+from worker.tenants import loop as loop_module
 from worker.tenants.changes import apply_admin_event
+from worker.tenants.loop import AdminLoop
 
 pytestmark = pytest.mark.integration
 
@@ -352,7 +356,11 @@ async def test_bad_console_messages_go_to_the_dlq_and_changes_apply_once(
     lags = [
         REGISTRY.get_sample_value(
             "license_worker_consumer_lag_messages",
-            {"topic": settings.admin_topic, "partition": str(partition)},
+            {
+                "group": settings.admin_consumer_group,
+                "topic": settings.admin_topic,
+                "partition": str(partition),
+            },
         )
         for partition in range(4)
     ]
@@ -425,6 +433,7 @@ async def test_a_membership_change_and_a_first_signal_at_once_never_miss_each_ot
     transaction must see the other's writes, or Dan keeps the default package for good."""
     now = day(0)
     repository = await Repository.connect(settings.database_url.get_secret_value(), 3)
+    event_key = settings.event_id_key()
     dan = SimulatedDevice(ACME, "dan-laptop", "dan@acme.example", "business")
     try:
         for event in (
@@ -432,7 +441,9 @@ async def test_a_membership_change_and_a_first_signal_at_once_never_miss_each_ot
             subscription("s-plus", "core_plus", now, group_id="admins"),
         ):
             async with repository.transaction() as session:
-                await apply_admin_event(session, decode(event), now, settings.license_window)
+                await apply_admin_event(
+                    session, decode(event), now, settings.license_window, event_key=event_key
+                )
 
         install = decode_agent(agent_event(dan, "install", now))
         changes = coalesce([install], now, settings.future_tolerance)
@@ -442,13 +453,17 @@ async def test_a_membership_change_and_a_first_signal_at_once_never_miss_each_ot
                 (d.customer_id, d.device_id, d.user_id, d.previous_user_id)
                 for d in result.license_relevant
             )
-            rows = await decide_groups(ingestion, groups, now, now, settings.license_window)
+            rows = await decide_groups(
+                ingestion, groups, now, now, settings.license_window, event_key=event_key
+            )
             assert [(r.change, r.package) for r in rows] == [("allocated", "core")]
 
             async def add_dan() -> None:
                 async with repository.transaction() as console:
                     event = decode(member("admins", "dan@acme.example", now))
-                    await apply_admin_event(console, event, now, settings.license_window)
+                    await apply_admin_event(
+                        console, event, now, settings.license_window, event_key=event_key
+                    )
 
             membership = asyncio.create_task(add_dan())
             await asyncio.sleep(0.5)
@@ -469,3 +484,144 @@ def decode_agent(event: dict[str, Any]) -> AgentEventModel:
     decoded = decode_agent_event(orjson.dumps(event), 65_536)
     assert not isinstance(decoded, Rejection), decoded
     return decoded
+
+
+async def test_an_inactive_customers_trial_waits_for_its_reactivation(
+    services: Services, settings: Settings
+) -> None:
+    ends, reactivated_at = day(2), day(4)
+    console = Console(services, settings)
+    await console.send(
+        day(0),
+        admin_event("customer.created", ACME, day(0), name="Acme Ltd"),
+        subscription("s-trial", "core_plus", day(0), status="in_trial", trial_ends_at=ends),
+    )
+    await console.send(day(1), admin_event("customer.inactivated", ACME, day(1)))
+    while_inactive = await sweep(settings, ends + timedelta(hours=1))
+    assert while_inactive.trials_activated == 0
+    url = settings.database_url.get_secret_value()
+    status_sql = "SELECT status FROM subscriptions WHERE subscription_id = 's-trial'"
+    assert await fetchval(url, status_sql) == "in_trial"
+
+    await console.send(reactivated_at, admin_event("customer.reactivated", ACME, reactivated_at))
+    after = await sweep(settings, reactivated_at + timedelta(minutes=5))
+    assert after.trials_activated == 1
+    assert await fetchval(url, status_sql) == "active"
+    events = await billing_view(services, settings, 5)
+    [activated] = [e for e in events if e["type"] == "subscription.activated"]
+    assert activated["reason"] == "trial_ended"
+    assert datetime.fromisoformat(activated["effective_at"]) == reactivated_at
+    order = [e["type"] for e in events]
+    assert order.index("customer.reactivated") < order.index("subscription.activated")
+
+
+async def test_seats_over_and_back_are_told_to_billing_once_each(
+    services: Services, settings: Settings
+) -> None:
+    console, agents = Console(services, settings), Agents(services, settings)
+    await console.send(
+        day(0),
+        admin_event("customer.created", ACME, day(0), name="Acme Ltd"),
+        subscription("s-core", "core", day(0), seats=2),
+        subscription("s-admins", "core_plus", day(0), group_id="admins", seats=1),
+        member("admins", ANN_USER, day(0)),
+        member("admins", BOB_USER, day(0)),
+    )
+    # Ann and Bob use the group's core+ seats (2 of 1); Carl and the kiosk's device license
+    # are core: Carl is the customer-wide subscription's only licensed user (1 of 2).
+    await agents.send(
+        day(0) + timedelta(minutes=5),
+        *[(device, "install", day(0)) for device in (ANN, BOB, CARL, KIOSK)],
+    )
+    first = await sweep(settings, day(0) + timedelta(minutes=10))
+    assert first.seat_crossings == 1
+    shown = await report(settings, day(0) + timedelta(minutes=11))
+    [customer] = shown["customers"]
+    assert [
+        (s["subscription_id"], s["used"], s["seats"], s["over"]) for s in customer["seats"]
+    ] == [
+        ("s-admins", 2, 1, True),
+        ("s-core", 1, 2, False),
+    ]
+    again = await sweep(settings, day(0) + timedelta(minutes=20))
+    assert again.seat_crossings == 0, "told once, not at every pass"
+
+    await console.send(day(1), member("admins", BOB_USER, day(1), added=False))
+    back = await sweep(settings, day(1) + timedelta(minutes=10))
+    assert back.seat_crossings == 1
+    events = await billing_view(services, settings, 4 + 4 + 2)
+    seat_events = [
+        (e["type"], e["subject_id"], e["seats"], e["seats_used"], e["package"])
+        for e in events
+        if e["type"].startswith("subscription.") and "seats_used" in e
+    ]
+    assert seat_events == [
+        ("subscription.over_seats", "s-admins", 1, 2, "core_plus"),
+        ("subscription.within_seats", "s-admins", 1, 1, "core_plus"),
+    ]
+
+
+async def test_an_inactive_customer_is_never_told_over_seats(
+    services: Services, settings: Settings
+) -> None:
+    console, agents = Console(services, settings), Agents(services, settings)
+    await console.send(
+        day(0),
+        admin_event("customer.created", ACME, day(0), name="Acme Ltd"),
+        subscription("s-core", "core", day(0), seats=1),
+    )
+    await agents.send(
+        day(0) + timedelta(minutes=5), *[(device, "install", day(0)) for device in (ANN, BOB)]
+    )
+    await console.send(
+        day(0) + timedelta(minutes=6),
+        admin_event("customer.inactivated", ACME, day(0) + timedelta(minutes=6)),
+    )
+    report = await sweep(settings, day(0) + timedelta(minutes=10))
+    assert report.seat_crossings == 0
+
+
+async def test_console_lag_is_reported_in_seconds_like_the_agent_topics(
+    services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One console message a fetch, each produced an hour ago: while messages wait, the lag in
+    seconds is the age of the newest applied one; caught up, it is 0 (#18 part 10)."""
+    monkeypatch.setattr(loop_module, "ADMIN_BATCH_RECORDS", 1)
+    seen: list[tuple[float | None, float | None]] = []
+    publish = AdminLoop._publish_lag
+
+    async def publish_and_record(self: AdminLoop) -> None:
+        await publish(self)
+        labels = {
+            "group": settings.admin_consumer_group,
+            "topic": settings.admin_topic,
+            "partition": "0",
+        }
+        seen.append(
+            (
+                REGISTRY.get_sample_value("license_worker_consumer_lag_messages", labels),
+                REGISTRY.get_sample_value("license_worker_consumer_lag_seconds", labels),
+            )
+        )
+
+    monkeypatch.setattr(AdminLoop, "_publish_lag", publish_and_record)
+    an_hour_ago = int((datetime.now(UTC) - timedelta(hours=1)).timestamp() * 1000)
+    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        for index in range(3):
+            event = admin_event("customer.created", f"c-{index}", day(0), name=f"C {index}")
+            await producer.send_and_wait(
+                settings.admin_topic,
+                value=orjson.dumps(event),
+                key=event["customer_id"].encode(),
+                partition=0,
+                timestamp_ms=an_hour_ago,
+            )
+    finally:
+        await producer.stop()
+    await apply_admin(services, settings, day(0), 3)
+    behind = [(messages, seconds) for messages, seconds in seen if messages]
+    assert behind, f"never seen behind: {seen}"
+    assert all(seconds is not None and 3500 < seconds < 3700 for _, seconds in behind), behind
+    assert seen[-1] == (0.0, 0.0)

@@ -698,3 +698,21 @@ def test_split_makes_no_part_smaller_than_asked() -> None:
     assert len(changes.split_by_customer(4, min_devices_per_part=5)) == 2
     assert changes.split_by_customer(4, min_devices_per_part=6) == [changes]
     assert len(changes.split_by_customer(4)) == 4
+
+
+def test_without_customers_drops_every_change_of_those_customers_only() -> None:
+    """UNKNOWN_CUSTOMERS=refuse: the changes of unknown customers leave the batch whole."""
+    events = [
+        event("install", customer="known", device="d1", user_id="u", profile={"email": "e"}),
+        event("install", customer="ghost", device="d1", user_id="u", profile={"email": "e"}),
+        event("uninstall", customer="ghost", device="d2", minutes=1),
+        event("heartbeat", customer="ghost:d1", device="d1", user_id="u"),
+    ]
+    changes = coalesce(events, RECEIVED, TOLERANCE)
+    kept = changes.without_customers({"ghost"})
+    assert set(kept.devices) == {("known", "d1"), ("ghost:d1", "d1")}
+    assert set(kept.users) == {("known", "u"), ("ghost:d1", "u")}
+    assert {key[0] for key in kept.lifecycle} == {"known"}
+    assert kept.devices[("known", "d1")] is changes.devices[("known", "d1")]
+    assert kept.customer_ids == ["ghost:d1", "known"]
+    assert len(changes.devices) == 4, "the original is left as it was"

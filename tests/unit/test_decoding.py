@@ -560,6 +560,8 @@ def test_reject_reasons_are_stable_labels() -> None:
         "schema_violation",
         "database_rejected",
         "unknown_subscription",
+        "unauthenticated",
+        "unknown_customer",
     }
 
 

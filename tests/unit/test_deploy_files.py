@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -48,6 +49,7 @@ def test_deployment_probes_and_port_match_the_worker() -> None:
     container = by_kind("Deployment")["spec"]["template"]["spec"]["containers"][0]
     [port] = container["ports"]
     assert str(port["containerPort"]) == config["METRICS_PORT"]
+    assert not ip_address(config["METRICS_HOST"]).is_loopback, "the kubelet could not probe"
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["args"] == ["run"]

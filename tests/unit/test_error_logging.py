@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
@@ -87,6 +88,8 @@ def test_a_crashing_worker_logs_class_and_place_not_the_message(
 
     monkeypatch.setattr(service.Worker, "run", crash)
     monkeypatch.setenv("LOG_FORMAT", "json")
+    monkeypatch.delenv("PSEUDONYM_KEY_FILE", raising=False)
+    monkeypatch.setenv("PSEUDONYM_KEY", secrets.token_hex(32))  # `run` needs one
     result = CliRunner().invoke(cli.main, ["run"])
     assert result.exit_code == 1
     assert EMAIL not in result.output

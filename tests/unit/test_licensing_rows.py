@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from schemas.license_events import LICENSE_EVENT_ADAPTER
 from worker.licensing.decisions import Group, groups_of_devices, license_event_json, license_row
 from worker.licensing.rules import (
-    LICENSE_EVENT_NAMESPACE,
     Basis,
     ChangeKind,
     LicenseChange,
@@ -26,6 +25,8 @@ from worker.licensing.rules import (
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 EFFECTIVE = NOW - timedelta(days=3)
 EMITTED = NOW + timedelta(seconds=5)
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
 
 
 def user_group(user_id: str, customer_id: str = "cust-1") -> Group:
@@ -135,7 +136,7 @@ def make_change(
     ],
 )
 def test_license_row_with_event(change: LicenseChange, event_type: str) -> None:
-    row = license_row("cust-042", change, EMITTED)
+    row = license_row(KEY, "cust-042", change, EMITTED)
     assert (row.customer_id, row.subject_type, row.subject_id) == (
         "cust-042",
         change.subject_type.value,
@@ -148,6 +149,7 @@ def test_license_row_with_event(change: LicenseChange, event_type: str) -> None:
         change.effective_at,
     )
     assert row.event_id == license_event_id(
+        KEY,
         "cust-042",
         event_type,
         change.subject_type,
@@ -179,7 +181,7 @@ def test_basis_changed_has_no_event() -> None:
         reason=None,
         effective_at=NOW,
     )
-    row = license_row("cust-1", change, EMITTED)
+    row = license_row(KEY, "cust-1", change, EMITTED)
     assert row.event_id is None
     assert row.payload is None
     assert (row.change, row.basis, row.reason, row.effective_at) == (
@@ -191,7 +193,7 @@ def test_basis_changed_has_no_event() -> None:
 
 
 def event_id_of(customer_id: str, change: LicenseChange, emitted_at: datetime = EMITTED) -> str:
-    event_id = license_row(customer_id, change, emitted_at).event_id
+    event_id = license_row(KEY, customer_id, change, emitted_at).event_id
     assert event_id is not None
     return event_id
 
@@ -292,7 +294,7 @@ def test_every_event_payload_validates(
     emitted_at: datetime,
 ) -> None:
     change = LicenseChange(kind, subject_type, subject_id, basis, reason, effective_at)
-    row = license_row(customer_id, change, emitted_at)
+    row = license_row(KEY, customer_id, change, emitted_at)
     assert row.payload is not None
     event = LICENSE_EVENT_ADAPTER.validate_json(row.payload)
     assert (event.customer_id, event.subject_id, event.reason) == (
@@ -301,7 +303,7 @@ def test_every_event_payload_validates(
         reason.value,
     )
     assert (event.effective_at, event.emitted_at) == (effective_at, emitted_at)
-    assert license_row(customer_id, change, emitted_at).event_id == row.event_id
+    assert license_row(KEY, customer_id, change, emitted_at).event_id == row.event_id
 
 
 SEPARATOR_COLLISIONS = [
@@ -317,19 +319,28 @@ def test_event_ids_of_ids_that_spell_each_other_differ(
     first: tuple[str, str], second: tuple[str, str]
 ) -> None:
     def event_id(customer_id: str, subject_id: str) -> str:
-        return license_event_id(customer_id, "license.allocated", "user", subject_id, EMITTED)
+        return license_event_id(KEY, customer_id, "license.allocated", "user", subject_id, EMITTED)
 
     assert event_id(*first) != event_id(*second)
 
 
-def test_event_ids_of_plain_ids_did_not_change() -> None:
-    # Published events keep their ids across the upgrade that escaped the separator.
+def test_event_ids_are_keyed_uuid_v8_that_the_published_scheme_cannot_reproduce() -> None:
+    # Before: UUIDv5 of the escaped parts under a namespace written in the source, so anyone
+    # could test a guessed user id against a stored event id.
+    published_namespace = uuid.UUID("6f1f6d2e-4c1a-5b8e-9a43-0d2b7c51e0a1")
     name = f"cust-042|license.allocated|user|alice@contoso.example|{EMITTED.isoformat()}"
-    expected = str(uuid.uuid5(LICENSE_EVENT_NAMESPACE, name))
     actual = license_event_id(
-        "cust-042", "license.allocated", "user", "alice@contoso.example", EMITTED
+        KEY, "cust-042", "license.allocated", "user", "alice@contoso.example", EMITTED
     )
-    assert actual == expected
+    assert actual != str(uuid.uuid5(published_namespace, name))
+    parsed = uuid.UUID(actual)
+    assert (parsed.version, parsed.variant) == (8, uuid.RFC_4122)
+    assert actual == license_event_id(
+        KEY, "cust-042", "license.allocated", "user", "alice@contoso.example", EMITTED
+    ), "deterministic under one key"
+    assert actual != license_event_id(
+        OTHER_KEY, "cust-042", "license.allocated", "user", "alice@contoso.example", EMITTED
+    )
 
 
 separator_heavy = st.text(alphabet="ab|\\", max_size=6)
@@ -344,6 +355,6 @@ def test_event_ids_differ_whenever_customer_or_subject_differ(
     first: tuple[str, str], second: tuple[str, str]
 ) -> None:
     def event_id(customer_id: str, subject_id: str) -> str:
-        return license_event_id(customer_id, "license.allocated", "user", subject_id, EMITTED)
+        return license_event_id(KEY, customer_id, "license.allocated", "user", subject_id, EMITTED)
 
     assert (event_id(*first) == event_id(*second)) is (first == second)

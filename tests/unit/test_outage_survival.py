@@ -21,7 +21,13 @@ from worker.ops.monitor import Monitor
 from worker.service import Worker, is_transient_kafka_error
 from worker.settings import Settings
 
-FAST = Settings(retry_initial_seconds=0.01, retry_max_seconds=0.01, sweep_interval_seconds=0.01)
+FAST = Settings(
+    retry_initial_seconds=0.01,
+    retry_max_seconds=0.01,
+    sweep_interval_seconds=0.01,
+    pseudonym_key=bytes(range(32)).hex(),  # a Worker refuses to start without one
+    pseudonym_key_file=None,
+)
 
 
 def answering(answer: bool = True) -> DatabaseAnswers:

@@ -63,7 +63,7 @@ def test_unusable_passwords_are_refused(password: str, problem: str) -> None:
 
 
 def test_default_role_names() -> None:
-    assert DatabaseRoles() == DatabaseRoles("license_owner", "license_worker")
+    assert DatabaseRoles() == DatabaseRoles("license_owner", "license_worker", "license_reporter")
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,8 @@ def test_default_role_names() -> None:
         ("owner", "", "not a role name"),
         ("o" * 64, "worker", "not a role name"),
         ("a;drop", "worker", "not a role name"),
-        ("same", "same", "two roles"),
+        ("same", "same", "three roles"),
+        ("owner", "license_reporter", "three roles"),
     ],
 )
 def test_bad_role_names_are_refused(owner: str, worker: str, problem: str) -> None:
@@ -88,4 +89,5 @@ def test_the_role_set_up_runs_in_the_documented_order() -> None:
         "create_roles",
         "grant_database_access",
         "grant_schema_access",
+        "grant_table_access",
     ]

@@ -6,6 +6,7 @@ import json
 import ssl
 from collections.abc import Callable
 from datetime import timedelta
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -33,6 +34,7 @@ def test_defaults() -> None:
     assert settings.max_message_bytes == 65_536
     assert settings.future_tolerance == timedelta(minutes=5)
     assert settings.metrics_port == 0
+    assert str(settings.metrics_host) == "0.0.0.0"
 
 
 @pytest.mark.parametrize(
@@ -47,6 +49,8 @@ def test_defaults() -> None:
         ("FUTURE_TOLERANCE_SECONDS", "90.5", "future_tolerance", timedelta(seconds=90.5)),
         ("RETRY_MAX_SECONDS", "2.5", "retry_max_seconds", 2.5),
         ("METRICS_PORT", "9100", "metrics_port", 9100),
+        ("METRICS_HOST", "127.0.0.1", "metrics_host", IPv4Address("127.0.0.1")),
+        ("METRICS_HOST", "::1", "metrics_host", IPv6Address("::1")),
         ("LOG_LEVEL", "debug", "log_level", "debug"),
         ("KAFKA_SSL_CHECK_HOSTNAME", "false", "kafka_ssl_check_hostname", False),
         ("KAFKA_SASL_MECHANISM", "PLAIN", "kafka_sasl_mechanism", "PLAIN"),
@@ -83,6 +87,7 @@ def test_secrets_from_the_environment_are_secret(monkeypatch: pytest.MonkeyPatch
         ("FUTURE_TOLERANCE_SECONDS", "-1"),
         ("RETRY_INITIAL_SECONDS", "0"),
         ("METRICS_PORT", "65536"),
+        ("METRICS_HOST", "localhost"),  # an address, not a name to resolve
         ("KAFKA_SECURITY_PROTOCOL", "TLS"),
         ("KAFKA_SASL_MECHANISM", "GSSAPI"),
         ("LOG_LEVEL", "trace"),
@@ -457,3 +462,53 @@ def test_a_missing_tls_file_is_named_at_start_up(variable: str, tmp_path: Path) 
     present = tmp_path / "present.pem"
     present.write_text("-----BEGIN CERTIFICATE-----\n")
     assert getattr(Settings(**{variable: str(present)}), variable) == str(present)
+
+
+GOOD_KEY = "3f9a0c51d2e8b7a4c6f1e0d9b8a7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9"
+
+
+def test_the_pseudonym_key_from_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PSEUDONYM_KEY_FILE", str(write_secret(tmp_path, GOOD_KEY + "\n")))
+    settings = Settings()
+    assert settings.required_pseudonym_key() == GOOD_KEY
+    assert len(settings.event_id_key()) == 32
+    assert settings.event_id_key() != bytes.fromhex(GOOD_KEY), "derived, not the key itself"
+    assert GOOD_KEY not in json.dumps(settings.masked())
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        ("CHANGE-ME-to-64-random-hex-characters", "sample value"),
+        ("change-me" + "ab" * 40, "sample value"),
+        ("ab" * 31, "has 31 bytes"),
+        ("pseudonym-secret-99aa0", "hexadecimal"),
+        ("00" * 32, "not random"),
+        ("abcd" * 16, "not random"),
+        (GOOD_KEY[:-1], "hexadecimal"),
+    ],
+)
+def test_a_weak_pseudonym_key_is_refused_without_quoting_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: str, problem: str
+) -> None:
+    monkeypatch.setenv("PSEUDONYM_KEY_FILE", str(write_secret(tmp_path, key)))
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert problem in str(refused.value)
+    assert "PSEUDONYM_KEY_FILE" in str(refused.value)
+    assert key not in str(refused.value)
+
+
+def test_the_pseudonym_key_and_its_file_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PSEUDONYM_KEY", GOOD_KEY)
+    monkeypatch.setenv("PSEUDONYM_KEY_FILE", str(write_secret(tmp_path, GOOD_KEY)))
+    with pytest.raises(ValidationError, match="one way only"):
+        Settings()
+
+
+def test_without_a_pseudonym_key_only_what_needs_it_refuses() -> None:
+    settings = Settings()
+    with pytest.raises(ValueError, match="PSEUDONYM_KEY_FILE is not set"):
+        settings.event_id_key()

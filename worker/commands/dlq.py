@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import TYPE_CHECKING
 
 import click
@@ -12,6 +11,9 @@ from worker.cli_support import load_settings
 
 if TYPE_CHECKING:
     from worker.ingest.dlq_tools import DeadLetterRecord
+
+# Acknowledged sends between two progress lines on stderr.
+PROGRESS_EVERY = 1000
 
 
 @click.group()
@@ -23,26 +25,21 @@ def dlq() -> None:
 @click.option("--samples", default=3, show_default=True, help="Samples shown per reason.")
 def dlq_inspect(samples: int) -> None:
     """Count dead letters by reason and source topic, with samples of each reason."""
-    from worker.ingest.dlq_tools import inspect, read_dead_letters  # noqa: PLC0415
+    from worker.ingest.dlq_tools import inspect_dead_letters, truncation_note  # noqa: PLC0415
 
     settings = load_settings()
-
-    async def collect() -> list[DeadLetterRecord]:
-        return [record async for record in read_dead_letters(settings)]
-
-    report = inspect(asyncio.run(collect()), samples)
+    report = asyncio.run(inspect_dead_letters(settings, samples))
     click.echo(f"{report.total} dead letters in {settings.dlq_topic}")
     for reason, count in report.by_reason.most_common():
-        click.echo(f"\n{count:>8}  {reason}")
+        click.echo(f"\n{count:>8}  {_shown(reason)}")
         for record in report.samples[reason]:
             click.echo(
-                f"          {record.source_topic}[{record.headers.get('source.partition')}]"
-                f"@{record.headers.get('source.offset')} at {record.headers.get('failed_at')}: "
-                f"{record.headers.get('error.message', '')[:160]}"
+                f"          {_shown(record.source)} at {_shown(record.headers.get('failed_at'))}: "
+                f"{_shown(record.headers.get('error.message', ''), 160)}"
             )
-            click.echo(f"          value: {_preview(record.value)}")
+            click.echo(f"          value: {_preview(record.value, record.size)}")
             if record.truncated:
-                click.echo(f"          {_truncation(record)}")
+                click.echo(f"          {_shown(truncation_note(record))}")
     if report.truncated:
         click.echo(
             f"\n{report.truncated} truncated (too large for the DLQ): the whole messages are "
@@ -50,7 +47,8 @@ def dlq_inspect(samples: int) -> None:
         )
     if report.by_source:
         click.echo(
-            "\nby source topic: " + ", ".join(f"{t} {n}" for t, n in report.by_source.most_common())
+            "\nby source topic: "
+            + ", ".join(f"{_shown(t)} {n}" for t, n in report.by_source.most_common())
         )
 
 
@@ -60,51 +58,53 @@ def dlq_inspect(samples: int) -> None:
 @click.option("--dry-run", is_flag=True, help="Count what would be replayed; send nothing.")
 def dlq_replay(reasons: tuple[str, ...], source_topics: tuple[str, ...], dry_run: bool) -> None:
     """Send dead letters back to their source topic, unchanged, once the cause is fixed.
-    Ingestion is idempotent: replaying a message twice changes nothing the second time."""
-    from worker.ingest.dlq_tools import (  # noqa: PLC0415
-        read_dead_letters,
-        replay,
-        selected,
-        split_truncated,
-    )
+    Only the agent and console topics are written to; a dead letter naming any other topic
+    is skipped and reported. Ingestion is idempotent: replaying a message twice changes
+    nothing the second time."""
+    from worker.ingest.dlq_tools import replay_dead_letters, replay_topics  # noqa: PLC0415
 
     settings = load_settings()
-    skipped: list[DeadLetterRecord] = []
 
-    async def run_replay() -> int:
-        chosen, truncated = split_truncated(
-            [
-                record
-                async for record in read_dead_letters(settings)
-                if selected(record, set(reasons), set(source_topics))
-            ]
-        )
-        skipped.extend(truncated)
-        if dry_run:
-            return len(chosen)
-        with click.progressbar(length=len(chosen), label="replaying", file=sys.stderr) as bar:
-            return await replay(settings, chosen, on_sent=lambda _: bar.update(1))
+    def progress(record: DeadLetterRecord) -> None:
+        sent[0] += 1
+        if sent[0] % PROGRESS_EVERY == 0:
+            click.echo(f"replaying: {sent[0]} sent", err=True)
 
-    count = asyncio.run(run_replay())
-    click.echo(f"{'would replay' if dry_run else 'replayed'} {count} messages")
-    if skipped:
-        click.echo(
-            f"skipped {len(skipped)} truncated dead letters: their DLQ copy is cut, so it is "
-            "not sent; the whole messages are in their source topics at"
-        )
-        for record in skipped:
-            click.echo(f"  {_truncation(record)}")
-
-
-def _truncation(record: DeadLetterRecord) -> str:
-    return (
-        f"truncated: the original is {record.source}, {record.headers.get('original_size')} "
-        f"bytes, sha256 {record.headers.get('original_sha256')}"
+    sent = [0]
+    report = asyncio.run(
+        replay_dead_letters(settings, reasons, source_topics, dry_run=dry_run, on_sent=progress)
     )
+    click.echo(f"{'would replay' if dry_run else 'replayed'} {report.sent} messages")
+    if report.truncated:
+        click.echo(
+            f"skipped {report.truncated} truncated dead letters: their DLQ copy is cut, so it "
+            "is not sent; the whole messages are in their source topics at"
+        )
+        for note in report.truncated_sources:
+            click.echo(f"  {_shown(note)}")
+        if report.truncated > len(report.truncated_sources):
+            click.echo(f"  ... and {report.truncated - len(report.truncated_sources)} more")
+    if report.foreign:
+        allowed = ", ".join(sorted(replay_topics(settings)))
+        click.echo(
+            f"skipped {report.foreign} dead letters naming a topic replay never writes to "
+            f"(only {allowed}):"
+        )
+        for topic, count in report.foreign_topics.most_common():
+            click.echo(f"  {topic[:200]!r} {count}")
 
 
-def _preview(value: bytes | None, limit: int = 120) -> str:
+def _shown(text: str | None, limit: int = 200) -> str:
+    """A header value for the terminal: its repr (no control or escape characters reach
+    the terminal raw), cut to `limit`. Headers are whatever was written to the DLQ."""
+    if text is None:
+        return "None"
+    shown = repr(text[:limit])[1:-1]
+    return shown + ("..." if len(text) > limit else "")
+
+
+def _preview(value: bytes | None, size: int, limit: int = 120) -> str:
     if value is None:
         return "(no value)"
     text = value[:limit].decode("utf-8", "replace")
-    return repr(text) + (f" ... ({len(value)} bytes)" if len(value) > limit else "")
+    return repr(text) + (f" ... ({size} bytes)" if size > limit else "")

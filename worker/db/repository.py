@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from worker.db.migrations import apply_migrations
-from worker.db.roles import set_up_roles
+from worker.db.roles import DatabaseRoles, set_up_roles
 from worker.db.session import Session
 from worker.db.sql_files import Migration, query
 from worker.db.wait import DatabaseAnswers, database_answers
@@ -129,14 +129,19 @@ class Repository:
             row = await connection.fetchrow(query("summary"))
         return dict(row)
 
-    async def apply_migrations(self, migrations: Sequence[Migration]) -> list[Migration]:
-        """Applies the migrations not yet recorded (worker.db.migrations)."""
+    async def apply_migrations(
+        self, migrations: Sequence[Migration], pseudonym_key_sha256: str = ""
+    ) -> list[Migration]:
+        """Applies the migrations not yet recorded (worker.db.migrations). The SHA-256 of
+        the configured pseudonym key lets migration 0009 check it was exported."""
         async with self._pool.acquire() as connection:
-            return await apply_migrations(connection, migrations)
+            await connection.execute(query("tell_migrations_the_key_hash"), pseudonym_key_sha256)
+            try:
+                return await apply_migrations(connection, migrations)
+            finally:
+                await connection.execute(query("tell_migrations_the_key_hash"), "")
 
-    async def set_up_roles(
-        self, owner: str, worker: str, owner_verifier: str, worker_verifier: str
-    ) -> None:
+    async def set_up_roles(self, roles: DatabaseRoles, *verifiers: str) -> None:
         """Creates and grants the service's roles (worker.db.roles.set_up_roles)."""
         async with self._pool.acquire() as connection:
-            await set_up_roles(connection, owner, worker, owner_verifier, worker_verifier)
+            await set_up_roles(connection, roles, *verifiers)

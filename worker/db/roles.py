@@ -1,4 +1,4 @@
-"""The service's two Postgres roles (sql/roles/create_roles.sql): their names, the verifiers
+"""The service's three Postgres roles (sql/roles/create_roles.sql): their names, the verifiers
 of their passwords, and the setup a superuser runs to create and grant them."""
 
 from __future__ import annotations
@@ -21,17 +21,20 @@ SCRAM_ITERATIONS = 4096  # Postgres' default (scram_iterations)
 
 @dataclass(frozen=True)
 class DatabaseRoles:
-    """`owner` owns the tables and migrates; `worker` only reads and writes rows."""
+    """`owner` owns the tables and migrates; `worker` runs only the statements of
+    sql/queries/; `reporter` only reads what `report usage` reads."""
 
     owner: str = "license_owner"
     worker: str = "license_worker"
+    reporter: str = "license_reporter"
 
     def __post_init__(self) -> None:
-        for role in (self.owner, self.worker):
+        names = (self.owner, self.worker, self.reporter)
+        for role in names:
             if not _ROLE_NAME.match(role):
                 raise ValueError(f"{role!r} is not a role name: use a-z, 0-9 and _ (63 at most)")
-        if self.owner == self.worker:
-            raise ValueError(f"the owner and the worker must be two roles; both are {role!r}")
+        if len(set(names)) < len(names):
+            raise ValueError(f"the owner, worker and reporter must be three roles: {names}")
 
 
 class RoleSetupRefusedError(RuntimeError):
@@ -39,22 +42,31 @@ class RoleSetupRefusedError(RuntimeError):
 
 
 async def set_up_roles(
-    connection: asyncpg.Connection,
-    owner: str,
-    worker: str,
-    owner_verifier: str,
-    worker_verifier: str,
+    connection: asyncpg.Connection, roles: DatabaseRoles, *verifiers: str
 ) -> None:
-    """Runs sql/roles/create_roles.sql in one transaction: creates the two roles if
-    missing, sets the passwords whose verifiers are given ("" leaves one unchanged), and
-    grants each role what it needs in this database, and nothing more."""
+    """Runs sql/roles/create_roles.sql in one transaction: creates the three roles if
+    missing, sets the passwords whose verifiers are given (owner, worker, reporter; "" or
+    none leaves one unchanged), and grants each role what it needs in this database, and
+    nothing more."""
     blocks = role_setup_queries()
+    owner_verifier, worker_verifier, reporter_verifier = (*verifiers, "", "", "")[:3]
     async with connection.transaction():
         try:
             await connection.execute(
-                blocks["choose_roles"], owner, worker, owner_verifier, worker_verifier
+                blocks["choose_roles"],
+                roles.owner,
+                roles.worker,
+                roles.reporter,
+                owner_verifier,
+                worker_verifier,
+                reporter_verifier,
             )
-            for name in ("create_roles", "grant_database_access", "grant_schema_access"):
+            for name in (
+                "create_roles",
+                "grant_database_access",
+                "grant_schema_access",
+                "grant_table_access",
+            ):
                 await connection.execute(blocks[name])
         except asyncpg.PostgresError as error:
             raise RoleSetupRefusedError(str(error)) from error

@@ -119,11 +119,16 @@ class Session:
         changes: BatchChanges,
         progress: Sequence[PartitionProgress],
         window_start: datetime,
+        *,
+        create_customers: bool = True,
     ) -> SignalWriteResult:
+        """`create_customers=False` (UNKNOWN_CUSTOMERS=refuse): the caller has left out the
+        changes of unknown customers, and the foreign keys refuse any that would remain."""
         connection = self._connection
         relevant: list[LicenseRelevantDevice] = []
         if changes.devices:
-            await connection.execute(query("upsert_customers"), changes.customer_ids)
+            if create_customers:
+                await connection.execute(query("upsert_customers"), changes.customer_ids)
             # Before any device lock, like every transaction that decides licenses: a console
             # change to one of these customers waits for this batch, or this batch for it.
             await connection.execute(query("share_customers"), changes.customer_ids)
@@ -261,13 +266,7 @@ class Session:
             return
         in_order = sorted(withdrawn, key=lambda w: (w.customer_id, w.subject_type, w.subject_id))
         connection = self._connection
-        forgotten = [w for w in in_order if w.settled is None]
         restored = [w for w in in_order if w.settled is not None]
-        if forgotten:
-            await connection.execute(
-                query("forget_withdrawn_licenses"),
-                *_columns(forgotten, "customer_id subject_type subject_id"),
-            )
         if restored:
             await connection.execute(
                 query("restore_released_licenses"),

@@ -8,7 +8,13 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from worker.ingest.dead_letters import DeadLetter
-from worker.ingest.decoding import AgentEventModel, Rejection, decode_agent_event
+from worker.ingest.decoding import AgentEventModel, Rejection, RejectReason, decode_agent_event
+from worker.trust.signing import (
+    SigningKeys,
+    agent_signed_bytes,
+    signature_in,
+    unauthenticated_reason,
+)
 
 
 class Record(Protocol):
@@ -71,12 +77,21 @@ def dead_letter_for(record: Record, rejection: Rejection) -> DeadLetter:
     )
 
 
-def decode_batch(records: Mapping[Any, Iterable[Record]], max_message_bytes: int) -> DecodedBatch:
+def decode_batch(
+    records: Mapping[Any, Iterable[Record]],
+    max_message_bytes: int,
+    signing_keys: SigningKeys | None = None,
+) -> DecodedBatch:
+    """With `signing_keys`, a message the gateway did not sign is a dead letter too."""
     batch = DecodedBatch()
     for partition_records in records.values():
         last: Record | None = None
         for record in partition_records:
-            decoded = decode_agent_event(record.value, max_message_bytes)
+            decoded = (
+                decode_agent_event(record.value, max_message_bytes)
+                if signing_keys is None
+                else decode_signed_agent_event(record, max_message_bytes, signing_keys)
+            )
             if isinstance(decoded, Rejection):
                 batch.dead_letters.append(dead_letter_for(record, decoded))
             else:
@@ -93,3 +108,24 @@ def decode_batch(records: Mapping[Any, Iterable[Record]], max_message_bytes: int
                 )
             )
     return batch
+
+
+def decode_signed_agent_event(
+    record: Record, max_message_bytes: int, keys: SigningKeys
+) -> AgentEventModel | Rejection:
+    """The event, if the gateway signed it. Without a signature or with an unknown key, the
+    message is refused before it is parsed; the signature itself covers fields of the body,
+    so it is checked once the body is decoded (a body that cannot be decoded keeps its
+    decoding reason)."""
+    signature = signature_in(record.headers)
+    reason = unauthenticated_reason(keys, signature)
+    if reason is not None:
+        return Rejection(RejectReason.UNAUTHENTICATED, reason)
+    event = decode_agent_event(record.value, max_message_bytes)
+    if isinstance(event, Rejection):
+        return event
+    signed = agent_signed_bytes(
+        event.customer_id, event.device_id, event.event_id, event.type, event.occurred_at
+    )
+    reason = unauthenticated_reason(keys, signature, signed)
+    return event if reason is None else Rejection(RejectReason.UNAUTHENTICATED, reason)

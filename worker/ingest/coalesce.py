@@ -78,6 +78,16 @@ class BatchChanges:
     def sorted_lifecycle(self) -> list[LifecycleRecord]:
         return [self.lifecycle[key] for key in sorted(self.lifecycle)]
 
+    def without_customers(self, customer_ids: set[str]) -> BatchChanges:
+        """These changes less every change of the given customers (the batch-wide clamped
+        count stays as it was)."""
+        return BatchChanges(
+            devices={k: v for k, v in self.devices.items() if k[0] not in customer_ids},
+            users={k: v for k, v in self.users.items() if k[0] not in customer_ids},
+            lifecycle={k: v for k, v in self.lifecycle.items() if k[0] not in customer_ids},
+            clamped_events=self.clamped_events,
+        )
+
     def split_by_customer(self, parts: int, min_devices_per_part: int = 1) -> list[BatchChanges]:
         """At most `parts` changes with disjoint customers and about as many devices each
         (largest customer first, into the lightest part), so that they can be written in

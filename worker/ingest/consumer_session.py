@@ -283,9 +283,7 @@ def _source_of(letter: DeadLetter) -> tuple[str, int, int]:
 def _log_refused_dead_letter(refusal: Refusal) -> None:
     letter = refusal.letter
     value = letter.value or b""
-    metrics.DEAD_LETTERS_FAILED.labels(
-        letter.topic, letter.rejection.reason.value, _error_name(refusal.error)
-    ).inc()
+    metrics.DEAD_LETTERS_FAILED.labels(letter.topic, letter.rejection.reason.value).inc()
     metrics.EVENTS.labels(letter.topic, "unknown", "dead_letter_refused").inc()
     log.error(
         "dead_letter.refused",

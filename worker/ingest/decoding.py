@@ -30,6 +30,10 @@ class RejectReason(StrEnum):
     SCHEMA_VIOLATION = "schema_violation"
     DATABASE_REJECTED = "database_rejected"
     UNKNOWN_SUBSCRIPTION = "unknown_subscription"
+    # Not signed by the agents' gateway or the console (worker/trust/signing.py).
+    UNAUTHENTICATED = "unauthenticated"
+    # An agent signal for a customer the console never created (UNKNOWN_CUSTOMERS=refuse).
+    UNKNOWN_CUSTOMER = "unknown_customer"
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from worker.ingest.batch import (
     DecodedRecord,
     PartitionProgress,
     Record,
+    dead_letter_for,
     decode_batch,
 )
 from worker.ingest.coalesce import BatchChanges, coalesce
@@ -36,7 +37,7 @@ from worker.ingest.consumer_session import (
     database_rejection,
 )
 from worker.ingest.dead_letters import DeadLetter
-from worker.ingest.decoding import AgentEventModel
+from worker.ingest.decoding import AgentEventModel, Rejection, RejectReason
 from worker.licensing.decisions import count_license_changes, decide_groups, groups_of_devices
 from worker.ops import metrics
 from worker.retry import Stopped
@@ -57,6 +58,8 @@ class IngestionLoop:
 
     def __init__(self, session: ConsumerSession) -> None:
         self._session = session
+        self._signing_keys = session.settings.agent_signing_keys()
+        self._admit_customers = session.settings.unknown_customers == "admit"
         self._in_flight: _InFlight | None = None
         # Held while a batch is finished (by the loop, or by the revocation listener).
         self._finishing = asyncio.Lock()
@@ -95,7 +98,9 @@ class IngestionLoop:
         Postgres answers the last one, instead of after the whole batch is decoded."""
         batch, changes = DecodedBatch(), BatchChanges()
         for part in _slices(records, DECODE_SLICE):
-            decoded = decode_batch(part, self._session.settings.max_message_bytes)
+            decoded = decode_batch(
+                part, self._session.settings.max_message_bytes, self._signing_keys
+            )
             batch.extend(decoded)
             self._coalesce((item.event for item in decoded.good), into=changes)
             await asyncio.sleep(0)
@@ -137,6 +142,7 @@ class IngestionLoop:
         database refuses a group's changes as data (not an outage), that group's messages
         are written one by one so only the refused ones go to the DLQ."""
         started = time.perf_counter()
+        changes, unknown = await self._refuse_unknown_customers(batch, changes)
         parts = changes.split_by_customer(
             self._session.settings.write_concurrency, MIN_DEVICES_PER_PART
         )
@@ -145,7 +151,7 @@ class IngestionLoop:
         # signals that are not stored yet (the sweeper's guard trusts it).
         together = batch.progress if len(parts) == 1 else []
         results = await _all_or_none(self._write_part(part, together) for part in parts)
-        stored = _Stored(refused=[], new_lifecycle_events=set())
+        stored = _Stored(refused=unknown, new_lifecycle_events=set())
         refused_customers: set[str] = set()
         for part, result in zip(parts, results, strict=True):
             if result is None:
@@ -161,6 +167,31 @@ class IngestionLoop:
             await self._session.retry_database(lambda: self._write(BatchChanges(), batch.progress))
         stored.seconds = time.perf_counter() - started
         return stored
+
+    async def _refuse_unknown_customers(
+        self, batch: DecodedBatch, changes: BatchChanges
+    ) -> tuple[BatchChanges, list[DeadLetter]]:
+        """The changes of the customers the console created, and the dead letters of the
+        signals for any other (UNKNOWN_CUSTOMERS=refuse). A customer is never deleted, so
+        one known here is still known when the write runs; should it be, the write does not
+        create it and its foreign keys refuse the rows."""
+        if self._admit_customers or not changes.devices:
+            return changes, []
+        repository = self._session.repository
+        customer_ids = changes.customer_ids
+        rows = await self._session.retry_database(
+            lambda: repository.fetch("existing_customers", customer_ids)
+        )
+        unknown = set(customer_ids) - {row["customer_id"] for row in rows}
+        if not unknown:
+            return changes, []
+        rejection = Rejection(RejectReason.UNKNOWN_CUSTOMER, "customer_id: never created")
+        letters = [
+            dead_letter_for(item.record, rejection)
+            for item in batch.good
+            if item.event.customer_id in unknown
+        ]
+        return changes.without_customers(unknown), letters
 
     async def _write_part(
         self, part: BatchChanges, progress: Sequence[PartitionProgress]
@@ -181,7 +212,7 @@ class IngestionLoop:
         retried = await self._store_one_by_one(
             [i for i in batch.good if i.event.customer_id in refused_customers]
         )
-        stored.refused = retried.refused
+        stored.refused += retried.refused
         stored.new_lifecycle_events |= retried.new_lifecycle_events
 
     async def _store_one_by_one(self, items: Sequence[DecodedRecord]) -> _Stored:
@@ -206,7 +237,9 @@ class IngestionLoop:
         now = self._session.clock.now()
         window = self._session.settings.license_window
         async with self._session.repository.transaction() as session:
-            result = await session.write_signals(changes, progress, now - window)
+            result = await session.write_signals(
+                changes, progress, now - window, create_customers=self._admit_customers
+            )
             groups = groups_of_devices(
                 (d.customer_id, d.device_id, d.user_id, d.previous_user_id)
                 for d in result.license_relevant
@@ -218,6 +251,7 @@ class IngestionLoop:
                 now,
                 window,
                 settle=self._session.settings.allocation_settle,
+                event_key=self._session.settings.event_id_key(),
             )
         count_license_changes(decided)
         return result

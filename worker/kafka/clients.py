@@ -23,6 +23,10 @@ DIAGNOSIS_TIMEOUT_SECONDS = 10.0
 # The most one produce request may carry (aiokafka's default, said out loud): a dead letter
 # larger than this, with its headers, is written truncated (worker/ingest/dead_letters.py).
 PRODUCER_MAX_REQUEST_BYTES = 1_048_576
+# What read_until_end (the DLQ tools, reconcile) reads ahead.
+READ_FETCH_PARTITION_BYTES = 262_144
+READ_FETCH_BYTES = 1_048_576
+READ_BATCH_RECORDS = 100
 
 
 def create_consumer(settings: Settings, group_id: str | None = None) -> AIOKafkaConsumer:
@@ -130,6 +134,8 @@ async def ensure_topics(settings: Settings, partitions: int, replication_factor:
             # Agent topics take the broker's clock: lag in seconds and the sweeper's
             # watermark must not depend on agent clocks.
             configs = AGENT_TOPIC_CONFIG if name in settings.agent_topics else {}
+            if name == settings.dlq_topic:
+                configs = dlq_topic_config(settings)
             try:
                 await admin.create_topics(
                     [
@@ -150,6 +156,13 @@ async def ensure_topics(settings: Settings, partitions: int, replication_factor:
         return created
     finally:
         await admin.close()
+
+
+def dlq_topic_config(settings: Settings) -> dict[str, str]:
+    """The DLQ keeps raw agent messages (personal data the purge and erasure cannot reach):
+    it deletes them after DLQ_RETENTION_DAYS."""
+    retention_ms = round(settings.dlq_retention_days * 24 * 3600 * 1000)
+    return {"retention.ms": str(retention_ms), "cleanup.policy": "delete"}
 
 
 class PartitionEnds:
@@ -202,7 +215,8 @@ async def read_topic(settings: Settings, topic: str, idle_seconds: float) -> lis
 
 async def read_until_end(settings: Settings, topic: str) -> AsyncIterator[Any]:
     """Every record of every partition of `topic`, from the beginning up to its end when the
-    read started. No consumer group: reading changes nothing."""
+    read started, yielded as read: memory stays bounded by the fetch sizes, whatever the
+    topic holds. No consumer group: reading changes nothing."""
     admin = AIOKafkaAdminClient(**settings.kafka_client_options())
     try:
         await start_once("kafka-admin", admin.start, settings)
@@ -212,7 +226,13 @@ async def read_until_end(settings: Settings, topic: str) -> AsyncIterator[Any]:
     if not partitions:
         return
     consumer = AIOKafkaConsumer(
-        **settings.kafka_client_options(), enable_auto_commit=False, auto_offset_reset="earliest"
+        **settings.kafka_client_options(),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        # The records read ahead stay within a few MiB however large the topic is (its
+        # largest message still comes whole: KIP-74).
+        max_partition_fetch_bytes=READ_FETCH_PARTITION_BYTES,
+        fetch_max_bytes=READ_FETCH_BYTES,
     )
     try:
         await start_once("kafka-consumer", consumer.start, settings)
@@ -220,7 +240,9 @@ async def read_until_end(settings: Settings, topic: str) -> AsyncIterator[Any]:
         ends = await consumer.end_offsets(partitions)
         remaining = {tp for tp in partitions if ends[tp] > await consumer.position(tp)}
         while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=1000)
+            batch = await consumer.getmany(
+                *remaining, timeout_ms=1000, max_records=READ_BATCH_RECORDS
+            )
             for tp, records in batch.items():
                 for record in records:
                     if record.offset < ends[tp]:

@@ -51,11 +51,12 @@ async def decide_groups(
     window: timedelta,
     *,
     settle: timedelta = timedelta(0),
+    event_key: bytes,
 ) -> list[LicenseRow]:
     """Brings the licenses of `groups` in line with the rules as of `now`; returns what changed.
     `emitted_at` is the service's clock: an allocation's event settles `settle` after it, and
     until then a decision about its subject may withdraw or re-date it
-    (`settled_license_changes`)."""
+    (`settled_license_changes`). `event_key` keys the event ids (`Settings.event_id_key()`)."""
     groups = sorted(set(groups), key=lambda g: (g.customer_id, g.subject_type, g.subject_id))
     if not groups:
         return []
@@ -109,13 +110,32 @@ async def decide_groups(
             for subject in decision.withdrawn
         )
         rows.extend(
-            license_row(customer_id, change, emitted_at, settles_at) for change in decision.changes
+            license_row(event_key, customer_id, change, emitted_at, settles_at)
+            for change in decision.changes
         )
     await session.withdraw_allocations(withdrawn)
     await session.write_license_changes(rows, emitted_at)
     if withdrawn:
         metrics.WITHDRAWN_ALLOCATIONS.inc(len(withdrawn))
     return rows
+
+
+async def withdraw_every_pending_allocation(
+    session: Session, subjects: Sequence[tuple[str, str, str]], now: datetime
+) -> int:
+    """Takes back every unsettled allocation of `subjects` (customer, subject type, subject
+    id), whatever the rules would decide: for a release that no signal caused (an erasure),
+    billing need not hear of an allocation and its release. The caller has locked the
+    subjects' licenses (`held_licenses`). Returns how many were withdrawn."""
+    withdrawn = []
+    for row in await session.unsettled_allocations(sorted(subjects), now):
+        pending = pending_allocation(row)
+        if pending is not None:
+            withdrawn.append(withdrawn_allocation(row, pending))
+    await session.withdraw_allocations(withdrawn)
+    if withdrawn:
+        metrics.WITHDRAWN_ALLOCATIONS.inc(len(withdrawn))
+    return len(withdrawn)
 
 
 def held_license(row: Mapping[str, Any]) -> HeldLicense:
@@ -251,6 +271,7 @@ def groups_of_devices(
 
 
 def license_row(
+    event_key: bytes,
     customer_id: str,
     change: LicenseChange,
     emitted_at: datetime,
@@ -261,6 +282,7 @@ def license_row(
     event_id = payload = None
     if event_type is not None:
         event_id = license_event_id(
+            event_key,
             customer_id,
             event_type,
             change.subject_type,

@@ -1,5 +1,7 @@
 """Purges the personal data of users past the retention: their identity is replaced by a
-pseudonym, and billing gets a `user.purged` event for each."""
+pseudonym, and billing gets a `user.purged` event for each. Devices without a user lose
+their host name at the same retention (no event: billing never had it). Erasure on request
+(`erasures.py`) goes through the same statements."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from worker.licensing.rules import Reason, SubjectType, license_event_id, purge_
 from worker.licensing.sweep_report import SweepReport
 from worker.licensing.sweep_rules import pseudonym
 from worker.ops import metrics
+from worker.pseudonym_key import pseudonym_hmac_key
 from worker.settings import Settings
 
 
@@ -34,6 +37,7 @@ class Purges:
             due_before,
             self._settings.license_window,
         )
+        await self._purge_devices_without_user(report, dry_run, due_before)
 
     async def _purge_due(
         self,
@@ -44,7 +48,7 @@ class Purges:
         *window: timedelta,
     ) -> None:
         """Purges the users `query_name` finds, page by page."""
-        key = await self._pseudonym_key()
+        key = pseudonym_hmac_key(self._settings.required_pseudonym_key())
         page_size = self._settings.sweep_page_size
         while True:
             async with self._repository.transaction(rollback=dry_run) as session:
@@ -80,36 +84,85 @@ class Purges:
             if dry_run:
                 return  # the rows are still there: one page shows what would happen
 
+    async def _purge_devices_without_user(
+        self, report: SweepReport, dry_run: bool, due_before: datetime
+    ) -> None:
+        """Host names of devices without a user whose license ended (never licensed: whose
+        last signal + the window) at least the retention ago, page by page."""
+        page_size = self._settings.sweep_page_size
+        while True:
+            async with self._repository.transaction(rollback=dry_run) as session:
+                due = await session.fetch(
+                    "devices_without_user_due_for_purge",
+                    due_before,
+                    page_size,
+                    self._settings.license_window,
+                )
+                if not due:
+                    return
+                await session.execute(
+                    "purge_devices",
+                    [row["customer_id"] for row in due],
+                    [row["device_id"] for row in due],
+                )
+            report.purged_devices += len(due)
+            if dry_run:
+                return
+
     def _purge_row(self, customer_id: str, alias: str, released_at: datetime) -> LicenseRow:
         effective_at = purge_due_at(released_at, self._settings.retention)
-        event_id = license_event_id(
-            customer_id, "user.purged", SubjectType.USER, alias, effective_at
-        )
-        payload = license_event_json(
-            event_id=event_id,
+        return purge_row(
+            self._settings.event_id_key(),
+            customer_id,
+            alias,
+            effective_at,
+            self._clock.now(),
             event_type="user.purged",
-            customer_id=customer_id,
-            subject_type=SubjectType.USER.value,
-            subject_id=alias,
-            reason=Reason.RETENTION.value,
-            basis=None,
-            effective_at=effective_at,
-            emitted_at=self._clock.now(),
-        )
-        return LicenseRow(
-            customer_id=customer_id,
-            subject_type=SubjectType.USER.value,
-            subject_id=alias,
-            change="purged",
-            basis="user",
-            reason=Reason.RETENTION.value,
-            effective_at=effective_at,
-            event_id=event_id,
-            payload=payload,
+            reason=Reason.RETENTION,
         )
 
+    async def pseudonym_key(self) -> bytes:
+        """The key of the pseudonyms, for erasure on request (the same key as the purge)."""
+        return await self._pseudonym_key()
+
     async def _pseudonym_key(self) -> bytes:
-        if self._settings.pseudonym_key is not None:
-            return self._settings.pseudonym_key.get_secret_value().encode()
-        rows = await self._repository.fetch("pseudonym_key")
-        return str(rows[0]["value"]).encode()
+        return pseudonym_hmac_key(self._settings.required_pseudonym_key())
+
+
+def purge_row(
+    event_key: bytes,
+    customer_id: str,
+    alias: str,
+    effective_at: datetime,
+    emitted_at: datetime,
+    *,
+    event_type: str,
+    reason: Reason,
+) -> LicenseRow:
+    """The history row and billing event of a user's purge (`user.purged`) or erasure
+    (`user.erased`), under the user's pseudonym."""
+    event_id = license_event_id(
+        event_key, customer_id, event_type, SubjectType.USER, alias, effective_at
+    )
+    payload = license_event_json(
+        event_id=event_id,
+        event_type=event_type,
+        customer_id=customer_id,
+        subject_type=SubjectType.USER.value,
+        subject_id=alias,
+        reason=reason.value,
+        basis=None,
+        effective_at=effective_at,
+        emitted_at=emitted_at,
+    )
+    return LicenseRow(
+        customer_id=customer_id,
+        subject_type=SubjectType.USER.value,
+        subject_id=alias,
+        change="purged",
+        basis="user",
+        reason=reason.value,
+        effective_at=effective_at,
+        event_id=event_id,
+        payload=payload,
+    )

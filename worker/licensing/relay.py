@@ -102,6 +102,9 @@ class Relay:
         total = 0
         async with self._repository.exclusive("relay") as lock:
             if not lock.acquired:
+                # Another replica relays: its backlog figures are the ones that count.
+                metrics.OUTBOX_PENDING.withdraw()
+                metrics.OUTBOX_OLDEST_AGE.withdraw()
                 return 0
             while published := await self._publish_batch():
                 total += published

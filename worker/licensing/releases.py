@@ -170,6 +170,7 @@ class Releases:
                 report.now,
                 self._settings.license_window,
                 settle=self._settings.allocation_settle,
+                event_key=self._settings.event_id_key(),
             )
         report.released += sum(row.change == "released" for row in rows)
         report.basis_changed += sum(row.change == "basis_changed" for row in rows)

@@ -18,6 +18,8 @@ The rules are those of the contract (`docs/licensing.md` states each one):
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +29,6 @@ from enum import StrEnum
 
 COVERED_PER_KIND = {"business": 1, "personal": 2}
 DEFAULT_KIND = "business"
-LICENSE_EVENT_NAMESPACE = uuid.UUID("6f1f6d2e-4c1a-5b8e-9a43-0d2b7c51e0a1")
 
 
 class SubjectType(StrEnum):
@@ -54,6 +55,7 @@ class Reason(StrEnum):
     NO_DEVICES = "no_devices"
     CUSTOMER_INACTIVATED = "customer_inactivated"
     RETENTION = "retention_90d"
+    ERASURE_REQUESTED = "erasure_requested"
 
 
 class ChangeKind(StrEnum):
@@ -415,7 +417,8 @@ class _SubjectFacts:
         return silent_at, Reason.INACTIVE.value
 
 
-def license_event_id(
+def license_event_id(  # noqa: PLR0917 - the key, then the parts in hashing order
+    key: bytes,
     customer_id: str,
     event_type: str,
     subject_type: str,
@@ -430,7 +433,12 @@ def license_event_id(
     number) makes two decisions of one subject two events even when their type and
     effective time agree (allocated, released, allocated again). Ids may contain the
     separator: it is escaped, so two customers' decisions never hash alike (the outbox would
-    keep only one of them)."""
+    keep only one of them).
+
+    Keyed (`key`: `Settings.event_id_key()`, derived from the pseudonym key): the id is the
+    first 128 bits of HMAC-SHA256 over the escaped parts, laid out as a UUIDv8 (RFC 9562:
+    version 8, variant 10), so an id reveals nothing of its subject, and a guessed user id
+    cannot be tested against a purged user's events, without the key."""
     parts: tuple[str, ...] = (
         customer_id,
         event_type,
@@ -441,7 +449,15 @@ def license_event_id(
     if sequence is not None:
         parts += (str(sequence),)
     name = "|".join(_escape_separator(part) for part in parts)
-    return str(uuid.uuid5(LICENSE_EVENT_NAMESPACE, name))
+    return str(keyed_uuid(key, name))
+
+
+def keyed_uuid(key: bytes, name: str) -> uuid.UUID:
+    """A UUIDv8 from the first 16 bytes of HMAC-SHA256(key, name)."""
+    digest = bytearray(hmac.new(key, name.encode(), hashlib.sha256).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x80  # version 8
+    digest[8] = (digest[8] & 0x3F) | 0x80  # variant 10 (RFC 9562)
+    return uuid.UUID(bytes=bytes(digest))
 
 
 def _escape_separator(part: str) -> str:

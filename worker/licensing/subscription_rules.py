@@ -62,3 +62,31 @@ def status_event_type(previous: str | None, status: str) -> str | None:
         "cancelled": "subscription.cancelled",
         "in_trial": "subscription.trial_changed",
     }[status]
+
+
+@dataclass(frozen=True, slots=True)
+class SeatUsage:
+    """A live subscription with seats: how many it has, how many are used now, and whether
+    billing was last told it is over."""
+
+    customer_id: str
+    subscription_id: str
+    package: str
+    group_id: str | None
+    seats: int
+    used: int
+    was_over: bool
+
+    @property
+    def over(self) -> bool:
+        return self.used > self.seats
+
+
+def seat_crossings(usages: Iterable[SeatUsage]) -> list[SeatUsage]:
+    """The subscriptions whose side of their seats changed since billing was last told:
+    each gets `subscription.over_seats` or `subscription.within_seats` once."""
+    return [usage for usage in usages if usage.over != usage.was_over]
+
+
+def seat_event_type(usage: SeatUsage) -> str:
+    return "subscription.over_seats" if usage.over else "subscription.within_seats"

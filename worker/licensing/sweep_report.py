@@ -18,7 +18,10 @@ class SweepReport:
     released: int = 0
     basis_changed: int = 0
     purged: int = 0
+    # Devices without a user whose host name the purge removed.
+    purged_devices: int = 0
     trials_activated: int = 0
+    seat_crossings: int = 0
     usage_snapshots: int = 0
     held_customers: list[str] = field(default_factory=list)
     applied_holds: list[str] = field(default_factory=list)

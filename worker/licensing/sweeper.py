@@ -1,7 +1,8 @@
 """The license sweeper: one pass every interval, by one replica at a time (advisory lock).
 A pass releases licenses silent past the window and holds suspicious mass releases
 (`releases.py`), purges personal data past the retention (`purges.py`), ends trials
-(`trials.py`) and takes the daily usage snapshots (`usage_snapshots.py`).
+(`trials.py`), tells billing about subscriptions over their seats (`seats.py`) and
+takes the daily usage snapshots (`usage_snapshots.py`).
 
 It only reads the clock, calls the pure rules, writes and sleeps: the decisions are
 `worker/licensing/rules.py` and `worker/licensing/sweep_rules.py`.
@@ -23,6 +24,7 @@ from worker.db.repository import Repository
 from worker.db.wait import wait_to_retry
 from worker.licensing.purges import Purges
 from worker.licensing.releases import BEGINNING, Releases, silent_devices
+from worker.licensing.seats import check_seats
 from worker.licensing.sweep_report import SweepInterrupted, SweepReport, loggable
 from worker.licensing.sweep_rules import PartitionKey, StoredProgress, ingestion_watermark
 from worker.licensing.trials import end_trials
@@ -95,9 +97,13 @@ class Sweeper:
             if not lock.acquired:
                 return False
             log.info("sweep.leader_elected")
-            while await lock.still_held() and not self._stopping.is_set():
-                await self._run_logged()
-                await self._sleep(self._settings.sweep_interval_seconds)
+            try:
+                await self._publish_totals()  # true from the election, not after a pass
+                while await lock.still_held() and not self._stopping.is_set():
+                    await self._run_logged()
+                    await self._sleep(self._settings.sweep_interval_seconds)
+            finally:
+                _withdraw_leader_gauges()
             return True
 
     async def _run_logged(self) -> None:
@@ -130,9 +136,11 @@ class Sweeper:
         await self._sweep(report, dry_run)
         # Independent of ingestion lag: trials end by the clock, and billing gets a snapshot
         # every day even while ingestion is behind.
-        await end_trials(self._repository, report, dry_run)
+        event_key = self._settings.event_id_key()
+        await end_trials(self._repository, report, dry_run, event_key)
+        await check_seats(self._repository, report, dry_run, event_key)
         if self._settings.usage_snapshots_enabled:
-            await take_usage_snapshots(self._repository, report, dry_run)
+            await take_usage_snapshots(self._repository, report, dry_run, event_key)
         duration = asyncio.get_running_loop().time() - started
         if not dry_run:
             metrics.SWEEP_LAST_SUCCESS.set(time.time())
@@ -173,7 +181,10 @@ class Sweeper:
         }
         watermark = ingestion_watermark(end_offsets, progress, report.now)
         lag = report.now - watermark if watermark else None
-        metrics.SWEEP_INGESTION_LAG.set(lag.total_seconds() if lag else float("nan"))
+        if lag is None:
+            metrics.SWEEP_INGESTION_LAG.withdraw()  # not known: absent, not NaN
+        else:
+            metrics.SWEEP_INGESTION_LAG.set(lag.total_seconds())
         if watermark is None or lag is None or lag > LAG_REPORT_THRESHOLD:
             report.waited_for_lag = True
             metrics.SWEEP_LAG_WAITS.inc()
@@ -189,9 +200,15 @@ class Sweeper:
             (row["subject_type"], row["basis"]): row["licenses"]
             for row in await self._repository.fetch("license_totals")
         }
-        for subject_type, basis in LICENSE_KINDS:
-            metrics.LICENSES_ACTIVE.labels(subject_type, basis).set(
-                counts.get((subject_type, basis), 0)
-            )
+        metrics.LICENSES_ACTIVE.set_all(
+            ((subject_type, basis), counts.get((subject_type, basis), 0))
+            for subject_type, basis in LICENSE_KINDS
+        )
         [row] = await self._repository.fetch("customers_with_licenses")
         metrics.CUSTOMERS_LICENSED.set(row["customers"])
+
+
+def _withdraw_leader_gauges() -> None:
+    """This replica no longer sweeps: what it measured is not kept as if still true."""
+    for gauge in (metrics.LICENSES_ACTIVE, metrics.CUSTOMERS_LICENSED, metrics.SWEEP_INGESTION_LAG):
+        gauge.withdraw()

@@ -11,8 +11,11 @@ from worker.licensing.usage import LicenseCount, usage_totals
 from worker.tenants.changes import subject_event
 
 
-async def take_usage_snapshots(repository: Repository, report: SweepReport, dry_run: bool) -> None:
-    """The first pass of each UTC day sends every active customer's usage to billing."""
+async def take_usage_snapshots(
+    repository: Repository, report: SweepReport, dry_run: bool, event_key: bytes
+) -> None:
+    """The first pass of each UTC day sends every active customer's usage to billing (event
+    ids keyed by `event_key`)."""
     day = report.now.astimezone(UTC).date()
     day_start = datetime.combine(day, datetime.min.time(), UTC)
     async with repository.transaction(rollback=dry_run) as session:
@@ -23,6 +26,7 @@ async def take_usage_snapshots(repository: Repository, report: SweepReport, dry_
             )
         events = [
             subject_event(
+                event_key,
                 customer_id=customer_id,
                 event_type="usage.snapshot",
                 subject_type="customer",

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from worker.ops.leader_gauges import LeaderGauge
 
 EVENTS = Counter(
     "license_worker_events_total",
@@ -16,10 +20,10 @@ DEAD_LETTERS = Counter(
 )
 DEAD_LETTERS_FAILED = Counter(
     "license_worker_dead_letters_failed_total",
-    "Dead letters the DLQ refused for good, even truncated, by source topic, reason and "
-    "error: logged (dead_letter.refused, with the source offset) and skipped; the original "
-    "stays in its source topic.",
-    ["topic", "reason", "error"],
+    "Dead letters the DLQ refused for good, even truncated, by source topic and reason: "
+    "logged (dead_letter.refused, with the error and the source offset) and skipped; the "
+    "original stays in its source topic.",
+    ["topic", "reason"],
 )
 CLAMPED_EVENTS = Counter(
     "license_worker_clamped_events_total",
@@ -73,9 +77,10 @@ SWEEP_LAG_WAITS = Counter(
     "license_worker_sweep_lag_waits_total",
     "Sweeps that decided at an earlier time than now because ingestion was behind.",
 )
-SWEEP_INGESTION_LAG = Gauge(
+SWEEP_INGESTION_LAG = LeaderGauge(
     "license_worker_sweep_ingestion_lag_seconds",
-    "How far ingestion was behind at the last sweep (NaN: could not be told).",
+    "How far ingestion was behind at the sweeper leader's last pass (absent while it cannot "
+    "be told: a partition never stored).",
 )
 SWEEP_HELD = Counter(
     "license_worker_sweep_held_customers_total",
@@ -91,20 +96,25 @@ RELAY_FAILURES = Counter(
     "(Kafka refuses the license events for good: too large, not authorised); both retried.",
     ["kind"],
 )
-OUTBOX_PENDING = Gauge("license_worker_outbox_pending", "License events not yet published.")
-OUTBOX_OLDEST_AGE = Gauge(
-    "license_worker_outbox_oldest_age_seconds", "Age of the oldest unpublished license event."
+OUTBOX_PENDING = LeaderGauge(
+    "license_worker_outbox_pending",
+    "License events not yet published (the relay leader's count after its last pass).",
+)
+OUTBOX_OLDEST_AGE = LeaderGauge(
+    "license_worker_outbox_oldest_age_seconds",
+    "Age of the oldest unpublished license event (the relay leader's, after its last pass).",
 )
 CONSUMER_LAG_MESSAGES = Gauge(
     "license_worker_consumer_lag_messages",
-    "Messages of an assigned partition not yet stored: end offset minus committed offset.",
-    ["topic", "partition"],
+    "Messages of an assigned partition not yet stored: end offset minus committed offset. "
+    "Labelled like kafka-lag-exporter (group, topic, partition).",
+    ["group", "topic", "partition"],
 )
 CONSUMER_LAG_SECONDS = Gauge(
     "license_worker_consumer_lag_seconds",
     "While messages wait: now minus the broker timestamp of the last stored message; 0 when "
     "caught up; +Inf when nothing was ever stored.",
-    ["topic", "partition"],
+    ["group", "topic", "partition"],
 )
 STUCK_PARTITIONS = Gauge(
     "license_worker_stuck_partitions",
@@ -119,16 +129,38 @@ TASK_RESTARTS = Counter(
     "Times a background task was run again after a Postgres or Kafka outage ended it.",
     ["task"],
 )
-LICENSES_ACTIVE = Gauge(
+LICENSES_ACTIVE = LeaderGauge(
     "license_worker_licenses_active",
-    "Licenses in use, all customers together, by subject type and basis (after the last sweep).",
+    "Licenses in use, all customers together, by subject type and basis: the sweeper leader's "
+    "count, from its election and after each pass.",
     ["subject_type", "basis"],
 )
-CUSTOMERS_LICENSED = Gauge(
+CUSTOMERS_LICENSED = LeaderGauge(
     "license_worker_customers_licensed",
-    "Customers holding at least one license (after the last sweep).",
+    "Customers holding at least one license: the sweeper leader's count, from its election "
+    "and after each pass.",
 )
 PAUSED_PARTITIONS = Gauge(
     "license_worker_paused_partitions",
     "Partitions paused while the worker waits out a Kafka or Postgres outage.",
 )
+
+
+FAILURE_KINDS = ("transient", "permanent")
+KAFKA_OPERATIONS = ("commit", "commit_refused", "dead_letter")
+
+
+def initialise(topics: Iterable[str], reasons: Iterable[str]) -> None:
+    """Every series an alert takes `rate()` or `increase()` of exists from the start, at 0:
+    a counter that first appears at 1 shows no increase, so its first failure would not
+    alert (and a dashboard would show "no data" rather than 0)."""
+    reasons = list(reasons)
+    for topic in topics:
+        for reason in reasons:
+            DEAD_LETTERS.labels(topic, reason)
+            DEAD_LETTERS_FAILED.labels(topic, reason)
+    for kind in FAILURE_KINDS:
+        DATABASE_ERRORS.labels(kind)
+        RELAY_FAILURES.labels(kind)
+    for operation in KAFKA_OPERATIONS:
+        KAFKA_ERRORS.labels(operation)

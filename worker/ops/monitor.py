@@ -109,10 +109,12 @@ class Monitor:
             self._on_stuck(stuck)
 
     def _publish(self, lags: dict[PartitionKey, PartitionLag]) -> None:
+        group = self._settings.consumer_group
         for topic, partition in self._reported - set(lags):
-            metrics.CONSUMER_LAG_MESSAGES.remove(topic, str(partition))
-            metrics.CONSUMER_LAG_SECONDS.remove(topic, str(partition))
+            metrics.CONSUMER_LAG_MESSAGES.remove(group, topic, str(partition))
+            metrics.CONSUMER_LAG_SECONDS.remove(group, topic, str(partition))
         for (topic, partition), lag in lags.items():
-            metrics.CONSUMER_LAG_MESSAGES.labels(topic, str(partition)).set(lag.messages)
-            metrics.CONSUMER_LAG_SECONDS.labels(topic, str(partition)).set(lag.seconds)
+            labels = (group, topic, str(partition))
+            metrics.CONSUMER_LAG_MESSAGES.labels(*labels).set(lag.messages)
+            metrics.CONSUMER_LAG_SECONDS.labels(*labels).set(lag.seconds)
         self._reported = set(lags)

@@ -20,6 +20,8 @@ from typing import TextIO
 
 from worker.db.repository import Repository
 from worker.db.session import Session
+from worker.licensing.seats import seat_usage
+from worker.licensing.subscription_rules import SeatUsage
 from worker.licensing.usage import LicenseCount, usage_totals
 from worker.report.formats import (
     CsvWriter,
@@ -61,8 +63,13 @@ async def write_usage_report(
         by_customer: dict[str, list[LicenseCount]] = defaultdict(list)
         for customer_id, count in counts:
             by_customer[customer_id].append(count)
+        seats = await _seats(session, request)
         usages = [
-            CustomerUsage(customer, usage_totals(by_customer.get(customer.customer_id, [])))
+            CustomerUsage(
+                customer,
+                usage_totals(by_customer.get(customer.customer_id, [])),
+                tuple(seats.get(customer.customer_id, ())),
+            )
             for customer in customers
         ]
         info = ReportInfo(
@@ -90,6 +97,16 @@ async def _customers(session: Session, request: ReportRequest) -> list[Customer]
         )
         for row in rows
     ]
+
+
+async def _seats(session: Session, request: ReportRequest) -> dict[str, list[SeatUsage]]:
+    """Live only: how many seats each subscription uses is not replayed from history."""
+    if request.as_of is not None:
+        return {}
+    by_customer: dict[str, list[SeatUsage]] = defaultdict(list)
+    for usage in await seat_usage(session, request.customer_id):
+        by_customer[usage.customer_id].append(usage)
+    return by_customer
 
 
 async def _counts(session: Session, request: ReportRequest) -> list[tuple[str, LicenseCount]]:

@@ -13,8 +13,10 @@ from typing import Any, Protocol, TextIO
 
 import orjson
 
+from worker.licensing.subscription_rules import SeatUsage
 from worker.licensing.usage import DEVICE_BASES, UsageTotals
 from worker.report.rows import COLUMNS, Customer, ReportRow
+from worker.report.safe_text import csv_text, json_printable, printable
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,27 @@ class ReportInfo:
 class CustomerUsage:
     customer: Customer
     totals: UsageTotals
+    # Its live subscriptions with seats, as used now (a live report only: not replayed).
+    seats: tuple[SeatUsage, ...] = ()
+
+
+def seats_dict(usage: SeatUsage) -> dict[str, Any]:
+    return {
+        "subscription_id": usage.subscription_id,
+        "package": usage.package,
+        "group_id": usage.group_id,
+        "seats": usage.seats,
+        "used": usage.used,
+        "over": usage.over,
+    }
+
+
+def seats_text(usage: SeatUsage) -> str:
+    """`s-admins core_plus (group admins): 2 of 1 seats, OVER`."""
+    scope = f" (group {usage.group_id})" if usage.group_id else ""
+    over = ", OVER" if usage.over else ""
+    used = f"{usage.used} of {usage.seats} seats"
+    return f"{usage.subscription_id} {usage.package}{scope}: {used}{over}"
 
 
 class ReportWriter(Protocol):
@@ -64,7 +87,9 @@ def row_dict(row: ReportRow) -> dict[str, Any]:
 
 class JsonWriter:
     """One JSON document: the report's header and totals, then `customers`, each with its
-    totals and rows. Written a row at a time, one row a line."""
+    totals and rows. Written a row at a time, one row a line. Values are exact; control and
+    invisible characters in them are written as `\\uXXXX` escapes, so the document is also
+    safe to print in a terminal."""
 
     def __init__(self, out: TextIO) -> None:
         self._out = out
@@ -88,7 +113,8 @@ class JsonWriter:
         separator = "," if self._customers else ""
         self._out.write(
             f'{separator}\n{{"customer":{_json(customer_dict(usage.customer))},'
-            f'"totals":{_json(usage.totals.as_dict())},"rows":['
+            f'"totals":{_json(usage.totals.as_dict())},'
+            f'"seats":{_json([seats_dict(seats) for seats in usage.seats])},"rows":['
         )
         self._customers += 1
         self._rows = 0
@@ -108,15 +134,21 @@ class JsonWriter:
 
 
 def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    return json_printable(orjson.dumps(value).decode())
 
 
 class CsvWriter:
     """The detail rows, one table; every row carries its customer id. Times are ISO 8601
-    in UTC, booleans `true`/`false`, missing values empty."""
+    in UTC, booleans `true`/`false`, missing values empty.
+
+    Against CSV injection (OWASP): every text field is quoted, and one that starts with
+    `= + - @ TAB CR` gets a `'` in front, so a spreadsheet shows it as text instead of
+    running it; control and invisible characters are written as escapes (`\\x1b`). Counts
+    are numbers, written unquoted and never prefixed: the report computes them (they are
+    never negative) and a number is not a formula."""
 
     def __init__(self, out: TextIO) -> None:
-        self._csv = csv.writer(out, lineterminator="\n")
+        self._csv = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
 
     def start(
         self, info: ReportInfo, customers: Sequence[CustomerUsage], totals: UsageTotals
@@ -146,6 +178,8 @@ def _csv_value(value: Any) -> Any:
         return "true" if value else "false"
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat()
+    if isinstance(value, str):
+        return csv_text(value)
     return value
 
 
@@ -165,7 +199,9 @@ TABLE_COLUMNS = (
 
 
 class TableWriter:
-    """For reading in a terminal: each customer's totals, then its rows as columns."""
+    """For reading in a terminal: each customer's totals, then its rows as columns. Control
+    and invisible characters in values (escape sequences, line breaks, bidi overrides) are
+    shown as escapes (`\\x1b`, `\\u202e`): the terminal prints them, never obeys them."""
 
     def __init__(self, out: TextIO) -> None:
         self._out = out
@@ -189,11 +225,13 @@ class TableWriter:
 
     def start_customer(self, usage: CustomerUsage) -> None:
         customer = usage.customer
-        details = [d for d in (customer.status, customer.license_model) if d]
-        described = f" {customer.name}" if customer.name else ""
+        details = [printable(d) for d in (customer.status, customer.license_model) if d]
+        described = f" {printable(customer.name)}" if customer.name else ""
         described += f" ({', '.join(details)} model)" if details else ""
-        self._out.write(f"\n== {customer.customer_id}{described}\n")
+        self._out.write(f"\n== {printable(customer.customer_id)}{described}\n")
         self._write_totals(usage.totals)
+        for seats in usage.seats:
+            self._out.write(f"  seats            {'':>8}   {printable(seats_text(seats))}\n")
         self._out.write("\n" + _table_line([heading for heading, _, _ in TABLE_COLUMNS]))
 
     def row(self, row: ReportRow) -> None:
@@ -217,7 +255,7 @@ class TableWriter:
             f"{basis.replace('_', ' ')} {totals.device_licenses[basis]}" for basis in DEVICE_BASES
         )
         packages = "; ".join(
-            f"{name} {package.total_licenses} (users {package.licensed_users}, "
+            f"{printable(name)} {package.total_licenses} (users {package.licensed_users}, "
             f"devices {package.device_licenses})"
             for name, package in sorted(totals.by_package.items())
         )
@@ -241,7 +279,7 @@ def _table_value(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, datetime):
         return _table_time(value)
-    return str(value)
+    return printable(str(value))
 
 
 def _table_time(value: datetime) -> str:

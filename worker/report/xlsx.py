@@ -1,5 +1,11 @@
 """The usage report as an Excel workbook, streamed: a writer of `worker/report/formats.py`'s
-`ReportWriter` protocol."""
+`ReportWriter` protocol.
+
+No cell is ever a formula: openpyxl stores a text that starts with `=` as one (and `#REF!`
+as an error), so every text cell is written as an explicit string cell, its control and
+invisible characters as escapes (which also keeps out the characters XML refuses); a text
+that starts like a formula also gets Excel's quote prefix, so it stays text when edited.
+Numbers, booleans and times keep their types."""
 
 from __future__ import annotations
 
@@ -15,8 +21,9 @@ from openpyxl.utils import get_column_letter
 from openpyxl.worksheet._write_only import WriteOnlyWorksheet
 
 from worker.licensing.usage import DEVICE_BASES, NO_PACKAGE, PackageTotals, UsageTotals
-from worker.report.formats import CustomerUsage, ReportInfo
+from worker.report.formats import CustomerUsage, ReportInfo, seats_text
 from worker.report.rows import Customer, ReportRow
+from worker.report.safe_text import looks_like_formula, printable
 
 PACKAGES = ("core", "core_plus", NO_PACKAGE)
 EXCEL_MAX_ROWS = 1_048_576
@@ -54,6 +61,7 @@ SUMMARY_SHEET = (
         for package in PACKAGES
         for what in ("users", "device licenses", "total")
     ),
+    ("seats (live)", 40),
 )
 
 
@@ -77,10 +85,13 @@ class XlsxWriter:
         summary = self._summary
         as_of = _excel_time(info.as_of, summary)
         for usage in customers:
-            summary.append([*_customer_cells(usage.customer), as_of, info.source, *_totals(usage)])
+            seats = "; ".join(seats_text(seats) for seats in usage.seats) or None
+            cells = [*_customer_cells(usage.customer), as_of, info.source, *_totals(usage), seats]
+            summary.append(_typed(summary, cells))
         if len(customers) > 1:
             label = f"all {len(customers)} customers"
-            summary.append([label, None, None, None, as_of, info.source, *_totals_cells(totals)])
+            cells = [label, None, None, None, as_of, info.source, *_totals_cells(totals)]
+            summary.append(_typed(summary, cells))
 
     def start_customer(self, usage: CustomerUsage) -> None:
         pass
@@ -89,21 +100,20 @@ class XlsxWriter:
         if self._detail_rows >= self._max_rows:
             self._detail = self._new_detail_sheet()
             self._detail_rows = 1
-        self._detail.append(
-            [
-                row.customer_id,
-                row.subject_type,
-                row.subject_id,
-                row.user_id,
-                row.device_kind,
-                row.licensed,
-                row.status,
-                row.basis,
-                row.package,
-                _excel_time(row.last_seen_at, self._detail),
-                row.devices_covered,
-            ]
-        )
+        cells = [
+            row.customer_id,
+            row.subject_type,
+            row.subject_id,
+            row.user_id,
+            row.device_kind,
+            row.licensed,
+            row.status,
+            row.basis,
+            row.package,
+            _excel_time(row.last_seen_at, self._detail),
+            row.devices_covered,
+        ]
+        self._detail.append(_typed(self._detail, cells))
         self._detail_rows += 1
 
     def end_customer(self) -> None:
@@ -138,6 +148,21 @@ class XlsxWriter:
             headings.append(cell)
         sheet.append(headings)
         return sheet
+
+
+def _typed(sheet: WriteOnlyWorksheet, values: list[Any]) -> list[Any]:
+    return [_text_cell(sheet, value) if isinstance(value, str) else value for value in values]
+
+
+def _text_cell(sheet: WriteOnlyWorksheet, text: str) -> Cell:
+    """A string cell whatever the text looks like: openpyxl infers the type when the value
+    is set, so the type is set again after it."""
+    shown = printable(text)
+    cell = WriteOnlyCell(sheet, value=shown)
+    cell.data_type = "s"
+    if looks_like_formula(shown):
+        cell.quotePrefix = True
+    return cell
 
 
 def _customer_cells(customer: Customer) -> list[Any]:

@@ -50,15 +50,17 @@ async def apply_admin_event(
     event: AdminEventModel,
     now: datetime,
     window: timedelta,
+    *,
     settle: timedelta = timedelta(0),
+    event_key: bytes,
 ) -> AdminResult:
-    """Applies one event; `now` is the decision time for the licenses it changes, and
-    allocations settle `settle` after it."""
+    """Applies one event; `now` is the decision time for the licenses it changes, allocations
+    settle `settle` after it, and `event_key` keys the ids of the events it emits."""
     await session.execute("ensure_customer", event.customer_id)
     # Waits for the license decisions in progress for this customer, and holds off new ones
     # until this change commits: neither can decide on what the other has not written yet.
     await session.execute("lock_customer", event.customer_id)
-    applier = _Applier(session, event, now, window, settle)
+    applier = _Applier(session, event, now, window, settle=settle, event_key=event_key)
     if isinstance(event, CustomerUpserted):
         return await applier.customer_profile(event)
     if isinstance(event, CustomerInactivated | CustomerReactivated):
@@ -77,9 +79,12 @@ class _Applier:
         event: AdminEventModel,
         now: datetime,
         window: timedelta,
+        *,
         settle: timedelta,
+        event_key: bytes,
     ) -> None:
         self._session = session
+        self._event_key = event_key
         self._customer_id = event.customer_id
         self._now = now
         self._window = window
@@ -210,7 +215,13 @@ class _Applier:
 
     async def _decide(self, groups: list[Group]) -> list[LicenseRow]:
         return await decide_groups(
-            self._session, groups, self._now, self._now, self._window, settle=self._settle
+            self._session,
+            groups,
+            self._now,
+            self._now,
+            self._window,
+            settle=self._settle,
+            event_key=self._event_key,
         )
 
     async def _emit(
@@ -227,6 +238,7 @@ class _Applier:
         await self._session.enqueue_events(
             [
                 subject_event(
+                    self._event_key,
                     customer_id=self._customer_id,
                     event_type=event_type,
                     subject_type=subject_type,
@@ -242,6 +254,7 @@ class _Applier:
 
 
 def subject_event(
+    event_key: bytes,
     *,
     customer_id: str,
     event_type: str,
@@ -253,8 +266,11 @@ def subject_event(
     package: str | None = None,
     **details: object,
 ) -> OutboxEvent:
-    """A subscription, customer or usage event with its deterministic id."""
-    event_id = license_event_id(customer_id, event_type, subject_type, subject_id, effective_at)
+    """A subscription, customer or usage event with its deterministic id (keyed by
+    `event_key`)."""
+    event_id = license_event_id(
+        event_key, customer_id, event_type, subject_type, subject_id, effective_at
+    )
     payload = license_event_json(
         event_id=event_id,
         event_type=event_type,

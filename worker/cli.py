@@ -16,6 +16,7 @@ import structlog
 from worker.cli_support import connected, load_settings, parse_time
 from worker.commands.dlq import dlq
 from worker.commands.erasure import erase, hold, release_hold
+from worker.commands.license_events import license_events
 from worker.commands.report import report
 from worker.ops.logs import crash_fields, install_asyncio_error_logging
 
@@ -277,18 +278,6 @@ def publish_events(now_text: str | None) -> None:
     click.echo(f"published {published} license events")
 
 
-@main.command("license-events")
-@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for more.")
-def license_events(timeout: float) -> None:
-    """Print the license events topic from the beginning, one JSON object a line, as
-    billing receives it."""
-    from worker.kafka.clients import read_topic  # noqa: PLC0415
-
-    settings = load_settings()
-    for value in asyncio.run(read_topic(settings, settings.license_events_topic, timeout)):
-        click.echo(value.decode())
-
-
 @main.command()
 @click.option("--customer", "customer_id", default=None, help="Only this customer.")
 @click.option(
@@ -447,6 +436,7 @@ main.add_command(report)
 main.add_command(erase)
 main.add_command(hold)
 main.add_command(release_hold)
+main.add_command(license_events)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ from pydantic import Field, IPvAnyAddress, SecretStr, field_validator, model_val
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.pseudonym_key import PseudonymKeyError, checked_key, event_id_key
-from worker.trust.signing import SigningKeys, load_signing_keys
+from worker.trust.signing import SigningKeys, SigningKeysError, load_signing_keys
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -82,6 +82,15 @@ class Settings(BaseSettings):
     console_signing_keys_file: Path | None = Field(
         default=None,
         description="The same for the console topic, with the console's own keys",
+    )
+    license_events_signing_key_file: Path | None = Field(
+        default=None,
+        description=(
+            "JSON keys file (the format of AGENT_SIGNING_KEYS_FILE) the relay signs every "
+            "license event with: its `current` key signs, headers sig.key_id and sig.hmac "
+            "over the message key and value (worker/trust/license_events.py); billing "
+            "verifies with every key listed"
+        ),
     )
 
     batch_max_records: int = Field(default=5000, ge=1, le=100_000)
@@ -194,7 +203,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"{variable}: cannot read {path!r}")
         return self
 
-    @field_validator("agent_signing_keys_file", "console_signing_keys_file", mode="before")
+    @field_validator(
+        "agent_signing_keys_file",
+        "console_signing_keys_file",
+        "license_events_signing_key_file",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         """An empty variable means no signatures (a Job that needs no keys blanks them)."""
@@ -209,6 +223,7 @@ class Settings(BaseSettings):
         ):
             if path is not None:
                 load_signing_keys(path, variable)
+        self.license_events_signing_keys()  # the relay signs: it needs `current`
         return self
 
     def agent_signing_keys(self) -> SigningKeys | None:
@@ -220,6 +235,18 @@ class Settings(BaseSettings):
         """The console's keys, read from CONSOLE_SIGNING_KEYS_FILE (None: no signatures)."""
         path = self.console_signing_keys_file
         return None if path is None else load_signing_keys(path, "CONSOLE_SIGNING_KEYS_FILE")
+
+    def license_events_signing_keys(self) -> SigningKeys | None:
+        """The keys the relay signs license events with, read from
+        LICENSE_EVENTS_SIGNING_KEY_FILE (None: events unsigned); `current` must name one."""
+        path = self.license_events_signing_key_file
+        if path is None:
+            return None
+        variable = "LICENSE_EVENTS_SIGNING_KEY_FILE"
+        keys = load_signing_keys(path, variable)
+        if keys.current is None:
+            raise SigningKeysError(f"{variable}: name the key that signs in `current`")
+        return keys
 
     def required_pseudonym_key(self) -> str:
         """The pseudonym key, or a ValueError naming the setting (commands that decide

@@ -9,6 +9,10 @@ a decision withdrawing an allocation waits for it, then finds it published.
 A crash between publishing and marking re-publishes the same rows with the same
 `event_id` after restart: at least once on the topic, exactly once for a consumer that
 de-duplicates by `event_id`, as billing does.
+
+With LICENSE_EVENTS_SIGNING_KEY_FILE, every record carries `sig.key_id` and `sig.hmac` over
+its key and value, exactly the bytes sent (worker/trust/license_events.py): a re-published
+row is the same bytes under the same key, so it carries the same signature.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from worker.ops import metrics
 from worker.ops.logs import error_fields
 from worker.retry import Backoff, Stopped, always, retry
 from worker.settings import Settings
+from worker.trust.license_events import license_event_headers
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +53,7 @@ class Relay:
         self._settings = settings
         self._repository = repository
         self._producer = producer
+        self._signing_keys = settings.license_events_signing_keys()
 
     async def run_forever(self, stopping: asyncio.Event) -> None:
         """Publishes what is pending every `relay_poll_seconds` (at once again after a pass
@@ -122,17 +128,25 @@ class Relay:
         return len(rows)
 
     async def _publish(self, rows: list[Any]) -> None:
-        deliveries = [
-            await self._producer.send(
-                self._settings.license_events_topic,
-                value=row["payload"].encode(),
-                key=row["customer_id"].encode(),
-                headers=[("event_id", str(row["event_id"]).encode())],
+        deliveries = []
+        for row in rows:
+            key, value = row["customer_id"].encode(), row["payload"].encode()
+            deliveries.append(
+                await self._producer.send(
+                    self._settings.license_events_topic,
+                    value=value,
+                    key=key,
+                    headers=self._headers(str(row["event_id"]), key, value),
+                )
             )
-            for row in rows
-        ]
         await asyncio.gather(*deliveries)
         metrics.OUTBOX_PUBLISHED.inc(len(rows))
+
+    def _headers(self, event_id: str, key: bytes, value: bytes) -> list[tuple[str, bytes]]:
+        headers = [("event_id", event_id.encode())]
+        if self._signing_keys is not None:
+            headers += license_event_headers(self._signing_keys, key, value)
+        return headers
 
     async def _mark_published(self, session: Session, ids: list[int]) -> None:
         await session.execute("mark_license_events_published", ids)

@@ -38,6 +38,7 @@ from worker.ingest.dead_letters import (
 )
 from worker.ingest.decoding import RejectReason
 from worker.settings import Settings
+from worker.trust.license_events import LICENSE_EVENT_DOMAIN
 from worker.trust.signing import HMAC_HEADER, KEY_ID_HEADER
 
 ASYNCAPI_VERSION = "3.0.0"
@@ -204,10 +205,14 @@ def _signature_headers(signed: str) -> dict[str, Any]:
         "type": "object",
         "description": "Required when the worker has signing keys for this topic "
         f"(docs/security.md, tenant binding): an HMAC-SHA256 over {signed}.",
-        "properties": {
-            KEY_ID_HEADER: _text("The id of the key in the keys file that signed it."),
-            HMAC_HEADER: _text("The HMAC-SHA256, lowercase hex.", pattern="^[0-9a-f]{64}$"),
-        },
+        "properties": _signature_properties(),
+    }
+
+
+def _signature_properties() -> dict[str, Any]:
+    return {
+        KEY_ID_HEADER: _text("The id of the key in the keys file that signed it."),
+        HMAC_HEADER: _text("The HMAC-SHA256, lowercase hex.", pattern="^[0-9a-f]{64}$"),
     }
 
 
@@ -224,7 +229,7 @@ def _messages() -> dict[str, Any]:
         name: _message(model, _CUSTOMER_KEY, console_headers)
         for name, model in _ADMIN_MESSAGES.items()
     }
-    messages["licenseEvent"] = _message(LicenseEvent, _CUSTOMER_KEY)
+    messages["licenseEvent"] = _message(LicenseEvent, _CUSTOMER_KEY, _license_event_headers())
     messages["deadLetter"] = {
         "name": "DeadLetter",
         "title": "Dead letter",
@@ -243,6 +248,22 @@ def _messages() -> dict[str, Any]:
         },
     }
     return messages
+
+
+def _license_event_headers() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "Kafka header values are ASCII text. `sig.key_id` and `sig.hmac` are "
+        "present, exactly one of each, when the service signs license events "
+        "(LICENSE_EVENTS_SIGNING_KEY_FILE): an HMAC-SHA256 over the length-prefixed "
+        f"`{LICENSE_EVENT_DOMAIN.decode()}`, the message key and the message value, whole "
+        "(worker/trust/license_events.py; docs/licensing.md, 'For billing').",
+        "required": ["event_id"],
+        "properties": {
+            "event_id": _text("The event's `event_id`, as in the value (not signed)."),
+            **_signature_properties(),
+        },
+    }
 
 
 def _text(description: str, **constraints: Any) -> dict[str, Any]:

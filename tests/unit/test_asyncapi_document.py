@@ -23,6 +23,8 @@ from schemas.license_events import LicenseEvent
 from worker.asyncapi import asyncapi_yaml, build_asyncapi_document
 from worker.ingest.decoding import RejectReason
 from worker.settings import Settings
+from worker.trust.license_events import license_event_headers
+from worker.trust.signing import SigningKeys
 
 ROOT = Path(__file__).parents[2]
 COMMITTED = ROOT / "schemas" / "asyncapi.yaml"
@@ -156,3 +158,18 @@ def test_payload_schemas_agree_with_the_models() -> None:
         sequence=1,
     )
     assert payload_validator(document, "LicenseEvent").is_valid(event.model_dump(mode="json"))
+
+
+def test_license_event_headers_name_the_event_id_and_the_signature() -> None:
+    document = build_asyncapi_document()
+    headers = document["components"]["messages"]["licenseEvent"]["headers"]
+    assert headers["required"] == ["event_id"]
+    assert set(headers["properties"]) == {"event_id", "sig.key_id", "sig.hmac"}
+    assert "LICENSE_EVENTS_SIGNING_KEY_FILE" in headers["description"]
+    assert "license-telemetry/license-event/v1" in headers["description"]
+    keys = SigningKeys({"2026-12": b"k" * 32}, current="2026-12")
+    signed = [("event_id", b"0b6f5a52-3c0e-8d5e-9a0b-4b1f0e0c1d2e")]
+    signed += license_event_headers(keys, b"acme", b"{}")
+    as_text = {name: value.decode("ascii") for name, value in signed}
+    assert not list(Draft202012Validator(headers).iter_errors(as_text))
+    assert list(Draft202012Validator(headers).iter_errors({**as_text, "sig.hmac": "XYZ"}))

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import orjson
 import pytest
@@ -278,3 +279,35 @@ def test_a_missing_keys_file_stops_start_up(tmp_path: Path) -> None:
 def test_signing_without_a_current_key_is_refused() -> None:
     with pytest.raises(SigningKeysError):
         license_event_headers(SigningKeys({"k1": CURRENT}), KEY, VALUE)
+
+
+# -- billing's side, as docs/licensing.md shows it ------------------------------------------
+
+DOCS = Path(__file__).parents[2] / "docs" / "licensing.md"
+
+
+def billing_example() -> dict[str, object]:
+    """The Python example of docs/licensing.md, "For billing: verifying signatures", run."""
+    text = DOCS.read_text(encoding="utf-8")
+    section = text.split("### For billing: verifying signatures", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 15
+    imports = [line for line in code.splitlines() if "import " in line]
+    assert imports == ["import hashlib, hmac"], "the standard library's hmac and hashlib only"
+    namespace: dict[str, object] = {}
+    exec(compile(code, str(DOCS), "exec"), namespace)  # our own documentation, run as written
+    return namespace
+
+
+def test_the_documented_billing_verifier_agrees_with_the_relay() -> None:
+    verify = cast("Callable[..., bool]", billing_example()["verify"])
+    keys = dict(KEYS.keys)
+    headers = signed()
+    assert verify(keys, KEY, VALUE, headers) is True
+    assert verify(keys, KEY, VALUE + b" ", headers) is False
+    assert verify(keys, b"globex", VALUE, headers) is False
+    assert verify(keys, KEY, VALUE, [EVENT_ID_HEADER]) is False
+    assert verify(keys, KEY, VALUE, [*headers, *headers]) is False
+    assert verify({"2026-06": PREVIOUS}, KEY, VALUE, headers) is False
+    agent = sign(KEYS, len(AGENT_DOMAIN).to_bytes(4, "big") + AGENT_DOMAIN + VALUE)
+    assert verify(keys, KEY, VALUE, agent) is False

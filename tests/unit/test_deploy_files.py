@@ -4,6 +4,8 @@ schemas (kubernetes-validate), the compose file against the compose specificatio
 
 from __future__ import annotations
 
+import io
+import re
 import subprocess
 import sys
 from ipaddress import ip_address
@@ -14,6 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 import kubernetes_validate
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
 
 from worker.cli import main as cli
 
@@ -30,6 +33,11 @@ def all_objects() -> list[dict[str, Any]]:
     return [obj for path in sorted(KUBERNETES.glob("*.yaml")) for obj in documents(path)]
 
 
+def object_name(obj: dict[str, Any]) -> str:
+    metadata = obj["metadata"]
+    return str(metadata.get("name") or metadata["generateName"])
+
+
 def by_kind(kind: str) -> dict[str, Any]:
     [found] = [obj for obj in all_objects() if obj["kind"] == kind]
     return found
@@ -38,7 +46,7 @@ def by_kind(kind: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     "obj",
     [obj for obj in all_objects() if not obj["apiVersion"].startswith("keda.sh/")],
-    ids=lambda obj: f"{obj['kind']}/{obj['metadata']['name']}",
+    ids=lambda obj: f"{obj['kind']}/{object_name(obj)}",
 )
 def test_core_objects_validate_against_the_kubernetes_schema(obj: dict[str, Any]) -> None:
     kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
@@ -88,10 +96,154 @@ def test_compose_file_follows_the_compose_specification() -> None:
     assert {"kafka", "postgres", "migrate", "worker", "prometheus", "grafana"} <= set(services)
 
 
-def test_dockerfile_runs_as_non_root_with_the_check_command() -> None:
-    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
-    assert "USER app" in dockerfile
-    assert 'CMD ["license-worker", "check"]' in dockerfile
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+
+
+def dockerfile_instructions() -> list[dict[str, Any]]:
+    parser = DockerfileParser(fileobj=io.BytesIO(DOCKERFILE.read_bytes()))
+    return list(parser.structure)
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("hadolint")), "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_is_multi_stage_with_a_base_pinned_by_digest() -> None:
+    parser = DockerfileParser(fileobj=io.BytesIO(DOCKERFILE.read_bytes()))
+    stages = [i["value"] for i in dockerfile_instructions() if i["instruction"] == "FROM"]
+    assert len(stages) >= 2, "build and runtime stages"
+    [base] = [i["value"] for i in dockerfile_instructions() if i["instruction"] == "ARG"]
+    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.11-slim@sha256:[0-9a-f]{64}", base), base
+    assert all(stage.startswith("${PYTHON_IMAGE} AS ") for stage in stages), stages
+    assert re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", parser.baseimage or "")
+
+
+def test_uv_comes_from_its_image_at_the_makefiles_version() -> None:
+    version = re.search(r"^UV_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert version
+    copies = [i["value"] for i in dockerfile_instructions() if i["instruction"] == "COPY"]
+    assert f"--from=ghcr.io/astral-sh/uv:{version[1]} /uv /uvx /bin/" in copies
+    runs = " ".join(i["value"] for i in dockerfile_instructions() if i["instruction"] == "RUN")
+    assert "pip install" not in runs
+
+
+def test_the_image_runs_as_non_root_and_its_healthcheck_is_liveness() -> None:
+    instructions = dockerfile_instructions()
+    [user] = [i["value"] for i in instructions if i["instruction"] == "USER"]
+    assert user.split(":")[0] == "10001"
+    [healthcheck] = [i["value"] for i in instructions if i["instruction"] == "HEALTHCHECK"]
+    assert "/livez" in healthcheck
+    assert "check" not in healthcheck.split("CMD", 1)[1], "an outage must not kill the worker"
+    [entrypoint] = [i["value"] for i in instructions if i["instruction"] == "ENTRYPOINT"]
+    assert entrypoint == '["license-worker"]'
+
+
+def test_pods_run_with_the_default_seccomp_profile() -> None:
+    for kind in ("Deployment", "Job"):
+        pod = by_kind(kind)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, kind
+        assert pod["securityContext"]["runAsNonRoot"] is True, kind
+
+
+def test_keda_owns_the_replica_count_and_disruptions_take_one_pod_at_a_time() -> None:
+    deployment = by_kind("Deployment")
+    assert "replicas" not in deployment["spec"], "KEDA scales: a fixed count fights it"
+    budget = by_kind("PodDisruptionBudget")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["spec"]["maxUnavailable"] == 1
+    spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} == {
+        "topology.kubernetes.io/zone",
+        "kubernetes.io/hostname",
+    }
+    for constraint in spread:
+        assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_keda_reads_lag_from_the_earliest_offset_with_a_matching_credential_pair() -> None:
+    [trigger] = by_kind("ScaledObject")["spec"]["triggers"]
+    assert trigger["metadata"]["offsetResetPolicy"] == "earliest"
+    references = {
+        ref["parameter"]: ref for ref in by_kind("TriggerAuthentication")["spec"]["secretTargetRef"]
+    }
+    username, password = references["username"], references["password"]
+    assert username["name"] == password["name"], "user name and password from one Secret"
+    secrets = {obj["metadata"]["name"]: obj for obj in all_objects() if obj["kind"] == "Secret"}
+    assert {username["key"], password["key"]} <= set(secrets[username["name"]]["stringData"])
+
+
+def test_the_migration_job_is_new_per_release_and_gets_only_its_secrets() -> None:
+    job = by_kind("Job")
+    assert "name" not in job["metadata"]
+    assert job["metadata"]["generateName"].endswith("-")
+    assert "pre-upgrade" in job["metadata"]["annotations"]["helm.sh/hook"]
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    assert all("secretRef" not in source for source in container.get("envFrom", []))
+    secrets = {
+        volume["secret"]["secretName"]
+        for volume in job["spec"]["template"]["spec"]["volumes"]
+        if "secret" in volume
+    }
+    assert secrets == {
+        "license-worker-postgres",
+        "license-worker-postgres-ca",
+        "license-worker-pseudonym-key",
+    }
+
+
+def effective_environment(kind: str) -> dict[str, str]:
+    """A pod's variables: the ConfigMap, then the container's own `env` over it."""
+    [container] = by_kind(kind)["spec"]["template"]["spec"]["containers"]
+    environment = dict(by_kind("ConfigMap")["data"])
+    environment.update({v["name"]: v["value"] for v in container.get("env", []) if "value" in v})
+    return environment
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "Job"])
+def test_every_file_a_pod_is_told_to_read_is_mounted(kind: str) -> None:
+    """A path in the pod's settings that no volume provides stops the command at start-up
+    (`KAFKA_SSL_CAFILE: cannot read ...`)."""
+    environment = effective_environment(kind)
+    paths = [
+        value
+        for name, value in environment.items()
+        if value and (name.endswith("_FILE") or name == "KAFKA_SSL_CAFILE")
+    ]
+    paths += [
+        value
+        for name, value in parse_qsl(urlsplit(environment["DATABASE_URL"]).query)
+        if name == "sslrootcert"
+    ]
+    pod = by_kind(kind)["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    provided: set[str] = set()
+    for volume in pod["volumes"]:
+        if volume["name"] not in mounts:
+            continue
+        items = volume["secret"].get("items")
+        keys = [item["path"] for item in items] if items else secret_keys(volume)
+        provided |= {f"{mounts[volume['name']]}/{key}" for key in keys}
+    assert paths
+    assert set(paths) <= provided, set(paths) - provided
+
+
+def secret_keys(volume: dict[str, Any]) -> list[str]:
+    """The keys of the Secret a volume mounts whole (secret.yaml), or the CA file name for
+    the CA Secrets the cluster's operators provide."""
+    name = volume["secret"]["secretName"]
+    secrets = {obj["metadata"]["name"]: obj for obj in all_objects() if obj["kind"] == "Secret"}
+    if name in secrets:
+        return list(secrets[name]["stringData"])
+    return ["ca.crt"]
 
 
 def test_the_validator_rejects_a_broken_object() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, TypeAdapter
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
 LicenseEventType = Literal[
     "license.allocated",
@@ -62,9 +62,13 @@ class LicenseEvent(BaseModel):
     # user who returns starts at 1 again). The last event of a subject is the one with the
     # highest number; a gap means an event is missing.
     sequence: int | None = None
-    # `license.package_changed` only: the package the held license was attributed to before
-    # the change (`package` is the new one); None: no live subscription applied.
-    previous_package: Literal["core", "core_plus"] | None = None
+    previous_package: Literal["core", "core_plus"] | None = Field(
+        default=None,
+        description=(
+            "license.package_changed only: the package the held license was attributed to "
+            "before the change (`package` is the new one); null: no live subscription applied."
+        ),
+    )
 
 
 LICENSE_EVENT_ADAPTER: TypeAdapter[LicenseEvent] = TypeAdapter(LicenseEvent)

@@ -89,7 +89,10 @@ FOR UPDATE OF l;
 -- decision's clock) and not published, locked (after their licenses, see the lock order):
 -- the relay skips what a decision holds, and a decision waits for a relay publishing them,
 -- then no longer sees them. With each, the release billing saw last (if any): the state
--- the subject returns to if the allocation is withdrawn.
+-- the subject returns to if the allocation is withdrawn. Only an allocation that is still
+-- its subject's last event: one an event already follows (a package change or a release
+-- decided on a clock at which it had settled) is never withdrawn, since the withdrawal
+-- removes the allocation's outbox row alone and would leave the later event behind.
 SELECT o.customer_id, o.subject_type, o.subject_id, o.event_id, o.payload::text AS payload,
        r.basis AS settled_basis, r.package AS settled_package,
        r.effective_at AS settled_released_at, r.reason AS settled_reason
@@ -106,6 +109,11 @@ LEFT JOIN LATERAL (
 ) AS r ON true
 WHERE o.published_at IS NULL AND o.settles_at > $4::timestamptz
   AND o.payload->>'type' = 'license.allocated'
+  AND NOT EXISTS (
+      SELECT FROM license_outbox AS later
+      WHERE later.customer_id = o.customer_id AND later.subject_type = o.subject_type
+        AND later.subject_id = o.subject_id AND later.id > o.id
+  )
 ORDER BY o.id
 FOR UPDATE OF o;
 

@@ -28,8 +28,11 @@ from tests.integration.test_subscriptions import (
     subscription,
 )
 from tests.support import Services, fetch, make_settings, run_cli, settings_environment
+from worker.clock import FixedClock
 from worker.db.repository import Repository
 from worker.kafka.clients import read_until_end
+from worker.licensing.erasure_rules import ErasureTarget, Scope
+from worker.licensing.erasures import Erasures
 from worker.licensing.reconcile import reconcile_subjects
 from worker.settings import Settings
 from worker.sim.fleet import SimulatedDevice
@@ -320,3 +323,40 @@ async def test_a_package_change_after_a_settled_allocation_is_never_withdrawn_wi
         (PACKAGE_CHANGED, "core", "core_plus", 2),
     ]
     assert await reconciled(settling) == []
+
+
+async def test_an_erasure_on_an_earlier_clock_releases_after_the_package_change(
+    services: Services, settling: Settings
+) -> None:
+    """The erasure withdraws pending allocations; one a package change already follows is no
+    longer pending (withdrawing it would leave the change behind with no allocation before
+    it): the license is released as the subject's next event, not before the change."""
+    console, agents = Console(services, settling), Agents(services, settling)
+    await console.send(
+        day(0),
+        subscription("s-core", "core", day(0)),
+        subscription("s-plus", "core_plus", day(0), group_id="admins"),
+    )
+    decided = day(0) + timedelta(minutes=10)
+    await agents.send(decided, (BOB, "install", day(0)))
+    await console.send(decided + SETTLE, member("admins", BOB_USER, day(0)))
+    repository = await Repository.connect(settling.database_url.get_secret_value(), 2)
+    try:
+        erasures = Erasures(
+            settling,
+            repository,
+            FixedClock(decided + timedelta(seconds=30)),
+            lambda: publish_outbox(settling, decided + SETTLE),
+        )
+        await erasures.erase(ErasureTarget.of(Scope.USER, BOB_USER, ACME), "ticket 7", 5)
+    finally:
+        await repository.close()
+
+    events = await topic_events(settling)
+    bob = sorted((e for e in events if e["subject_id"] == BOB_USER), key=lambda e: e["sequence"])
+    assert [(e["type"], e["sequence"], e["effective_at"]) for e in bob] == [
+        ("license.allocated", 1, day(0).isoformat()),
+        (PACKAGE_CHANGED, 2, (decided + SETTLE).isoformat()),
+        ("license.released", 3, (decided + SETTLE).isoformat()),
+    ]
+    assert bob[-1]["reason"] == "erasure_requested"

@@ -5,11 +5,12 @@ de-duplicate an event published twice; two decisions are two ids, even for one s
 one effective time (allocated, released, allocated again).
 
 License events (`license.*`, `user.purged`, `user.erased`, `device.erased`) have a user or a
-device as subject; subscription events a subscription; `customer.*` and `usage.snapshot` the
-customer. `user.erased` and `customer.erased` (reason `erasure_requested`) follow an erasure
-on request: the subject's licenses were released before (`license.released`, reason
-`erasure_requested`, under the ids billing knows); the erased user's `subject_id` is their
-pseudonym. Each type may add its
+device as subject (`license.package_changed`, reason `subscription_changed`: a held license
+is attributed to another package from `effective_at` on, and stays held); subscription
+events a subscription; `customer.*` and `usage.snapshot` the customer. `user.erased` and
+`customer.erased` (reason `erasure_requested`) follow an erasure on request: the subject's
+licenses were released before (`license.released`, reason `erasure_requested`, under the
+ids billing knows); the erased user's `subject_id` is their pseudonym. Each type may add its
 own fields (a subscription's `status` and `trial_ends_at`, a snapshot's counts).
 """
 
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, TypeAdapter
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
 LicenseEventType = Literal[
     "license.allocated",
     "license.released",
+    "license.package_changed",
     "user.purged",
     "user.erased",
     "device.erased",
@@ -55,11 +57,18 @@ class LicenseEvent(BaseModel):
     package: Literal["core", "core_plus"] | None = None
     effective_at: AwareDatetime
     emitted_at: AwareDatetime
-    # `license.allocated` and `license.released` only: the subject's license event number,
-    # 1 for its first and one more for each next (a purged user who returns starts at 1
-    # again). The last event of a subject is the one with the highest number; a gap means
-    # an event is missing.
+    # `license.allocated`, `license.released` and `license.package_changed` only: the
+    # subject's license event number, 1 for its first and one more for each next (a purged
+    # user who returns starts at 1 again). The last event of a subject is the one with the
+    # highest number; a gap means an event is missing.
     sequence: int | None = None
+    previous_package: Literal["core", "core_plus"] | None = Field(
+        default=None,
+        description=(
+            "license.package_changed only: the package the held license was attributed to "
+            "before the change (`package` is the new one); null: no live subscription applied."
+        ),
+    )
 
 
 LICENSE_EVENT_ADAPTER: TypeAdapter[LicenseEvent] = TypeAdapter(LicenseEvent)

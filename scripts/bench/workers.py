@@ -237,7 +237,8 @@ async def measure_drain(
             # settling (withdrawn allocations are gone from it).
             license_events = await watch.fetchval(
                 "SELECT count(*) FROM license_outbox "
-                "WHERE payload->>'type' IN ('license.allocated', 'license.released')"
+                "WHERE payload->>'type' IN "
+                "('license.allocated', 'license.released', 'license.package_changed')"
             )
         finally:
             codes = [replica.stop() for replica in replicas]

@@ -62,9 +62,21 @@ FOR UPDATE OF d;
 
 -- name: held_licenses
 -- Locked in key order: the writes of the decision (allocate, release, reattribute) then only
--- touch rows this transaction holds, or insert new ones in the same order.
+-- touch rows this transaction holds, or insert new ones in the same order. `last_event_at`:
+-- the effective time of the subject's latest license event, which its next one may not
+-- precede (docs/licensing.md, "The one rule for effective times"): its release, or its
+-- allocation or a package change after it (the history's license.package_changed events;
+-- a subject's events take effect in order, so earlier ones are not later than the
+-- allocation).
 SELECT l.customer_id, l.subject_type, l.subject_id, l.active, l.basis, l.package,
-       l.event_sequence, l.allocated_at, l.released_at
+       l.event_sequence, l.allocated_at, l.released_at,
+       CASE WHEN l.active THEN greatest(l.allocated_at, (
+           SELECT max(h.effective_at)
+           FROM license_history AS h
+           WHERE h.customer_id = l.customer_id AND h.subject_type = l.subject_type
+             AND h.subject_id = l.subject_id AND h.change = 'package_changed'
+             AND h.event_id IS NOT NULL
+       )) ELSE l.released_at END AS last_event_at
 FROM licenses AS l
 JOIN unnest($1::text[], $2::text[], $3::text[]) AS s (customer_id, subject_type, subject_id)
     USING (customer_id, subject_type, subject_id)
@@ -77,7 +89,10 @@ FOR UPDATE OF l;
 -- decision's clock) and not published, locked (after their licenses, see the lock order):
 -- the relay skips what a decision holds, and a decision waits for a relay publishing them,
 -- then no longer sees them. With each, the release billing saw last (if any): the state
--- the subject returns to if the allocation is withdrawn.
+-- the subject returns to if the allocation is withdrawn. Only an allocation that is still
+-- its subject's last event: one an event already follows (a package change or a release
+-- decided on a clock at which it had settled) is never withdrawn, since the withdrawal
+-- removes the allocation's outbox row alone and would leave the later event behind.
 SELECT o.customer_id, o.subject_type, o.subject_id, o.event_id, o.payload::text AS payload,
        r.basis AS settled_basis, r.package AS settled_package,
        r.effective_at AS settled_released_at, r.reason AS settled_reason
@@ -94,6 +109,11 @@ LEFT JOIN LATERAL (
 ) AS r ON true
 WHERE o.published_at IS NULL AND o.settles_at > $4::timestamptz
   AND o.payload->>'type' = 'license.allocated'
+  AND NOT EXISTS (
+      SELECT FROM license_outbox AS later
+      WHERE later.customer_id = o.customer_id AND later.subject_type = o.subject_type
+        AND later.subject_id = o.subject_id AND later.id > o.id
+  )
 ORDER BY o.id
 FOR UPDATE OF o;
 
@@ -166,7 +186,8 @@ WHERE l.customer_id = x.customer_id
 RETURNING 1;
 
 -- name: reattribute_licenses
--- A held license whose basis or package changed. One row per subject, as release_licenses.
+-- A held license whose basis changed within its package (no event). One row per subject, as
+-- release_licenses.
 UPDATE licenses AS l
 SET basis = x.basis, package = x.package, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
@@ -174,6 +195,22 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
 WHERE l.customer_id = x.customer_id
   AND l.subject_type = x.subject_type
   AND l.subject_id = x.subject_id;
+
+-- name: change_license_packages
+-- Held licenses moved to another package $5 (and basis $4, if that changed too). $6 is the
+-- subject's event number of the change (license.package_changed), written only over number
+-- $6 - 1 (see allocate_licenses). Returns the rows written. One row per subject, sorted,
+-- locked by held_licenses.
+UPDATE licenses AS l
+SET basis = x.basis, package = x.package, event_sequence = x.event_sequence, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::integer[])
+    AS x (customer_id, subject_type, subject_id, basis, package, event_sequence)
+WHERE l.customer_id = x.customer_id
+  AND l.subject_type = x.subject_type
+  AND l.subject_id = x.subject_id
+  AND l.active
+  AND l.event_sequence = x.event_sequence - 1
+RETURNING 1;
 
 -- name: append_license_history
 INSERT INTO license_history (

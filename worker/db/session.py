@@ -292,7 +292,8 @@ class Session:
         in_order = sorted(rows, key=lambda row: (row.customer_id, row.subject_type, row.subject_id))
         allocated = [row for row in in_order if row.change == "allocated"]
         released = [row for row in in_order if row.change == "released"]
-        rebased = [row for row in in_order if row.change in ("basis_changed", "package_changed")]
+        repackaged = [row for row in in_order if row.change == "package_changed"]
+        rebased = [row for row in in_order if row.change == "basis_changed"]
         if allocated:
             written = await connection.fetch(
                 query("allocate_licenses"),
@@ -312,6 +313,14 @@ class Session:
                 ),
             )
             _expect_decided(released, written)
+        if repackaged:
+            written = await connection.fetch(
+                query("change_license_packages"),
+                *_columns(
+                    repackaged, "customer_id subject_type subject_id basis package event_sequence"
+                ),
+            )
+            _expect_decided(repackaged, written)
         if rebased:
             await connection.execute(
                 query("reattribute_licenses"),
@@ -332,8 +341,9 @@ class Session:
 
 
 def _expect_decided(rows: Sequence[LicenseRow], written: Sequence[asyncpg.Record]) -> None:
-    """Each allocation or release is written only over the state it was decided from (the
-    subject's event number just before it); one that was not raced with another decision."""
+    """Each allocation, release or package change is written only over the state it was
+    decided from (the subject's event number just before it); one that was not raced with
+    another decision."""
     if len(written) != len(rows):
         raise ConcurrentDecisionError(
             f"{len(rows) - len(written)} of {len(rows)} license changes were decided on a "

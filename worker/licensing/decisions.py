@@ -30,7 +30,11 @@ from worker.licensing.rules import (
 from worker.licensing.subscription_rules import LiveSubscription, package_attribution
 from worker.ops import metrics
 
-EVENT_TYPES = {ChangeKind.ALLOCATED: "license.allocated", ChangeKind.RELEASED: "license.released"}
+EVENT_TYPES = {
+    ChangeKind.ALLOCATED: "license.allocated",
+    ChangeKind.RELEASED: "license.released",
+    ChangeKind.PACKAGE_CHANGED: "license.package_changed",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +149,7 @@ def held_license(row: Mapping[str, Any]) -> HeldLicense:
         Basis(row["basis"]),
         row["package"],
         row["event_sequence"],
-        row["allocated_at"] if row["active"] else row["released_at"],
+        row["last_event_at"],
     )
 
 
@@ -302,6 +306,7 @@ def license_row(
             effective_at=change.effective_at,
             emitted_at=emitted_at,
             sequence=change.sequence,
+            **_own_fields(change),
         )
     return LicenseRow(
         customer_id=customer_id,
@@ -317,6 +322,13 @@ def license_row(
         event_sequence=change.sequence,
         settles_at=settles_at if change.kind is ChangeKind.ALLOCATED else None,
     )
+
+
+def _own_fields(change: LicenseChange) -> dict[str, Any]:
+    """The fields only one type of license event has."""
+    if change.kind is ChangeKind.PACKAGE_CHANGED:
+        return {"previous_package": change.previous_package}
+    return {}
 
 
 def license_event_json(

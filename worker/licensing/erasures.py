@@ -360,7 +360,9 @@ class Erasures:
                     held["subject_id"],
                     Basis(held["basis"]),
                     Reason.ERASURE_REQUESTED,
-                    now,
+                    # Never before the subject's previous event (a package change decided
+                    # on a later clock): the one rule for effective times.
+                    max(now, held["last_event_at"]),
                     held["package"],
                     held["event_sequence"] + 1,
                 ),

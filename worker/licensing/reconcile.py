@@ -1,8 +1,9 @@
 """Does billing's view agree with the stored licenses? For every subject (a user or a
 device), the license events on the topic, de-duplicated by `event_id` as billing does, must
-end where the database stands: an active license's last event is `license.allocated`, a
-released one's `license.released`, with the same event number (`sequence`), and no number
-missing in between. A lost re-allocation, or any event that never reached the topic, shows
+end where the database stands: an active license's last event is `license.allocated` (or a
+`license.package_changed` after it, which keeps the license held), a released one's
+`license.released`, with the same event number (`sequence`), and no number missing in
+between. A lost re-allocation, or any event that never reached the topic, shows
 up here.
 
 The database is read first, on one snapshot, and the topic after it, up to its end at that
@@ -23,7 +24,9 @@ from worker.db.repository import Repository
 from worker.kafka.clients import read_until_end
 from worker.settings import Settings
 
-LICENSE_EVENT_TYPES = ("license.allocated", "license.released")
+LICENSE_EVENT_TYPES = ("license.allocated", "license.released", "license.package_changed")
+# The events after which a subject holds its license.
+HELD_EVENT_TYPES = frozenset({"license.allocated", "license.package_changed"})
 SubjectKey = tuple[str, str, str]  # customer_id, subject_type, subject_id
 
 
@@ -160,7 +163,7 @@ def compare(
         compared += 1
         last = events.last()
         # A purged user's license row carries a pseudonym now; its last event was a release.
-        if last is not None and last.event_type == "license.allocated":
+        if last is not None and last.event_type in HELD_EVENT_TYPES:
             mismatches.append(_mismatch(subject, "billed but not stored", None, last))
     mismatches.sort(key=lambda m: (m.customer_id, m.subject_type, m.subject_id))
     return mismatches, compared
@@ -171,7 +174,7 @@ def _stored_problem(row: StoredLicense, events: SubjectEvents | None) -> Subject
     last = events.last(up_to=row.event_sequence) if events else None
     if last is None:
         return _mismatch(row.subject, "no event on the topic", row, None)
-    if last.event_type != expected:
+    if (last.event_type in HELD_EVENT_TYPES) != row.active:
         return _mismatch(row.subject, f"last event is not {expected}", row, last)
     if last.sequence is not None and last.sequence != row.event_sequence:
         return _mismatch(row.subject, f"event #{row.event_sequence} is missing", row, last)

@@ -56,6 +56,9 @@ class Reason(StrEnum):
     CUSTOMER_INACTIVATED = "customer_inactivated"
     RETENTION = "retention_90d"
     ERASURE_REQUESTED = "erasure_requested"
+    # A held license's package changed (a group membership, a subscription attached,
+    # activated or cancelled, or a new basis that falls under another package).
+    SUBSCRIPTION_CHANGED = "subscription_changed"
 
 
 class ChangeKind(StrEnum):
@@ -87,14 +90,16 @@ class DeviceFacts:
 @dataclass(frozen=True, slots=True)
 class HeldLicense:
     """A license row as stored: active, or released (then `basis` is the last one held).
-    `event_sequence` counts the subject's license events so far (allocations and releases)."""
+    `event_sequence` counts the subject's license events so far (allocations, releases and
+    package changes)."""
 
     active: bool
     basis: Basis
     package: str | None = None
     event_sequence: int = 0
-    # The effective time of the subject's latest license event (its allocation if active,
-    # its release if not); None: not known (no event, or a caller that does not tell).
+    # The effective time of the subject's latest license event (its allocation or a later
+    # package change if active, its release if not); None: not known (no event, or a caller
+    # that does not tell).
     last_event_at: datetime | None = None
 
 
@@ -129,6 +134,8 @@ class LicenseChange:
     # The subject's license event this change announces: 1 for its first, one more for each
     # next (0: a change billing is not told of, such as a new basis).
     sequence: int = 0
+    # A package change: the package held before it.
+    previous_package: str | None = None
 
     @property
     def subject(self) -> Subject:
@@ -227,13 +234,12 @@ def license_changes(
             changes.append(
                 LicenseChange(ChangeKind.ALLOCATED, *subject, basis, reason, at, package, sequence)
             )
+        elif current.package != package:
+            # Billing bills per package: told, with the new basis if that changed too.
+            changes.append(_package_change(subject, basis, package, current, now))
         elif current.basis != basis:
             changes.append(
                 LicenseChange(ChangeKind.BASIS_CHANGED, *subject, basis, None, now, package)
-            )
-        elif current.package != package:
-            changes.append(
-                LicenseChange(ChangeKind.PACKAGE_CHANGED, *subject, basis, None, now, package)
             )
     for subject, current in sorted(held.items()):
         if current.active and subject not in wanted:
@@ -291,7 +297,13 @@ def settled_license_changes(
     batch with the others: the result depends on the facts, not on their order or batching.
     A license shorter than the window is never billed, as when its install and uninstall
     arrive together."""
-    pending = {s: p for s, p in pending.items() if s in held and held[s].active}
+    # Only an allocation that is still the subject's last event: one a package change
+    # followed (decided on a clock at which it had settled) is never withdrawn.
+    pending = {
+        s: p
+        for s, p in pending.items()
+        if s in held and held[s].active and held[s].event_sequence == p.change.sequence
+    }
     settled = {s: h for s, h in held.items() if s not in pending}
     settled |= {s: p.settled for s, p in pending.items() if p.settled is not None}
     decided = license_changes(devices, settled, terms, now, window)
@@ -307,6 +319,22 @@ def settled_license_changes(
             changes.append(again)
     changes.sort(key=lambda c: c.subject)
     return SettledDecision(withdrawn, changes)
+
+
+def _package_change(
+    subject: Subject, basis: Basis, package: str | None, current: HeldLicense, now: datetime
+) -> LicenseChange:
+    """A held license moves to another package at the decision, the subject's next event."""
+    return LicenseChange(
+        ChangeKind.PACKAGE_CHANGED,
+        *subject,
+        basis,
+        Reason.SUBSCRIPTION_CHANGED,
+        _not_before(now, current),
+        package,
+        _next_event(current),
+        previous_package=current.package,
+    )
 
 
 def _not_before(at: datetime, current: HeldLicense | None) -> datetime:

@@ -46,9 +46,10 @@ ACME = CustomerUsage(
 EMPTY = CustomerUsage(Customer("zeta", None, "inactive", "device"), usage_totals([]))
 # fmt: off
 ROWS = [
-    ReportRow("acme", "user", "ann", "ann", None, True, "licensed", "user", "core", SEEN, 3),
+    ReportRow("acme", "user", "ann", "ann", None, True, "licensed", "user", "core", SEEN, 3,
+              True),
     ReportRow("acme", "device", "ann-watch", "ann", "personal", True, "over_allowance",
-              "over_allowance", "core", SEEN, None),
+              "over_allowance", "core", SEEN, None, False),
     ReportRow("acme", "device", "ann-old", "ann", "business", False, "uninstalled", None, None,
               None, None),
 ]
@@ -92,6 +93,7 @@ def test_json_is_one_document_with_each_customer_its_totals_and_rows() -> None:
         "package": "core",
         "last_seen_at": "2026-11-30T08:15:30+00:00",
         "devices_covered": 3,
+        "last_seen_exact": True,
     }
     assert zeta["rows"] == []
     assert zeta["totals"]["total_licenses"] == 0
@@ -110,7 +112,7 @@ def test_csv_has_a_header_and_one_line_per_row() -> None:
     assert lines[0] == list(COLUMNS)
     assert lines[1] == [
         "acme", "user", "ann", "ann", "", "true", "licensed", "user", "core",
-        "2026-11-30T08:15:30+00:00", "3",
+        "2026-11-30T08:15:30+00:00", "3", "true",
     ]  # fmt: skip
     assert lines[3][5:10] == ["false", "uninstalled", "", "", ""]
     assert len(lines) == 4
@@ -127,7 +129,7 @@ def test_table_shows_totals_rows_and_the_grand_total() -> None:
     watch = next(line for line in text.splitlines() if "ann-watch" in line)
     assert watch.split() == [
         "device", "ann-watch", "ann", "personal", "yes", "over_allowance", "core",
-        "2026-11-30", "08:15", "-",
+        "2026-11-30", "08:15", "-", "no",
     ]  # fmt: skip
     assert "== zeta (inactive, device model)" in text
     assert "== all 2 customers" in text
@@ -148,7 +150,7 @@ def test_xlsx_has_typed_cells_frozen_headings_and_widths(tmp_path: Path) -> None
     assert headings[9] == "last seen (UTC)"
     ann = [cell.value for cell in detail[2]]
     assert ann == ["acme", "user", "ann", "ann", None, True, "licensed", "user", "core",
-                   datetime(2026, 11, 30, 8, 15, 30), 3]  # fmt: skip
+                   datetime(2026, 11, 30, 8, 15, 30), 3, True]  # fmt: skip
     assert detail["J2"].number_format == "yyyy-mm-dd hh:mm:ss"
     assert detail["F4"].value is False
     assert detail.max_row == 4

@@ -211,3 +211,23 @@ def test_a_file_appears_only_when_the_report_is_complete(
 def test_xlsx_needs_a_file() -> None:
     with pytest.raises(ValueError, match="output file"), open_writer("xlsx", None, io.StringIO()):
         pass
+
+
+def test_table_as_of_a_past_time_says_how_exact_last_seen_is() -> None:
+    out = io.StringIO()
+    writer = TableWriter(out)
+    writer.start(ReportInfo(INFO.as_of, "history", INFO.generated_at, 30), [ACME], ACME.totals)
+    writer.start_customer(ACME)
+    for row in ROWS:
+        writer.row(row)
+    writer.end_customer()
+    writer.finish()
+    lines = out.getvalue().splitlines()
+    assert "last seen: the newest stored signal at or before then" in lines[0]
+    assert lines[0].endswith("exact where EXACT says yes); release window 30 days")
+    heading = next(line for line in lines if line.strip().startswith("TYPE"))
+    assert heading.split()[-1] == "EXACT"
+    watch = next(line for line in lines if "ann-watch" in line)
+    assert watch.split()[-1] == "no"  # a lower bound
+    old = next(line for line in lines if "ann-old" in line)
+    assert old.split()[-2:] == ["-", "-"]  # no signal known then

@@ -73,6 +73,17 @@ WHERE customer_id = $1 AND status = 'active';
 -- name: detach_devices_of_users
 -- $1 customers, $2 pseudonyms: an erased user's devices belong to nobody now (a device of a
 -- purged pseudonym would otherwise be decided for a user whose license row is purged).
+-- Each gets a device history row without a user, recorded at $3 (the erasure).
+WITH detached AS (
+    INSERT INTO device_history (
+        customer_id, device_id, user_id, device_kind, protected, seen_at, recorded_at
+    )
+    SELECT d.customer_id, d.device_id, NULL, d.device_kind, d.protected, d.last_seen_at,
+           $3::timestamptz
+    FROM devices AS d
+    JOIN unnest($1::text[], $2::text[]) AS p (customer_id, user_id)
+        ON d.customer_id = p.customer_id AND d.user_id = p.user_id
+)
 UPDATE devices AS d
 SET user_id = NULL
 FROM unnest($1::text[], $2::text[]) AS p (customer_id, user_id)

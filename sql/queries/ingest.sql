@@ -83,7 +83,8 @@ ON CONFLICT (customer_id, user_id) DO UPDATE SET
 -- Returns the devices whose change can change a license: new, (un)installed, moved to
 -- another user, kind changed, first seen earlier (the covered devices are the earliest first
 -- seen: a late, older event can move an over-allowance license), or heard from after having
--- been silent past the window ($17).
+-- been silent past the window ($17). Appends the device history of those whose user, kind or
+-- install state changed (`recorded`).
 -- `before` reads the rows as they were: every part of one statement sees the same snapshot.
 WITH batch AS (
     SELECT * FROM unnest(
@@ -141,7 +142,25 @@ upserted AS (
         last_present_at = greatest(d.last_present_at, EXCLUDED.last_present_at),
         last_installed_at = greatest(d.last_installed_at, EXCLUDED.last_installed_at),
         last_uninstalled_at = greatest(d.last_uninstalled_at, EXCLUDED.last_uninstalled_at)
-    RETURNING d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.first_seen_at
+    RETURNING d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.first_seen_at,
+              d.last_seen_at
+),
+recorded AS (
+    -- The device history (migration 0012) for `report usage --as-of`: a row when a device is
+    -- new or its user, kind or install state changed, set-based from the before-image, in this
+    -- statement; a heartbeat that changes none of them writes nothing. $18: the service's
+    -- clock (NULL: the transaction's).
+    INSERT INTO device_history (
+        customer_id, device_id, user_id, device_kind, protected, seen_at, recorded_at
+    )
+    SELECT u.customer_id, u.device_id, u.user_id, u.device_kind, u.protected, u.last_seen_at,
+           coalesce($18::timestamptz, now())
+    FROM upserted AS u
+    LEFT JOIN before AS b USING (customer_id, device_id)
+    WHERE b.device_id IS NULL
+       OR u.protected IS DISTINCT FROM b.protected
+       OR u.user_id IS DISTINCT FROM b.user_id
+       OR u.device_kind IS DISTINCT FROM b.device_kind
 )
 SELECT u.customer_id, u.device_id, u.user_id, b.user_id AS previous_user_id
 FROM upserted AS u

@@ -78,6 +78,14 @@ devices_done AS (
     WHERE d.customer_id = p.customer_id AND d.user_id = p.user_id
     RETURNING 1
 ),
+device_history_done AS (
+    -- The device history's users (migration 0012): the pseudonym, as in `devices`.
+    UPDATE device_history AS h
+    SET user_id = p.pseudonym
+    FROM purged AS p
+    WHERE h.customer_id = p.customer_id AND h.user_id = p.user_id
+    RETURNING 1
+),
 licenses_done AS (
     UPDATE licenses AS l
     SET subject_id = p.pseudonym, purged_at = $4, updated_at = now()
@@ -109,6 +117,7 @@ outbox_done AS (
 )
 SELECT (SELECT count(*) FROM users_done) AS users,
        (SELECT count(*) FROM devices_done) AS devices,
+       (SELECT count(*) FROM device_history_done) AS device_history,
        (SELECT count(*) FROM licenses_done) AS licenses,
        (SELECT count(*) FROM history_done) AS history,
        (SELECT count(*) FROM memberships_done) AS memberships,
@@ -138,7 +147,21 @@ FOR UPDATE OF d SKIP LOCKED;
 
 -- name: purge_devices
 -- $1 customers, $2 device ids, locked by the caller. Removes a device's personal data: its
--- host name and its link to a user. The row stays (audit, lifecycle events).
+-- host name and its link to a user. The row stays (audit, lifecycle events). A device that
+-- loses its user gets a device history row without one, recorded at $3 (the service's
+-- clock): from then on an as-of report shows it without a user.
+WITH detached AS (
+    -- Reads the rows as they were before the UPDATE below (one snapshot per statement).
+    INSERT INTO device_history (
+        customer_id, device_id, user_id, device_kind, protected, seen_at, recorded_at
+    )
+    SELECT d.customer_id, d.device_id, NULL, d.device_kind, d.protected, d.last_seen_at,
+           $3::timestamptz
+    FROM devices AS d
+    JOIN unnest($1::text[], $2::text[]) AS p (customer_id, device_id)
+        USING (customer_id, device_id)
+    WHERE d.user_id IS NOT NULL
+)
 UPDATE devices AS d
 SET hostname = NULL, user_id = NULL
 FROM unnest($1::text[], $2::text[]) AS p (customer_id, device_id)

@@ -101,15 +101,84 @@ GROUP BY customer_id, subject_type, basis, package
 ORDER BY customer_id COLLATE "C";
 
 -- name: report_history_rows
--- $2: the as-of time. Every subject that held a license by then, with its latest change
--- decided by then; users first, then devices.
+-- $2: the as-of time. Users and devices as they stood then (docs/licensing.md, "Usage
+-- report"): every subject that held a license by then, with its latest change decided by
+-- then (license_history, decided_at), and every device stored by then with its latest
+-- user, kind and install state recorded by then (device_history, recorded_at: the same
+-- clock), and the users those devices named. last_seen_at: a device's newest signal at or
+-- before $2 that is stored anywhere (its last signal today if that is not after $2: then
+-- exact; else the newest of its history rows' signals and its first sighting at or before
+-- $2, a lower bound, since heartbeats that changed nothing are not kept); a user's: the
+-- newest of its devices then. Ordered as the live report: each user before their devices,
+-- devices without a user last.
 WITH latest AS (
     SELECT DISTINCT ON (customer_id, subject_type, subject_id)
            customer_id, subject_type, subject_id, change, basis, reason, package
     FROM license_history
     WHERE ($1::text IS NULL OR customer_id = $1) AND decided_at <= $2
     ORDER BY customer_id, subject_type, subject_id, decided_at DESC, id DESC
+),
+attributes AS (
+    SELECT DISTINCT ON (customer_id, device_id)
+           customer_id, device_id, user_id, device_kind, protected
+    FROM device_history
+    WHERE ($1::text IS NULL OR customer_id = $1) AND recorded_at <= $2
+    ORDER BY customer_id, device_id, recorded_at DESC, id DESC
+),
+signals AS (
+    SELECT customer_id, device_id, max(seen_at) AS seen_at
+    FROM device_history
+    WHERE ($1::text IS NULL OR customer_id = $1) AND seen_at <= $2
+    GROUP BY customer_id, device_id
+),
+devices_then AS (
+    SELECT a.customer_id, a.device_id, a.user_id, a.device_kind, a.protected,
+           CASE WHEN d.last_seen_at <= $2 THEN d.last_seen_at
+                ELSE greatest(s.seen_at,
+                              CASE WHEN d.first_seen_at <= $2 THEN d.first_seen_at END)
+           END AS last_seen_at,
+           d.last_seen_at <= $2 AS last_seen_exact
+    FROM attributes AS a
+    JOIN devices AS d USING (customer_id, device_id)
+    LEFT JOIN signals AS s USING (customer_id, device_id)
+),
+users_then AS (
+    SELECT customer_id, user_id, max(last_seen_at) AS last_seen_at,
+           bool_and(last_seen_exact) AS last_seen_exact
+    FROM devices_then
+    WHERE user_id IS NOT NULL
+    GROUP BY customer_id, user_id
+),
+user_rows AS (
+    SELECT coalesce(l.customer_id, u.customer_id) AS customer_id, 'user' AS subject_type,
+           coalesce(l.subject_id, u.user_id) AS subject_id,
+           coalesce(l.subject_id, u.user_id) AS user_id,
+           NULL::text AS device_kind, NULL::boolean AS protected,
+           u.last_seen_at, u.last_seen_exact,
+           l.change, l.basis, l.reason, l.package, NULL::boolean AS user_licensed
+    FROM (SELECT * FROM latest WHERE subject_type = 'user') AS l
+    FULL JOIN users_then AS u
+        ON u.customer_id = l.customer_id AND u.user_id = l.subject_id
+),
+device_rows AS (
+    SELECT coalesce(l.customer_id, t.customer_id) AS customer_id, 'device' AS subject_type,
+           coalesce(l.subject_id, t.device_id) AS subject_id, t.user_id,
+           t.device_kind, t.protected, t.last_seen_at, t.last_seen_exact,
+           l.change, l.basis, l.reason, l.package,
+           coalesce(ul.change IN ('allocated', 'basis_changed', 'package_changed'), false)
+               AS user_licensed
+    FROM (SELECT * FROM latest WHERE subject_type = 'device') AS l
+    FULL JOIN devices_then AS t
+        ON t.customer_id = l.customer_id AND t.device_id = l.subject_id
+    LEFT JOIN latest AS ul
+        ON ul.customer_id = t.customer_id AND ul.subject_type = 'user'
+       AND ul.subject_id = t.user_id
+),
+report_rows AS (
+    SELECT * FROM user_rows
+    UNION ALL
+    SELECT * FROM device_rows
 )
-SELECT customer_id, subject_type, subject_id, change, basis, reason, package
-FROM latest
-ORDER BY customer_id COLLATE "C", subject_type DESC, subject_id COLLATE "C";
+SELECT * FROM report_rows
+ORDER BY customer_id COLLATE "C", user_id COLLATE "C" NULLS LAST, subject_type DESC,
+         subject_id COLLATE "C";

@@ -131,6 +131,8 @@ $schema$;
 --   and licenses are locked so.
 -- - license_history is append-only except for the purge, which replaces a purged user's id
 --   by its pseudonym: UPDATE of subject_id only.
+-- - device_history (migration 0012) is append-only except for the purge, which replaces a
+--   purged user's id by its pseudonym: UPDATE of user_id only.
 -- - license_outbox: the relay marks rows published (published_at); the purge replaces the
 --   user's id in subject_id and in the payload of the user's rows, all published by then
 --   (purge.sql, users_due_for_purge). No other column, no DELETE.
@@ -161,6 +163,7 @@ BEGIN
             ('worker', 'customers', 'SELECT, INSERT, UPDATE'),
             ('worker', 'users', 'SELECT, INSERT, UPDATE'),
             ('worker', 'devices', 'SELECT, INSERT, UPDATE'),
+            ('worker', 'device_history', 'SELECT, INSERT, UPDATE (user_id)'),
             ('worker', 'device_lifecycle_events', 'SELECT, INSERT'),
             ('worker', 'ingestion_progress', 'SELECT, INSERT, UPDATE'),
             ('worker', 'licenses', 'SELECT, INSERT, UPDATE'),
@@ -179,6 +182,7 @@ BEGIN
             ('reporter', 'customers', 'SELECT'),
             ('reporter', 'users', 'SELECT'),
             ('reporter', 'devices', 'SELECT'),
+            ('reporter', 'device_history', 'SELECT'),
             ('reporter', 'licenses', 'SELECT'),
             ('reporter', 'license_history', 'SELECT'),
             ('reporter', 'subscriptions', 'SELECT'),

@@ -117,6 +117,12 @@ FORBIDDEN_TO_THE_WORKER = [
     "UPDATE license_history SET event_id = NULL",
     "UPDATE license_history SET customer_id = 'other'",
     "DELETE FROM license_history",
+    # The device history likewise (migration 0012): the purge replaces the user's id only.
+    "UPDATE device_history SET device_kind = 'personal'",
+    "UPDATE device_history SET recorded_at = now()",
+    "UPDATE device_history SET seen_at = now()",
+    "UPDATE device_history SET customer_id = 'other'",
+    "DELETE FROM device_history",
     # The outbox: published, and the purge's id and payload rewrite; never its identity.
     "UPDATE license_outbox SET event_id = gen_random_uuid()",
     "UPDATE license_outbox SET customer_id = 'other'",
@@ -156,6 +162,7 @@ async def test_the_pseudonym_key_is_no_longer_in_the_database(database_url: str)
 
 ALLOWED_TO_THE_WORKER = [
     "UPDATE license_history SET subject_id = subject_id",
+    "UPDATE device_history SET user_id = user_id",
     "UPDATE license_outbox SET published_at = now(), subject_id = subject_id, payload = payload",
     "DELETE FROM group_members",
     "UPDATE sweep_holds SET to_boundary = to_boundary",
@@ -199,6 +206,7 @@ READ_BY_THE_REPORT = [
     "devices",
     "licenses",
     "license_history",
+    "device_history",  # as-of detail
     "subscriptions",  # seats
     "group_members",  # seats
 ]

@@ -132,6 +132,7 @@ async def test_user_erasure_releases_then_erases_and_leaves_no_trace(
     assert receipt.removed == {
         "users": 1,
         "devices": 4,
+        "device_history": 4,
         "licenses": 1,
         "license_history": 2,
         "license_outbox": 2,
@@ -144,13 +145,23 @@ async def test_user_erasure_releases_then_erases_and_leaves_no_trace(
         "erased",
         "user",
         receipt.subject_hash,
-        10,
+        14,
     )
     assert orjson.loads(audit["removed"]) == receipt.removed
     assert audit["note"] == "ticket GDPR-42"
     # Her devices belong to nobody now; the kiosk is untouched.
     owners = await fetch(url, "SELECT device_id, user_id FROM devices ORDER BY device_id")
     assert {row["user_id"] for row in owners} == {None}
+    # The device history names her by the pseudonym until the erasure, nobody from then on.
+    history = await fetch(
+        url,
+        "SELECT device_id, user_id, recorded_at FROM device_history "
+        "WHERE device_id <> 'kiosk-1' ORDER BY device_id, id",
+    )
+    assert len(history) == 8
+    for before, after in zip(history[::2], history[1::2], strict=True):
+        assert before["user_id"].startswith("purged-")
+        assert (after["user_id"], after["recorded_at"]) == (None, day(1))
     assert await fetchval(url, "SELECT hostname FROM devices WHERE device_id = 'kiosk-1'")
 
 
@@ -178,6 +189,11 @@ async def test_device_erasure_ends_its_license_and_its_user_follows_the_rules(
     assert (
         await fetchval(url, "SELECT user_id FROM devices WHERE device_id = 'alice-watch'") is None
     )
+    # From the erasure on, an as-of report shows the watch without a user.
+    watch = await fetch(
+        url, "SELECT user_id FROM device_history WHERE device_id = 'alice-watch' ORDER BY id"
+    )
+    assert [row["user_id"] for row in watch] == [ALICE, None]
     assert await fetchval(url, "SELECT hostname FROM devices WHERE device_id = 'alice-laptop'")
 
 

@@ -144,3 +144,37 @@ async def test_0009_drops_a_database_key_that_never_made_a_pseudonym(services: S
     assert migrated.returncode == 0, migrated.stderr
     rows = await fetch(url, "SELECT to_regclass('service_keys') IS NULL AS gone")
     assert rows[0]["gone"]
+
+
+async def test_0012_records_the_devices_stored_before_it_once(services: Services) -> None:
+    """Devices stored before the device history get one row each, with their state at the
+    upgrade, so an as-of report after it shows their user and kind."""
+    url = await empty_database(services)
+    repository = await Repository.connect(url, 1)
+    try:
+        await repository.apply_migrations([m for m in load_migrations() if m.version <= 11])
+        await fetch(url, "INSERT INTO customers (customer_id) VALUES ('acme')")
+        await fetch(
+            url,
+            "INSERT INTO devices (customer_id, device_id, user_id, device_kind, first_seen_at,"
+            " last_seen_at, last_uninstalled_at, last_present_at) VALUES"
+            " ('acme', 'laptop', 'ann', 'personal', now() - interval '2 days',"
+            "  now() - interval '1 day', NULL, now() - interval '1 day'),"
+            " ('acme', 'gone', NULL, NULL, now() - interval '3 days', now() - interval '3 days',"
+            "  now() - interval '2 days', now() - interval '3 days')",
+        )
+        assert await repository.apply_migrations(load_migrations()) == [
+            m for m in load_migrations() if m.version > 11
+        ]
+    finally:
+        await repository.close()
+    rows = await fetch(
+        url,
+        "SELECT h.device_id, h.user_id, h.device_kind, h.protected, h.seen_at = d.last_seen_at"
+        " AS seen FROM device_history AS h JOIN devices AS d USING (customer_id, device_id)"
+        " ORDER BY h.device_id",
+    )
+    assert [tuple(row) for row in rows] == [
+        ("gone", None, None, False, True),
+        ("laptop", "ann", "personal", True, True),
+    ]

@@ -273,11 +273,13 @@ async def test_as_of_report_equals_what_the_live_report_said_then(
         assert section["totals"] == totals_of_rows(section["rows"])
     assert ("device", "erin-laptop") not in by_subject(replayed["customers"][0]["rows"])
     dave = by_subject(replayed["customers"][0]["rows"])[("user", DAVE)]
+    # Replayed from the device history: dave's laptop, silent since day 0, was his then.
     assert (dave["status"], dave["last_seen_at"], dave["devices_covered"]) == (
         "released:inactive_30d",
-        None,
+        day(0).isoformat(),
         None,
     )
+    assert dave["last_seen_exact"] is True
 
     # Before anything was decided, nothing was licensed; one customer at a time works too.
     empty = await report(settings, day(62), customer_id="acme", as_of=day(0) - timedelta(days=1))

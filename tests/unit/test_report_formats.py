@@ -46,9 +46,10 @@ ACME = CustomerUsage(
 EMPTY = CustomerUsage(Customer("zeta", None, "inactive", "device"), usage_totals([]))
 # fmt: off
 ROWS = [
-    ReportRow("acme", "user", "ann", "ann", None, True, "licensed", "user", "core", SEEN, 3),
+    ReportRow("acme", "user", "ann", "ann", None, True, "licensed", "user", "core", SEEN, 3,
+              True),
     ReportRow("acme", "device", "ann-watch", "ann", "personal", True, "over_allowance",
-              "over_allowance", "core", SEEN, None),
+              "over_allowance", "core", SEEN, None, False),
     ReportRow("acme", "device", "ann-old", "ann", "business", False, "uninstalled", None, None,
               None, None),
 ]
@@ -92,6 +93,7 @@ def test_json_is_one_document_with_each_customer_its_totals_and_rows() -> None:
         "package": "core",
         "last_seen_at": "2026-11-30T08:15:30+00:00",
         "devices_covered": 3,
+        "last_seen_exact": True,
     }
     assert zeta["rows"] == []
     assert zeta["totals"]["total_licenses"] == 0
@@ -110,7 +112,7 @@ def test_csv_has_a_header_and_one_line_per_row() -> None:
     assert lines[0] == list(COLUMNS)
     assert lines[1] == [
         "acme", "user", "ann", "ann", "", "true", "licensed", "user", "core",
-        "2026-11-30T08:15:30+00:00", "3",
+        "2026-11-30T08:15:30+00:00", "3", "true",
     ]  # fmt: skip
     assert lines[3][5:10] == ["false", "uninstalled", "", "", ""]
     assert len(lines) == 4
@@ -127,7 +129,7 @@ def test_table_shows_totals_rows_and_the_grand_total() -> None:
     watch = next(line for line in text.splitlines() if "ann-watch" in line)
     assert watch.split() == [
         "device", "ann-watch", "ann", "personal", "yes", "over_allowance", "core",
-        "2026-11-30", "08:15", "-",
+        "2026-11-30", "08:15", "-", "no",
     ]  # fmt: skip
     assert "== zeta (inactive, device model)" in text
     assert "== all 2 customers" in text
@@ -148,7 +150,7 @@ def test_xlsx_has_typed_cells_frozen_headings_and_widths(tmp_path: Path) -> None
     assert headings[9] == "last seen (UTC)"
     ann = [cell.value for cell in detail[2]]
     assert ann == ["acme", "user", "ann", "ann", None, True, "licensed", "user", "core",
-                   datetime(2026, 11, 30, 8, 15, 30), 3]  # fmt: skip
+                   datetime(2026, 11, 30, 8, 15, 30), 3, True]  # fmt: skip
     assert detail["J2"].number_format == "yyyy-mm-dd hh:mm:ss"
     assert detail["F4"].value is False
     assert detail.max_row == 4
@@ -209,3 +211,23 @@ def test_a_file_appears_only_when_the_report_is_complete(
 def test_xlsx_needs_a_file() -> None:
     with pytest.raises(ValueError, match="output file"), open_writer("xlsx", None, io.StringIO()):
         pass
+
+
+def test_table_as_of_a_past_time_says_how_exact_last_seen_is() -> None:
+    out = io.StringIO()
+    writer = TableWriter(out)
+    writer.start(ReportInfo(INFO.as_of, "history", INFO.generated_at, 30), [ACME], ACME.totals)
+    writer.start_customer(ACME)
+    for row in ROWS:
+        writer.row(row)
+    writer.end_customer()
+    writer.finish()
+    lines = out.getvalue().splitlines()
+    assert "last seen: the newest stored signal at or before then" in lines[0]
+    assert lines[0].endswith("exact where EXACT says yes); release window 30 days")
+    heading = next(line for line in lines if line.strip().startswith("TYPE"))
+    assert heading.split()[-1] == "EXACT"
+    watch = next(line for line in lines if "ann-watch" in line)
+    assert watch.split()[-1] == "no"  # a lower bound
+    old = next(line for line in lines if "ann-old" in line)
+    assert old.split()[-2:] == ["-", "-"]  # no signal known then

@@ -151,17 +151,34 @@ def test_live_user_row_carries_its_package_and_covered_devices() -> None:
     )
 
 
-def test_history_row_keeps_only_what_the_history_holds() -> None:
+HISTORY_DEVICE: dict[str, Any] = {
+    "customer_id": "acme",
+    "subject_type": "device",
+    "subject_id": "dev-1",
+    "user_id": "ann",
+    "device_kind": None,
+    "protected": True,
+    "last_seen_at": RECENT,
+    "last_seen_exact": False,
+    "change": None,
+    "basis": None,
+    "reason": None,
+    "package": None,
+    "user_licensed": True,
+}
+
+
+def history_device(**changes: Any) -> dict[str, Any]:
+    return {**HISTORY_DEVICE, **changes}
+
+
+def test_history_row_of_a_released_device_license_keeps_its_release() -> None:
     row = history_row(
-        {
-            "customer_id": "acme",
-            "subject_type": "device",
-            "subject_id": "dev-1",
-            "change": "released",
-            "basis": "over_allowance",
-            "reason": "inactive_30d",
-            "package": "core",
-        }
+        history_device(
+            change="released", basis="over_allowance", reason="inactive_30d", package="core"
+        ),
+        NOW,
+        WINDOW,
     )
     assert (row.licensed, row.status, row.basis, row.package) == (
         False,
@@ -169,9 +186,79 @@ def test_history_row_keeps_only_what_the_history_holds() -> None:
         "over_allowance",
         None,
     )
-    assert (row.user_id, row.device_kind, row.last_seen_at, row.devices_covered) == (
+    assert (row.user_id, row.device_kind, row.last_seen_at, row.last_seen_exact) == (
+        "ann",
+        "business",  # a kind never reported counts as business, as live
+        RECENT,
+        False,
+    )
+    assert row.devices_covered is None
+
+
+def test_history_row_of_a_device_license_stored_before_the_device_history() -> None:
+    """A device license decided before migration 0012: no user, kind or last seen then."""
+    row = history_row(
+        history_device(
+            user_id=None,
+            device_kind=None,
+            protected=None,
+            last_seen_at=None,
+            last_seen_exact=None,
+            change="allocated",
+            basis="unassigned",
+            package="core",
+            user_licensed=False,
+        ),
+        NOW,
+        WINDOW,
+    )
+    assert (row.licensed, row.status, row.package) == (True, "unassigned", "core")
+    assert (row.user_id, row.device_kind, row.last_seen_at, row.last_seen_exact) == (
         None,
         None,
         None,
         None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "status"),
+    [
+        ({}, "covered_by_user"),
+        ({"protected": False}, "uninstalled"),
+        ({"user_licensed": False}, "not_licensed"),
+        # Silent past the window only when the last signal is known exactly.
+        ({"last_seen_at": SILENT, "last_seen_exact": True}, "inactive"),
+        ({"last_seen_at": SILENT, "last_seen_exact": False}, "covered_by_user"),
+        (
+            {"last_seen_at": SILENT + timedelta(seconds=1), "last_seen_exact": True},
+            "covered_by_user",
+        ),
+        ({"protected": False, "last_seen_at": SILENT, "last_seen_exact": True}, "uninstalled"),
+    ],
+)
+def test_history_row_of_a_device_without_a_license_says_why_from_its_facts_then(
+    changes: dict[str, Any], status: str
+) -> None:
+    row = history_row(history_device(**changes), NOW, WINDOW)
+    assert (row.licensed, row.status, row.basis) == (False, status, None)
+
+
+def test_history_row_of_a_user_without_a_license_decision_was_not_counted() -> None:
+    row = history_row(
+        history_device(
+            subject_type="user",
+            subject_id="ann",
+            device_kind=None,
+            protected=None,
+            user_licensed=None,
+        ),
+        NOW,
+        WINDOW,
+    )
+    assert (row.user_id, row.licensed, row.status, row.last_seen_at) == (
+        "ann",
+        False,
+        "not_counted",
+        RECENT,
     )

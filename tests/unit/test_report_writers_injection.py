@@ -146,8 +146,8 @@ def test_csv_neutralises_formula_starts_quotes_text_and_escapes_controls() -> No
     # Text is quoted (OWASP), numbers are not: a count is a number, never text.
     raw_lines = text.splitlines()
     assert raw_lines[1].startswith('"\'=HYPERLINK(""http://evil.example')
-    assert raw_lines[-1].endswith('"2026-11-30T08:15:30+00:00",3')
-    assert raw_lines[1].endswith('"2026-11-30T08:15:30+00:00",""')
+    assert raw_lines[-1].endswith('"2026-11-30T08:15:30+00:00",3,""')
+    assert raw_lines[1].endswith('"2026-11-30T08:15:30+00:00","",""')
 
 
 def test_table_shows_control_and_bidi_characters_as_escapes() -> None:

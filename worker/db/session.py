@@ -121,9 +121,12 @@ class Session:
         window_start: datetime,
         *,
         create_customers: bool = True,
+        recorded_at: datetime | None = None,
     ) -> SignalWriteResult:
         """`create_customers=False` (UNKNOWN_CUSTOMERS=refuse): the caller has left out the
-        changes of unknown customers, and the foreign keys refuse any that would remain."""
+        changes of unknown customers, and the foreign keys refuse any that would remain.
+        `recorded_at`: the service's clock, stamped on the device history (None: the
+        database's)."""
         connection = self._connection
         relevant: list[LicenseRelevantDevice] = []
         if changes.devices:
@@ -135,7 +138,7 @@ class Session:
             await self._lock_device_users(changes)
             await self._upsert_users(changes)
             await self._lock_devices_without_user(changes)
-            relevant = await self._upsert_devices(changes, window_start)
+            relevant = await self._upsert_devices(changes, window_start, recorded_at)
             await self._credit_device_users(changes)
         inserted = await self._insert_lifecycle(changes)
         if progress:
@@ -178,7 +181,7 @@ class Session:
             )
 
     async def _upsert_devices(
-        self, changes: BatchChanges, window_start: datetime
+        self, changes: BatchChanges, window_start: datetime, recorded_at: datetime | None
     ) -> list[LicenseRelevantDevice]:
         rows = await self._connection.fetch(
             query("upsert_devices"),
@@ -190,6 +193,7 @@ class Session:
                 "last_uninstalled_at",
             ),
             window_start,
+            recorded_at,
         )
         return [LicenseRelevantDevice(*row) for row in rows]
 

@@ -238,7 +238,11 @@ class IngestionLoop:
         window = self._session.settings.license_window
         async with self._session.repository.transaction() as session:
             result = await session.write_signals(
-                changes, progress, now - window, create_customers=self._admit_customers
+                changes,
+                progress,
+                now - window,
+                create_customers=self._admit_customers,
+                recorded_at=now,
             )
             groups = groups_of_devices(
                 (d.customer_id, d.device_id, d.user_id, d.previous_user_id)

@@ -109,6 +109,7 @@ def removed_counts(purge_result: Mapping[str, int], **more: int) -> dict[str, in
     names = {
         "users": "users",
         "devices": "devices",
+        "device_history": "device_history",
         "licenses": "licenses",
         "history": "license_history",
         "memberships": "group_members",

@@ -218,7 +218,7 @@ class Erasures:
         now = self._clock.now()
         alias = pseudonym(key, customer_id, user_id, now)
         [purged] = await session.fetch("purge_users", [customer_id], [user_id], [alias], now)
-        await session.execute("detach_devices_of_users", [customer_id], [alias])
+        await session.execute("detach_devices_of_users", [customer_id], [alias], now)
         erased = purge_row(
             self._settings.event_id_key(),
             customer_id,
@@ -245,10 +245,10 @@ class Erasures:
         aliases = [pseudonym(key, customer_id, user_id, now) for user_id in user_ids]
         customers = [customer_id] * len(user_ids)
         [purged] = await session.fetch("purge_users", customers, user_ids, aliases, now)
-        await session.execute("detach_devices_of_users", customers, aliases)
+        await session.execute("detach_devices_of_users", customers, aliases, now)
         devices = await session.fetch("lock_devices_of_customer_for_erasure", customer_id)
         scrubbed = await session.execute(
-            "purge_devices", [customer_id] * len(devices), [d["device_id"] for d in devices]
+            "purge_devices", [customer_id] * len(devices), [d["device_id"] for d in devices], now
         )
         members = await session.execute("delete_group_members_of_customer", customer_id)
         # Last: from here on the triggers of migration 0009 drop the customer's rows.
@@ -284,7 +284,7 @@ class Erasures:
             _check_note(reason, [device["hostname"]])
             now = self._clock.now()
             await self._release(session, customer_id, [(SubjectType.DEVICE.value, device_id)], now)
-            scrubbed = await session.execute("purge_devices", [customer_id], [device_id])
+            scrubbed = await session.execute("purge_devices", [customer_id], [device_id], now)
             if user_id is not None:
                 # The user's license follows from their remaining devices, by the rules.
                 group = Group(customer_id, SubjectType.USER, user_id)

@@ -104,6 +104,7 @@ class Purges:
                     "purge_devices",
                     [row["customer_id"] for row in due],
                     [row["device_id"] for row in due],
+                    report.now,
                 )
             report.purged_devices += len(due)
             if dry_run:

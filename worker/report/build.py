@@ -134,7 +134,7 @@ async def _rows(session: Session, request: ReportRequest) -> AsyncIterator[Repor
         async for record in session.stream(
             "report_history_rows", request.customer_id, request.as_of
         ):
-            yield history_row(record)
+            yield history_row(record, request.as_of, request.window)
 
 
 async def _write_rows(

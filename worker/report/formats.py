@@ -195,6 +195,7 @@ TABLE_COLUMNS = (
     ("PACKAGE", "package", 9),
     ("LAST SEEN (UTC)", "last_seen_at", 16),
     ("COVERED", "devices_covered", 7),
+    ("EXACT", "last_seen_exact", 5),
 )
 
 
@@ -216,8 +217,9 @@ class TableWriter:
             title = f"Usage report, live, as of {when} UTC"
         else:
             title = (
-                f"Usage report as of {when} UTC, replayed from the license history "
-                "(users and devices that held a license by then; last seen not kept)"
+                f"Usage report as of {when} UTC, replayed from the license and device history "
+                "(users, kinds and install states as recorded by then; last seen: the newest "
+                "stored signal at or before then, exact where EXACT says yes)"
             )
         self._out.write(f"{title}; release window {info.release_window_days} days\n")
         self._customers = len(customers)

@@ -66,6 +66,9 @@ class ReportRow:
     package: str | None
     last_seen_at: datetime | None
     devices_covered: int | None
+    # Whether `last_seen_at` is the subject's last signal (always, live). As of a past time,
+    # false means a lower bound: a signal at or before then, maybe not the last one.
+    last_seen_exact: bool | None = None
 
 
 COLUMNS: tuple[str, ...] = tuple(field.name for field in fields(ReportRow))
@@ -137,6 +140,7 @@ def live_row(record: Mapping[str, Any], now: datetime, window: timedelta) -> Rep
         package=record["package"] if licensed else None,
         last_seen_at=record["last_seen_at"],
         devices_covered=record["devices_covered"],
+        last_seen_exact=record["last_seen_at"] is not None or None,
     )
 
 
@@ -149,23 +153,63 @@ def history_status(subject_type: str, change: str, basis: str, reason: str | Non
     return f"released:{reason}"
 
 
-def history_row(record: Mapping[str, Any]) -> ReportRow:
-    """A row of the `report_history_rows` query: the license state only. A device's user,
-    kind and last signal at that time are not kept anywhere, so they stay empty."""
-    licensed = record["change"] in LICENSED_CHANGES
+def history_device_status(
+    *,
+    protected: bool | None,
+    last_seen_at: datetime | None,
+    last_seen_exact: bool | None,
+    user_licensed: bool,
+    as_of: datetime,
+    window: timedelta,
+) -> str:
+    """Why a device held no license of its own as of a past time, from its facts then: not
+    installed, silent past the window (only when its last signal is known exactly), covered
+    by its user's license, or `not_licensed` (held none for a reason not kept: a customer
+    inactive then, or a decision not made yet)."""
+    if protected is False:
+        return DeviceStatus.UNINSTALLED
+    if last_seen_exact and last_seen_at is not None and as_of - last_seen_at >= window:
+        return DeviceStatus.INACTIVE
+    if user_licensed:
+        return DeviceStatus.COVERED_BY_USER
+    return DeviceStatus.NOT_LICENSED
+
+
+def history_row(record: Mapping[str, Any], as_of: datetime, window: timedelta) -> ReportRow:
+    """A row of the `report_history_rows` query: the license state as decided by `as_of`,
+    a device's user, kind and install state as recorded by then, and the newest signal at
+    or before then that is stored (`last_seen_exact` false: maybe not the last one).
+    `change` is None for a subject without a license decision by then."""
+    change = record["change"]
+    licensed = change in LICENSED_CHANGES
     subject_type = record["subject_type"]
+    if change is not None:
+        status = history_status(subject_type, change, record["basis"], record["reason"])
+    elif subject_type == SubjectType.USER:
+        status = UserStatus.NOT_COUNTED
+    else:
+        status = history_device_status(
+            protected=record["protected"],
+            last_seen_at=record["last_seen_at"],
+            last_seen_exact=record["last_seen_exact"],
+            user_licensed=record["user_licensed"],
+            as_of=as_of,
+            window=window,
+        )
+    kind = None
+    if subject_type == SubjectType.DEVICE and record["protected"] is not None:
+        kind = record["device_kind"] or DEFAULT_KIND  # a device recorded by then
     return ReportRow(
         customer_id=record["customer_id"],
         subject_type=subject_type,
         subject_id=record["subject_id"],
-        user_id=record["subject_id"] if subject_type == SubjectType.USER else None,
-        device_kind=None,
+        user_id=record["user_id"],
+        device_kind=kind,
         licensed=licensed,
-        status=str(
-            history_status(subject_type, record["change"], record["basis"], record["reason"])
-        ),
+        status=str(status),
         basis=record["basis"],
         package=record["package"] if licensed else None,
-        last_seen_at=None,
+        last_seen_at=record["last_seen_at"],
         devices_covered=None,
+        last_seen_exact=record["last_seen_exact"],
     )

@@ -42,6 +42,7 @@ DETAIL_SHEET = (
     ("package", 11),
     ("last seen (UTC)", 20),
     ("devices covered", 16),
+    ("last seen exact", 16),
 )
 SUMMARY_SHEET = (
     ("customer", 18),
@@ -112,6 +113,7 @@ class XlsxWriter:
             row.package,
             _excel_time(row.last_seen_at, self._detail),
             row.devices_covered,
+            row.last_seen_exact,
         ]
         self._detail.append(_typed(self._detail, cells))
         self._detail_rows += 1

@@ -76,3 +76,10 @@ WHERE id > $2
   AND payload->>'type' IN ('license.allocated', 'license.released', 'license.package_changed')
   AND ($1::text IS NULL OR customer_id = $1)
 GROUP BY customer_id;
+
+-- name: usage_snapshot_times
+-- `reconcile --from/--to`: when the usage snapshots of the days $1..$2 were taken (of
+-- customer $3, NULL: of all), so the report as of each is read on the same snapshot.
+SELECT DISTINCT taken_at
+FROM usage_snapshots
+WHERE day BETWEEN $1 AND $2 AND ($3::text IS NULL OR customer_id = $3);

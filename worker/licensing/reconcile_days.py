@@ -157,9 +157,10 @@ async def reconcile_days(
     customer_id: str | None = None,
 ) -> DailyReconciliation:
     """Folds the topic and compares it with the snapshots and the as-of report, per day."""
-    ends = [end_of_day(day) for day in days]
     async with repository.snapshot() as session:
-        report = {at: await _report_counts(session, customer_id, at) for at in ends}
+        taken = await session.fetch("usage_snapshot_times", days[0], days[-1], customer_id)
+        moments = sorted({end_of_day(day) for day in days} | {row["taken_at"] for row in taken})
+        report = {at: await _report_counts(session, customer_id, at) for at in moments}
         unpublished = await session.fetch("unpublished_license_decisions", customer_id)
     last_id = max(row["last_id"] for row in unpublished)
     pending_from = {
@@ -170,10 +171,11 @@ async def reconcile_days(
     for row in await repository.fetch("license_decisions_written_after", customer_id, last_id):
         earlier = pending_from.get(row["customer_id"], row["decided_from"])
         pending_from[row["customer_id"]] = min(earlier, row["decided_from"])
-    taken = sorted({s.taken_at for s in snapshots.values()} - set(report))
-    if taken:
+    # A snapshot written while the topic was read (its day's first sweep) is read now.
+    unread = sorted({s.taken_at for s in snapshots.values()} - set(report))
+    if unread:
         async with repository.snapshot() as session:
-            for at in taken:
+            for at in unread:
                 report[at] = await _report_counts(session, customer_id, at)
     customers = result.fold.customers() | {c for counts in report.values() for c in counts}
     customers |= {c for c, _ in snapshots}

@@ -1,6 +1,7 @@
 """Does billing's view agree with the stored licenses? For every subject (a user or a
 device), the license events on the topic, de-duplicated by `event_id` as billing does, must
-end where the database stands: an active license's last event is `license.allocated`, a
+end where the database stands: an active license's last event is `license.allocated` (or
+`license.package_changed`), a
 released one's `license.released`, with the same event number (`sequence`), and no number
 missing in between. A lost re-allocation, or any event that never reached the topic, shows
 up here.
@@ -23,7 +24,10 @@ from worker.db.repository import Repository
 from worker.kafka.clients import read_until_end
 from worker.settings import Settings
 
-LICENSE_EVENT_TYPES = ("license.allocated", "license.released")
+# A package change takes the subject's next number too (issue #18, part 2); the license is
+# still held after it.
+LICENSE_EVENT_TYPES = ("license.allocated", "license.released", "license.package_changed")
+RELEASED = "license.released"
 SubjectKey = tuple[str, str, str]  # customer_id, subject_type, subject_id
 
 
@@ -160,18 +164,18 @@ def compare(
         compared += 1
         last = events.last()
         # A purged user's license row carries a pseudonym now; its last event was a release.
-        if last is not None and last.event_type == "license.allocated":
+        if last is not None and last.event_type != RELEASED:
             mismatches.append(_mismatch(subject, "billed but not stored", None, last))
     mismatches.sort(key=lambda m: (m.customer_id, m.subject_type, m.subject_id))
     return mismatches, compared
 
 
 def _stored_problem(row: StoredLicense, events: SubjectEvents | None) -> SubjectMismatch | None:
-    expected = "license.allocated" if row.active else "license.released"
+    expected = "license.allocated" if row.active else RELEASED
     last = events.last(up_to=row.event_sequence) if events else None
     if last is None:
         return _mismatch(row.subject, "no event on the topic", row, None)
-    if last.event_type != expected:
+    if (last.event_type != RELEASED) != row.active:
         return _mismatch(row.subject, f"last event is not {expected}", row, last)
     if last.sequence is not None and last.sequence != row.event_sequence:
         return _mismatch(row.subject, f"event #{row.event_sequence} is missing", row, last)

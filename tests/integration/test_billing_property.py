@@ -6,8 +6,10 @@ Hypothesis draws the fleets and console changes: installs, heartbeats, uninstall
 moving between users, subscriptions attached and cancelled, group memberships, customers
 inactivated and reactivated, over rounds hours to weeks apart. Each example runs them through
 the real worker (real Kafka and Postgres, the worker's and sweeper's clocks set to the round),
-on a database and topics of its own; at the end, `reconcile --from --to` over the example's
-days finds no difference (usage snapshots included)."""
+on a database and topics of its own, with the production settle window (each sweep's events
+are published once the allocations decided so far have settled); at the end,
+`reconcile --from --to` over the example's days finds no difference (usage snapshots
+included)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from hypothesis import HealthCheck, Phase, example, given, note, settings
 from hypothesis import strategies as st
 
 from schemas.license_events import LicenseEventType
-from tests.integration.license_support import admin_event, day, send, sweep
+from tests.integration.license_support import admin_event, day, publish_outbox, send, sweep
 from tests.support import (
     Services,
     committed_offsets_total,
@@ -50,6 +52,7 @@ DEVICES = ("d0", "d1", "d2", "d3")
 USERS = ("u0@x.example", "u1@x.example", None)
 GROUPS = ("admins", "staff")
 GAPS = (timedelta(hours=1), timedelta(days=2), timedelta(days=31))
+SETTLE = timedelta(seconds=300)
 
 
 @dataclass(frozen=True)
@@ -182,8 +185,16 @@ async def _fresh_settings(services: Services, database_url: str) -> Settings:
         "admin_consumer_group": f"license-telemetry-admin-{suffix}",
     }
     await create_topics(services.kafka_bootstrap_servers, names, partitions=2)
-    # The test publishes at each sweep; allocations published at once (settle window 0).
-    return make_settings(services, database_url, names, sweep_enabled=False, relay_enabled=False)
+    # The test publishes at each sweep, once the allocations decided so far have settled
+    # (the production window: allocations withdrawn within it are never billed).
+    return make_settings(
+        services,
+        database_url,
+        names,
+        sweep_enabled=False,
+        relay_enabled=False,
+        allocation_settle_seconds=SETTLE.total_seconds(),
+    )
 
 
 async def _play(
@@ -210,6 +221,7 @@ async def _play(
         await _run_worker(services, settings_, at, sent)
         swept_at = at + timedelta(minutes=1)
         await sweep(settings_, swept_at)
+        await publish_outbox(settings_, swept_at + SETTLE)
         first_sweep = first_sweep or swept_at
         await _check_fold_equals_report(settings_, swept_at, by_package)
     assert first_sweep is not None

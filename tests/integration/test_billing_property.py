@@ -131,6 +131,15 @@ PACKAGE_CHANGE = [
     ),
     Round(timedelta(hours=1), [], [ConsoleChange("acme", "attach", None, "core_plus", None)]),
 ]
+# A user released through silence, purged 90 days later (renamed to a pseudonym in the
+# service, never on the topic) and back again: a new life under the old id, numbered from 1.
+_OTHER = Signal("globex", "d1", None, "business", "heartbeat", 0)
+PURGED_AND_BACK = [
+    Round(timedelta(hours=1), [Signal("acme", "d0", USERS[0], "business", "install", 10)], []),
+    Round(timedelta(days=125), [_OTHER], []),  # released (effective day 30)
+    Round(timedelta(days=1), [_OTHER], []),  # purged, the release being published
+    Round(timedelta(days=1), [Signal("acme", "d0", USERS[0], "business", "install", 5)], []),
+]
 PACKAGE_CHANGES_ON_THE_TOPIC = "license.package_changed" in get_args(LicenseEventType)
 
 
@@ -145,6 +154,7 @@ PACKAGE_CHANGES_ON_THE_TOPIC = "license.package_changed" in get_args(LicenseEven
 )
 @given(timeline=rounds)
 @example(timeline=PACKAGE_CHANGE)
+@example(timeline=PURGED_AND_BACK)
 @pytest.mark.parametrize(
     "by_package",
     [

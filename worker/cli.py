@@ -283,10 +283,33 @@ def publish_events(now_text: str | None) -> None:
 @click.option(
     "--show", default=50, show_default=True, type=click.IntRange(min=0), help="Differences shown."
 )
-def reconcile(customer_id: str | None, show: int) -> None:
-    """Check that billing's view agrees with the database: every subject's last license
-    event on the topic (de-duplicated by event_id) must match its stored license. Prints the
-    differences; exit 0 when there are none, 1 when there are (or on an error)."""
+@click.option("--from", "first_day", metavar="DAY", help="First UTC day (a date or ISO time).")
+@click.option("--to", "last_day", metavar="DAY", help="Last UTC day (a date or ISO time).")
+@click.option("--bill", is_flag=True, help="With --from/--to: print the daily bill too.")
+def reconcile(
+    customer_id: str | None,
+    show: int,
+    first_day: str | None,
+    last_day: str | None,
+    bill: bool,
+) -> None:
+    """Check that billing's view agrees with the database.
+
+    Without --from/--to: every subject's last license event on the topic (de-duplicated by
+    event_id) must match its stored license; exit 0 when nothing differs, 1 otherwise.
+
+    With --from/--to: the topic folded into licenses per customer and package for each
+    day, against the usage snapshots and `report usage --as-of` at the end of each day;
+    exit 0 when nothing differs, 3 when something does, 1 when the check cannot run."""
+    if (first_day is None) != (last_day is None):
+        raise click.UsageError("give both --from and --to, or neither")
+    if first_day is not None and last_day is not None:
+        from worker.commands.reconcile_days import run_daily_reconciliation  # noqa: PLC0415
+
+        run_daily_reconciliation(customer_id, first_day, last_day, show, bill)
+        return
+    if bill:
+        raise click.UsageError("--bill needs --from and --to")
     from worker.licensing.reconcile import reconcile_subjects  # noqa: PLC0415
 
     settings = load_settings()

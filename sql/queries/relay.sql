@@ -52,3 +52,34 @@ SELECT DISTINCT customer_id, subject_type, subject_id
 FROM license_outbox
 WHERE published_at IS NULL AND subject_type IN ('user', 'device')
   AND ($1::text IS NULL OR customer_id = $1);
+
+-- name: unpublished_license_decisions
+-- `reconcile --from/--to`: per customer ($1: one, NULL: all), the earliest decision time of
+-- a license event the relay has not published yet (the topic is incomplete from then on),
+-- with the outbox's highest id (events written after it were decided after this read).
+SELECT customer_id, min((payload->>'emitted_at')::timestamptz) AS decided_from,
+       (SELECT coalesce(max(id), 0) FROM license_outbox) AS last_id
+FROM license_outbox
+WHERE published_at IS NULL
+  AND payload->>'type' IN ('license.allocated', 'license.released', 'license.package_changed')
+  AND ($1::text IS NULL OR customer_id = $1)
+GROUP BY customer_id
+UNION ALL
+SELECT NULL, NULL, (SELECT coalesce(max(id), 0) FROM license_outbox);
+
+-- name: license_decisions_written_after
+-- Per customer ($1: one, NULL: all), the earliest decision time of a license event written
+-- to the outbox after id $2 (during a `reconcile --from/--to`).
+SELECT customer_id, min((payload->>'emitted_at')::timestamptz) AS decided_from
+FROM license_outbox
+WHERE id > $2
+  AND payload->>'type' IN ('license.allocated', 'license.released', 'license.package_changed')
+  AND ($1::text IS NULL OR customer_id = $1)
+GROUP BY customer_id;
+
+-- name: usage_snapshot_times
+-- `reconcile --from/--to`: when the usage snapshots of the days $1..$2 were taken (of
+-- customer $3, NULL: of all), so the report as of each is read on the same snapshot.
+SELECT DISTINCT taken_at
+FROM usage_snapshots
+WHERE day BETWEEN $1 AND $2 AND ($3::text IS NULL OR customer_id = $3);

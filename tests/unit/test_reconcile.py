@@ -141,3 +141,26 @@ def test_topic_records_are_read_as_license_events_or_skipped() -> None:
             topic_event(bad, (0, 0))
     with pytest.raises(ValueError, match="empty record"):
         topic_event(None, (0, 0))
+
+
+PACKAGE_CHANGED = "license.package_changed"
+
+
+def test_a_package_change_is_a_numbered_event_of_a_held_license() -> None:
+    """`license.package_changed` takes the subject's next number (issue #18, part 2): it is
+    neither a gap nor a release, and a license whose last event is one is held."""
+    events = [event(ALLOCATED, 1), event(PACKAGE_CHANGED, 2)]
+    assert problems([stored(True, 2)], events) == []
+    assert problems([stored(False, 2)], events) == ["last event is not license.released"]
+    assert problems([stored(False, 3)], [*events, event(RELEASED, 3)]) == []
+    assert problems([], events) == ["billed but not stored"]
+    change = {
+        "event_id": "e2",
+        "type": PACKAGE_CHANGED,
+        "customer_id": "acme",
+        "subject_type": "user",
+        "subject_id": "alice",
+        "sequence": 2,
+    }
+    parsed = topic_event(orjson.dumps(change), (0, 3))
+    assert parsed == TopicEvent("acme", "user", "alice", PACKAGE_CHANGED, "e2", 2, (0, 3))

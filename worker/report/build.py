@@ -14,7 +14,7 @@ import os
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
@@ -22,7 +22,7 @@ from worker.db.repository import Repository
 from worker.db.session import Session
 from worker.licensing.seats import seat_usage
 from worker.licensing.subscription_rules import SeatUsage
-from worker.licensing.usage import LicenseCount, usage_totals
+from worker.licensing.usage import LicenseCount, UsageTotals, usage_totals
 from worker.report.formats import (
     CsvWriter,
     CustomerUsage,
@@ -123,6 +123,23 @@ async def _counts(session: Session, request: ReportRequest) -> list[tuple[str, L
         )
         for row in rows
     ]
+
+
+async def totals_as_of(
+    session: Session, customer_id: str | None, as_of: datetime | None
+) -> dict[str, UsageTotals]:
+    """Each customer's totals as `report usage --as-of` counts them (`as_of` None: as the
+    live report does), on the caller's snapshot (`reconcile --from/--to`); a customer
+    without licenses then is left out. An unknown `customer_id` raises
+    UnknownCustomerError."""
+    now = as_of or datetime.now(UTC)
+    request = ReportRequest(customer_id, as_of, now=now, window=timedelta(0))
+    if customer_id is not None:
+        await _customers(session, request)
+    by_customer: dict[str, list[LicenseCount]] = defaultdict(list)
+    for customer, count in await _counts(session, request):
+        by_customer[customer].append(count)
+    return {customer: usage_totals(counts) for customer, counts in by_customer.items()}
 
 
 async def _rows(session: Session, request: ReportRequest) -> AsyncIterator[ReportRow]:

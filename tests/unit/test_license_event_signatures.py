@@ -289,7 +289,7 @@ DOCS = Path(__file__).parents[2] / "docs" / "licensing.md"
 def billing_example() -> dict[str, object]:
     """The Python example of docs/licensing.md, "For billing: verifying signatures", run."""
     text = DOCS.read_text(encoding="utf-8")
-    section = text.split("### For billing: verifying signatures", 1)[1]
+    section = text.split("### Verifying signatures", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert len(code.strip().splitlines()) <= 15
     imports = [line for line in code.splitlines() if "import " in line]

@@ -1,5 +1,5 @@
 """Signatures of the license events the service publishes, so billing can check that the
-service emitted them (docs/licensing.md, "For billing: verifying signatures").
+service emitted them (docs/licensing.md, "For billing", "Verifying signatures").
 
 With LICENSE_EVENTS_SIGNING_KEY_FILE set, the relay signs every record it produces to the
 license events topic with the file's `current` key; a verifier accepts every key in its

@@ -50,7 +50,7 @@ $cli status
 psql "$DATABASE_URL" -c "SELECT customer_id, subject_type, basis, package, count(*) AS licenses FROM licenses WHERE active GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"
 
 section "day 0: the usage report of cust-00-0000, and its Excel export"
-$cli report usage --customer cust-00-0000 | head -30
+$cli report usage --customer cust-00-0000
 mkdir -p .local
 $cli report usage --customer cust-00-0000 --format xlsx --output .local/demo-usage.xlsx
 echo "written: .local/demo-usage.xlsx"
@@ -84,3 +84,14 @@ section "billing's daily counts over the whole timeline, against the usage snaps
 echo "(the topic folded as billing folds it: de-duplicated by event_id, intervals by sequence;"
 echo " compared per customer, day and package; exit 3 if anything differs)"
 $cli reconcile --from "$demo_start" --to "$(day 121)" --bill
+
+section "where the demo's data is (query it, or run any command against it)"
+cat <<EOF
+database:  $DATABASE_URL
+topics:    $HEARTBEAT_TOPIC, $LIFECYCLE_TOPIC (agents), $ADMIN_TOPIC (console),
+           $LICENSE_EVENTS_TOPIC (billing), $DLQ_TOPIC (dead letters)
+e.g.       psql "$DATABASE_URL" -c "SELECT * FROM license_history ORDER BY id LIMIT 10"
+           DATABASE_URL="$DATABASE_URL" LICENSE_EVENTS_TOPIC="$LICENSE_EVENTS_TOPIC" \\
+             KAFKA_BOOTSTRAP_SERVERS="$KAFKA_BOOTSTRAP_SERVERS" $cli license-events
+services:  still running; make services-stop stops them
+EOF

@@ -1,6 +1,6 @@
 """Ingestion benchmark against the real broker and database (see docs/benchmarks.md).
 
-    .venv/bin/python -m scripts.bench [--runs 3] [--quick]
+    .venv/bin/python -m scripts.bench [--runs 3] [--quick] [--shapes steady --devices N --rounds N]
 
 Needs KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL (`bash scripts/bench.sh` starts local services
 when they are not set). Every run uses fresh topics, a fresh consumer group and a fresh,
@@ -10,8 +10,10 @@ The code under test is copied once at start (worker/, schemas/, sql/ of the work
 of `--git-ref REF`) to .local/bench-code, so every run measures the same code even while the
 working tree changes; the commit and any uncommitted changes are recorded in the JSON.
 
-Per fleet shape ("live", "backlog") and run:
-  1. produce the shape's installs, heartbeats and a few uninstalls into fresh topics;
+Per fleet shape ("live", "backlog", "first_sighting", "steady"; see shapes.py) and run:
+  0. (steady only, not timed) produce the fleet's installs and let the worker and the peer
+     store them, each in its own group; the reader's group is moved past them;
+  1. produce the shape's timed messages into fresh topics;
   2. (a) read limit: a bare aiokafka consumer (built by `worker.kafka.clients.create_consumer`,
      so the same fetch settings, and `getmany` with the worker's `batch_max_records`) reads
      every message from a fresh group, without decoding them;
@@ -19,12 +21,16 @@ Per fleet shape ("live", "backlog") and run:
      (a3) the worker's write path alone (`IngestionLoop._store` on pre-folded batches, into
      a fresh database; no Kafka); (a4) the CPU ceiling: the machine's cores divided by the
      CPU one event costs in (a2) and (a3), broker and Postgres included (`--skip-stages`
-     skips a2-a4);
+     skips a2-a4; the steady shape has none: its fleet is stored beforehand);
   3. (b) drain: the real worker (`python -m worker.cli run`, a subprocess) consumes the same
      pre-filled topics into Postgres; the rate is measured from the first progress the worker
      stored to the moment every offset is committed in Kafka (start-up excluded; the rate with
      start-up included is reported too);
-  4. (c) ratio (b)/(a).
+  4. (c) ratio (b)/(a);
+  5. (p) the peer, the minimal pipeline (peer.py: getmany, orjson, fold, one unnest upsert
+     with GREATEST, commit), drains the same messages in its own group and table; the worker
+     drains first in odd runs, the peer in even ones; (r) ratio (b)/(p); CPU-µs per event of
+     each drainer's process and of Postgres.
 Then (d) latency: the worker runs on fresh topics while a producer sends a live fleet's
 heartbeats at a fixed rate (half the median live drain rate) for --latency-seconds; each
 message's latency is the time its offset was seen committed minus the time it was handed to
@@ -361,7 +367,9 @@ def main() -> None:
         default=None,
         help="runs of each measurement (default 3; 1 with --quick)",
     )
-    parser.add_argument("--quick", action="store_true", help="small smoke version (< 1 minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small smoke version (about 2 minutes)"
+    )
     parser.add_argument(
         "--shapes",
         default="live,backlog,first_sighting,steady",

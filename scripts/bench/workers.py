@@ -195,6 +195,7 @@ async def measure_drain(
             half_at: float | None = None
             half_count = 0
             stored_at: float | None = None
+            polls = 0  # progress reads in the measured window: Postgres work of this script
             while True:
                 for replica in replicas:
                     replica.check_alive()
@@ -204,6 +205,8 @@ async def measure_drain(
                         f"the worker did not drain {total} messages in {limit_seconds:.0f} s"
                     )
                 done = sum((await watch.stored()).values())
+                if first_at is not None:
+                    polls += 1
                 seen = time.perf_counter()
                 if done > already and first_at is None:
                     first_at, first_count = seen, done
@@ -266,6 +269,7 @@ async def measure_drain(
                 else None
             ),
             "stored_to_committed_ms": round((finished - stored_at) * 1000, 1),
+            "progress_polls": polls,
             "cores_used": cores,
             # From the worker's histograms, over its whole life (start-up included): mean
             # batch size, and license_worker_batch_write_seconds as a share of the drain

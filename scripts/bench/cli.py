@@ -32,9 +32,9 @@ Per fleet shape ("live", "backlog", "first_sighting", "steady"; see shapes.py) a
      drains first in odd runs, the peer in even ones; (r) ratio (b)/(p); CPU-µs per event of
      each drainer's process and of Postgres.
 Then (d) latency: the worker runs on fresh topics while a producer sends a live fleet's
-heartbeats at a fixed rate (half the median live drain rate) for --latency-seconds; each
-message's latency is the time its offset was seen committed minus the time it was handed to
-the producer. (e) The worker's peak RSS (process and children, sampled every 100 ms) over
+heartbeats at a fixed rate (half the median steady drain rate, or live's) for
+--latency-seconds; each message's latency is the time its offset was seen committed minus the
+time it was handed to the producer. (e) The worker's peak RSS (process and children, sampled every 100 ms) over
 every phase.
 
 Results: a table on stdout and a JSON file (default .local/bench-results.json); worker logs

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from scripts.bench.code_under_test import UnderTest
 
@@ -42,11 +43,8 @@ class Shape:
         kind = " (kind given)" if self.kind_in_heartbeats else ""
         first = ""
         if self.installs:
-            first = (
-                "1 install (stored beforehand, not timed) + "
-                if self.stored_beforehand
-                else ("1 install + ")
-            )
+            stored = " (stored beforehand, not timed)" if self.stored_beforehand else ""
+            first = f"1 install{stored} + "
         uninstalls = (
             f", 1 uninstall per {self.uninstall_every} devices" if self.uninstall_every else ""
         )
@@ -88,10 +86,10 @@ def build_workload(shape: Shape, now: datetime) -> Workload:
         else []
     )
 
-    def heartbeat(device: object, at: datetime) -> bytes:
+    def heartbeat(device: Any, at: datetime) -> bytes:
         event = agent_event(device, "heartbeat", at)
         if shape.kind_in_heartbeats:
-            event["device_kind"] = device.kind  # type: ignore[attr-defined]
+            event["device_kind"] = device.kind
         return encode(event)
 
     generator = UnderTest.heartbeat_rounds if shape.order == "rounds" else UnderTest.device_bursts

@@ -34,8 +34,8 @@ Per fleet shape ("live", "backlog", "first_sighting", "steady"; see shapes.py) a
 Then (d) latency: the worker runs on fresh topics while a producer sends a live fleet's
 heartbeats at a fixed rate (half the median steady drain rate, or live's) for
 --latency-seconds; each message's latency is the time its offset was seen committed minus the
-time it was handed to the producer. (e) The worker's peak RSS (process and children, sampled every 100 ms) over
-every phase.
+time it was handed to the producer. (e) The worker's peak RSS (process and children, sampled
+every 100 ms) over every phase.
 
 Results: a table on stdout and a JSON file (default .local/bench-results.json); worker logs
 in .local/bench-logs. `--profile DIR` runs the drain workers under cProfile (or pyinstrument).

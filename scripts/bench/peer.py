@@ -7,6 +7,7 @@ a fold to the newest `occurred_at` per device; one `unnest` upsert with `GREATES
 statement, so one transaction) into its own table, `bench_peer_last_seen`, created by the
 benchmark in the scenario's database with the indexes a last-seen table needs (see
 PEER_TABLE); then the offset commit. No validation, no licensing, no outbox, no metrics.
+The next batch is fetched and folded while Postgres writes one.
 
 Run by the benchmark as a subprocess (`python -m scripts.bench.peer ARGUMENTS_JSON`), so its
 interpreter holds nothing else (the benchmark process holds every pre-encoded message); it
@@ -17,6 +18,7 @@ stored to the last offset committed, over the messages after the first batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -121,30 +123,49 @@ async def drain(arguments: dict[str, Any]) -> RateResult:
     deadline = started + arguments["limit_seconds"]
     count = batches = first_count = devices_written = 0
     first_at: float | None = None
+    # While Postgres writes one batch, the next is fetched and folded (the worker overlaps
+    # its decoding with its write too); a batch's write starts after the previous one's
+    # offsets are committed, so commits stay in order.
+    writing: asyncio.Task[str] | None = None
+    writing_offsets: dict[Any, int] = {}
+    writing_messages = 0
     await consumer.start()
     try:
         while count < expected:
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"the peer stored only {count} of {expected} messages")
-            records = await consumer.getmany(
-                timeout_ms=settings.batch_max_wait_ms, max_records=settings.batch_max_records
-            )
-            if not records:
-                continue
-            newest = newest_per_device(
-                message.value for messages in records.values() for message in messages
-            )
-            await connection.execute(UPSERT, *upsert_arguments(newest))
-            await consumer.commit()
-            count += sum(len(messages) for messages in records.values())
-            batches += 1
-            devices_written += len(newest)
-            if first_at is None:
-                first_at, first_count = time.perf_counter(), count
-                meter.start()
+            newest: Newest | None = None
+            if count + writing_messages < expected:
+                records = await consumer.getmany(
+                    timeout_ms=settings.batch_max_wait_ms, max_records=settings.batch_max_records
+                )
+                if records:
+                    newest = newest_per_device(
+                        message.value for messages in records.values() for message in messages
+                    )
+            if writing is not None:
+                await writing
+                await consumer.commit(writing_offsets)
+                count += writing_messages
+                batches += 1
+                writing, writing_messages = None, 0
+                if first_at is None:
+                    first_at, first_count = time.perf_counter(), count
+                    meter.start()
+            if newest is not None:
+                writing = asyncio.create_task(connection.execute(UPSERT, *upsert_arguments(newest)))
+                writing_offsets = {
+                    partition: messages[-1].offset + 1 for partition, messages in records.items()
+                }
+                writing_messages = sum(len(messages) for messages in records.values())
+                devices_written += len(newest)
         finished = time.perf_counter()
         cores = meter.stop() if first_at is not None else {}
     finally:
+        if writing is not None:
+            writing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, asyncpg.PostgresError):
+                await writing
         await consumer.stop()
         await connection.close()
     if first_at is None:  # nothing expected

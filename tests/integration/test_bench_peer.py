@@ -9,9 +9,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from scripts.bench import scenario
 from scripts.bench.code_under_test import UnderTest
 from scripts.bench.peer import count_peer_devices, create_peer_table, drain
+from scripts.bench.scenario import commit_offsets
 from tests.support import (
     Services,
     committed_offsets_total,
@@ -23,6 +26,11 @@ from worker.kafka.clients import create_consumer
 
 pytestmark = pytest.mark.integration
 AGENT_TOPICS = ("heartbeat_topic", "lifecycle_topic")
+
+
+def services_of(services: Services) -> scenario.Services:
+    """The benchmark's view of the test services."""
+    return scenario.Services(services.kafka_bootstrap_servers, services.database_url)
 
 
 def event(kind: str, device: str, at: str) -> tuple[bytes, bytes]:
@@ -119,3 +127,63 @@ async def test_the_peer_stores_the_newest_time_of_each_device_and_resumes_from_i
     }
     assert await count_peer_devices(url) == 3
     assert await committed_offsets_total(bootstrap, topics["consumer_group"], agent_topics) == 7
+
+
+async def test_a_group_whose_offsets_were_committed_beforehand_starts_after_them(
+    services: Services,
+    database_url: str,
+    topics: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """How the steady shape's read limit skips the fleet stored beforehand."""
+    monkeypatch.setattr(
+        UnderTest,
+        "Settings",
+        lambda **values: make_settings(services, values.pop("database_url"), {}, **values),
+        raising=False,
+    )
+    monkeypatch.setattr(UnderTest, "create_consumer", create_consumer, raising=False)
+    url = services.superuser_url(database_url)
+    await create_peer_table(url)
+    bootstrap = services.kafka_bootstrap_servers
+    heartbeats = topics["heartbeat_topic"]
+    await produce(
+        bootstrap,
+        heartbeats,
+        [event("heartbeat", f"old-{n}", "2026-12-03T08:00:00Z") for n in range(6)],
+    )
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in (heartbeats, topics["lifecycle_topic"])
+            for p in range(4)
+        ]
+        ends = await consumer.end_offsets(partitions)
+    finally:
+        await consumer.stop()
+    await commit_offsets(
+        services_of(services),
+        topics["consumer_group"],
+        {(tp.topic, tp.partition): offset for tp, offset in ends.items()},
+    )
+    await produce(
+        bootstrap,
+        heartbeats,
+        [event("heartbeat", f"new-{n}", "2026-12-03T09:00:00Z") for n in range(2)],
+    )
+
+    result = await drain(
+        {
+            "kafka_bootstrap_servers": bootstrap,
+            "database_url": url,
+            "group": topics["consumer_group"],
+            "topics": {name: topics[name] for name in (*AGENT_TOPICS, "dlq_topic")},
+            "limit_seconds": 60,
+            "expected": 2,
+        }
+    )
+
+    assert result.messages == 2
+    assert set(await stored(url)) == {"new-0", "new-1"}

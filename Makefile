@@ -31,8 +31,8 @@ lint: setup ## ruff, format check, mypy --strict
 audit: setup ## Known vulnerabilities in the locked dependencies (pip-audit; warns if no service answers)
 	bash scripts/audit.sh
 
-bench: setup ## Ingestion benchmark against the local services (see docs/benchmarks.md)
-	bash scripts/bench.sh
+bench: setup ## Ingestion benchmark (docs/benchmarks.md); smaller: make bench BENCH_ARGS="--devices 5000 --rounds 3 --runs 1"
+	bash scripts/bench.sh $(BENCH_ARGS)
 
 bench-sweep: setup ## One sweep over 1,000,000 silent devices (see docs/benchmarks.md)
 	bash scripts/bench.sh --sweep

@@ -3,7 +3,8 @@
 # .local/bench-services and stops them afterwards, unless KAFKA_BOOTSTRAP_SERVERS and
 # DATABASE_URL already point at running ones. Arguments go to `python -m scripts.bench`:
 #     bash scripts/bench.sh                 # full: 3 runs of each measurement
-#     bash scripts/bench.sh --quick         # smoke version, under a minute
+#     bash scripts/bench.sh --quick         # smoke version, about two minutes
+#     bash scripts/bench.sh --shapes steady --devices 5000 --rounds 3 --runs 1  # smaller
 #     bash scripts/bench.sh --git-ref HEAD  # the committed worker, not the working tree
 #     bash scripts/bench.sh --sweep         # the sweeper over 1,000,000 devices (bench_sweep.py)
 #     bash scripts/bench.sh --load-proof    # minutes under load, plotted (load_proof.py)

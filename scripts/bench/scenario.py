@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 
 from scripts.bench import log
 from scripts.bench.code_under_test import CODE_DIR, UnderTest
-from scripts.bench.shapes import Workload
+from scripts.bench.shapes import Messages, Workload
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,11 @@ class Scenario:
     @property
     def reader_group(self) -> str:
         return f"bench-reader-{self.suffix}"
+
+    @property
+    def peer_group(self) -> str:
+        """The group of the minimal pipeline (scripts/bench/peer.py)."""
+        return f"bench-peer-{self.suffix}"
 
     @property
     def stage_groups(self) -> tuple[str, str]:
@@ -159,7 +164,12 @@ async def drop_scenario(services: Services, scenario: Scenario) -> None:
         await admin.delete_topics(list(scenario.topics.values()))
         with contextlib.suppress(KafkaError, AttributeError):
             await admin.delete_consumer_groups(
-                [scenario.worker_group, scenario.reader_group, *scenario.stage_groups]
+                [
+                    scenario.worker_group,
+                    scenario.reader_group,
+                    scenario.peer_group,
+                    *scenario.stage_groups,
+                ]
             )
     except KafkaError as error:
         log(f"could not delete topics of {scenario.suffix}: {error!r}")
@@ -175,26 +185,67 @@ def bulk_producer(bootstrap: str) -> AIOKafkaProducer:
 
 
 async def produce_workload(services: Services, scenario: Scenario, workload: Workload) -> float:
+    """Produces the timed messages (after any stored beforehand); returns the seconds taken."""
+    return await produce_messages(
+        services,
+        scenario,
+        workload.lifecycle,
+        workload.heartbeats,
+        len(workload.stored_beforehand) + workload.total,
+    )
+
+
+async def produce_messages(
+    services: Services,
+    scenario: Scenario,
+    lifecycle: Messages,
+    heartbeats: Messages,
+    expected_end: int,
+) -> float:
+    """Produces lifecycle then heartbeat messages and checks that the topics then hold
+    `expected_end` messages in all."""
     producer = bulk_producer(services.kafka_bootstrap_servers)
     await producer.start()
     started = time.perf_counter()
     try:
         lifecycle_topic = scenario.topics["lifecycle_topic"]
         heartbeat_topic = scenario.topics["heartbeat_topic"]
-        for key, value in workload.lifecycle:
+        for key, value in lifecycle:
             await producer.send(lifecycle_topic, value, key=key)
-        for key, value in workload.heartbeats:
+        for key, value in heartbeats:
             await producer.send(heartbeat_topic, value, key=key)
         await producer.flush()
     finally:
         await producer.stop()
     elapsed = time.perf_counter() - started
     ends = await end_offsets(services, scenario)
-    if sum(ends.values()) != workload.total:
+    if sum(ends.values()) != expected_end:
         raise RuntimeError(
-            f"produced {workload.total} messages but the topics hold {sum(ends.values())}"
+            f"expected {expected_end} messages in the topics but they hold {sum(ends.values())}"
         )
     return elapsed
+
+
+async def commit_offsets(
+    services: Services, group: str, offsets: dict[tuple[str, int], int]
+) -> None:
+    """Commits `offsets` for `group` without joining it: a consumer of that group then starts
+    there (used to skip what was stored beforehand)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=services.kafka_bootstrap_servers,
+        group_id=group,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        partitions = {
+            TopicPartition(topic, partition): offset
+            for (topic, partition), offset in offsets.items()
+        }
+        consumer.assign(list(partitions))
+        await consumer.commit(partitions)
+    finally:
+        await consumer.stop()
 
 
 async def end_offsets(services: Services, scenario: Scenario) -> dict[tuple[str, int], int]:

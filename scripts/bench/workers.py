@@ -173,8 +173,10 @@ async def measure_drain(
     workers: int = 1,
 ) -> tuple[RateResult, float]:
     """The drain by `workers` worker processes in one consumer group (replicas on this
-    machine; 1 by default). Peak RSS is the largest of one process."""
-    total = workload.total
+    machine; 1 by default) of the workload's timed messages, after the messages stored
+    beforehand (see `store_beforehand`). Peak RSS is the largest of one process."""
+    already = len(workload.stored_beforehand)
+    total = already + workload.total  # the stored offsets count from the topics' start
     async with ProgressWatch(services, scenario) as watch:
         replicas = [
             WorkerProcess(
@@ -193,6 +195,7 @@ async def measure_drain(
             half_at: float | None = None
             half_count = 0
             stored_at: float | None = None
+            polls = 0  # progress reads in the measured window: Postgres work of this script
             while True:
                 for replica in replicas:
                     replica.check_alive()
@@ -202,11 +205,13 @@ async def measure_drain(
                         f"the worker did not drain {total} messages in {limit_seconds:.0f} s"
                     )
                 done = sum((await watch.stored()).values())
+                if first_at is not None:
+                    polls += 1
                 seen = time.perf_counter()
-                if done and first_at is None:
+                if done > already and first_at is None:
                     first_at, first_count = seen, done
                     cpu.start()
-                if done >= total / 2 and half_at is None:
+                if done >= already + workload.total / 2 and half_at is None:
                     half_at, half_count = seen, done
                 if done >= total:
                     stored_at = seen
@@ -250,13 +255,13 @@ async def measure_drain(
             f"{workload.devices} / {workload.lifecycle_events}"
         )
     result = RateResult(
-        messages=total,
+        messages=workload.total,
         events_per_second=(total - first_count) / measured,
-        events_per_second_with_startup=total / (finished - worker.started_at),
+        events_per_second_with_startup=workload.total / (finished - worker.started_at),
         startup_seconds=first_at - worker.started_at,
         measured_seconds=measured,
         extra={
-            "first_progress_messages": first_count,
+            "first_progress_messages": first_count - already,
             # The second half of the messages alone: mostly heartbeats of devices already
             # stored (the installs and first signals, which allocate licenses, come early).
             "second_half_events_per_second": (
@@ -265,6 +270,7 @@ async def measure_drain(
                 else None
             ),
             "stored_to_committed_ms": round((finished - stored_at) * 1000, 1),
+            "progress_polls": polls,
             "cores_used": cores,
             # From the worker's histograms, over its whole life (start-up included): mean
             # batch size, and license_worker_batch_write_seconds as a share of the drain
@@ -289,3 +295,25 @@ async def measure_drain(
     if errors:
         log(f"the worker logged {len(errors)} error line(s), e.g. {errors[0][:300]}")
     return result, max(replica.peak_rss_mb for replica in replicas)
+
+
+async def store_beforehand(
+    services: Services, scenario: Scenario, messages: int, log_path: Path, limit_seconds: float
+) -> float:
+    """Not timed: the worker stores the first `messages` of the topics (the fleet a steady
+    state starts from), commits them and stops. Returns the seconds it took."""
+    async with ProgressWatch(services, scenario) as watch:
+        worker = WorkerProcess(scenario.worker_environment(services), log_path, None).start()
+        try:
+            deadline = worker.started_at + limit_seconds
+            while True:
+                worker.check_alive()
+                committed = await watch.committed()
+                if committed is not None and sum(committed.values()) >= messages:
+                    break
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"the worker did not store {messages} messages in time")
+                await asyncio.sleep(0.2)
+        finally:
+            worker.stop()
+    return time.perf_counter() - worker.started_at

@@ -39,14 +39,28 @@ def test_the_quick_benchmark_measures_every_stage_and_the_drain(
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = orjson.loads(output.read_bytes())
-    assert set(results["shapes"]) == {"live", "backlog"}
-    for shape in results["shapes"].values():
+    assert set(results["shapes"]) == {"live", "backlog", "first_sighting", "steady"}
+    for name, shape in results["shapes"].items():
         [only] = shape["runs"]
         assert only["read"]["messages"] == shape["messages"]
+        assert only["drain"]["messages"] == shape["messages"]
+        # The peer drains the same messages, after the worker in the first run.
+        assert only["peer"]["messages"] == shape["messages"]
+        assert only["order"] == ["worker", "peer"]
+        assert only["ratio_to_peer"] > 0
+        assert shape["median"]["peer_postgres_cpu_us_per_event"] >= 0
+        if name == "steady":  # its fleet stored beforehand: not read, not timed, no stages
+            assert (
+                shape["stored_beforehand"]
+                == shape["shape"]["customers"] * (shape["shape"]["devices_per_customer"])
+            )
+            assert "decode" not in only
+            continue
         assert only["decode"]["messages"] == shape["messages"]
         assert only["write"]["messages"] == shape["messages"]  # and every device was stored
         for stage in ("read", "decode", "write", "drain"):
             assert only[stage]["events_per_second"] > 0
         assert 0 < only["cpu_ceiling_events_per_second"] < float("inf")
+    assert "steady: (r) worker drain / peer" in run.stdout
     assert "(a4) CPU ceiling" in run.stdout
     assert (tmp_path / "work" / "bench-code" / "worker").is_dir()  # not the repository's .local

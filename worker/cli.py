@@ -172,7 +172,7 @@ def run() -> None:
     """Consume agent events until SIGTERM or SIGINT."""
     from worker.service import Worker, install_signal_handlers  # noqa: PLC0415
 
-    settings = load_settings(needs_pseudonym_key=True)
+    settings = load_settings(needs_pseudonym_key=True, long_running=True)
 
     async def serve() -> None:
         install_asyncio_error_logging()
@@ -212,7 +212,7 @@ def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
     from worker.licensing.sweeper import Sweeper  # noqa: PLC0415
 
     clock = FixedClock(parse_time(now_text)) if now_text else SystemClock()
-    settings = load_settings(needs_pseudonym_key=True)
+    settings = load_settings(needs_pseudonym_key=True, long_running=not (once or dry_run))
 
     async def run_sweeps() -> dict[str, object] | None:
         async with connected(settings, pool_size=2) as repository:

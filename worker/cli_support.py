@@ -20,9 +20,12 @@ if TYPE_CHECKING:
     from worker.db.repository import Repository
 
 
-def load_settings(*, needs_pseudonym_key: bool = False) -> Settings:
+def load_settings(*, needs_pseudonym_key: bool = False, long_running: bool = False) -> Settings:
     """The settings, or a one-line command error. Commands that decide licenses or purge
-    (`run`, `sweep`) need the pseudonym key: they refuse to start without it."""
+    (`run`, `sweep`) need the pseudonym key: they refuse to start without it. A one-shot
+    command (not `long_running`) leaves the libraries' warnings and errors out of its
+    output: its own one line says what failed (aiokafka's "Unable connect to ..." would
+    only repeat it)."""
     try:
         settings = Settings()
     except ValidationError as error:
@@ -33,7 +36,12 @@ def load_settings(*, needs_pseudonym_key: bool = False) -> Settings:
             settings.required_pseudonym_key()
         except ValueError as error:
             raise click.ClickException(f"invalid configuration: {error}") from None
-    configure_logging(settings.log_level, settings.log_format, settings.replica_id)
+    configure_logging(
+        settings.log_level,
+        settings.log_format,
+        settings.replica_id,
+        library_level="warning" if long_running else "critical",
+    )
     return settings
 
 

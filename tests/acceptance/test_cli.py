@@ -116,6 +116,11 @@ async def test_migrate_create_topics_simulate_run_status(
     log_text = log_path.read_text()
     assert '"event": "worker.stopped"' in log_text
     assert '"event": "worker.starting"' in log_text
+    # One stream: every line JSON (aiokafka's too), each with the version and the replica.
+    for line in log_text.splitlines():
+        fields = orjson.loads(line)
+        assert fields["version"], line
+        assert fields["replica"], line
 
     status = run_cli(environment, "status")
     assert status.returncode == 0, status.stderr

@@ -171,9 +171,13 @@ def test_a_broken_deployment_is_one_line_naming_the_setting(
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output
     assert result.returncode == (ERROR if COMMANDS[command].probe else expected.exit_code), output
-    # Log lines are JSON (LOG_FORMAT=json); what is not JSON is the one line for the operator.
-    told = [line for line in result.stderr.splitlines() if line and not _is_json(line)]
+    # Log lines are JSON (LOG_FORMAT=json): `run` logs its start; a one-shot command logs
+    # at most its bounded wait (`simulate`). What is not JSON is the one line for the operator.
+    logged = [orjson.loads(line) for line in result.stderr.splitlines() if _is_json(line)]
+    told = [line for line in result.stderr.splitlines() if not _is_json(line)]
     assert len(told) == 1, result.stderr
+    if command != "run":
+        assert {line["event"] for line in logged} <= {"startup.waiting"}, result.stderr
     [line] = told
     assert line.startswith("Error: "), line
     assert expected.setting in line, line

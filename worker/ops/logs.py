@@ -16,11 +16,16 @@ import structlog
 
 
 def configure_logging(
-    level: str = "info", output_format: str = "auto", replica: str | None = None
+    level: str = "info",
+    output_format: str = "auto",
+    replica: str | None = None,
+    *,
+    library_level: str = "warning",
 ) -> None:
     """JSON lines, or console rendering (`auto`: in a terminal), coloured only in a
     terminal. Every line names the service's version and the replica that wrote it
-    (`replica`, the REPLICA_ID setting: the host name by default)."""
+    (`replica`, the REPLICA_ID setting: the host name by default). The libraries' lines
+    from `library_level` up."""
     terminal = sys.stderr.isatty()
     use_console = output_format == "console" or (output_format == "auto" and terminal)
     renderer: structlog.types.Processor = (
@@ -43,9 +48,10 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    _route_library_logs(renderer, [timestamper, identity])
+    _route_library_logs(renderer, [timestamper, identity], library_level)
     # Python's warnings and the errors it can only print ("Exception ignored in ...") are
     # lines of the same stream, not text in the middle of it.
+    logging.captureWarnings(False)  # forgets a capture that a caller undid since
     logging.captureWarnings(True)
     sys.unraisablehook = log_unraisable_error
 
@@ -82,7 +88,9 @@ class _LibraryLogHandler(logging.Handler):
 
 
 def _route_library_logs(
-    renderer: structlog.types.Processor, stamps: list[structlog.types.Processor]
+    renderer: structlog.types.Processor,
+    stamps: list[structlog.types.Processor],
+    library_level: str = "warning",
 ) -> None:
     """Library loggers go through the standard library: warnings and up, rendered like the
     worker's own lines (`logger` names the library), an error by its class and never with
@@ -103,7 +111,7 @@ def _route_library_logs(
     for previous in [h for h in root.handlers if isinstance(h, _LibraryLogHandler)]:
         root.removeHandler(previous)
     root.addHandler(handler)
-    root.setLevel(logging.WARNING)
+    root.setLevel(logging.getLevelName(library_level.upper()))
 
 
 def _exception_as_fields(

@@ -13,7 +13,7 @@ import click
 import orjson
 import structlog
 
-from worker.cli_support import connected, load_settings, parse_time
+from worker.cli_support import command_failure, connected, load_settings, parse_time
 from worker.commands.dlq import dlq
 from worker.commands.erasure import erase, hold, release_hold
 from worker.commands.license_events import license_events
@@ -27,24 +27,21 @@ log = structlog.get_logger(__name__)
 
 
 class _Commands(click.Group):
-    """Turns a Kafka or Postgres refusal at start-up (wrong credentials, untrusted
-    certificate) into a one-line error and exit status 1 instead of a traceback."""
+    """Every failure of every command ends as one line on standard error and a documented
+    exit status (worker/failures.py, ExitCode), never as a traceback: Python's would print
+    the error's message, which can quote a personal value."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except Exception as error:
-            # Imported here: the module needs aiokafka, which `--help` should not load.
-            from worker.db.errors import DatabaseAccessRefused  # noqa: PLC0415
-            from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
-            from worker.weak_settings import WeakSettingsRefused  # noqa: PLC0415
-
-            if isinstance(error, KafkaAccessRefused | DatabaseAccessRefused | WeakSettingsRefused):
-                raise click.ClickException(str(error)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except Exception as error:
+            raise command_failure(error) from None
 
 
 @click.group(cls=_Commands)
+@click.version_option(package_name="license-telemetry", prog_name="license-worker")
 def main() -> None:
     """License telemetry worker: agent signals from Kafka into license accounting in Postgres.
 
@@ -69,9 +66,9 @@ def migrate() -> None:
     key_hash = hashlib.sha256(key.get_secret_value().encode()).hexdigest() if key else ""
 
     async def apply() -> None:
-        async with connected(settings) as repository:
+        async with connected(settings, require_migrated=False) as repository:
             applied = await repository.apply_migrations(load_migrations(), key_hash)
-        log.info("migrate.done", applied=[migration.version for migration in applied])
+        log.info("migration.finished", applied=[migration.version for migration in applied])
 
     try:
         asyncio.run(apply())
@@ -151,7 +148,7 @@ def create_roles(
         raise click.UsageError(str(error)) from None
 
     async def set_up() -> None:
-        async with connected(settings) as repository:
+        async with connected(settings, require_migrated=False) as repository:
             await repository.set_up_roles(roles, *verifiers)
 
     try:
@@ -176,7 +173,7 @@ def run() -> None:
     """Consume agent events until SIGTERM or SIGINT."""
     from worker.service import Worker, install_signal_handlers  # noqa: PLC0415
 
-    settings = load_settings(needs_pseudonym_key=True)
+    settings = load_settings(needs_pseudonym_key=True, long_running=True)
 
     async def serve() -> None:
         install_asyncio_error_logging()
@@ -185,13 +182,14 @@ def run() -> None:
         await worker.run()
 
     from worker.db.errors import DatabaseAccessRefused  # noqa: PLC0415
+    from worker.failures import OperatorError  # noqa: PLC0415
     from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
     from worker.weak_settings import WeakSettingsRefused  # noqa: PLC0415
 
     try:
         asyncio.run(serve())
-    except (KafkaAccessRefused, DatabaseAccessRefused, WeakSettingsRefused):
-        raise  # a configuration problem, told as such by the command group (exit 1)
+    except (KafkaAccessRefused, DatabaseAccessRefused, WeakSettingsRefused, OperatorError):
+        raise  # for the operator to fix, told as such by the command group
     except Exception as error:
         # Python's traceback would print the error's message, which can quote a personal
         # value (a row Postgres refused, say): the crash is logged by class and place instead.
@@ -215,7 +213,7 @@ def sweep(once: bool, now_text: str | None, dry_run: bool) -> None:
     from worker.licensing.sweeper import Sweeper  # noqa: PLC0415
 
     clock = FixedClock(parse_time(now_text)) if now_text else SystemClock()
-    settings = load_settings(needs_pseudonym_key=True)
+    settings = load_settings(needs_pseudonym_key=True, long_running=not (once or dry_run))
 
     async def run_sweeps() -> dict[str, object] | None:
         async with connected(settings, pool_size=2) as repository:
@@ -335,11 +333,17 @@ def reconcile(
 
 
 @main.command()
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds per service.")
+@click.option(
+    "--timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds per service.",
+)
 def check(timeout: float) -> None:
-    """Exit 0 when Postgres and Kafka answer, 1 otherwise (container probes)."""
+    """Exit 0 when Postgres and Kafka answer and the database is migrated, 1 otherwise
+    (container probes)."""
     from worker.kafka.clients import cluster_answers  # noqa: PLC0415
-    from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
 
     settings = load_settings()
 
@@ -354,25 +358,32 @@ def check(timeout: float) -> None:
     ):
         try:
             asyncio.run(asyncio.wait_for(probe(), timeout))
-        except KafkaAccessRefused as error:
-            failures.append(f"{name}: {error}")
+        except TimeoutError:
+            failures.append(f"{name}: no answer within {timeout:g} s")
         except Exception as error:
-            failures.append(f"{name}: {type(error).__name__}")
+            failures.append(f"{name}: {command_failure(error).message}")
     if failures:
-        raise click.ClickException("unreachable: " + ", ".join(failures))
+        # A container probe: any failure is 1 (Docker reserves 2 for HEALTHCHECK).
+        raise click.ClickException("; ".join(failures))
     click.echo("ok: postgres and kafka answer")
 
 
 @main.command("create-topics")
-@click.option("--partitions", default=4, show_default=True, help="Partitions of each topic.")
-@click.option("--replication-factor", default=1, show_default=True)
+@click.option(
+    "--partitions",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Partitions of each topic.",
+)
+@click.option("--replication-factor", default=1, show_default=True, type=click.IntRange(min=1))
 def create_topics(partitions: int, replication_factor: int) -> None:
     """Create the service's Kafka topics that do not exist yet."""
     from worker.kafka.clients import ensure_topics  # noqa: PLC0415
 
     settings = load_settings()
     created = asyncio.run(ensure_topics(settings, partitions, replication_factor))
-    log.info("topics.created", topics=created)
+    log.info("kafka.topics_created", topics=created)
 
 
 @main.command("export-schemas")
@@ -396,9 +407,15 @@ def export_schemas(directory: Path, asyncapi_path: Path | None) -> None:
 
 
 @main.command()
-@click.option("--customers", default=3, show_default=True)
-@click.option("--devices-per-customer", default=20, show_default=True)
-@click.option("--rounds", default=5, show_default=True, help="Heartbeats per device.")
+@click.option("--customers", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--devices-per-customer", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--rounds",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Heartbeats per device.",
+)
 @click.option(
     "--console/--no-console",
     default=False,

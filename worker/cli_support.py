@@ -7,9 +7,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
+import structlog
 from pydantic import ValidationError
 
-from worker.ops.logs import configure_logging
+from worker.failures import ExitCode, OperatorError, connection_reason
+from worker.ops.logs import configure_logging, crash_fields
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -18,9 +20,12 @@ if TYPE_CHECKING:
     from worker.db.repository import Repository
 
 
-def load_settings(*, needs_pseudonym_key: bool = False) -> Settings:
+def load_settings(*, needs_pseudonym_key: bool = False, long_running: bool = False) -> Settings:
     """The settings, or a one-line command error. Commands that decide licenses or purge
-    (`run`, `sweep`) need the pseudonym key: they refuse to start without it."""
+    (`run`, `sweep`) need the pseudonym key: they refuse to start without it. A one-shot
+    command (not `long_running`) leaves the libraries' warnings and errors out of its
+    output: its own one line says what failed (aiokafka's "Unable connect to ..." would
+    only repeat it)."""
     try:
         settings = Settings()
     except ValidationError as error:
@@ -31,15 +36,21 @@ def load_settings(*, needs_pseudonym_key: bool = False) -> Settings:
             settings.required_pseudonym_key()
         except ValueError as error:
             raise click.ClickException(f"invalid configuration: {error}") from None
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(
+        settings.log_level,
+        settings.log_format,
+        settings.replica_id,
+        library_level="warning" if long_running else "critical",
+    )
     return settings
 
 
 def describe_problem(detail: Any) -> str:
     """One refused setting; checks across variables (the *_FILE ones) name theirs."""
+    message = str(detail["msg"]).removeprefix("Value error, ")
     if not detail["loc"]:
-        return str(detail["msg"]).removeprefix("Value error, ")
-    return f"{str(detail['loc'][0]).upper()}: {detail['msg']}"
+        return message
+    return f"{str(detail['loc'][0]).upper()}: {message}"
 
 
 def parse_time(text: str, param_hint: str = "--now") -> datetime:
@@ -56,23 +67,90 @@ def parse_time(text: str, param_hint: str = "--now") -> datetime:
     return parsed
 
 
+def command_failure(error: Exception) -> click.ClickException:
+    """A command's failure as one line and its exit status (worker/failures.py, ExitCode).
+    Only messages written for the operator are shown; any other error by its class, since
+    a driver's message can quote a value (docs/security.md)."""
+    # Imported here: asyncpg and aiokafka are not loaded for `--help`.
+    import asyncpg  # noqa: PLC0415
+    from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError  # noqa: PLC0415
+
+    from worker.db.errors import DatabaseAccessRefused  # noqa: PLC0415
+    from worker.kafka.refusals import KafkaAccessRefused  # noqa: PLC0415
+    from worker.weak_settings import WeakSettingsRefused  # noqa: PLC0415
+
+    if isinstance(error, OperatorError):
+        return _failure(str(error), error.exit_code)
+    if isinstance(error, KafkaAccessRefused | DatabaseAccessRefused | WeakSettingsRefused):
+        return _failure(str(error), ExitCode.ERROR)
+    if isinstance(
+        error,
+        asyncpg.UndefinedTableError | asyncpg.UndefinedColumnError | asyncpg.UndefinedFunctionError,
+    ):
+        return _failure(
+            f"the database (DATABASE_URL) lacks what this release uses ({type(error).__name__}, "
+            f"SQLSTATE {error.sqlstate}): run `license-worker migrate`",
+            ExitCode.NOT_MIGRATED,
+        )
+    if isinstance(error, OSError) and error.filename is not None:
+        return _failure(f"cannot use {error.filename}: {error.strerror}", ExitCode.ERROR)
+    if isinstance(error, asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
+        return _failure(
+            f"lost the connection to Postgres (DATABASE_URL): {connection_reason(error)}",
+            ExitCode.UNREACHABLE,
+        )
+    if isinstance(error, OSError):
+        return _failure(
+            "lost a connection to Postgres or Kafka (DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS): "
+            f"{connection_reason(error)}",
+            ExitCode.UNREACHABLE,
+        )
+    if isinstance(error, KafkaConnectionError | KafkaTimeoutError):
+        return _failure(
+            f"lost the connection to Kafka (KAFKA_BOOTSTRAP_SERVERS): {type(error).__name__}",
+            ExitCode.UNREACHABLE,
+        )
+    structlog.get_logger(__name__).critical("command.crashed", **crash_fields(error))
+    return _failure(
+        f"unexpected {type(error).__name__} (where: the command.crashed log line); "
+        "please report it",
+        ExitCode.ERROR,
+    )
+
+
+class _Refused(click.ClickException):
+    exit_code = ExitCode.ERROR
+
+
+class _Unreachable(click.ClickException):
+    exit_code = ExitCode.UNREACHABLE
+
+
+class _NotMigrated(click.ClickException):
+    exit_code = ExitCode.NOT_MIGRATED
+
+
+_FAILURES: dict[int, type[click.ClickException]] = {
+    failure.exit_code: failure for failure in (_Refused, _Unreachable, _NotMigrated)
+}
+
+
+def _failure(message: str, exit_code: int) -> click.ClickException:
+    return _FAILURES.get(exit_code, _Refused)(message)
+
+
 @asynccontextmanager
 async def connected(
-    settings: Settings, *, pool_size: int = 1, unreachable_is_error: bool = False
+    settings: Settings, *, pool_size: int = 1, require_migrated: bool = True
 ) -> AsyncIterator[Repository]:
-    """A Repository on the configured database, closed however the block ends.
-
-    With `unreachable_is_error`, a database that cannot be reached becomes a one-line
-    command error instead of a traceback."""
+    """A Repository on the configured database, closed however the block ends. A database
+    that cannot be reached, refuses the login or (with `require_migrated`, every command but
+    `migrate` and `create-roles`) is not migrated ends the command with one line
+    (worker/db/connect.py)."""
     # Imported here: asyncpg is not loaded for `--help`.
-    from worker.db.repository import Repository  # noqa: PLC0415
+    from worker.db.connect import connect_once  # noqa: PLC0415
 
-    try:
-        repository = await Repository.connect(settings.database_url.get_secret_value(), pool_size)
-    except OSError as error:
-        if unreachable_is_error:
-            raise click.ClickException(f"cannot reach the database: {error}") from None
-        raise
+    repository = await connect_once(settings, pool_size, require_migrated=require_migrated)
     try:
         yield repository
     finally:

@@ -20,9 +20,11 @@ import structlog
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from worker.clock import Clock, SystemClock
+from worker.db.connect import ensure_migrated
 from worker.db.errors import DatabaseAccessRefused, database_refusal, is_transient_database_error
 from worker.db.repository import Repository
 from worker.db.wait import DatabaseAnswers, database_answers, pause, wait_to_retry
+from worker.failures import PortUnavailable, connection_reason
 from worker.ingest.consumer_session import ConsumerSession
 from worker.ingest.decoding import RejectReason
 from worker.ingest.loop import IngestionLoop
@@ -35,7 +37,7 @@ from worker.kafka.clients import (
 from worker.licensing.relay import Relay
 from worker.licensing.sweeper import Sweeper
 from worker.ops import metrics
-from worker.ops.health import Liveness, Readiness, health_app, serve_health
+from worker.ops.health import HealthServer, Liveness, Readiness, health_app, serve_health
 from worker.ops.logs import error_fields
 from worker.ops.monitor import Monitor
 from worker.retry import Backoff, Stopped, retry
@@ -91,11 +93,7 @@ class Worker:
         try:
             async with contextlib.AsyncExitStack() as resources:
                 if settings.metrics_port:
-                    server = serve_health(
-                        settings.metrics_port,
-                        health_app(self.liveness, self.readiness),
-                        str(settings.metrics_host),
-                    )
+                    server = _serve_health_or_refuse(settings, self.liveness, self.readiness)
                     resources.callback(server.server_close)
                     resources.callback(server.shutdown)
                 clients = await self._unless_stopped(self._start_clients(resources))
@@ -116,6 +114,7 @@ class Worker:
         # (whose leader lock keeps one for good) or the monitor.
         repository = await _connect_database(settings, settings.database_pool_size)
         resources.push_async_callback(repository.close)
+        await ensure_migrated(repository, settings.database_url.get_secret_value())
         await _check_database_role(repository, settings)
         background = await _connect_database(settings, settings.background_pool_size)
         resources.push_async_callback(background.close)
@@ -345,8 +344,23 @@ async def _connect_database(settings: Settings, pool_size: int) -> Repository:
         reason = database_refusal(error)
         if reason is None:
             raise
-        log.error("postgres.access_refused", error=type(error).__name__, reason=reason)
+        log.error("database.access_refused", error=type(error).__name__, reason=reason)
         raise DatabaseAccessRefused(reason) from None
+
+
+def _serve_health_or_refuse(
+    settings: Settings, liveness: Liveness, readiness: Readiness
+) -> HealthServer:
+    """The /metrics, /livez and /readyz server, or PortUnavailable naming the port."""
+    try:
+        return serve_health(
+            settings.metrics_port, health_app(liveness, readiness), str(settings.metrics_host)
+        )
+    except OSError as error:
+        raise PortUnavailable(
+            f"cannot listen on {settings.metrics_host} port {settings.metrics_port} "
+            f"(METRICS_PORT, METRICS_HOST): {connection_reason(error)}"
+        ) from None
 
 
 async def _check_database_role(repository: Repository, settings: Settings) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -158,6 +159,13 @@ class Settings(BaseSettings):
         description="refuse to start with a weak setting (worker/weak_settings.py) instead "
         "of logging security.weak_setting",
     )
+    replica_id: str = Field(
+        default_factory=lambda: os.environ.get("HOSTNAME") or socket.gethostname(),
+        min_length=1,
+        max_length=253,
+        description="names this replica in every log line (`replica`): the pod's name by "
+        "default (HOSTNAME, else the host name)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -202,6 +210,15 @@ class Settings(BaseSettings):
             if path and not os.access(path, os.R_OK):
                 raise ValueError(f"{variable}: cannot read {path!r}")
         return self
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_a_postgres_url(cls, value: SecretStr) -> SecretStr:
+        """`foo` or a URL of another scheme fails here, at start-up, naming the variable,
+        not in the driver with a traceback. The message never quotes the value (a secret)."""
+        if urlsplit(value.get_secret_value()).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql://USER@HOST:PORT/DATABASE URL")
+        return value
 
     @field_validator(
         "agent_signing_keys_file",

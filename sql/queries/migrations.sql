@@ -45,3 +45,8 @@ INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3);
 -- The SHA-256 (hex) of the configured pseudonym key, for migration 0009's check ('' when
 -- none is configured); session-wide, since each migration runs in a transaction of its own.
 SELECT set_config('license.pseudonym_key_sha256', $1, false);
+
+-- name: missing_tables
+-- Which of the tables the migrations create do not exist: any role may ask (the catalogue
+-- is readable by all), unlike schema_migrations.
+SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL ORDER BY name;

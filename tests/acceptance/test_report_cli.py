@@ -161,8 +161,8 @@ def test_report_usage_leaves_no_file_when_the_database_is_unreachable(
     unreachable = {**environment, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/license"}
     path = tmp_path / "usage.xlsx"
     result = run_cli(unreachable, "report", "usage", "--format", "xlsx", "--output", str(path))
-    assert result.returncode == 1
-    assert "cannot reach the database" in result.stderr
+    assert result.returncode == 3  # ExitCode.UNREACHABLE
+    assert "cannot reach Postgres at 127.0.0.1:1/license (DATABASE_URL)" in result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -135,7 +135,7 @@ async def test_strict_security_refuses_a_superuser_and_accepts_the_worker_role(
 
         async def consuming() -> bool:
             assert process.poll() is None, log_path.read_text()
-            return '"event": "partitions.assigned"' in log_path.read_text()
+            return '"event": "ingest.partitions_assigned"' in log_path.read_text()
 
         await wait_until(consuming, timeout=60)
         process.send_signal(signal.SIGTERM)

@@ -442,5 +442,5 @@ async def test_run_stops_at_once_when_postgres_refuses_the_login(
     assert time.monotonic() - started < 30
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("Error: Postgres rejected the login (SQLSTATE 28P01)"), last_line
-    assert "postgres.access_refused" in result.stderr
+    assert "database.access_refused" in result.stderr
     assert wrong_password not in result.stderr + result.stdout

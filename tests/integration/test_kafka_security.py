@@ -31,6 +31,7 @@ from tests.support import (
     settings_environment,
     wait_until,
 )
+from worker.failures import ServiceUnreachable
 from worker.ingest.dlq_tools import read_dead_letters
 from worker.kafka.clients import diagnose_connection, start_with_retry
 from worker.licensing.relay import publish_pending_once
@@ -201,7 +202,7 @@ async def test_a_listener_that_is_not_up_is_waited_for_not_refused(
         attempts += 1
         raise KafkaConnectionError("Unable to bootstrap")
 
-    with pytest.raises(KafkaConnectionError):
+    with pytest.raises(ServiceUnreachable, match=r"cannot reach Kafka .* connection refused"):
         await start_with_retry("test", start, settings, attempts=3)
     assert attempts == 3, "retried, not given up as a refusal"
 

@@ -136,7 +136,7 @@ async def test_a_dead_letter_the_dlq_refuses_even_truncated_is_logged_and_ingest
     assert await stored_devices(database_url) == {"before", "after", "other-1"}
     [dead] = await read_all(services.kafka_bootstrap_servers, topics["dlq_topic"], 1, timeout=5)
     assert dead.key == b"broken", "the small dead letter still reaches the DLQ"
-    [refusal] = [line for line in logs if line["event"] == "dead_letter.refused"]
+    [refusal] = [line for line in logs if line["event"] == "ingest.dead_letter_refused"]
     assert refusal["log_level"] == "error"
     assert refusal["source_topic"] == topic
     assert refusal["source_partition"] == 0
@@ -194,4 +194,4 @@ async def test_a_dead_letter_met_by_a_broker_outage_is_waited_for_never_dropped(
     assert await stored_devices(database_url) == {"slow", "after"}
     dead = await read_all(services.kafka_bootstrap_servers, topics["dlq_topic"], 2)
     assert {record.key for record in dead} >= {b"broken", big_key}
-    assert not [line for line in logs if line["event"] == "dead_letter.refused"]
+    assert not [line for line in logs if line["event"] == "ingest.dead_letter_refused"]

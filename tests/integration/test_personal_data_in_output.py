@@ -184,7 +184,7 @@ async def test_no_personal_value_or_secret_reaches_logs_metrics_or_dlq_headers(
     # The paths really ran: what the search below found nothing in is not empty.
     assert exit_code == 0, log_text[-2000:]
     assert status == 200
-    assert '"event": "batch.committed"' in log_text, "debug lines are in the log"
+    assert '"event": "ingest.batch_committed"' in log_text, "debug lines are in the log"
     assert '"event": "database.rejected_batch"' in log_text
     assert sweep_output.count('"event": "sweep.finished"') == 2
     assert '"released": 1' in sweep_output

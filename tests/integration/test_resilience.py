@@ -170,7 +170,7 @@ async def test_two_workers_share_partitions_and_one_takes_over(
 
         async def both_assigned() -> bool:
             return all(
-                "partitions.assigned" in worker.log_text() and "agent." in worker.log_text()
+                "ingest.partitions_assigned" in worker.log_text() and "agent." in worker.log_text()
                 for worker in (first, second)
             )
 
@@ -180,7 +180,8 @@ async def test_two_workers_share_partitions_and_one_takes_over(
         await producing
         await assert_everything_stored_once(services, settings, database_url, stream)
         assert (
-            "partitions.revoked" in second.log_text() or "partitions.assigned" in second.log_text()
+            "ingest.partitions_revoked" in second.log_text()
+            or "ingest.partitions_assigned" in second.log_text()
         )
         assert second.terminate() == 0
     finally:
@@ -224,10 +225,10 @@ CREATE TRIGGER slow_device_write BEFORE INSERT OR UPDATE ON devices
 
 
 def agent_assignments(log_text: str) -> list[int]:
-    """How many agent partitions each `partitions.assigned` line of a worker log gave it."""
+    """How many agent partitions each `ingest.partitions_assigned` line of a worker log gave it."""
     counts = []
     for line in log_text.splitlines():
-        if '"partitions.assigned"' in line and "agent." in line:
+        if '"ingest.partitions_assigned"' in line and "agent." in line:
             counts.append(sum("agent." in p for p in json.loads(line)["partitions"]))
     return counts
 

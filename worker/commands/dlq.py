@@ -22,7 +22,13 @@ def dlq() -> None:
 
 
 @dlq.command("inspect")
-@click.option("--samples", default=3, show_default=True, help="Samples shown per reason.")
+@click.option(
+    "--samples",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Samples shown per reason.",
+)
 def dlq_inspect(samples: int) -> None:
     """Count dead letters by reason and source topic, with samples of each reason."""
     from worker.ingest.dlq_tools import inspect_dead_letters, truncation_note  # noqa: PLC0415

@@ -44,6 +44,7 @@ _REASON = click.option(
     "wait_seconds",
     default=60.0,
     show_default=True,
+    type=click.FloatRange(min=0),
     help="Seconds to wait for the relay to publish the releases before the purge step.",
 )
 def erase(

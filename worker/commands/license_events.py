@@ -12,7 +12,13 @@ from worker.cli_support import load_settings
 
 
 @click.group("license-events", invoke_without_command=True)
-@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for more.")
+@click.option(
+    "--timeout",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to wait for more.",
+)
 @click.pass_context
 def license_events(context: click.Context, timeout: float) -> None:
     """Print the license events topic from the beginning, one JSON object a line, as

@@ -61,7 +61,7 @@ def report_usage(
     request = ReportRequest(customer_id, as_of, now, settings.license_window)
 
     async def produce() -> None:
-        async with connected(settings, unreachable_is_error=True) as repository:
+        async with connected(settings) as repository:
             with open_writer(output_format, output, sys.stdout) as writer:
                 await write_usage_report(repository, writer, request)
 
@@ -74,6 +74,11 @@ def report_usage(
         sys.stderr.close()
         raise SystemExit(0) from None
     except OSError as error:
-        raise click.ClickException(f"cannot write the report: {error}") from None
+        if output is None or error.filename is None:
+            raise  # not the file: told by the command group
+        # The path the user gave, not the `.partial` file it is written to first.
+        raise click.ClickException(
+            f"cannot write the report to {output}: {error.strerror}"
+        ) from None
     if output is not None:
         click.echo(f"wrote {output}", err=True)

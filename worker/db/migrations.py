@@ -3,6 +3,7 @@ and refuses to go on when an applied one was edited since."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import asyncpg
@@ -62,6 +63,23 @@ async def _apply_missing(
             await connection.execute(
                 query("record_migration"), migration.version, migration.name, migration.checksum
             )
-        log.info("migration.applied", version=migration.version, name=migration.name)
+        log.info("migration.applied", migration=migration.version, name=migration.name)
         newly_applied.append(migration)
     return newly_applied
+
+
+_CREATE_TABLE = re.compile(r"\bCREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", re.IGNORECASE)
+_DROP_TABLE = re.compile(r"\bDROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?(\w+)", re.IGNORECASE)
+
+
+def tables_created(migrations: Sequence[Migration]) -> list[str]:
+    """The tables the migrations leave behind (created and not dropped by a later one), in
+    the order they were created: a database lacking one is not migrated for this release."""
+    tables: dict[str, None] = {}
+    for migration in migrations:
+        for statement in migration.sql.split(";"):
+            for created in _CREATE_TABLE.findall(statement):
+                tables[created.lower()] = None
+            for dropped in _DROP_TABLE.findall(statement):
+                tables.pop(dropped.lower(), None)
+    return list(tables)

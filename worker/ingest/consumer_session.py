@@ -85,16 +85,16 @@ class FlushBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             async with asyncio.timeout(self._timeout):
                 await self._flush()
-            log.info("partitions.revoked", partitions=_names(revoked))
+            log.info("ingest.partitions_revoked", partitions=_names(revoked))
         except TimeoutError:
             # The batch is stuck behind an outage; its commit will be refused and the new
             # owner re-reads it. Idempotent writes make that harmless.
-            log.warning("partitions.revoked_mid_batch", partitions=_names(revoked))
+            log.warning("ingest.partitions_revoked_mid_batch", partitions=_names(revoked))
         finally:
             self._revoking(False)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        log.info("partitions.assigned", partitions=_names(assigned))
+        log.info("ingest.partitions_assigned", partitions=_names(assigned))
 
 
 @dataclass(kw_only=True, eq=False)
@@ -217,7 +217,7 @@ class ConsumerSession:
             # The group moved on: the new owner re-reads from the last committed offset and
             # the idempotent writes make the repeat harmless.
             metrics.KAFKA_ERRORS.labels("commit_refused").inc()
-            log.warning("batch.commit_refused", error=_error_name(error))
+            log.warning("ingest.commit_refused", error=_error_name(error))
 
     async def _retry_kafka(self, operation_name: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Runs `operation` until it succeeds, backing off after each Kafka error while
@@ -286,7 +286,7 @@ def _log_refused_dead_letter(refusal: Refusal) -> None:
     metrics.DEAD_LETTERS_FAILED.labels(letter.topic, letter.rejection.reason.value).inc()
     metrics.EVENTS.labels(letter.topic, "unknown", "dead_letter_refused").inc()
     log.error(
-        "dead_letter.refused",
+        "ingest.dead_letter_refused",
         source_topic=letter.topic,
         source_partition=letter.partition,
         source_offset=letter.offset,

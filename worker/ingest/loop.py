@@ -76,7 +76,7 @@ class IngestionLoop:
             await self._session.consume(self._session.settings.batch_max_records, self._take)
             await self._finish_in_flight()
         except Stopped:
-            log.warning("batch.abandoned_for_shutdown")
+            log.warning("ingest.batch_abandoned_for_shutdown")
             await self._abandon_in_flight()
         log.info("ingest.stopped")
 
@@ -134,7 +134,7 @@ class IngestionLoop:
         metrics.BATCH_SIZE.observe(batch.size)
         metrics.BATCH_WRITE_SECONDS.observe(stored.seconds)
         _count(batch, stored, letters)
-        log.debug("batch.committed", messages=batch.size, dead_letters=len(letters))
+        log.debug("ingest.batch_committed", messages=batch.size, dead_letters=len(letters))
 
     async def _store(self, batch: DecodedBatch, changes: BatchChanges) -> _Stored:
         """Writes the batch's changes in up to WRITE_CONCURRENCY transactions at once, one

@@ -12,6 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
+from worker.failures import kafka_unreachable
 from worker.kafka.refusals import KafkaAccessRefused, refusal_message
 from worker.retry import Backoff, retry
 from worker.settings import Settings
@@ -65,7 +66,7 @@ async def start_with_retry(
     async def wait(error: Exception) -> None:
         cause = await diagnose_connection(name, settings)
         if attempts is not None and backoff.attempts + 1 >= attempts:
-            raise error
+            raise kafka_unreachable(settings.kafka_bootstrap_servers, cause or error) from error
         delay = backoff.next_delay()
         log.warning(
             "startup.waiting",
@@ -151,7 +152,7 @@ async def ensure_topics(settings: Settings, partitions: int, replication_factor:
             except TopicAlreadyExistsError:
                 pass
             except KafkaError as error:
-                log.error("topics.create_failed", topic=name, error=type(error).__name__)
+                log.error("kafka.topic_create_failed", topic=name, error=type(error).__name__)
                 raise
         return created
     finally:

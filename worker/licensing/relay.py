@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from worker.clock import Clock, SystemClock
+from worker.db.connect import connect_once
 from worker.db.errors import is_transient_database_error
 from worker.db.repository import Repository
 from worker.db.session import Session
@@ -160,7 +161,7 @@ class Relay:
 async def publish_pending_once(settings: Settings, clock: Clock | None = None) -> int:
     """Publishes what is pending (allocations settled by `clock`'s time) with a relay of its
     own, then closes it (CLI, tests)."""
-    repository = await Repository.connect(settings.database_url.get_secret_value(), 2)
+    repository = await connect_once(settings, 2)
     producer = create_producer(settings)
     try:
         await start_once("kafka-producer", producer.start, settings)

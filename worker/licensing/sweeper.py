@@ -188,9 +188,14 @@ class Sweeper:
         if watermark is None or lag is None or lag > LAG_REPORT_THRESHOLD:
             report.waited_for_lag = True
             metrics.SWEEP_LAG_WAITS.inc()
+        if watermark is None:
+            # Nothing stored yet for a partition with messages (every fresh start): no lag
+            # to tell, and nothing is released until there is.
+            log.debug("sweep.waiting_for_ingestion", reason="nothing stored yet")
+        elif lag is not None and lag > LAG_REPORT_THRESHOLD:
             log.warning(
                 "sweep.waiting_for_ingestion",
-                lag_seconds=lag.total_seconds() if lag else None,
+                lag_seconds=lag.total_seconds(),
                 decision_time=loggable(watermark),
             )
         return watermark

@@ -6,24 +6,41 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 import traceback
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import structlog
 
 
-def configure_logging(level: str = "info", output_format: str = "auto") -> None:
-    use_console = output_format == "console" or (output_format == "auto" and sys.stderr.isatty())
+def configure_logging(
+    level: str = "info",
+    output_format: str = "auto",
+    replica: str | None = None,
+    *,
+    library_level: str = "warning",
+) -> None:
+    """JSON lines, or console rendering (`auto`: in a terminal), coloured only in a
+    terminal. Every line names the service's version and the replica that wrote it
+    (`replica`, the REPLICA_ID setting: the host name by default). The libraries' lines
+    from `library_level` up."""
+    terminal = sys.stderr.isatty()
+    use_console = output_format == "console" or (output_format == "auto" and terminal)
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=terminal)
+        if use_console
+        else structlog.processors.JSONRenderer()
     )
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    identity = _identity(replica or socket.gethostname())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             timestamper,
+            identity,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -31,7 +48,32 @@ def configure_logging(level: str = "info", output_format: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    _route_library_logs(renderer, timestamper)
+    _route_library_logs(renderer, [timestamper, identity], library_level)
+    # Python's warnings and the errors it can only print ("Exception ignored in ...") are
+    # lines of the same stream, not text in the middle of it.
+    logging.captureWarnings(False)  # forgets a capture that a caller undid since
+    logging.captureWarnings(True)
+    sys.unraisablehook = log_unraisable_error
+
+
+def service_version() -> str:
+    try:
+        return version("license-telemetry")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _identity(replica: str) -> structlog.types.Processor:
+    fields = {"version": service_version(), "replica": replica}
+
+    def add_identity(
+        _: Any, __: str, event_dict: structlog.types.EventDict
+    ) -> structlog.types.EventDict:
+        for name, value in fields.items():
+            event_dict.setdefault(name, value)
+        return event_dict
+
+    return add_identity
 
 
 class _LibraryLogHandler(logging.Handler):
@@ -46,7 +88,9 @@ class _LibraryLogHandler(logging.Handler):
 
 
 def _route_library_logs(
-    renderer: structlog.types.Processor, timestamper: structlog.types.Processor
+    renderer: structlog.types.Processor,
+    stamps: list[structlog.types.Processor],
+    library_level: str = "warning",
 ) -> None:
     """Library loggers go through the standard library: warnings and up, rendered like the
     worker's own lines (`logger` names the library), an error by its class and never with
@@ -57,7 +101,7 @@ def _route_library_logs(
             foreign_pre_chain=[
                 structlog.stdlib.add_logger_name,
                 structlog.processors.add_log_level,
-                timestamper,
+                *stamps,
                 _exception_as_fields,
             ],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
@@ -67,7 +111,7 @@ def _route_library_logs(
     for previous in [h for h in root.handlers if isinstance(h, _LibraryLogHandler)]:
         root.removeHandler(previous)
     root.addHandler(handler)
-    root.setLevel(logging.WARNING)
+    root.setLevel(logging.getLevelName(library_level.upper()))
 
 
 def _exception_as_fields(
@@ -97,6 +141,21 @@ def log_unhandled_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[s
     fields = exception_fields(error) if isinstance(error, BaseException) else {}
     structlog.get_logger("asyncio").error(
         "asyncio.unhandled_error", message=str(context.get("message", "")), **fields
+    )
+
+
+def log_unraisable_error(unraisable: Any) -> None:
+    """Python's handler for an error it cannot raise (in a finaliser, a generator closed
+    by the collector): one structured line instead of "Exception ignored in" and a
+    traceback."""
+    error = unraisable.exc_value
+    fields = (
+        exception_fields(error)
+        if isinstance(error, BaseException)
+        else {"error": getattr(unraisable.exc_type, "__name__", "unknown")}
+    )
+    structlog.get_logger("python").error(
+        "python.unraisable_error", message=str(unraisable.err_msg or ""), **fields
     )
 
 

@@ -21,7 +21,7 @@ DEAD_LETTERS = Counter(
 DEAD_LETTERS_FAILED = Counter(
     "license_worker_dead_letters_failed_total",
     "Dead letters the DLQ refused for good, even truncated, by source topic and reason: "
-    "logged (dead_letter.refused, with the error and the source offset) and skipped; the "
+    "logged (ingest.dead_letter_refused, with the error and the source offset) and skipped; the "
     "original stays in its source topic.",
     ["topic", "reason"],
 )

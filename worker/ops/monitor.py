@@ -78,7 +78,7 @@ class Monitor:
             async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
                 await probe()
         except Exception as error:
-            log.warning("health.probe_failed", service=service, error=type(error).__name__)
+            log.warning("monitor.probe_failed", service=service, error=type(error).__name__)
             self._readiness.set(service, answered=False)
             return False
         self._readiness.set(service, answered=True)

@@ -181,6 +181,9 @@ def open_writer(output_format: str, output: Path | None, stdout: TextIO) -> Iter
     partial = output.with_name(f".{output.name}.partial")
     try:
         if output_format == "xlsx":
+            # Fails now if the file cannot be created: openpyxl's save, at the end, leaves
+            # its sheets' streams to fail again when they are collected.
+            partial.touch()
             writer: ReportWriter = XlsxWriter(partial)
             try:
                 yield writer

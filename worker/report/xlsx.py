@@ -9,6 +9,7 @@ Numbers, booleans and times keep their types."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -126,8 +127,10 @@ class XlsxWriter:
 
     def abort(self) -> None:
         """Saving is openpyxl's only way to close the sheets' temporary files; the caller
-        deletes the incomplete file."""
-        self._book.save(self._path)
+        deletes the incomplete file. A failure here is not the error to tell: the one that
+        made the report stop is (a directory that does not exist, a full disk)."""
+        with contextlib.suppress(Exception):
+            self._book.save(self._path)
 
     def _new_detail_sheet(self) -> WriteOnlyWorksheet:
         self._detail_sheets += 1

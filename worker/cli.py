@@ -13,7 +13,13 @@ import click
 import orjson
 import structlog
 
-from worker.cli_support import command_failure, connected, load_settings, parse_time
+from worker.cli_support import (
+    DifferencesFound,
+    command_failure,
+    connected,
+    load_settings,
+    parse_time,
+)
 from worker.commands.dlq import dlq
 from worker.commands.erasure import erase, hold, release_hold
 from worker.commands.license_events import license_events
@@ -294,11 +300,12 @@ def reconcile(
     """Check that billing's view agrees with the database.
 
     Without --from/--to: every subject's last license event on the topic (de-duplicated by
-    event_id) must match its stored license; exit 0 when nothing differs, 1 otherwise.
+    event_id) must match its stored license; exit 0 when nothing differs, 8 otherwise.
 
     With --from/--to: the topic folded into licenses per customer and package for each
     day, against the usage snapshots and `report usage --as-of` at the end of each day;
-    exit 0 when nothing differs, 3 when something does, 1 when the check cannot run."""
+    exit 0 when nothing differs, 8 when something does, 1 or 3 when the check cannot run
+    (README, "Exit status")."""
     if (first_day is None) != (last_day is None):
         raise click.UsageError("give both --from and --to, or neither")
     if first_day is not None and last_day is not None:
@@ -328,7 +335,7 @@ def reconcile(
     if result.unreadable_events:
         summary += f", {result.unreadable_events} records that are not license events skipped"
     if result.mismatches:
-        raise click.ClickException(f"{len(result.mismatches)} differ: {summary}")
+        raise DifferencesFound(f"{len(result.mismatches)} differ: {summary}")
     click.echo(f"ok: {summary}; billing's view agrees with the database")
 
 

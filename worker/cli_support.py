@@ -130,6 +130,12 @@ class _NotMigrated(click.ClickException):
     exit_code = ExitCode.NOT_MIGRATED
 
 
+class DifferencesFound(click.ClickException):
+    """A check that ran and found differences (`reconcile`, `license-events verify`)."""
+
+    exit_code = ExitCode.DIFFERENCES
+
+
 _FAILURES: dict[int, type[click.ClickException]] = {
     failure.exit_code: failure for failure in (_Refused, _Unreachable, _NotMigrated)
 }

@@ -22,6 +22,10 @@ class ExitCode(IntEnum):
     USAGE = 2  # a nonsense argument or option (click's usage errors)
     UNREACHABLE = 3  # Postgres or Kafka did not answer: try again once it is back
     NOT_MIGRATED = 7  # the database lacks this release's tables: run `license-worker migrate`
+    # A check ran and found what it checks for: `reconcile` (either mode) found differences,
+    # `license-events verify` records that do not verify. Its own status, so that a job
+    # alerting on differences does not fire for an outage (3) or a bad setting (1).
+    DIFFERENCES = 8
 
 
 class OperatorError(Exception):

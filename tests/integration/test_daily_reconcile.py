@@ -151,7 +151,7 @@ async def test_an_event_lost_before_the_relay_is_named_by_customer_day_and_packa
     )
     assert [a.problem for a in result.anomalies] == ["#2 released of a license not held"]
     status, out, err = await _cli(settings)
-    assert status == 3
+    assert status == 8
     assert f"acme      {FIRST_DAY}  none" in out
     assert "cannot fold: acme device kiosk-1: #2 released of a license not held" in out
     assert "differences:" in err
@@ -192,7 +192,7 @@ async def test_a_forged_license_event_on_the_topic_is_a_difference_from_its_day_
     assert {d.day for d in result.differences} == _days(forged_day, LAST_DAY)
     assert result.fold.duplicates == 1
     status, out, _ = await _cli(settings)
-    assert status == 3
+    assert status == 8
     assert f"acme      {forged_day}  none" in out
 
 

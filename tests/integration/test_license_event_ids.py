@@ -110,7 +110,7 @@ async def test_reconcile_finds_a_subject_whose_last_event_disagrees_with_the_dat
     )
     assert "alice-desktop" in mismatch.describe()
     found = await asyncio.to_thread(run_cli, settings_environment(settings), "reconcile")
-    assert found.returncode == 1
+    assert found.returncode == 8
     assert "acme device alice-desktop: last event is not license.allocated" in found.stdout
     assert "1 differ" in found.stderr
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from worker.cli_support import load_settings
+from worker.cli_support import DifferencesFound, load_settings
 
 
 @click.group("license-events", invoke_without_command=True)
@@ -49,7 +49,7 @@ def license_events(context: click.Context, timeout: float) -> None:
 def verify(keys_file: Path | None, show: int) -> None:
     """Check the signature of every record on the license events topic, from the beginning
     to its current end: count valid, unsigned, malformed, unknown key and bad signature.
-    Exit 0 when every record is valid, 1 otherwise."""
+    Exit 0 when every record is valid, 8 otherwise."""
     from worker.licensing.signature_check import (  # noqa: PLC0415
         check_license_event_signatures,
     )
@@ -75,7 +75,7 @@ def verify(keys_file: Path | None, show: int) -> None:
         click.echo(f"... and {check.invalid - len(check.refused)} more")
     click.echo(f"{settings.license_events_topic}: {check.summary()}")
     if check.invalid:
-        raise click.ClickException(
+        raise DifferencesFound(
             f"{check.invalid} of {check.records} records on {settings.license_events_topic} "
             "are not validly signed license events"
         )

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 import click
 
 from worker.cli_support import connected, load_settings
+from worker.failures import ExitCode
 from worker.report.safe_text import printable
 
 if TYPE_CHECKING:
     # Imported when run: the module needs aiokafka, which `--help` should not load.
     from worker.licensing.reconcile_days import DailyReconciliation
 
-DIFFERENCES_EXIT_STATUS = 3
+DIFFERENCES_EXIT_STATUS = ExitCode.DIFFERENCES
 
 
 def parse_day(text: str, param_hint: str) -> date:

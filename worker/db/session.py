@@ -4,7 +4,7 @@ console change runs, and the set-based writes of signals and license changes."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -31,10 +31,26 @@ class LicenseRelevantDevice:
 
 
 @dataclass(frozen=True, slots=True)
+class WrittenDevice:
+    """A device as a batch left it: what the replica remembers to skip its next heartbeats
+    (worker/ingest/last_seen_memory.py)."""
+
+    customer_id: str
+    device_id: str
+    last_seen_at: datetime
+    user_id: str | None
+    device_kind: str | None
+    agent_version: str | None
+    protected: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SignalWriteResult:
     # (customer_id, event_id) of the lifecycle events recorded for the first time.
     inserted_lifecycle_events: set[tuple[str, str]]
     license_relevant: list[LicenseRelevantDevice]
+    # Every device written, when asked for (`remember`); else empty.
+    written: list[WrittenDevice] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +137,14 @@ class Session:
         window_start: datetime,
         *,
         create_customers: bool = True,
+        remember: bool = False,
     ) -> SignalWriteResult:
         """`create_customers=False` (UNKNOWN_CUSTOMERS=refuse): the caller has left out the
-        changes of unknown customers, and the foreign keys refuse any that would remain."""
+        changes of unknown customers, and the foreign keys refuse any that would remain.
+        `remember`: the result lists every device written (`written`)."""
         connection = self._connection
         relevant: list[LicenseRelevantDevice] = []
+        written: list[WrittenDevice] = []
         if changes.devices:
             if create_customers:
                 await connection.execute(query("upsert_customers"), changes.customer_ids)
@@ -135,7 +154,7 @@ class Session:
             await self._lock_device_users(changes)
             await self._upsert_users(changes)
             await self._lock_devices_without_user(changes)
-            relevant = await self._upsert_devices(changes, window_start)
+            relevant, written = await self._upsert_devices(changes, window_start, remember)
             await self._credit_device_users(changes)
         inserted = await self._insert_lifecycle(changes)
         if progress:
@@ -146,7 +165,7 @@ class Session:
                     "topic partition next_offset last_message_at",
                 ),
             )
-        return SignalWriteResult(inserted, relevant)
+        return SignalWriteResult(inserted, relevant, written)
 
     async def _lock_device_users(self, changes: BatchChanges) -> None:
         """Locks, in key order and before any device, every user whose license this batch
@@ -178,8 +197,8 @@ class Session:
             )
 
     async def _upsert_devices(
-        self, changes: BatchChanges, window_start: datetime
-    ) -> list[LicenseRelevantDevice]:
+        self, changes: BatchChanges, window_start: datetime, remember: bool
+    ) -> tuple[list[LicenseRelevantDevice], list[WrittenDevice]]:
         rows = await self._connection.fetch(
             query("upsert_devices"),
             *_columns(
@@ -190,8 +209,14 @@ class Session:
                 "last_uninstalled_at",
             ),
             window_start,
+            remember,
         )
-        return [LicenseRelevantDevice(*row) for row in rows]
+        relevant = [LicenseRelevantDevice(*row[:4]) for row in rows if row["relevant"]]
+        if not remember:
+            return relevant, []
+        return relevant, [
+            WrittenDevice(row[0], row[1], row[5], row[2], row[6], row[8], row[7]) for row in rows
+        ]
 
     async def _credit_device_users(self, changes: BatchChanges) -> None:
         credited = [d for d in changes.sorted_devices() if d.unattributed_seen_at is not None]

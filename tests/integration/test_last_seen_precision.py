@@ -461,3 +461,48 @@ async def test_a_memory_of_no_devices_writes_every_heartbeat(
         await asyncio.sleep(0)
 
     assert (await device_row(database_url, "laptop"))["last_seen_at"] == minutes(5)
+
+
+async def rows_written(database_url: str) -> dict[str, tuple[int, int]]:
+    """Rows inserted and updated per table, as Postgres counts them (flushed when the
+    worker's connections close)."""
+    rows = await fetch(
+        database_url,
+        "SELECT relname, n_tup_ins, n_tup_upd FROM pg_stat_user_tables "
+        "WHERE relname IN ('devices', 'users')",
+    )
+    return {row["relname"]: (row["n_tup_ins"], row["n_tup_upd"]) for row in rows}
+
+
+@pytest.mark.parametrize(
+    ("precision_seconds", "device_updates"),
+    # Rounds at minutes 5..25: every one written, or only minute 15's (15 after 0).
+    [(0, 5 * 40), (PRECISION.total_seconds(), 40)],
+)
+async def test_a_steady_fleet_writes_one_row_per_device_and_precision(
+    services: Services,
+    database_url: str,
+    topics: dict[str, str],
+    precision_seconds: float,
+    device_updates: int,
+) -> None:
+    """Before and after, in rows: 40 devices heartbeating every 5 minutes for 25 minutes."""
+    settings = make_settings(
+        services, database_url, topics, last_seen_precision_seconds=precision_seconds
+    )
+    stream = Stream(services, settings)
+    fleet = DEVICES + [f"device-{number:02d}" for number in range(12, 40)]
+    async with running_worker(settings, clock=FixedClock(NOW)):
+        await stream.deliver([install(d, minutes(0), user_id=f"user-{d}") for d in fleet])
+        for minute in range(5, 30, 5):
+            await stream.deliver(
+                [heartbeat(d, minutes(minute), user_id=f"user-{d}") for d in fleet]
+            )
+
+    async def counted() -> bool:
+        return (await rows_written(database_url))["devices"][0] == len(fleet)
+
+    await wait_until(counted, timeout=30)
+    written = await rows_written(database_url)
+    print(f"precision {precision_seconds:.0f} s: rows (inserted, updated) {written}")
+    assert written["devices"] == (len(fleet), device_updates)

@@ -282,3 +282,18 @@ def test_bytes_per_remembered_device() -> None:
     print(f"bytes per remembered device: {per_device:.0f}")
     assert len(memory) == devices
     assert per_device < MAX_BYTES_PER_DEVICE
+
+
+def test_a_user_named_only_by_a_skippable_device_keeps_its_device_written() -> None:
+    """Within one batch the device named bob, then alice again (the remembered user): bob's
+    change cannot be dropped, and a user change is written with a device of its customer
+    (the write and the split by customer rely on it), so the device is written."""
+    memory = memory_with(written())
+    changes = fold(heartbeat(2, user_id="bob"), heartbeat(3, user_id="alice"))
+    assert is_skippable(changes.devices[KEY], written(), PRECISION)
+
+    assert keep_back_unchanged(changes, memory, PRECISION) == set()
+
+    assert KEY in changes.devices
+    assert ("cust-1", "bob") in changes.users
+    assert changes.split_by_customer(2)  # every user change has its customer's devices

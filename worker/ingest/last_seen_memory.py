@@ -167,34 +167,51 @@ def keep_back_unchanged(
     """Takes out of `changes` every device change that `is_skippable`, keeping it in the
     memory, and the user changes that then only move a remembered user's last seen by less
     than `precision`; merges every written device's kept-back changes into its change.
-    Returns the keys of the devices taken out."""
-    skipped: list[tuple[DeviceKey, Remembered]] = []
+    A user change that remains is written with its customer's devices, so a customer left
+    with one keeps its devices written. Returns the keys of the devices taken out."""
+    candidates = {
+        key: remembered
+        for key, change in changes.devices.items()
+        if (remembered := memory.get(key)) is not None
+        and is_skippable(change, remembered, precision)
+    }
+    dropped = _user_changes_within_precision(changes, candidates.items(), precision)
+    written_customers = {customer for customer, _ in changes.devices.keys() - candidates.keys()}
+    needing_devices = {
+        customer
+        for customer, user in changes.users.keys() - dropped
+        if customer not in written_customers
+    }
+    if needing_devices:
+        candidates = {k: r for k, r in candidates.items() if k[0] not in needing_devices}
+        dropped = _user_changes_within_precision(changes, candidates.items(), precision)
     merged: list[DeviceChange] = []
     for key, change in changes.devices.items():
         remembered = memory.get(key)
         if remembered is None:
             continue
-        if is_skippable(change, remembered, precision):
+        if key in candidates:
             remembered.keep_back(change)
-            skipped.append((key, remembered))
             continue
         kept_back = remembered.kept_back(*key)
         if kept_back is not None:
             merge_earlier(change, kept_back)
             merged.append(kept_back)
-    for key, _ in skipped:
+    for key in candidates:
         del changes.devices[key]
-    _drop_user_changes_within_precision(changes, skipped, precision)
+    for user_key in dropped:
+        del changes.users[user_key]
     _add_kept_back_users(changes, merged)
-    return {key for key, _ in skipped}
+    return set(candidates)
 
 
-def _drop_user_changes_within_precision(
+def _user_changes_within_precision(
     changes: BatchChanges, skipped: Iterable[tuple[DeviceKey, Remembered]], precision: timedelta
-) -> None:
-    """A user change is dropped if it only moves the last seen of the remembered user of a
-    skipped device by less than the precision: that user was written with a last seen at
-    least the device's."""
+) -> set[tuple[str, str]]:
+    """The user changes that only move the last seen of the remembered user of a skipped
+    device by less than the precision: that user was written with a last seen at least the
+    device's."""
+    dropped = set()
     for (customer_id, _), remembered in skipped:
         if remembered.user_id is None:
             continue
@@ -206,7 +223,8 @@ def _drop_user_changes_within_precision(
             and user.first_seen_at >= remembered.last_seen_at
             and user.last_seen_at < remembered.last_seen_at + precision
         ):
-            del changes.users[user_key]
+            dropped.add(user_key)
+    return dropped
 
 
 def _add_kept_back_users(changes: BatchChanges, kept_back: Iterable[DeviceChange]) -> None:

@@ -128,6 +128,17 @@ class LastSeenMemory:
     def get(self, key: DeviceKey) -> Remembered | None:
         return self._devices.get(key)
 
+    def take_kept_back(self) -> BatchChanges:
+        """Every device's kept-back changes, as changes to write, and forgets them: a replica
+        that loses its devices writes them first."""
+        changes = BatchChanges()
+        for key, remembered in self._devices.items():
+            kept_back = remembered.kept_back(*key)
+            if kept_back is not None:
+                changes.devices[key] = kept_back
+        _add_kept_back_users(changes, changes.devices.values())
+        return changes
+
     def forget(self, keys: Iterable[DeviceKey]) -> None:
         for key in keys:
             self._devices.pop(key, None)

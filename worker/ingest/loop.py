@@ -82,8 +82,23 @@ class IngestionLoop:
 
     def rebalance_listener(self) -> FlushBeforeRevoke:
         return self._session.rebalance_listener(
-            self._finish_in_flight, revoked=self._forget_devices, assigned=self._check_assignment
+            self._finish_before_revoke,
+            revoked=self._forget_devices,
+            assigned=self._check_assignment,
         )
+
+    async def _finish_before_revoke(self) -> None:
+        await self._finish_in_flight()
+        await self._write_kept_back()
+
+    async def _write_kept_back(self) -> None:
+        """Writes the heartbeats kept back (last-seen precision) before this replica loses
+        its devices: the new owner starts from them, and a later, older uninstall is decided
+        as if they had been written. Not remembered: the memory is about to be emptied."""
+        changes = self._memory.take_kept_back()
+        if changes.devices:
+            await self._session.retry_database(lambda: self._write(changes, []))
+            log.info("last_seen.kept_back_written", devices=len(changes.devices))
 
     def _forget_devices(self) -> None:
         """aiokafka's rebalances are eager: a revocation takes every partition, so the memory
@@ -121,7 +136,7 @@ class IngestionLoop:
         log.info("ingest.started", topics=list(self._session.settings.agent_topics))
         try:
             await self._session.consume(self._session.settings.batch_max_records, self._take)
-            await self._finish_in_flight()
+            await self._finish_before_revoke()
         except Stopped:
             log.warning("batch.abandoned_for_shutdown")
             await self._abandon_in_flight()

@@ -355,6 +355,10 @@ def make_settings(
         # Most tests send agent signals without creating their customers on the console
         # topic first: today's behaviour. Tests of the refusal ask for "refuse".
         "unknown_customers": "admit",
+        # Every heartbeat written and licenses released exactly at the window, as these
+        # tests expect; the last-seen precision has tests of its own that set it
+        # (test_last_seen_precision.py).
+        "last_seen_precision_seconds": 0,
         **topics,
         **overrides,
     }

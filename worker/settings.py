@@ -104,6 +104,30 @@ class Settings(BaseSettings):
     rebalance_flush_timeout_seconds: float = Field(default=60.0, gt=0)
 
     license_release_days: int = Field(default=30, ge=1, le=3650)
+    last_seen_precision_seconds: float = Field(
+        default=900.0,
+        ge=0,
+        le=86_400,
+        description=(
+            "A heartbeat that would only move a device's last seen (and its user's) forward "
+            "by less than this is not written (docs/ingestion.md, 'Last-seen precision'). "
+            "Licenses are released after LICENSE_RELEASE_DAYS plus this, so a release is "
+            "never early and at most this late. 15 minutes: a few heartbeat intervals, so "
+            "most heartbeats of a steady fleet are not written, and nothing against a "
+            "30-day window. 0 writes every heartbeat."
+        ),
+    )
+    last_seen_memory_devices: int = Field(
+        default=250_000,
+        ge=0,
+        le=100_000_000,
+        description=(
+            "How many devices each replica remembers what it last wrote for, to skip "
+            "heartbeats without a read (about 500 bytes a device: 250,000 take about "
+            "125 MB). When full, further devices are not remembered (their heartbeats are "
+            "written); 0 writes every heartbeat."
+        ),
+    )
     allocation_settle_seconds: float = Field(
         default=300.0,
         ge=0,
@@ -288,6 +312,18 @@ class Settings(BaseSettings):
     @property
     def license_window(self) -> timedelta:
         return timedelta(days=self.license_release_days)
+
+    @property
+    def last_seen_precision(self) -> timedelta:
+        return timedelta(seconds=self.last_seen_precision_seconds)
+
+    @property
+    def release_window(self) -> timedelta:
+        """The license window as the stored `last_seen_at` must be read: a stored last seen
+        may be up to the last-seen precision older than the device's newest heartbeat, so a
+        device is past the window for certain only once its stored last seen is older than
+        the window plus the precision (docs/licensing.md, "Last-seen precision")."""
+        return self.license_window + self.last_seen_precision
 
     @property
     def allocation_settle(self) -> timedelta:

@@ -80,11 +80,13 @@ ON CONFLICT (customer_id, user_id) DO UPDATE SET
     last_seen_at = greatest(u.last_seen_at, EXCLUDED.last_seen_at);
 
 -- name: upsert_devices
--- Returns the devices whose change can change a license: new, (un)installed, moved to
--- another user, kind changed, first seen earlier (the covered devices are the earliest first
--- seen: a late, older event can move an over-allowance license), or heard from after having
--- been silent past the window ($17). Appends the device history of those whose user, kind or
--- install state changed (`recorded`).
+-- Returns the devices whose change can change a license (`relevant`): new, (un)installed,
+-- moved to another user, kind changed, first seen earlier (the covered devices are the
+-- earliest first seen: a late, older event can move an over-allowance license), or heard
+-- from after having been silent past the window ($17). With $19, every device written,
+-- with what the replica remembers of it to skip its next heartbeats without a read
+-- (worker/ingest/last_seen_memory.py). Appends the device history of those whose user,
+-- kind or install state changed (`recorded`).
 -- `before` reads the rows as they were: every part of one statement sees the same snapshot.
 WITH batch AS (
     SELECT * FROM unnest(
@@ -143,7 +145,7 @@ upserted AS (
         last_installed_at = greatest(d.last_installed_at, EXCLUDED.last_installed_at),
         last_uninstalled_at = greatest(d.last_uninstalled_at, EXCLUDED.last_uninstalled_at)
     RETURNING d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.first_seen_at,
-              d.last_seen_at
+              d.last_seen_at, d.agent_version
 ),
 recorded AS (
     -- The device history (migration 0012) for `report usage --as-of`: a row when a device is
@@ -161,16 +163,22 @@ recorded AS (
        OR u.protected IS DISTINCT FROM b.protected
        OR u.user_id IS DISTINCT FROM b.user_id
        OR u.device_kind IS DISTINCT FROM b.device_kind
+),
+decided AS (
+    SELECT u.*, b.user_id AS previous_user_id,
+           (b.device_id IS NULL
+            OR u.protected IS DISTINCT FROM b.protected
+            OR u.user_id IS DISTINCT FROM b.user_id
+            OR u.device_kind IS DISTINCT FROM b.device_kind
+            OR u.first_seen_at IS DISTINCT FROM b.first_seen_at
+            OR (u.protected AND b.last_seen_at < $17::timestamptz)) AS relevant
+    FROM upserted AS u
+    LEFT JOIN before AS b USING (customer_id, device_id)
 )
-SELECT u.customer_id, u.device_id, u.user_id, b.user_id AS previous_user_id
-FROM upserted AS u
-LEFT JOIN before AS b USING (customer_id, device_id)
-WHERE b.device_id IS NULL
-   OR u.protected IS DISTINCT FROM b.protected
-   OR u.user_id IS DISTINCT FROM b.user_id
-   OR u.device_kind IS DISTINCT FROM b.device_kind
-   OR u.first_seen_at IS DISTINCT FROM b.first_seen_at
-   OR (u.protected AND b.last_seen_at < $17::timestamptz);
+SELECT customer_id, device_id, user_id, previous_user_id, relevant, last_seen_at, device_kind,
+       protected, agent_version
+FROM decided
+WHERE relevant OR $19::boolean;
 
 -- name: credit_device_users
 -- Signals that did not name a user (uninstalls, heartbeats without user_id) count for the

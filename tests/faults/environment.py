@@ -78,6 +78,10 @@ def replica_settings(
         # A short settle window: allocations withdrawn or re-dated within it under faults,
         # published soon enough for the suite's final relay pass.
         "allocation_settle_seconds": 1.0,
+        # Every heartbeat written: the invariants compare each stored last seen with the
+        # newest signal, and releases with the exact window. (The last-seen precision has
+        # its own tests: tests/integration/test_last_seen_precision.py.)
+        "last_seen_precision_seconds": 0,
         "pseudonym_key_file": pseudonym_key_file_for_tests(),
         **topics,
     }

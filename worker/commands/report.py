@@ -58,7 +58,7 @@ def report_usage(
             "is in the future; leave it out for the live report", param_hint="--as-of"
         )
     settings = load_settings()
-    request = ReportRequest(customer_id, as_of, now, settings.license_window)
+    request = ReportRequest(customer_id, as_of, now, settings.release_window)
 
     async def produce() -> None:
         async with connected(settings) as repository:

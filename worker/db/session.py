@@ -4,7 +4,7 @@ console change runs, and the set-based writes of signals and license changes."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -31,10 +31,26 @@ class LicenseRelevantDevice:
 
 
 @dataclass(frozen=True, slots=True)
+class WrittenDevice:
+    """A device as a batch left it: what the replica remembers to skip its next heartbeats
+    (worker/ingest/last_seen_memory.py)."""
+
+    customer_id: str
+    device_id: str
+    last_seen_at: datetime
+    user_id: str | None
+    device_kind: str | None
+    agent_version: str | None
+    protected: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SignalWriteResult:
     # (customer_id, event_id) of the lifecycle events recorded for the first time.
     inserted_lifecycle_events: set[tuple[str, str]]
     license_relevant: list[LicenseRelevantDevice]
+    # Every device written, when asked for (`remember`); else empty.
+    written: list[WrittenDevice] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,13 +138,15 @@ class Session:
         *,
         create_customers: bool = True,
         recorded_at: datetime | None = None,
+        remember: bool = False,
     ) -> SignalWriteResult:
         """`create_customers=False` (UNKNOWN_CUSTOMERS=refuse): the caller has left out the
         changes of unknown customers, and the foreign keys refuse any that would remain.
         `recorded_at`: the service's clock, stamped on the device history (None: the
-        database's)."""
+        database's). `remember`: the result lists every device written (`written`)."""
         connection = self._connection
         relevant: list[LicenseRelevantDevice] = []
+        written: list[WrittenDevice] = []
         if changes.devices:
             if create_customers:
                 await connection.execute(query("upsert_customers"), changes.customer_ids)
@@ -138,7 +156,9 @@ class Session:
             await self._lock_device_users(changes)
             await self._upsert_users(changes)
             await self._lock_devices_without_user(changes)
-            relevant = await self._upsert_devices(changes, window_start, recorded_at)
+            relevant, written = await self._upsert_devices(
+                changes, window_start, recorded_at, remember
+            )
             await self._credit_device_users(changes)
         inserted = await self._insert_lifecycle(changes)
         if progress:
@@ -149,7 +169,7 @@ class Session:
                     "topic partition next_offset last_message_at",
                 ),
             )
-        return SignalWriteResult(inserted, relevant)
+        return SignalWriteResult(inserted, relevant, written)
 
     async def _lock_device_users(self, changes: BatchChanges) -> None:
         """Locks, in key order and before any device, every user whose license this batch
@@ -181,8 +201,12 @@ class Session:
             )
 
     async def _upsert_devices(
-        self, changes: BatchChanges, window_start: datetime, recorded_at: datetime | None
-    ) -> list[LicenseRelevantDevice]:
+        self,
+        changes: BatchChanges,
+        window_start: datetime,
+        recorded_at: datetime | None,
+        remember: bool,
+    ) -> tuple[list[LicenseRelevantDevice], list[WrittenDevice]]:
         rows = await self._connection.fetch(
             query("upsert_devices"),
             *_columns(
@@ -194,8 +218,14 @@ class Session:
             ),
             window_start,
             recorded_at,
+            remember,
         )
-        return [LicenseRelevantDevice(*row) for row in rows]
+        relevant = [LicenseRelevantDevice(*row[:4]) for row in rows if row["relevant"]]
+        if not remember:
+            return relevant, []
+        return relevant, [
+            WrittenDevice(row[0], row[1], row[5], row[2], row[6], row[8], row[7]) for row in rows
+        ]
 
     async def _credit_device_users(self, changes: BatchChanges) -> None:
         credited = [d for d in changes.sorted_devices() if d.unattributed_seen_at is not None]

@@ -72,10 +72,15 @@ class FlushBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         flush: Callable[[], Awaitable[None]],
         timeout_seconds: float,
         revoking: Callable[[bool], None] = lambda _: None,
+        *,
+        revoked: Callable[[], None] = lambda: None,
+        assigned: Callable[[set[TopicPartition]], None] = lambda _: None,
     ) -> None:
         self._flush = flush
         self._timeout = timeout_seconds
         self._revoking = revoking
+        self._revoked = revoked
+        self._assigned = assigned
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if not revoked:
@@ -91,10 +96,12 @@ class FlushBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
             # owner re-reads it. Idempotent writes make that harmless.
             log.warning("ingest.partitions_revoked_mid_batch", partitions=_names(revoked))
         finally:
+            self._revoked()
             self._revoking(False)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("ingest.partitions_assigned", partitions=_names(assigned))
+        self._assigned(assigned)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -115,10 +122,21 @@ class ConsumerSession:
     # aiokafka holds it until the rebalance, which waits for the revocation, is over.
     _revoking: bool = field(default=False, init=False)
 
-    def rebalance_listener(self, flush: Callable[[], Awaitable[None]]) -> FlushBeforeRevoke:
-        """A listener that runs `flush` (finish the batch in hand) before a revocation."""
+    def rebalance_listener(
+        self,
+        flush: Callable[[], Awaitable[None]],
+        *,
+        revoked: Callable[[], None] = lambda: None,
+        assigned: Callable[[set[TopicPartition]], None] = lambda _: None,
+    ) -> FlushBeforeRevoke:
+        """A listener that runs `flush` (finish the batch in hand) before a revocation, then
+        `revoked` (even if the flush timed out), and `assigned` with each new assignment."""
         return FlushBeforeRevoke(
-            flush, self.settings.rebalance_flush_timeout_seconds, self._set_revoking
+            flush,
+            self.settings.rebalance_flush_timeout_seconds,
+            self._set_revoking,
+            revoked=revoked,
+            assigned=assigned,
         )
 
     def _set_revoking(self, revoking: bool) -> None:

@@ -16,11 +16,13 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import structlog
+from aiokafka import TopicPartition
 
-from worker.db.session import SignalWriteResult
+from worker.db.session import SignalWriteResult, WrittenDevice
 from worker.ingest.batch import (
     DecodedBatch,
     DecodedRecord,
@@ -38,6 +40,13 @@ from worker.ingest.consumer_session import (
 )
 from worker.ingest.dead_letters import DeadLetter
 from worker.ingest.decoding import AgentEventModel, Rejection, RejectReason
+from worker.ingest.last_seen_memory import (
+    DeviceKey,
+    LastSeenMemory,
+    Remembered,
+    co_partitioning_problem,
+    keep_back_unchanged,
+)
 from worker.licensing.decisions import count_license_changes, decide_groups, groups_of_devices
 from worker.ops import metrics
 from worker.retry import Stopped
@@ -63,9 +72,62 @@ class IngestionLoop:
         self._in_flight: _InFlight | None = None
         # Held while a batch is finished (by the loop, or by the revocation listener).
         self._finishing = asyncio.Lock()
+        settings = session.settings
+        # Last-seen precision (docs/ingestion.md): on only while the assignment allows it.
+        self._precision = settings.last_seen_precision
+        self._memory = LastSeenMemory(settings.last_seen_memory_devices)
+        self._skipping = False
+        self._not_skipping_because: str | None = None
+        metrics.LAST_SEEN_SKIPPING.set(0)
 
     def rebalance_listener(self) -> FlushBeforeRevoke:
-        return self._session.rebalance_listener(self._finish_in_flight)
+        return self._session.rebalance_listener(
+            self._finish_before_revoke,
+            revoked=self._forget_devices,
+            assigned=self._check_assignment,
+        )
+
+    async def _finish_before_revoke(self) -> None:
+        await self._finish_in_flight()
+        await self._write_kept_back()
+
+    async def _write_kept_back(self) -> None:
+        """Writes the heartbeats kept back (last-seen precision) before this replica loses
+        its devices: the new owner starts from them, and a later, older uninstall is decided
+        as if they had been written. Not remembered: the memory is about to be emptied."""
+        changes = self._memory.take_kept_back()
+        if changes.devices:
+            await self._session.retry_database(lambda: self._write(changes, []))
+            log.info("ingest.kept_back_written", devices=len(changes.devices))
+
+    def _forget_devices(self) -> None:
+        """aiokafka's rebalances are eager: a revocation takes every partition, so the memory
+        of every device goes with it (the new owner writes each device's first heartbeat)."""
+        self._memory.forget_all()
+        self._skipping = False
+        metrics.LAST_SEEN_SKIPPING.set(0)
+
+    def _check_assignment(self, assigned: set[TopicPartition]) -> None:
+        """Skips heartbeats only if this assignment gives this replica every signal of each
+        device it writes; otherwise writes every heartbeat, and says why once."""
+        settings = self._session.settings
+        if self._precision <= timedelta(0) or self._memory.capacity == 0:
+            return
+        topics = settings.agent_topics
+        counts = tuple(_partition_count(self._session.consumer, topic) for topic in topics)
+        problem = co_partitioning_problem(
+            topics, (counts[0], counts[1]), ((tp.topic, tp.partition) for tp in assigned)
+        )
+        self._skipping = problem is None
+        metrics.LAST_SEEN_SKIPPING.set(1 if self._skipping else 0)
+        if problem is not None and problem != self._not_skipping_because:
+            log.warning(
+                "ingest.writing_every_heartbeat",
+                reason=problem,
+                heartbeat_partitions=counts[0],
+                lifecycle_partitions=counts[1],
+            )
+        self._not_skipping_because = problem
 
     async def run(self) -> None:
         """Fetch and decode the next batch while the previous one is being written: Python
@@ -74,7 +136,7 @@ class IngestionLoop:
         log.info("ingest.started", topics=list(self._session.settings.agent_topics))
         try:
             await self._session.consume(self._session.settings.batch_max_records, self._take)
-            await self._finish_in_flight()
+            await self._finish_before_revoke()
         except Stopped:
             log.warning("ingest.batch_abandoned_for_shutdown")
             await self._abandon_in_flight()
@@ -143,6 +205,9 @@ class IngestionLoop:
         are written one by one so only the refused ones go to the DLQ."""
         started = time.perf_counter()
         changes, unknown = await self._refuse_unknown_customers(batch, changes)
+        # From here to the writes' results, nothing awaits: the memory is the one of now.
+        skipped, remember = self._keep_back_unchanged(changes), self._skipping
+        generation = self._memory.generation
         parts = changes.split_by_customer(
             self._session.settings.write_concurrency, MIN_DEVICES_PER_PART
         )
@@ -150,14 +215,15 @@ class IngestionLoop:
         # Several: the progress waits until all have committed, so that it never claims
         # signals that are not stored yet (the sweeper's guard trusts it).
         together = batch.progress if len(parts) == 1 else []
-        results = await _all_or_none(self._write_part(part, together) for part in parts)
-        stored = _Stored(refused=unknown, new_lifecycle_events=set())
+        results = await _all_or_none(self._write_part(part, together, remember) for part in parts)
+        stored = _Stored(refused=unknown, new_lifecycle_events=set(), skipped=skipped)
         refused_customers: set[str] = set()
         for part, result in zip(parts, results, strict=True):
             if result is None:
                 refused_customers.update(part.customer_ids)
             else:
                 stored.new_lifecycle_events |= result.inserted_lifecycle_events
+                self._remember(result.written, generation)
         if refused_customers:
             await self._store_refused_customers(batch, refused_customers, stored)
         else:
@@ -194,11 +260,13 @@ class IngestionLoop:
         return changes.without_customers(unknown), letters
 
     async def _write_part(
-        self, part: BatchChanges, progress: Sequence[PartitionProgress]
+        self, part: BatchChanges, progress: Sequence[PartitionProgress], remember: bool
     ) -> SignalWriteResult | None:
         """One group of customers' changes in one transaction; None if refused as data."""
         try:
-            return await self._session.retry_database(lambda: self._write(part, progress))
+            return await self._session.retry_database(
+                lambda: self._write(part, progress, remember=remember)
+            )
         except PermanentDatabaseError:
             return None
 
@@ -206,7 +274,13 @@ class IngestionLoop:
         self, batch: DecodedBatch, refused_customers: set[str], stored: _Stored
     ) -> None:
         """The parts of these customers were refused as data: their messages are written
-        one by one, so that only the refused ones go to the DLQ."""
+        one by one, so that only the refused ones go to the DLQ. Their devices are forgotten:
+        what this replica remembers of them may no longer be what is stored."""
+        self._memory.forget(
+            (i.event.customer_id, i.event.device_id)
+            for i in batch.good
+            if i.event.customer_id in refused_customers
+        )
         accepted = [i for i in batch.good if i.event.customer_id not in refused_customers]
         metrics.CLAMPED_EVENTS.inc(self._coalesce(i.event for i in accepted).clamped_events)
         retried = await self._store_one_by_one(
@@ -216,7 +290,7 @@ class IngestionLoop:
         stored.new_lifecycle_events |= retried.new_lifecycle_events
 
     async def _store_one_by_one(self, items: Sequence[DecodedRecord]) -> _Stored:
-        stored = _Stored(refused=[], new_lifecycle_events=set())
+        stored = _Stored(refused=[], new_lifecycle_events=set(), skipped=set())
         for item in items:
             changes = self._coalesce([item.event])
             try:
@@ -231,11 +305,16 @@ class IngestionLoop:
         return stored
 
     async def _write(
-        self, changes: BatchChanges, progress: Sequence[PartitionProgress]
+        self,
+        changes: BatchChanges,
+        progress: Sequence[PartitionProgress],
+        *,
+        remember: bool = False,
     ) -> SignalWriteResult:
-        """Signals and the license decisions they cause, in one transaction."""
+        """Signals and the license decisions they cause, in one transaction. `remember`:
+        the result lists every device written, for the last-seen memory."""
         now = self._session.clock.now()
-        window = self._session.settings.license_window
+        window = self._session.settings.release_window
         async with self._session.repository.transaction() as session:
             result = await session.write_signals(
                 changes,
@@ -243,6 +322,7 @@ class IngestionLoop:
                 now - window,
                 create_customers=self._admit_customers,
                 recorded_at=now,
+                remember=remember,
             )
             groups = groups_of_devices(
                 (d.customer_id, d.device_id, d.user_id, d.previous_user_id)
@@ -260,6 +340,23 @@ class IngestionLoop:
         count_license_changes(decided)
         return result
 
+    def _keep_back_unchanged(self, changes: BatchChanges) -> set[DeviceKey]:
+        """The devices whose changes are kept back, not written (last-seen precision)."""
+        if not self._skipping:
+            return set()
+        return keep_back_unchanged(changes, self._memory, self._precision)
+
+    def _remember(self, written: Sequence[WrittenDevice], generation: int) -> None:
+        for device in written:
+            state = Remembered(
+                device.last_seen_at,
+                device.user_id,
+                device.device_kind,
+                device.agent_version,
+                device.protected,
+            )
+            self._memory.remember((device.customer_id, device.device_id), state, generation)
+
     def _coalesce(
         self, events: Iterable[AgentEventModel], into: BatchChanges | None = None
     ) -> BatchChanges:
@@ -273,6 +370,8 @@ class _Stored:
     refused: list[DeadLetter]
     # (customer_id, event_id) of lifecycle events recorded for the first time.
     new_lifecycle_events: set[tuple[str, str]]
+    # Devices whose heartbeats were kept back, not written (last-seen precision).
+    skipped: set[DeviceKey]
     seconds: float = 0.0
 
 
@@ -286,13 +385,16 @@ def _count(batch: DecodedBatch, stored: _Stored, letters: Sequence[DeadLetter]) 
     """Counts the batch's outcomes, then touches each metric child once (not per message)."""
     refused = {(letter.topic, letter.partition, letter.offset) for letter in stored.refused}
     first_seen = set(stored.new_lifecycle_events)
+    skipped = stored.skipped
     outcomes: Counter[tuple[str, str, str]] = Counter()
     for item in batch.good:
         record, event = item.record, item.event
         if refused and (record.topic, record.partition, record.offset) in refused:
             continue
         outcome = "stored"
-        if event.type != "heartbeat":
+        if skipped and (event.customer_id, event.device_id) in skipped:
+            outcome = "skipped"  # only heartbeats: a device with any other event is written
+        elif event.type != "heartbeat":
             key = (event.customer_id, event.event_id)
             outcome = "stored" if key in first_seen else "duplicate"
             first_seen.discard(key)
@@ -303,6 +405,8 @@ def _count(batch: DecodedBatch, stored: _Stored, letters: Sequence[DeadLetter]) 
         reasons[(letter.topic, letter.rejection.reason.value)] += 1
     for (topic, event_type, outcome), count in outcomes.items():
         metrics.EVENTS.labels(topic, event_type, outcome).inc(count)
+        if outcome == "skipped":
+            metrics.HEARTBEATS_SKIPPED.inc(count)
     for (topic, reason), count in reasons.items():
         metrics.DEAD_LETTERS.labels(topic, reason).inc(count)
 
@@ -327,3 +431,9 @@ def _slices(
     for partition, partition_records in records.items():
         for start in range(0, len(partition_records), size):
             yield {partition: partition_records[start : start + size]}
+
+
+def _partition_count(consumer: Any, topic: str) -> int | None:
+    """The topic's partition count in the consumer's metadata (None if unknown)."""
+    partitions = consumer.partitions_for_topic(topic)
+    return None if not partitions else len(partitions)

@@ -10,6 +10,8 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import collect_hosts, create_conn
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from worker.failures import kafka_unreachable
@@ -42,6 +44,11 @@ def create_consumer(settings: Settings, group_id: str | None = None) -> AIOKafka
         # batch of a fetch whole (KIP-74).
         max_partition_fetch_bytes=1_048_576,
         fetch_max_bytes=16_777_216,
+        # Range first: with the agent topics' equal partition counts it gives partition p of
+        # both to the same member, which the last-seen precision needs (docs/ingestion.md).
+        # Round robin too, so that a group still joins while a member of an older release
+        # (round robin only) is in it; the worker then writes every heartbeat.
+        partition_assignment_strategy=(RangePartitionAssignor, RoundRobinPartitionAssignor),
     )
 
 

@@ -288,7 +288,7 @@ class Erasures:
             if user_id is not None:
                 # The user's license follows from their remaining devices, by the rules.
                 group = Group(customer_id, SubjectType.USER, user_id)
-                window = self._settings.license_window
+                window = self._settings.release_window
                 await decide_groups(
                     session,
                     [group],

@@ -35,7 +35,7 @@ class Purges:
             dry_run,
             "unlicensed_users_due_for_purge",
             due_before,
-            self._settings.license_window,
+            self._settings.release_window,
         )
         await self._purge_devices_without_user(report, dry_run, due_before)
 
@@ -96,7 +96,7 @@ class Purges:
                     "devices_without_user_due_for_purge",
                     due_before,
                     page_size,
-                    self._settings.license_window,
+                    self._settings.release_window,
                 )
                 if not due:
                     return

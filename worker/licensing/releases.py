@@ -168,7 +168,7 @@ class Releases:
                 groups,
                 decision_time,
                 report.now,
-                self._settings.license_window,
+                self._settings.release_window,
                 settle=self._settings.allocation_settle,
                 event_key=self._settings.event_id_key(),
             )

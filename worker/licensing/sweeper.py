@@ -154,7 +154,7 @@ class Sweeper:
         if decision_time is None:
             return
         report.decision_time = decision_time
-        boundary = decision_time - self._settings.license_window
+        boundary = decision_time - self._settings.release_window
         state = await self._repository.fetch("sweep_state")
         scanned_from = state[0]["scanned_until"] if state else BEGINNING
         report.scanned_from, report.scanned_until = scanned_from, max(boundary, scanned_from)

@@ -53,6 +53,17 @@ REBALANCES = Counter(
     "license_worker_rebalances_total",
     "Partition revocations seen by this worker.",
 )
+HEARTBEATS_SKIPPED = Counter(
+    "license_worker_heartbeats_skipped_total",
+    "Heartbeats not written: they only moved their device's last seen forward by less than "
+    "LAST_SEEN_PRECISION_SECONDS (docs/ingestion.md, 'Last-seen precision').",
+)
+LAST_SEEN_SKIPPING = Gauge(
+    "license_worker_last_seen_skipping",
+    "1 while this worker skips heartbeats within the last-seen precision; 0 while it writes "
+    "every heartbeat (precision or memory set to 0, or the agent topics not co-partitioned "
+    "and assigned together: see the ingest.writing_every_heartbeat warning).",
+)
 LICENSE_CHANGES = Counter(
     "license_worker_license_changes_total",
     "License allocations, releases and basis changes, by subject type and reason.",

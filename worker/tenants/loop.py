@@ -156,7 +156,7 @@ class AdminLoop:
                         session,
                         event,
                         now,
-                        settings.license_window,
+                        settings.release_window,
                         settle=settings.allocation_settle,
                         event_key=settings.event_id_key(),
                     )

@@ -284,13 +284,13 @@ def assignment(worker: WorkerProcess, topics: Sequence[str]) -> set[tuple[str, i
     for line in worker.log_text().splitlines():
         with contextlib.suppress(ValueError):
             entry = orjson.loads(line)
-            if entry.get("event") not in {"partitions.assigned", "partitions.revoked"}:
+            if entry.get("event") not in {"ingest.partitions_assigned", "ingest.partitions_revoked"}:
                 continue
             named = [name.rsplit("[", 1) for name in entry["partitions"]]
             partitions = {(topic, int(number.rstrip("]"))) for topic, number in named}
             if not {topic for topic, _ in partitions} <= set(topics):
                 continue
-            owned = partitions if entry["event"] == "partitions.assigned" else set()
+            owned = partitions if entry["event"] == "ingest.partitions_assigned" else set()
     return owned
 
 

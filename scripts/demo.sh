@@ -10,7 +10,8 @@ export KAFKA_LIB_DIR="${KAFKA_LIB_DIR:-$PWD/.local/kafka-lib}"
 cli=.venv/bin/license-worker
 section() { printf '\n=== %s\n' "$*"; }
 
-env_lines="$(bash deploy/local/services.sh start)"
+# LOCAL_SERVICES_DIR: run on services already started there (the test suite does).
+env_lines="$(bash deploy/local/services.sh start ${LOCAL_SERVICES_DIR:+"$LOCAL_SERVICES_DIR"})"
 eval "$env_lines"
 echo "$env_lines"
 export LOG_FORMAT="${LOG_FORMAT:-console}" LOG_LEVEL="${LOG_LEVEL:-warning}"
@@ -34,6 +35,8 @@ section "day 0: the worker runs for 15 seconds (SIGTERM stops it in order)"
 echo "(the console creates the customers first: the worker refuses signals for customers it"
 echo " does not know, UNKNOWN_CUSTOMERS=refuse; then the agents install and heartbeat)"
 $cli simulate --customers 3 --console --no-agents
+echo "(the local services have no TLS and the demo connects as Postgres's superuser: the worker"
+echo " says so in three security.weak_setting warnings; production settings: docs/security.md)"
 $cli run &
 worker=$!
 for _ in $(seq 60); do
@@ -82,7 +85,7 @@ $cli reconcile
 
 section "billing's daily counts over the whole timeline, against the usage snapshots and the as-of reports"
 echo "(the topic folded as billing folds it: de-duplicated by event_id, intervals by sequence;"
-echo " compared per customer, day and package; exit 3 if anything differs)"
+echo " compared per customer, day and package; exit 8 if anything differs)"
 $cli reconcile --from "$demo_start" --to "$(day 121)" --bill
 
 section "where the demo's data is (query it, or run any command against it)"

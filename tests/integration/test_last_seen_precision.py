@@ -278,13 +278,16 @@ async def test_user_kind_and_agent_version_changes_are_never_skipped(
         assert (row["user_id"], row["last_seen_at"]) == (None, minutes(4))
 
 
+ASSIGNMENT_EVENTS = {"ingest.partitions_assigned", "ingest.partitions_revoked"}
+
+
 def assignment(worker: WorkerProcess, topics: Sequence[str]) -> set[tuple[str, int]]:
     """The worker's agent partitions, as its newest assignment or revocation logged them."""
     owned: set[tuple[str, int]] = set()
     for line in worker.log_text().splitlines():
         with contextlib.suppress(ValueError):
             entry = orjson.loads(line)
-            if entry.get("event") not in {"ingest.partitions_assigned", "ingest.partitions_revoked"}:
+            if entry.get("event") not in ASSIGNMENT_EVENTS:
                 continue
             named = [name.rsplit("[", 1) for name in entry["partitions"]]
             partitions = {(topic, int(number.rstrip("]"))) for topic, number in named}

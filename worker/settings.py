@@ -60,6 +60,18 @@ class Settings(BaseSettings):
         "raw agent messages with personal data, out of reach of the purge and of erasure",
     )
     license_events_topic: str = "license.events.v1"
+    topic_partitions: int = Field(
+        default=24,
+        ge=1,
+        le=10_000,
+        description=(
+            "Partitions `create-topics` gives each topic it creates (its --partitions "
+            "overrides it). The agent topics' count caps the consumer replicas that do work "
+            "(KEDA's maxReplicaCount equals it) and cannot shrink later; adding partitions "
+            "moves devices to other partitions. 24 leaves room to grow from 1 to 24 "
+            "replicas and divides evenly among 2, 3, 4, 6, 8 and 12 (docs/operations.md)"
+        ),
+    )
     admin_topic: str = "tenant.admin.v1"
     consumer_group: str = "license-telemetry"
     admin_consumer_group: str = "license-telemetry-admin"

@@ -63,6 +63,8 @@ def migrate() -> None:
     from worker.db.migrations import (  # noqa: PLC0415
         MigrationChangedError,
         MigrationNotPermittedError,
+        MigrationTimedOutError,
+        MigrationTimeouts,
     )
     from worker.db.sql_files import load_migrations  # noqa: PLC0415
 
@@ -73,12 +75,19 @@ def migrate() -> None:
 
     async def apply() -> None:
         async with connected(settings, require_migrated=False) as repository:
-            applied = await repository.apply_migrations(load_migrations(), key_hash)
+            applied = await repository.apply_migrations(
+                load_migrations(),
+                key_hash,
+                MigrationTimeouts(
+                    settings.migration_lock_timeout_seconds,
+                    settings.migration_statement_timeout_seconds,
+                ),
+            )
         log.info("migration.finished", applied=[migration.version for migration in applied])
 
     try:
         asyncio.run(apply())
-    except (MigrationChangedError, MigrationNotPermittedError) as error:
+    except (MigrationChangedError, MigrationNotPermittedError, MigrationTimedOutError) as error:
         raise click.ClickException(str(error)) from None
     except asyncpg.RaiseError as error:  # a migration's own refusal (RAISE EXCEPTION)
         raise click.ClickException(f"migration refused: {error}") from None

@@ -106,6 +106,28 @@ class Settings(BaseSettings):
         ),
     )
 
+    migration_lock_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description=(
+            "`migrate`: Postgres's lock_timeout for every migration statement. A migration "
+            "waiting for a table lock queues every later query on that table behind it; "
+            "past this it gives up with one line (exit 1), nothing of it applied, and can be "
+            "run again (docs/migrations.md)"
+        ),
+    )
+    migration_statement_timeout_seconds: float = Field(
+        default=1800.0,
+        gt=0,
+        le=7 * 86_400,
+        description=(
+            "`migrate`: Postgres's statement_timeout for every migration statement; 30 "
+            "minutes covers rewriting or indexing a table of 10 million devices with room "
+            "to spare (docs/migrations.md)"
+        ),
+    )
+
     batch_max_records: int = Field(default=5000, ge=1, le=100_000)
     batch_max_wait_ms: int = Field(default=200, ge=1, le=60_000)
     # A batch's changes are written in up to this many transactions at once, each for its

@@ -23,10 +23,11 @@ faults: setup ## The full fault suite: 3 replicas, SIGKILLs, Postgres and broker
 	$(UV) run --frozen python -m tests.faults.run --events 200000 --sigkills 22 \
 		--postgres-restarts 3 --broker-restarts 2 $(FAULTS_ARGS)
 
-lint: setup ## ruff, format check, mypy --strict
+lint: setup ## ruff, format check, mypy --strict, squawk over the migrations
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 	$(UV) run --frozen mypy
+	$(UV) run --frozen squawk --config .squawk.toml sql/migrations/*.sql
 
 audit: setup ## Known vulnerabilities in the locked dependencies (pip-audit; warns if no service answers)
 	bash scripts/audit.sh

@@ -63,6 +63,8 @@ def migrate() -> None:
     from worker.db.migrations import (  # noqa: PLC0415
         MigrationChangedError,
         MigrationNotPermittedError,
+        MigrationTimedOutError,
+        MigrationTimeouts,
     )
     from worker.db.sql_files import load_migrations  # noqa: PLC0415
 
@@ -73,12 +75,19 @@ def migrate() -> None:
 
     async def apply() -> None:
         async with connected(settings, require_migrated=False) as repository:
-            applied = await repository.apply_migrations(load_migrations(), key_hash)
+            applied = await repository.apply_migrations(
+                load_migrations(),
+                key_hash,
+                MigrationTimeouts(
+                    settings.migration_lock_timeout_seconds,
+                    settings.migration_statement_timeout_seconds,
+                ),
+            )
         log.info("migration.finished", applied=[migration.version for migration in applied])
 
     try:
         asyncio.run(apply())
-    except (MigrationChangedError, MigrationNotPermittedError) as error:
+    except (MigrationChangedError, MigrationNotPermittedError, MigrationTimedOutError) as error:
         raise click.ClickException(str(error)) from None
     except asyncpg.RaiseError as error:  # a migration's own refusal (RAISE EXCEPTION)
         raise click.ClickException(f"migration refused: {error}") from None
@@ -348,8 +357,8 @@ def reconcile(
     help="Seconds per service.",
 )
 def check(timeout: float) -> None:
-    """Exit 0 when Postgres and Kafka answer and the database is migrated, 1 otherwise
-    (container probes)."""
+    """Exit 0 when Postgres and Kafka answer, the database is migrated and the agent topics
+    that exist have the same partition count, 1 otherwise (container probes)."""
     from worker.kafka.clients import cluster_answers  # noqa: PLC0415
 
     settings = load_settings()
@@ -378,17 +387,19 @@ def check(timeout: float) -> None:
 @main.command("create-topics")
 @click.option(
     "--partitions",
-    default=4,
-    show_default=True,
+    default=None,
+    show_default="TOPIC_PARTITIONS",
     type=click.IntRange(min=1),
-    help="Partitions of each topic.",
+    help="Partitions of each topic created.",
 )
 @click.option("--replication-factor", default=1, show_default=True, type=click.IntRange(min=1))
-def create_topics(partitions: int, replication_factor: int) -> None:
-    """Create the service's Kafka topics that do not exist yet."""
+def create_topics(partitions: int | None, replication_factor: int) -> None:
+    """Create the service's Kafka topics that do not exist yet; refuses (1) when the agent
+    topics would have different partition counts."""
     from worker.kafka.clients import ensure_topics  # noqa: PLC0415
 
     settings = load_settings()
+    partitions = partitions or settings.topic_partitions
     created = asyncio.run(ensure_topics(settings, partitions, replication_factor))
     log.info("kafka.topics_created", topics=created)
 

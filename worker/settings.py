@@ -60,6 +60,18 @@ class Settings(BaseSettings):
         "raw agent messages with personal data, out of reach of the purge and of erasure",
     )
     license_events_topic: str = "license.events.v1"
+    topic_partitions: int = Field(
+        default=24,
+        ge=1,
+        le=10_000,
+        description=(
+            "Partitions `create-topics` gives each topic it creates (its --partitions "
+            "overrides it). The agent topics' count caps the consumer replicas that do work "
+            "(KEDA's maxReplicaCount equals it) and cannot shrink later; adding partitions "
+            "moves devices to other partitions. 24 leaves room to grow from 1 to 24 "
+            "replicas and divides evenly among 2, 3, 4, 6, 8 and 12 (docs/operations.md)"
+        ),
+    )
     admin_topic: str = "tenant.admin.v1"
     consumer_group: str = "license-telemetry"
     admin_consumer_group: str = "license-telemetry-admin"
@@ -91,6 +103,28 @@ class Settings(BaseSettings):
             "license event with: its `current` key signs, headers sig.key_id and sig.hmac "
             "over the message key and value (worker/trust/license_events.py); billing "
             "verifies with every key listed"
+        ),
+    )
+
+    migration_lock_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description=(
+            "`migrate`: Postgres's lock_timeout for every migration statement. A migration "
+            "waiting for a table lock queues every later query on that table behind it; "
+            "past this it gives up with one line (exit 1), nothing of it applied, and can be "
+            "run again (docs/migrations.md)"
+        ),
+    )
+    migration_statement_timeout_seconds: float = Field(
+        default=1800.0,
+        gt=0,
+        le=7 * 86_400,
+        description=(
+            "`migrate`: Postgres's statement_timeout for every migration statement; 30 "
+            "minutes covers rewriting or indexing a table of 10 million devices with room "
+            "to spare (docs/migrations.md)"
         ),
     )
 

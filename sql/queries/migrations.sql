@@ -32,6 +32,16 @@ $private$;
 -- Held for the whole migrate run, so two processes migrating at once apply each file once.
 SELECT pg_advisory_lock(hashtext('license-telemetry:migrate'));
 
+-- name: set_migration_timeouts
+-- For the rest of the session (a no-transaction migration runs in several transactions):
+-- a statement waiting longer than $1 for a lock, or running longer than $2, is cancelled.
+SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $2, false);
+
+-- name: reset_migration_timeouts
+-- Back to the role's and database's defaults.
+RESET lock_timeout;
+RESET statement_timeout;
+
 -- name: unlock_migrations
 SELECT pg_advisory_unlock(hashtext('license-telemetry:migrate'));
 

@@ -72,7 +72,8 @@ def test_keda_scales_the_deployment_on_the_worker_group_capped_at_the_partitions
     assert trigger["type"] == "kafka"
     assert trigger["metadata"]["consumerGroup"] == by_kind("ConfigMap")["data"]["CONSUMER_GROUP"]
     assert trigger["metadata"]["allowIdleConsumers"] == "false"
-    assert scaled["spec"]["maxReplicaCount"] <= 4, "no more replicas than partitions"
+    partitions = int(by_kind("ConfigMap")["data"]["TOPIC_PARTITIONS"])
+    assert scaled["spec"]["maxReplicaCount"] == partitions, "one replica per agent partition"
     assert (
         trigger["authenticationRef"]["name"] == by_kind("TriggerAuthentication")["metadata"]["name"]
     )

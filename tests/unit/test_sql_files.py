@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from worker.db import sql_files
-from worker.db.sql_files import Migration, load_migrations, parse_named_queries, queries, query
+from worker.db.sql_files import (
+    Migration,
+    load_migrations,
+    parse_named_queries,
+    queries,
+    query,
+    split_statements,
+)
 
 REPOSITORY = Path(__file__).parents[2]
 
@@ -246,3 +253,31 @@ def test_real_migrations_load_in_order() -> None:
     for migration in migrations:
         assert migration.sql.strip(), f"migration {migration.name} is empty"
         assert len(migration.checksum) == 64
+
+
+def test_a_migration_is_transactional_unless_its_first_line_says_otherwise() -> None:
+    marked = Migration(
+        13, "index", "-- migrate: no-transaction\nCREATE INDEX CONCURRENTLY i ON t (a);"
+    )
+    mentioned_later = Migration(13, "x", "CREATE TABLE t (a int);\n-- migrate: no-transaction\n")
+    assert not marked.transactional
+    assert mentioned_later.transactional
+    assert all(migration.transactional for migration in load_migrations())
+
+
+def test_a_no_transaction_migration_splits_at_semicolons_ending_a_line() -> None:
+    sql = (
+        "-- migrate: no-transaction\n"
+        "-- why; it says\n"
+        "DROP INDEX CONCURRENTLY IF EXISTS i;\n"
+        "CREATE INDEX CONCURRENTLY i\n    ON t (a) WHERE b <> ';';  \n"
+    )
+    assert split_statements(sql) == [
+        "DROP INDEX CONCURRENTLY IF EXISTS i",
+        "CREATE INDEX CONCURRENTLY i\n    ON t (a) WHERE b <> ';'",
+    ]
+
+
+def test_a_no_transaction_migration_may_not_hold_a_function_body() -> None:
+    with pytest.raises(ValueError, match="dollar-quoted"):
+        split_statements("CREATE FUNCTION f() RETURNS int AS $$ SELECT 1; $$ LANGUAGE sql;")

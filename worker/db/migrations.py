@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import asyncpg
 import structlog
 
-from worker.db.sql_files import Migration, query
+from worker.db.sql_files import Migration, query, split_statements
 
 log = structlog.get_logger(__name__)
 
@@ -30,25 +31,81 @@ class MigrationNotPermittedError(RuntimeError):
         )
 
 
+@dataclass(frozen=True)
+class MigrationTimeouts:
+    """Postgres's `lock_timeout` and `statement_timeout` for every statement of a migration
+    (MIGRATION_LOCK_TIMEOUT_SECONDS, MIGRATION_STATEMENT_TIMEOUT_SECONDS): a migration
+    queued behind a long transaction for a table lock would queue every later query on that
+    table behind itself, so it gives up instead; see docs/migrations.md."""
+
+    lock_timeout_seconds: float = 5.0
+    statement_timeout_seconds: float = 1800.0
+
+    @property
+    def client_timeout_seconds(self) -> float:
+        """asyncpg's own timeout per statement: later than Postgres's, so that Postgres
+        cancels first and says why."""
+        return self.statement_timeout_seconds + self.lock_timeout_seconds + 30
+
+
+class MigrationTimedOutError(RuntimeError):
+    def __init__(
+        self, migration: Migration, timeouts: MigrationTimeouts, error: asyncpg.PostgresError
+    ) -> None:
+        if isinstance(error, asyncpg.LockNotAvailableError):
+            what = (
+                f"waited more than {timeouts.lock_timeout_seconds:g} s for a lock "
+                "(MIGRATION_LOCK_TIMEOUT_SECONDS): a transaction holds the table it changes"
+            )
+        else:
+            what = (
+                f"ran longer than {timeouts.statement_timeout_seconds:g} s "
+                "(MIGRATION_STATEMENT_TIMEOUT_SECONDS)"
+            )
+        if migration.transactional:
+            outcome = "nothing of it was applied; run migrate again"
+        else:
+            outcome = (
+                "it runs outside a transaction, so its statements before the failing one "
+                "stay applied; it is written to be run again: run migrate again"
+            )
+        super().__init__(f"migration {migration.version:04d}_{migration.name} {what}; {outcome}")
+
+
 async def apply_migrations(
-    connection: asyncpg.Connection, migrations: Sequence[Migration]
+    connection: asyncpg.Connection,
+    migrations: Sequence[Migration],
+    timeouts: MigrationTimeouts | None = None,
 ) -> list[Migration]:
-    """Applies the migrations not yet recorded, each in its own transaction, under an
-    advisory lock so concurrent `migrate` runs apply every file once."""
+    """Applies the migrations not yet recorded, each in its own transaction (or, marked
+    `-- migrate: no-transaction`, statement by statement), under an advisory lock so
+    concurrent `migrate` runs apply every file once, and with the lock and statement
+    timeouts set once that lock is held (waiting for another `migrate` is fine)."""
+    timeouts = timeouts or MigrationTimeouts()
     await connection.execute(query("lock_migrations"))
     try:
+        await connection.execute(
+            query("set_migration_timeouts"),
+            _milliseconds(timeouts.lock_timeout_seconds),
+            _milliseconds(timeouts.statement_timeout_seconds),
+        )
         await connection.execute(query("create_migrations_table"))
         await connection.execute(query("keep_migrations_table_private"))
-        return await _apply_missing(connection, migrations)
+        return await _apply_missing(connection, migrations, timeouts)
     except asyncpg.InsufficientPrivilegeError as error:
         role = connection.get_settings().session_authorization
         raise MigrationNotPermittedError(role, error) from error
     finally:
+        await connection.execute(query("reset_migration_timeouts"))
         await connection.execute(query("unlock_migrations"))
 
 
+def _milliseconds(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
 async def _apply_missing(
-    connection: asyncpg.Connection, migrations: Sequence[Migration]
+    connection: asyncpg.Connection, migrations: Sequence[Migration], timeouts: MigrationTimeouts
 ) -> list[Migration]:
     applied = {row["version"]: row for row in await connection.fetch(query("applied_migrations"))}
     newly_applied = []
@@ -58,14 +115,42 @@ async def _apply_missing(
             if recorded["checksum"] != migration.checksum:
                 raise MigrationChangedError(migration)
             continue
-        async with connection.transaction():
-            await connection.execute(migration.sql)
-            await connection.execute(
-                query("record_migration"), migration.version, migration.name, migration.checksum
-            )
-        log.info("migration.applied", migration=migration.version, name=migration.name)
+        try:
+            await _apply_one(connection, migration, timeouts.client_timeout_seconds)
+        except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as error:
+            raise MigrationTimedOutError(migration, timeouts, error) from error
+        log.info(
+            "migration.applied",
+            migration=migration.version,
+            name=migration.name,
+            transactional=migration.transactional,
+        )
         newly_applied.append(migration)
     return newly_applied
+
+
+async def _apply_one(
+    connection: asyncpg.Connection, migration: Migration, client_timeout_seconds: float
+) -> None:
+    # asyncpg's timeout, not asyncio's: the pool's command_timeout (60 s) would otherwise
+    # cut a migration that Postgres lets run (a table rewrite at 10 million rows).
+    timeout = client_timeout_seconds
+    if migration.transactional:
+        async with connection.transaction():
+            await connection.execute(migration.sql, timeout=timeout)
+            await _record(connection, migration)
+        return
+    # Each statement commits on its own; the record comes last, so a migration that failed
+    # part way is not recorded and runs again from its first statement.
+    for statement in split_statements(migration.sql):
+        await connection.execute(statement, timeout=timeout)
+    await _record(connection, migration)
+
+
+async def _record(connection: asyncpg.Connection, migration: Migration) -> None:
+    await connection.execute(
+        query("record_migration"), migration.version, migration.name, migration.checksum
+    )
 
 
 _CREATE_TABLE = re.compile(r"\bCREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", re.IGNORECASE)

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from worker.db.migrations import apply_migrations
+from worker.db.migrations import MigrationTimeouts, apply_migrations
 from worker.db.roles import DatabaseRoles, set_up_roles
 from worker.db.session import Session
 from worker.db.sql_files import Migration, query
@@ -130,14 +130,17 @@ class Repository:
         return dict(row)
 
     async def apply_migrations(
-        self, migrations: Sequence[Migration], pseudonym_key_sha256: str = ""
+        self,
+        migrations: Sequence[Migration],
+        pseudonym_key_sha256: str = "",
+        timeouts: MigrationTimeouts | None = None,
     ) -> list[Migration]:
         """Applies the migrations not yet recorded (worker.db.migrations). The SHA-256 of
         the configured pseudonym key lets migration 0009 check it was exported."""
         async with self._pool.acquire() as connection:
             await connection.execute(query("tell_migrations_the_key_hash"), pseudonym_key_sha256)
             try:
-                return await apply_migrations(connection, migrations)
+                return await apply_migrations(connection, migrations, timeouts)
             finally:
                 await connection.execute(query("tell_migrations_the_key_hash"), "")
 

@@ -15,6 +15,10 @@ from pathlib import Path
 
 _NAME_LINE = re.compile(r"^-- name: (?P<name>[a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _MIGRATION_FILE = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
+NO_TRANSACTION_MARKER = "-- migrate: no-transaction"
+# A statement of a no-transaction migration ends with `;` at the end of a line.
+_STATEMENT_END = re.compile(r";[ \t]*(?:\n|$)")
+_DOLLAR_QUOTE = re.compile(r"\$[A-Za-z_]*\$")
 
 
 def sql_directory() -> Path:
@@ -74,6 +78,13 @@ class Migration:
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
 
+    @property
+    def transactional(self) -> bool:
+        """False for a migration whose first line is `-- migrate: no-transaction`: it runs
+        statement by statement outside a transaction (`CREATE INDEX CONCURRENTLY`)."""
+        first_line = self.sql.split("\n", 1)[0].strip()
+        return first_line != NO_TRANSACTION_MARKER
+
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:
     """Every migration file in version order; a badly named file is an error, not skipped."""
@@ -90,3 +101,14 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     if versions != list(range(1, len(versions) + 1)):
         raise ValueError(f"migration versions must be 1..n without gaps, found {versions}")
     return migrations
+
+
+def split_statements(sql: str) -> list[str]:
+    """The statements of a no-transaction migration, each run on its own (several
+    statements sent at once would run in one implicit transaction, which `CREATE INDEX
+    CONCURRENTLY` refuses). A statement ends with `;` at the end of a line; comment lines
+    are dropped. No dollar-quoted bodies: put functions in a transactional migration."""
+    if _DOLLAR_QUOTE.search(sql):
+        raise ValueError("a no-transaction migration cannot hold dollar-quoted bodies")
+    kept = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [statement.strip() for statement in _STATEMENT_END.split(kept) if statement.strip()]

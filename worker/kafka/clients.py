@@ -15,6 +15,7 @@ from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssigno
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from worker.failures import kafka_unreachable
+from worker.kafka.partitions import AgentTopicsNotCoPartitioned, co_partitioned
 from worker.kafka.refusals import KafkaAccessRefused, refusal_message
 from worker.retry import Backoff, retry
 from worker.settings import Settings
@@ -137,6 +138,10 @@ async def ensure_topics(settings: Settings, partitions: int, replication_factor:
         ]
         existing = set(await admin.list_topics())
         missing = [name for name in wanted if name not in existing]
+        planned = await partition_counts(admin, list(settings.agent_topics))
+        planned |= {name: partitions for name in settings.agent_topics if name in missing}
+        if (problem := co_partitioned(planned)) is not None:
+            raise AgentTopicsNotCoPartitioned(problem)
         created = []
         for name in missing:
             # Agent topics take the broker's clock: lag in seconds and the sweeper's
@@ -263,13 +268,28 @@ async def read_until_end(settings: Settings, topic: str) -> AsyncIterator[Any]:
 
 
 async def cluster_answers(settings: Settings) -> None:
-    """Raises unless the brokers answer a metadata request."""
+    """Raises unless the brokers answer a metadata request and the agent topics that exist
+    have the same number of partitions."""
     admin = AIOKafkaAdminClient(**settings.kafka_client_options(), request_timeout_ms=5000)
     try:
         await start_once("kafka-admin", admin.start, settings)
         await admin.describe_cluster()
+        counts = await partition_counts(admin, list(settings.agent_topics))
     finally:
         await admin.close()
+    if (problem := co_partitioned(counts)) is not None:
+        raise AgentTopicsNotCoPartitioned(problem)
+
+
+async def partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    """Partitions per topic, of the topics that exist. Only those are described: a
+    metadata request for a missing topic makes a broker that auto-creates topics create it
+    with its default count."""
+    existing = set(await admin.list_topics())
+    counts: dict[str, int] = {}
+    for partition in await describe_partitions(admin, [t for t in topics if t in existing]):
+        counts[partition.topic] = counts.get(partition.topic, 0) + 1
+    return counts
 
 
 async def describe_partitions(

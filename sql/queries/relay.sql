@@ -83,3 +83,9 @@ GROUP BY customer_id;
 SELECT DISTINCT taken_at
 FROM usage_snapshots
 WHERE day BETWEEN $1 AND $2 AND ($3::text IS NULL OR customer_id = $3);
+
+-- name: prune_published_license_events
+-- Deletes up to $3 rows published before $1 - $2 (the relay's clock, OUTBOX_RETENTION_DAYS)
+-- among the oldest rows by id, never an unpublished one: the worker has no DELETE on the
+-- outbox, only this SECURITY DEFINER function (migration 0014). Returns the count deleted.
+SELECT prune_published_license_events($1::timestamptz, $2::interval, $3::integer) AS pruned;

@@ -6,6 +6,10 @@ order, since a decision about a subject with an unsettled allocation withdraws i
 it unchanged. Each batch is read, published and marked in one transaction holding its rows:
 a decision withdrawing an allocation waits for it, then finds it published.
 
+After publishing, the leader deletes rows published more than OUTBOX_RETENTION_DAYS before
+(on its clock), in bounded batches, through the SECURITY DEFINER function of migration 0014:
+the topic is billing's record, and nothing reads a published row after the retention.
+
 A crash between publishing and marking re-publishes the same rows with the same
 `event_id` after restart: at least once on the topic, exactly once for a consumer that
 de-duplicates by `event_id`, as billing does.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -39,6 +44,11 @@ from worker.trust.license_events import license_event_headers
 
 log = structlog.get_logger(__name__)
 
+# Pruning runs at most this often on the relay's clock while nothing is due, and deletes at
+# most this many batches a pass (the rest on the next pass: publishing goes first).
+PRUNE_EVERY = timedelta(minutes=1)
+PRUNE_BATCHES_PER_PASS = 10
+
 
 class Relay:
     def __init__(
@@ -55,6 +65,7 @@ class Relay:
         self._repository = repository
         self._producer = producer
         self._signing_keys = settings.license_events_signing_keys()
+        self._next_prune_at: datetime | None = None
 
     async def run_forever(self, stopping: asyncio.Event) -> None:
         """Publishes what is pending every `relay_poll_seconds` (at once again after a pass
@@ -115,7 +126,36 @@ class Relay:
                 return 0
             while published := await self._publish_batch():
                 total += published
+            await self.prune_published()
         await self._report_backlog()
+        return total
+
+    async def prune_published(self) -> int:
+        """Deletes events published more than `outbox_retention_days` before the relay's
+        clock, a batch per transaction, at most PRUNE_BATCHES_PER_PASS batches; then waits
+        PRUNE_EVERY once nothing is left to prune. Call while holding the relay lock."""
+        now = self._clock.now()
+        if self._next_prune_at is not None and now < self._next_prune_at:
+            return 0
+        retention = timedelta(days=self._settings.outbox_retention_days)
+        total = 0
+        for _ in range(PRUNE_BATCHES_PER_PASS):
+            [row] = await self._repository.fetch(
+                "prune_published_license_events",
+                now,
+                retention,
+                self._settings.outbox_prune_batch_size,
+            )
+            pruned = int(row["pruned"])
+            metrics.OUTBOX_PRUNED.inc(pruned)
+            total += pruned
+            if pruned == 0:
+                self._next_prune_at = now + PRUNE_EVERY
+                break
+        if total:
+            log.info(
+                "relay.pruned", rows=total, retention_days=self._settings.outbox_retention_days
+            )
         return total
 
     async def _publish_batch(self) -> int:

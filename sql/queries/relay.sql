@@ -27,7 +27,9 @@ LIMIT $1
 FOR UPDATE SKIP LOCKED;
 
 -- name: mark_license_events_published
-UPDATE license_outbox SET published_at = now() WHERE id = ANY($1::bigint[]);
+-- $2: the rows' customers (on Citus, only their shards: docs/scaling.md).
+UPDATE license_outbox SET published_at = now()
+WHERE customer_id = ANY($2::text[]) AND id = ANY($1::bigint[]);
 
 -- name: outbox_backlog
 -- Events due for publication (an allocation in its settle window is not late yet); the age

@@ -165,7 +165,7 @@ class Relay:
             )
             if rows:
                 await self._publish(rows)
-                await self._mark_published(session, [row["id"] for row in rows])
+                await self._mark_published(session, rows)
         return len(rows)
 
     async def _publish(self, rows: list[Any]) -> None:
@@ -189,8 +189,11 @@ class Relay:
             headers += license_event_headers(self._signing_keys, key, value)
         return headers
 
-    async def _mark_published(self, session: Session, ids: list[int]) -> None:
-        await session.execute("mark_license_events_published", ids)
+    async def _mark_published(self, session: Session, rows: list[Any]) -> None:
+        customers = sorted({row["customer_id"] for row in rows})
+        await session.execute(
+            "mark_license_events_published", [row["id"] for row in rows], customers
+        )
 
     async def _report_backlog(self) -> None:
         [row] = await self._repository.fetch("outbox_backlog")

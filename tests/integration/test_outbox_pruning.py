@@ -12,8 +12,9 @@ import asyncpg
 import orjson
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
-from tests.support import Services, fetch, fetchval, make_settings
+from tests.support import ROLES, Services, fetch, fetchval, make_settings
 from worker.clock import FixedClock
 from worker.licensing.relay import publish_pending_once
 from worker.settings import Settings
@@ -157,3 +158,27 @@ async def test_the_relay_prunes_what_it_published_once_the_retention_has_passed(
     assert await publish_pending_once(small_batches, FixedClock(later)) == 0
     assert await remaining(url) == {unpublished}
     assert pruned_total() == before + 3
+
+
+async def test_a_refused_prune_never_holds_up_publication(
+    services: Services, settings: Settings
+) -> None:
+    """`create-roles` not run again after `migrate`: the worker may not call the function.
+    The relay publishes all the same, and says why nothing is pruned."""
+    url = settings.database_url.get_secret_value()
+    superuser = services.superuser_url(url)
+    old = await add_outbox_row(superuser, NOW - timedelta(days=30))
+    await fetch(
+        superuser,
+        "REVOKE EXECUTE ON FUNCTION prune_published_license_events(timestamptz, interval, "
+        f"integer) FROM {ROLES.worker}",
+    )
+    pending = {await add_outbox_row(superuser, None) for _ in range(2)}
+
+    with capture_logs() as logs:
+        assert await publish_pending_once(settings, FixedClock(datetime.now(UTC))) == 2
+
+    assert await remaining(url) == pending | {old}
+    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == [
+        "relay.prune_refused"
+    ]

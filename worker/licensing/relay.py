@@ -26,11 +26,12 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 import structlog
 
 from worker.clock import Clock, SystemClock
 from worker.db.connect import connect_once
-from worker.db.errors import is_transient_database_error
+from worker.db.errors import is_no_answer, is_transient_database_error
 from worker.db.repository import Repository
 from worker.db.session import Session
 from worker.db.wait import pause, wait_to_retry
@@ -126,9 +127,21 @@ class Relay:
                 return 0
             while published := await self._publish_batch():
                 total += published
-            await self.prune_published()
+            await self._prune_without_holding_up_publication()
         await self._report_backlog()
         return total
+
+    async def _prune_without_holding_up_publication(self) -> None:
+        """A prune Postgres refuses (no EXECUTE on the function: `create-roles` not run
+        again after `migrate`) is logged, and tried again a PRUNE_EVERY later; publication
+        goes on. An outage (no answer) is raised as any other, and retried."""
+        try:
+            await self.prune_published()
+        except asyncpg.PostgresError as error:
+            if is_no_answer(error):
+                raise
+            log.error("relay.prune_refused", **error_fields(error))
+            self._next_prune_at = self._clock.now() + PRUNE_EVERY
 
     async def prune_published(self) -> int:
         """Deletes events published more than `outbox_retention_days` before the relay's

@@ -14,7 +14,15 @@ import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-from tests.support import ROLES, Services, fetch, fetchval, make_settings
+from tests.support import (
+    ROLES,
+    Services,
+    fetch,
+    fetchval,
+    make_settings,
+    running_worker,
+    wait_until,
+)
 from worker.clock import FixedClock
 from worker.licensing.relay import publish_pending_once
 from worker.settings import Settings
@@ -27,7 +35,9 @@ NOW = datetime.now(UTC)
 
 @pytest.fixture
 def settings(services: Services, database_url: str, topics: dict[str, str]) -> Settings:
-    return make_settings(services, database_url, topics, sweep_enabled=False)
+    return make_settings(
+        services, database_url, topics, sweep_enabled=False, outbox_retention_days=7
+    )
 
 
 async def add_outbox_row(superuser: str, published_at: datetime | None) -> uuid.UUID:
@@ -139,7 +149,7 @@ async def test_the_relay_prunes_what_it_published_once_the_retention_has_passed(
     before = pruned_total()
 
     # Published now: within the retention, kept.
-    assert await publish_pending_once(settings, FixedClock(datetime.now(UTC))) == 3
+    assert await publish_pending_once(settings, FixedClock(datetime.now(UTC)), prune=True) == 3
     assert await remaining(url) == events
     assert pruned_total() == before
 
@@ -155,7 +165,7 @@ async def test_the_relay_prunes_what_it_published_once_the_retention_has_passed(
         later + timedelta(days=1),
     )
     small_batches = settings.model_copy(update={"outbox_prune_batch_size": 2})
-    assert await publish_pending_once(small_batches, FixedClock(later)) == 0
+    assert await publish_pending_once(small_batches, FixedClock(later), prune=True) == 0
     assert await remaining(url) == {unpublished}
     assert pruned_total() == before + 3
 
@@ -176,9 +186,41 @@ async def test_a_refused_prune_never_holds_up_publication(
     pending = {await add_outbox_row(superuser, None) for _ in range(2)}
 
     with capture_logs() as logs:
-        assert await publish_pending_once(settings, FixedClock(datetime.now(UTC))) == 2
+        assert await publish_pending_once(settings, FixedClock(datetime.now(UTC)), prune=True) == 2
 
     assert await remaining(url) == pending | {old}
     assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == [
         "relay.prune_refused"
     ]
+
+
+async def test_publish_events_with_a_clock_ahead_prunes_nothing(
+    services: Services, settings: Settings
+) -> None:
+    """`publish-events --now T` (one-shot, any T) publishes; only the relay in `run` prunes."""
+    url = settings.database_url.get_secret_value()
+    superuser = services.superuser_url(url)
+    published = await add_outbox_row(superuser, NOW - timedelta(days=30))
+    pending = await add_outbox_row(superuser, None)
+    later = datetime.now(UTC) + timedelta(days=365)
+    assert await publish_pending_once(settings, FixedClock(later)) == 1
+    assert await remaining(url) == {published, pending}
+
+
+async def test_the_relay_inside_run_prunes_on_its_clock(
+    services: Services, settings: Settings
+) -> None:
+    """`run`'s relay (the leader) prunes after publishing; its clock is the worker's."""
+    url = settings.database_url.get_secret_value()
+    superuser = services.superuser_url(url)
+    recent = await add_outbox_row(superuser, NOW - timedelta(days=1))
+    for _ in range(3):
+        await add_outbox_row(superuser, NOW - timedelta(days=10))
+    before = pruned_total()
+
+    async def only_the_recent_one_is_left() -> bool:
+        return await remaining(url) == {recent}
+
+    async with running_worker(settings, clock=FixedClock(datetime.now(UTC))):
+        await wait_until(only_the_recent_one_is_left, timeout=30)
+    assert pruned_total() == before + 3

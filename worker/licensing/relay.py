@@ -59,8 +59,11 @@ class Relay:
         producer: Any,
         beat: Callable[[], None] = lambda: None,
         clock: Clock | None = None,
+        *,
+        prune: bool = True,
     ) -> None:
         self._beat = beat
+        self._prune = prune
         self._clock = clock or SystemClock()
         self._settings = settings
         self._repository = repository
@@ -127,7 +130,8 @@ class Relay:
                 return 0
             while published := await self._publish_batch():
                 total += published
-            await self._prune_without_holding_up_publication()
+            if self._prune:
+                await self._prune_without_holding_up_publication()
         await self._report_backlog()
         return total
 
@@ -214,14 +218,19 @@ class Relay:
         metrics.OUTBOX_OLDEST_AGE.set(max(row["oldest_age_seconds"], 0.0))
 
 
-async def publish_pending_once(settings: Settings, clock: Clock | None = None) -> int:
+async def publish_pending_once(
+    settings: Settings, clock: Clock | None = None, *, prune: bool = False
+) -> int:
     """Publishes what is pending (allocations settled by `clock`'s time) with a relay of its
-    own, then closes it (CLI, tests)."""
+    own, then closes it (CLI, tests). Prunes the outbox only when asked: `publish-events
+    --now T` with a `T` ahead would otherwise delete what was published less than the
+    retention ago; the relay inside `run` prunes."""
     repository = await connect_once(settings, 2)
     producer = create_producer(settings)
     try:
         await start_once("kafka-producer", producer.start, settings)
-        return await Relay(settings, repository, producer, clock=clock).publish_pending()
+        relay = Relay(settings, repository, producer, clock=clock, prune=prune)
+        return await relay.publish_pending()
     finally:
         await producer.stop()
         await repository.close()

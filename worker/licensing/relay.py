@@ -120,7 +120,8 @@ class Relay:
         )
 
     async def publish_pending(self) -> int:
-        """Publishes every pending event (while this replica holds the relay lock)."""
+        """Publishes every pending event, then prunes the outbox (while this replica holds
+        the relay lock)."""
         total = 0
         async with self._repository.exclusive("relay") as lock:
             if not lock.acquired:

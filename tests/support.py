@@ -350,6 +350,9 @@ def make_settings(
         # Allocations published at once, as these tests expect; the settle window has tests
         # of its own that set it (test_settled_allocations.py).
         "allocation_settle_seconds": 0,
+        # Tests run workers on clocks months ahead and then read the outbox: the relay keeps
+        # what it published unless a test of the retention sets one (test_outbox_pruning.py).
+        "outbox_retention_days": 3650,
         "retry_initial_seconds": 0.05,
         "retry_max_seconds": 1.0,
         # Most tests send agent signals without creating their customers on the console

@@ -195,6 +195,19 @@ class Settings(BaseSettings):
     relay_enabled: bool = True
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     relay_poll_seconds: float = Field(default=0.5, gt=0)
+    outbox_retention_days: int = Field(
+        default=7,
+        ge=1,
+        le=3650,
+        description="published license events are deleted from the outbox this long after "
+        "publication (the topic is billing's record; docs/operations.md, 'Outbox retention')",
+    )
+    outbox_prune_batch_size: int = Field(
+        default=1000,
+        ge=1,
+        le=10_000,
+        description="outbox rows the relay leader deletes per transaction while pruning",
+    )
 
     retry_initial_seconds: float = Field(default=0.2, gt=0)
     retry_max_seconds: float = Field(default=30.0, gt=0)

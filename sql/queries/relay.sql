@@ -27,7 +27,9 @@ LIMIT $1
 FOR UPDATE SKIP LOCKED;
 
 -- name: mark_license_events_published
-UPDATE license_outbox SET published_at = now() WHERE id = ANY($1::bigint[]);
+-- $2: the rows' customers (on Citus, only their shards: docs/scaling.md).
+UPDATE license_outbox SET published_at = now()
+WHERE customer_id = ANY($2::text[]) AND id = ANY($1::bigint[]);
 
 -- name: outbox_backlog
 -- Events due for publication (an allocation in its settle window is not late yet); the age
@@ -83,3 +85,9 @@ GROUP BY customer_id;
 SELECT DISTINCT taken_at
 FROM usage_snapshots
 WHERE day BETWEEN $1 AND $2 AND ($3::text IS NULL OR customer_id = $3);
+
+-- name: prune_published_license_events
+-- Deletes up to $3 rows published before $1 - $2 (the relay's clock, OUTBOX_RETENTION_DAYS)
+-- among the oldest rows by id, never an unpublished one: the worker has no DELETE on the
+-- outbox, only this SECURITY DEFINER function (migration 0013). Returns the count deleted.
+SELECT prune_published_license_events($1::timestamptz, $2::interval, $3::integer) AS pruned;

@@ -99,7 +99,8 @@ WHERE customer_id = $1 AND applied_at IS NULL AND confirmed_at IS NULL
 RETURNING id, confirmed_by;
 
 -- name: mark_hold_applied
-UPDATE sweep_holds SET applied_at = $2 WHERE id = $1;
+-- $3: the hold's customer (one shard on Citus, docs/scaling.md).
+UPDATE sweep_holds SET applied_at = $2 WHERE customer_id = $3 AND id = $1;
 
 -- name: trials_due
 -- In-trial subscriptions of active customers whose trial has ended by $1; they turn active,

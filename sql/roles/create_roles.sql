@@ -139,6 +139,10 @@ $schema$;
 -- - Withdrawing an allocation billing has not received yet deletes its outbox row, its
 --   subject's history from it on and a license row it created: only through the SECURITY
 --   DEFINER function withdraw_unsettled_allocations (migration 0011), never by a DELETE grant.
+-- - Published outbox rows past the retention (OUTBOX_RETENTION_DAYS) are deleted only through
+--   the SECURITY DEFINER function prune_published_license_events (migration 0013), which never
+--   deletes an unpublished row, a row published less than a day before, nor more than 10000
+--   rows per call.
 -- - sweep_holds: the sweeper holds, extends and applies; confirm-releases confirms (migration
 --   0008's trigger records session_user as confirmed_by). Never its customer or held_at.
 -- - DELETE only on group_members (the purge deletes a purged user's memberships; a customer's
@@ -203,6 +207,14 @@ BEGIN
     IF to_regprocedure('public.withdraw_unsettled_allocations(uuid[])') IS NOT NULL THEN
         EXECUTE format('GRANT EXECUTE ON FUNCTION public.withdraw_unsettled_allocations(uuid[]) '
                        'TO %I', worker_role);
+    END IF;
+    -- Pruning published outbox rows past OUTBOX_RETENTION_DAYS likewise: only through this
+    -- function, which deletes nothing unpublished and nothing younger than a day (migration
+    -- 0013).
+    IF to_regprocedure('public.prune_published_license_events(timestamptz, interval, integer)')
+       IS NOT NULL THEN
+        EXECUTE format('GRANT EXECUTE ON FUNCTION public.prune_published_license_events('
+                       'timestamptz, interval, integer) TO %I', worker_role);
     END IF;
 END
 $tables$;

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from typing import Any
 
 from worker.db.repository import Repository
 from worker.db.session import Session
@@ -15,7 +16,7 @@ from worker.settings import Settings
 
 
 class RelayKilledAfterPublish(Relay):
-    async def _mark_published(self, session: Session, ids: list[int]) -> None:
+    async def _mark_published(self, session: Session, rows: list[Any]) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

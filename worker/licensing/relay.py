@@ -6,6 +6,10 @@ order, since a decision about a subject with an unsettled allocation withdraws i
 it unchanged. Each batch is read, published and marked in one transaction holding its rows:
 a decision withdrawing an allocation waits for it, then finds it published.
 
+After publishing, the leader deletes rows published more than OUTBOX_RETENTION_DAYS before
+(on its clock), in bounded batches, through the SECURITY DEFINER function of migration 0013:
+the topic is billing's record, and nothing reads a published row after the retention.
+
 A crash between publishing and marking re-publishes the same rows with the same
 `event_id` after restart: at least once on the topic, exactly once for a consumer that
 de-duplicates by `event_id`, as billing does.
@@ -19,13 +23,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 import structlog
 
 from worker.clock import Clock, SystemClock
 from worker.db.connect import connect_once
-from worker.db.errors import is_transient_database_error
+from worker.db.errors import is_no_answer, is_transient_database_error
 from worker.db.repository import Repository
 from worker.db.session import Session
 from worker.db.wait import pause, wait_to_retry
@@ -39,6 +45,11 @@ from worker.trust.license_events import license_event_headers
 
 log = structlog.get_logger(__name__)
 
+# Pruning runs at most this often on the relay's clock while nothing is due, and deletes at
+# most this many batches a pass (the rest on the next pass: publishing goes first).
+PRUNE_EVERY = timedelta(minutes=1)
+PRUNE_BATCHES_PER_PASS = 10
+
 
 class Relay:
     def __init__(
@@ -48,13 +59,17 @@ class Relay:
         producer: Any,
         beat: Callable[[], None] = lambda: None,
         clock: Clock | None = None,
+        *,
+        prune: bool = True,
     ) -> None:
         self._beat = beat
+        self._prune = prune
         self._clock = clock or SystemClock()
         self._settings = settings
         self._repository = repository
         self._producer = producer
         self._signing_keys = settings.license_events_signing_keys()
+        self._next_prune_at: datetime | None = None
 
     async def run_forever(self, stopping: asyncio.Event) -> None:
         """Publishes what is pending every `relay_poll_seconds` (at once again after a pass
@@ -105,7 +120,8 @@ class Relay:
         )
 
     async def publish_pending(self) -> int:
-        """Publishes every pending event (while this replica holds the relay lock)."""
+        """Publishes every pending event, then prunes the outbox (while this replica holds
+        the relay lock)."""
         total = 0
         async with self._repository.exclusive("relay") as lock:
             if not lock.acquired:
@@ -115,7 +131,49 @@ class Relay:
                 return 0
             while published := await self._publish_batch():
                 total += published
+            if self._prune:
+                await self._prune_without_holding_up_publication()
         await self._report_backlog()
+        return total
+
+    async def _prune_without_holding_up_publication(self) -> None:
+        """A prune Postgres refuses (no EXECUTE on the function: `create-roles` not run
+        again after `migrate`) is logged, and tried again a PRUNE_EVERY later; publication
+        goes on. An outage (no answer) is raised as any other, and retried."""
+        try:
+            await self.prune_published()
+        except asyncpg.PostgresError as error:
+            if is_no_answer(error):
+                raise
+            log.error("relay.prune_refused", **error_fields(error))
+            self._next_prune_at = self._clock.now() + PRUNE_EVERY
+
+    async def prune_published(self) -> int:
+        """Deletes events published more than `outbox_retention_days` before the relay's
+        clock, a batch per transaction, at most PRUNE_BATCHES_PER_PASS batches; then waits
+        PRUNE_EVERY once nothing is left to prune. Call while holding the relay lock."""
+        now = self._clock.now()
+        if self._next_prune_at is not None and now < self._next_prune_at:
+            return 0
+        retention = timedelta(days=self._settings.outbox_retention_days)
+        total = 0
+        for _ in range(PRUNE_BATCHES_PER_PASS):
+            [row] = await self._repository.fetch(
+                "prune_published_license_events",
+                now,
+                retention,
+                self._settings.outbox_prune_batch_size,
+            )
+            pruned = int(row["pruned"])
+            metrics.OUTBOX_PRUNED.inc(pruned)
+            total += pruned
+            if pruned == 0:
+                self._next_prune_at = now + PRUNE_EVERY
+                break
+        if total:
+            log.info(
+                "relay.pruned", rows=total, retention_days=self._settings.outbox_retention_days
+            )
         return total
 
     async def _publish_batch(self) -> int:
@@ -125,7 +183,7 @@ class Relay:
             )
             if rows:
                 await self._publish(rows)
-                await self._mark_published(session, [row["id"] for row in rows])
+                await self._mark_published(session, rows)
         return len(rows)
 
     async def _publish(self, rows: list[Any]) -> None:
@@ -149,8 +207,11 @@ class Relay:
             headers += license_event_headers(self._signing_keys, key, value)
         return headers
 
-    async def _mark_published(self, session: Session, ids: list[int]) -> None:
-        await session.execute("mark_license_events_published", ids)
+    async def _mark_published(self, session: Session, rows: list[Any]) -> None:
+        customers = sorted({row["customer_id"] for row in rows})
+        await session.execute(
+            "mark_license_events_published", [row["id"] for row in rows], customers
+        )
 
     async def _report_backlog(self) -> None:
         [row] = await self._repository.fetch("outbox_backlog")
@@ -158,14 +219,19 @@ class Relay:
         metrics.OUTBOX_OLDEST_AGE.set(max(row["oldest_age_seconds"], 0.0))
 
 
-async def publish_pending_once(settings: Settings, clock: Clock | None = None) -> int:
+async def publish_pending_once(
+    settings: Settings, clock: Clock | None = None, *, prune: bool = False
+) -> int:
     """Publishes what is pending (allocations settled by `clock`'s time) with a relay of its
-    own, then closes it (CLI, tests)."""
+    own, then closes it (CLI, tests). Prunes the outbox only when asked: `publish-events
+    --now T` with a `T` ahead would otherwise delete what was published less than the
+    retention ago; the relay inside `run` prunes."""
     repository = await connect_once(settings, 2)
     producer = create_producer(settings)
     try:
         await start_once("kafka-producer", producer.start, settings)
-        return await Relay(settings, repository, producer, clock=clock).publish_pending()
+        relay = Relay(settings, repository, producer, clock=clock, prune=prune)
+        return await relay.publish_pending()
     finally:
         await producer.stop()
         await repository.close()

@@ -188,5 +188,7 @@ class Releases:
             )
             await self.release_silent(query, set(), decision_time, report, dry_run)
             if not dry_run:
-                await self._repository.execute("mark_hold_applied", hold["id"], report.now)
+                await self._repository.execute(
+                    "mark_hold_applied", hold["id"], report.now, hold["customer_id"]
+                )
             report.applied_holds.append(hold["customer_id"])

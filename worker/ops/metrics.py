@@ -101,6 +101,10 @@ PURGES = Counter("license_worker_purged_users_total", "Users whose personal data
 OUTBOX_PUBLISHED = Counter(
     "license_worker_outbox_published_total", "License events published to Kafka."
 )
+OUTBOX_PRUNED = Counter(
+    "license_worker_outbox_pruned_total",
+    "Published license events deleted from the outbox past OUTBOX_RETENTION_DAYS.",
+)
 RELAY_FAILURES = Counter(
     "license_worker_relay_failures_total",
     "Failed relay passes, by kind: transient (Kafka or Postgres unavailable) or permanent "

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from worker.cli_support import connected, load_settings
+from worker.cli_support import connected, load_settings, parse_time
 from worker.failures import ExitCode
 from worker.report.safe_text import printable
 
@@ -28,19 +28,14 @@ DIFFERENCES_EXIT_STATUS = ExitCode.DIFFERENCES
 
 def parse_day(text: str, param_hint: str) -> date:
     """A UTC day from `2026-12-01` or from a time with a zone (its UTC date)."""
+    if "T" in text or " " in text:
+        return parse_time(text, param_hint).astimezone(UTC).date()
     try:
-        if "T" not in text and " " not in text:
-            return date.fromisoformat(text)
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return date.fromisoformat(text)
     except ValueError:
         raise click.BadParameter(
             f"{text!r} is neither a date nor an ISO 8601 time", param_hint=param_hint
         ) from None
-    if parsed.tzinfo is None:
-        raise click.BadParameter(
-            "give a time zone, e.g. 2026-12-30T00:00:00Z", param_hint=param_hint
-        )
-    return parsed.astimezone(UTC).date()
 
 
 def run_daily_reconciliation(

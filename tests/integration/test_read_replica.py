@@ -82,7 +82,7 @@ async def test_the_report_reads_what_the_worker_wrote_from_the_replica(
     assert status == 0, err
     assert '"kiosk-1"' in out
     assert '"alice-watch"' in out
-    [read_from] = _log_events(err, "read_database.status")
+    [read_from] = _log_events(err, "database.read_replica")
     assert read_from["in_recovery"] is True
     assert read_from["variable"] == "READ_DATABASE_URL"
     assert read_from["replay_caught_up"] is True
@@ -108,13 +108,13 @@ async def test_reconcile_both_modes_read_the_replica(
     assert status == 0, err
     assert "no difference" in out
     assert "(1 snapshots)" in out
-    [read_from] = _log_events(err, "read_database.status")
+    [read_from] = _log_events(err, "database.read_replica")
     assert read_from["in_recovery"] is True
     status, out, err = await _cli(environment, "reconcile", "--customer", "acme")
     assert status == 0, err
     assert "billing's view agrees with the database" in out
     assert "0 subjects" not in out
-    assert _log_events(err, "read_database.status")[0]["in_recovery"] is True
+    assert _log_events(err, "database.read_replica")[0]["in_recovery"] is True
 
 
 async def test_an_unreachable_read_database_fails_naming_it_without_falling_back(
@@ -144,7 +144,7 @@ async def test_a_read_database_that_is_no_replica_is_read_with_a_warning(
     )
     status, _, err = await _cli(environment, "report", "usage", "--format", "json")
     assert status == 0, err
-    [read_from] = _log_events(err, "read_database.status")
+    [read_from] = _log_events(err, "database.read_replica")
     assert read_from["in_recovery"] is False
     assert read_from["level"] == "warning"
 
@@ -160,4 +160,4 @@ async def test_commands_that_write_never_use_the_read_database(
     assert status == 0, err
     assert "published 0 license events" not in out
     assert "published" in out
-    assert _log_events(err, "read_database.status") == []
+    assert _log_events(err, "database.read_replica") == []

@@ -80,7 +80,7 @@ async def ensure_migrated(repository: Repository, url: str, variable: str = "DAT
 
 
 async def log_read_database_status(repository: Repository, variable: str) -> None:
-    """One log line, `read_database.status`: whether the server reads come from is a replica
+    """One log line, `database.read_replica`: whether the server reads come from is a replica
     (in recovery) and how stale it may be (docs/operations.md, "Reports off the primary").
     A server that is not in recovery is read all the same, with a warning: its snapshot is
     held on a primary."""
@@ -94,6 +94,6 @@ async def log_read_database_status(repository: Repository, variable: str) -> Non
     }
     logger = structlog.get_logger(__name__)
     if row["in_recovery"]:
-        logger.info("read_database.status", **fields)
+        logger.info("database.read_replica", **fields)
     else:
-        logger.warning("read_database.status", **fields, reason="not a replica")
+        logger.warning("database.read_replica", **fields, reason="not a replica")

@@ -7,6 +7,7 @@ a closed port), so their success shows which server they read."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from datetime import UTC, timedelta
 from typing import Any
@@ -161,3 +162,17 @@ async def test_commands_that_write_never_use_the_read_database(
     assert "published 0 license events" not in out
     assert "published" in out
     assert _log_events(err, "database.read_replica") == []
+
+
+async def test_a_refused_login_on_the_read_database_names_its_variables(
+    services: Services, database_url: str, settings: Settings
+) -> None:
+    wrong = services.reporter_url(database_url).replace("reporter-test-password", "wrong-pw")
+    environment = _environment(settings, primary=services.reporter_url(database_url), read=wrong)
+    status, out, err = await _cli(environment, "report", "usage", "--format", "json")
+    assert status == ExitCode.ERROR, err
+    assert "READ_DATABASE_URL" in err
+    assert "READ_DATABASE_PASSWORD_FILE" in err
+    assert re.search(r"(?<!READ_)DATABASE_", err) is None  # not the primary's variables
+    assert "wrong-pw" not in err
+    assert out == ""

@@ -329,7 +329,7 @@ def reconcile(
     settings = load_settings()
 
     async def run_check() -> Reconciliation:
-        async with connected(settings) as repository:
+        async with connected(settings, for_reading=True) as repository:
             return await reconcile_subjects(settings, repository, customer_id)
 
     result = asyncio.run(run_check())

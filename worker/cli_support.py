@@ -147,16 +147,23 @@ def _failure(message: str, exit_code: int) -> click.ClickException:
 
 @asynccontextmanager
 async def connected(
-    settings: Settings, *, pool_size: int = 1, require_migrated: bool = True
+    settings: Settings,
+    *,
+    pool_size: int = 1,
+    require_migrated: bool = True,
+    for_reading: bool = False,
 ) -> AsyncIterator[Repository]:
     """A Repository on the configured database, closed however the block ends. A database
     that cannot be reached, refuses the login or (with `require_migrated`, every command but
     `migrate` and `create-roles`) is not migrated ends the command with one line
-    (worker/db/connect.py)."""
+    (worker/db/connect.py). `for_reading`: on READ_DATABASE_URL when it is set (`report
+    usage` and `reconcile` only: they write nothing)."""
     # Imported here: asyncpg is not loaded for `--help`.
     from worker.db.connect import connect_once  # noqa: PLC0415
 
-    repository = await connect_once(settings, pool_size, require_migrated=require_migrated)
+    repository = await connect_once(
+        settings, pool_size, require_migrated=require_migrated, for_reading=for_reading
+    )
     try:
         yield repository
     finally:

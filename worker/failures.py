@@ -69,10 +69,11 @@ def database_address(url: str) -> str:
     return f"{hosts}{parts.path}"
 
 
-def postgres_unreachable(url: str, error: BaseException) -> ServiceUnreachable:
+def postgres_unreachable(
+    url: str, error: BaseException, variable: str = "DATABASE_URL"
+) -> ServiceUnreachable:
     return ServiceUnreachable(
-        f"cannot reach Postgres at {database_address(url)} (DATABASE_URL): "
-        f"{connection_reason(error)}"
+        f"cannot reach Postgres at {database_address(url)} ({variable}): {connection_reason(error)}"
     )
 
 
@@ -83,9 +84,11 @@ def kafka_unreachable(bootstrap_servers: str, error: BaseException | None) -> Se
     )
 
 
-def database_not_migrated(url: str, missing_tables: list[str]) -> DatabaseNotMigrated:
+def database_not_migrated(
+    url: str, missing_tables: list[str], variable: str = "DATABASE_URL"
+) -> DatabaseNotMigrated:
     shown = ", ".join(missing_tables[:3]) + (", ..." if len(missing_tables) > 3 else "")
     return DatabaseNotMigrated(
-        f"the database at {database_address(url)} (DATABASE_URL) is not migrated for this "
+        f"the database at {database_address(url)} ({variable}) is not migrated for this "
         f"release: {len(missing_tables)} tables missing ({shown}); run `license-worker migrate`"
     )

@@ -35,6 +35,19 @@ class Settings(BaseSettings):
     # Container platforms mount secrets as files: the password is read from the file once,
     # at start-up, and put into DATABASE_URL (which must then carry none of its own).
     database_password_file: Path | None = None
+    read_database_url: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Where `report usage` and `reconcile` read, e.g. a streaming replica: a long "
+            "report's snapshot then holds back no vacuum on the primary. Unset: they read "
+            "DATABASE_URL. Commands that write never use it (docs/operations.md, "
+            "'Reports off the primary')"
+        ),
+    )
+    read_database_password_file: Path | None = Field(
+        default=None,
+        description="file holding READ_DATABASE_URL's password (the URL then carries none)",
+    )
     database_pool_size: int = Field(default=4, ge=1, le=100)
     background_pool_size: int = Field(default=4, ge=2, le=100)
 
@@ -258,6 +271,7 @@ class Settings(BaseSettings):
                 )
             password = read_secret_file("DATABASE_PASSWORD_FILE", database_file)
             data["database_url"] = _url_with_password(url, password)
+        data = _read_read_database_password(data)
         sasl_file = data.get("kafka_sasl_password_file") or None
         data["kafka_sasl_password_file"] = sasl_file
         if sasl_file is not None:
@@ -282,14 +296,22 @@ class Settings(BaseSettings):
                 raise ValueError(f"{variable}: cannot read {path!r}")
         return self
 
-    @field_validator("database_url")
+    @field_validator("database_url", "read_database_url")
     @classmethod
-    def _database_url_is_a_postgres_url(cls, value: SecretStr) -> SecretStr:
+    def _database_url_is_a_postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
         """`foo` or a URL of another scheme fails here, at start-up, naming the variable,
         not in the driver with a traceback. The message never quotes the value (a secret)."""
+        if value is None:
+            return value
         if urlsplit(value.get_secret_value()).scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql://USER@HOST:PORT/DATABASE URL")
         return value
+
+    @field_validator("read_database_url", mode="before")
+    @classmethod
+    def _empty_url_is_unset(cls, value: Any) -> Any:
+        """An empty READ_DATABASE_URL means none: the reports read DATABASE_URL."""
+        return value or None
 
     @field_validator(
         "agent_signing_keys_file",
@@ -347,6 +369,15 @@ class Settings(BaseSettings):
                 "secret store (docs/security.md, 'The pseudonym key')"
             )
         return self.pseudonym_key.get_secret_value()
+
+    def report_database_url(self) -> str:
+        """Where `report usage` and `reconcile` read: READ_DATABASE_URL, else DATABASE_URL."""
+        url = self.read_database_url or self.database_url
+        return url.get_secret_value()
+
+    def report_database_variable(self) -> str:
+        """The variable report_database_url() comes from, for the operator's messages."""
+        return "DATABASE_URL" if self.read_database_url is None else "READ_DATABASE_URL"
 
     def event_id_key(self) -> bytes:
         """The key of license event ids (derived from the pseudonym key)."""
@@ -414,6 +445,10 @@ class Settings(BaseSettings):
         """The effective configuration for the start-up log, secrets masked."""
         shown = self.model_dump(mode="json")
         shown["database_url"] = _mask_url_password(self.database_url.get_secret_value())
+        if self.read_database_url is not None:
+            shown["read_database_url"] = _mask_url_password(
+                self.read_database_url.get_secret_value()
+            )
         return shown
 
 
@@ -422,6 +457,28 @@ _URL_PASSWORD_PARAMETERS = {"password", "sslpassword"}
 
 def _plain(value: Any) -> str:
     return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
+def _read_read_database_password(data: dict[str, Any]) -> dict[str, Any]:
+    """READ_DATABASE_PASSWORD_FILE into READ_DATABASE_URL, as DATABASE_PASSWORD_FILE."""
+    password_file = data.get("read_database_password_file") or None
+    data["read_database_password_file"] = password_file
+    if password_file is None:
+        return data
+    url = _plain(data.get("read_database_url") or "")
+    if not url:
+        raise ValueError(
+            "READ_DATABASE_PASSWORD_FILE is set but READ_DATABASE_URL is not set: "
+            "give the replica's URL without its password"
+        )
+    if _url_has_password(url):
+        raise ValueError(
+            "READ_DATABASE_URL carries a password and READ_DATABASE_PASSWORD_FILE is set: "
+            "give the password one way only"
+        )
+    password = read_secret_file("READ_DATABASE_PASSWORD_FILE", password_file)
+    data["read_database_url"] = _url_with_password(url, password)
+    return data
 
 
 def _read_pseudonym_key(data: dict[str, Any]) -> dict[str, Any]:

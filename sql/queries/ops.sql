@@ -27,3 +27,14 @@ SELECT count(DISTINCT customer_id) AS customers FROM licenses WHERE active;
 -- name: connected_as_superuser
 -- Whether DATABASE_URL's role is a superuser: a weak setting (worker/weak_settings.py).
 SELECT rolsuper FROM pg_roles WHERE rolname = current_user;
+
+-- name: read_database_status
+-- Where `report usage` and `reconcile` read from READ_DATABASE_URL: whether that server is a
+-- replica, the age of the last transaction it replayed (NULL: none replayed since it
+-- started; on an idle primary this grows although nothing is missing), and whether it has
+-- replayed all the WAL it received.
+SELECT pg_is_in_recovery() AS in_recovery,
+       extract(epoch FROM now() - pg_last_xact_replay_timestamp()) AS replay_lag_seconds,
+       CASE WHEN pg_is_in_recovery()
+            THEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn()
+       END AS replay_caught_up;

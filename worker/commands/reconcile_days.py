@@ -51,7 +51,7 @@ def run_daily_reconciliation(
     settings = load_settings()
 
     async def run_check() -> DailyReconciliation:
-        async with connected(settings) as repository:
+        async with connected(settings, for_reading=True) as repository:
             return await reconcile_days(settings, repository, days, customer_id)
 
     try:

@@ -61,7 +61,7 @@ def report_usage(
     request = ReportRequest(customer_id, as_of, now, settings.release_window)
 
     async def produce() -> None:
-        async with connected(settings) as repository:
+        async with connected(settings, for_reading=True) as repository:
             with open_writer(output_format, output, sys.stdout) as writer:
                 await write_usage_report(repository, writer, request)
 

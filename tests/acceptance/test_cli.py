@@ -201,12 +201,12 @@ def test_export_schemas_writes_json_schema(tmp_path: Path) -> None:
 
 
 async def test_check_exits_0_when_services_answer_and_1_when_they_do_not(
-    services: Services,
+    services: Services, database_url: str
 ) -> None:
     reachable = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": services.kafka_bootstrap_servers,
-        "DATABASE_URL": services.database_url,
+        "DATABASE_URL": database_url,  # migrated: `check` reports a database that is not
     }
     result = await asyncio.to_thread(run_cli, reachable, "check")
     assert result.returncode == 0, result.stderr
@@ -225,7 +225,7 @@ async def test_check_exits_0_when_services_answer_and_1_when_they_do_not(
 
 
 async def test_check_over_tls_and_with_an_untrusted_postgres_certificate(
-    services: Services, tmp_path: Path
+    services: Services, database_url: str, tmp_path: Path
 ) -> None:
     if services.state_dir is None or not (services.state_dir / "pg-tls" / "ca.crt").exists():
         pytest.skip("needs Postgres with TLS from deploy/local/services.sh")
@@ -236,7 +236,8 @@ async def test_check_over_tls_and_with_an_untrusted_postgres_certificate(
         (services.state_dir / "pg-tls" / "ca.crt", 0),
         (other_ca, 1),
     ):
-        url = f"{services.database_url}?sslmode=verify-full&sslrootcert={root_certificate}"
+        migrated = services.superuser_url(database_url)
+        url = f"{migrated}?sslmode=verify-full&sslrootcert={root_certificate}"
         result = await asyncio.to_thread(run_cli, {**base, "DATABASE_URL": url}, "check")
         assert result.returncode == expected_code, result.stderr
     assert "postgres: Postgres's TLS certificate is not trusted" in result.stderr

@@ -123,3 +123,23 @@ async def test_a_decision_waits_for_a_console_change_and_reads_what_it_wrote(
     finally:
         await repository.close()
     assert await fetch(database_url, "SELECT subject_id FROM licenses WHERE active") == []
+
+
+async def test_a_decision_waits_for_a_customers_erasure_in_progress(database_url: str) -> None:
+    """The statements with which an erasure (or a legal hold) locks its customer hold off the
+    customer's decisions until it commits, and its row stays locked for the purge."""
+    now = day(0)
+    repository = await Repository.connect(database_url, 3)
+    try:
+        await write(repository, [agent("install", "kiosk", now)], now)
+        async with repository.transaction() as erasure:
+            await erasure.execute("lock_customer_key", "acme")
+            await erasure.fetch("lock_customer_for_erasure", "acme")
+            decision = asyncio.create_task(sweeper_deciding(repository, "kiosk", now))
+            await asyncio.sleep(0.5)
+            assert not decision.done(), "the decision waits for the erasure"
+            row_locked = await fetch(database_url, "SELECT 1 FROM customers FOR SHARE SKIP LOCKED")
+            assert row_locked == [], "the purge skips the customer"
+        await asyncio.wait_for(decision, 10)
+    finally:
+        await repository.close()

@@ -4,11 +4,14 @@
 -- the locks it needs (an operator asked for it now).
 
 -- name: share_customer_for_erasure
-SELECT customer_id, erased_at FROM customers WHERE customer_id = $1 FOR SHARE;
+-- After share_customers for this customer (a decision's lock: it waits for a console change
+-- or the customer's erasure), so this read sees what they wrote.
+SELECT customer_id, erased_at FROM customers WHERE customer_id = $1;
 
 -- name: lock_customer_for_erasure
--- A whole customer's erasure or hold: waits for its license decisions in progress and holds
--- off new ones, as a console change does (lock_customer).
+-- A whole customer's erasure or hold, after lock_customer_key: waits for its license
+-- decisions in progress and holds off new ones, as a console change does; the row lock keeps
+-- the purge away (lock_customer).
 SELECT customer_id, erased_at FROM customers WHERE customer_id = $1 FOR UPDATE;
 
 -- name: holds_blocking

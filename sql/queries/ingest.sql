@@ -14,13 +14,22 @@ ON CONFLICT (customer_id) DO NOTHING;
 SELECT customer_id FROM customers WHERE customer_id = ANY($1::text[]);
 
 -- name: share_customers
--- Taken before any device lock by every transaction that decides licenses (ingestion here,
--- customer_terms in every decision): it conflicts only with lock_customer, so a console
--- change (memberships, subscriptions, status) and a license decision for the same customer
--- never run at once and never miss each other's writes. $1 sorted.
-SELECT customer_id FROM customers WHERE customer_id = ANY($1::text[])
-ORDER BY customer_id
-FOR SHARE;
+-- Taken before any user or device lock by every transaction that decides licenses (ingestion
+-- here, then decide_groups): the shared side of each customer's advisory lock, which
+-- conflicts only with lock_customer_key, so a console change (memberships, subscriptions,
+-- status) or an erasure and a license decision for the same customer never run at once and
+-- never miss each other's writes. Not a row lock: the customers' rows, which every batch
+-- touches, get no lock, no multixact and no WAL (docs/licensing.md, "Concurrency").
+-- The key: the two-int form, class 773629486 = hashtext('license-telemetry:customer'), then
+-- hashtext(customer_id); the one-bigint locks (relay, sweeper, migrations) never meet it.
+-- Customers whose keys collide share one lock: only more waiting, never less exclusion.
+-- One statement, keys sorted and distinct: the aggregate takes them in the sort's order.
+SELECT count(pg_advisory_xact_lock_shared(773629486, k))
+FROM (
+    SELECT DISTINCT hashtext(customer_id) AS k
+    FROM unnest($1::text[]) AS batch (customer_id)
+    ORDER BY k
+) AS keys;
 
 -- name: lock_device_users
 -- The users whose license a batch can change, locked in key order before any device: the

@@ -3,7 +3,10 @@
 --
 -- Lock order (docs/licensing.md, "Concurrency"): every transaction takes its row locks in
 -- this order of tables, and the rows of one table in key order, in one statement each:
---   customers (share; the console's changes: update), by customer_id
+--   customers: not their rows but a transaction-scoped advisory lock per customer
+--     (share_customers: shared, by every license decision; lock_customer_key: exclusive, by
+--     a console change or an erasure, which then lock the customer's row FOR UPDATE too,
+--     for the purge's SKIP LOCKED), in lock-key order
 --   -> users, by (customer_id, user_id): a user's row is the lock of its license decision
 --   -> devices, by (customer_id, device_id)
 --   -> lifecycle events, ingestion progress (by topic, partition)
@@ -14,13 +17,13 @@
 -- sorted CTE. The purge skips what is locked (SKIP LOCKED) instead of waiting.
 
 -- name: customer_terms
--- What a license decision needs of its customers, share-locked like share_customers (and
--- taken before any device lock for the same reason). $1 sorted.
+-- What a license decision needs of its customers. Read after share_customers, in a statement
+-- of its own: under READ COMMITTED its snapshot is taken once the lock is held, so it sees
+-- the console change it may have waited for. $1 sorted.
 SELECT customer_id, license_model, status, status_changed_at
 FROM customers
 WHERE customer_id = ANY($1::text[])
-ORDER BY customer_id
-FOR SHARE;
+ORDER BY customer_id;
 
 -- name: live_subscriptions
 SELECT customer_id, group_id, package

@@ -2,8 +2,15 @@
 -- console's event time and is applied only if it is not older than the stored one.
 -- Row locks follow the one lock order stated at the top of licensing.sql.
 
+-- name: lock_customer_key
+-- The exclusive side of the customer's advisory lock (key: share_customers): a console change
+-- or an erasure waits for the decisions in progress for this customer and holds off new ones.
+SELECT pg_advisory_xact_lock(773629486, hashtext($1::text));
+
 -- name: lock_customer
--- A console change: waits for the decisions in progress for this customer (share_customers).
+-- After lock_customer_key: the row too, so that the purge, which skips locked customers
+-- instead of waiting (purge.sql), leaves this customer alone. Console changes are rare; no
+-- decision locks this row, so it never becomes a multixact of theirs.
 SELECT customer_id FROM customers WHERE customer_id = $1 FOR UPDATE;
 
 -- name: ensure_customer

@@ -67,8 +67,10 @@ async def decide_groups(
     users = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.USER]
     lone = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.DEVICE]
     customers = sorted({g.customer_id for g in groups})
-    # The lock order at the top of sql/queries/licensing.sql: customers (share), users, devices,
-    # licenses, each in key order. A user's row is the lock of its decision.
+    # The lock order at the top of sql/queries/licensing.sql: customers (a shared advisory
+    # lock each, not their rows), users, devices, licenses, each in key order. A user's row is
+    # the lock of its decision. The customers' rows are read after their locks are held.
+    await session.execute("share_customers", customers)
     customer_rows = await session.fetch("customer_terms", customers)
     user_rows = await session.lock_group_users(users)
     device_rows = await session.lock_group_devices(users, lone)

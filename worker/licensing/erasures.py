@@ -375,10 +375,12 @@ class Erasures:
         return rows
 
     async def _share_customer(self, session: Session, target: ErasureTarget) -> Any:
+        await session.execute("share_customers", [target.customer_id])
         rows = await session.fetch("share_customer_for_erasure", target.customer_id)
         return _live_customer(rows, target)
 
     async def _lock_customer(self, session: Session, target: ErasureTarget) -> Any:
+        await session.execute("lock_customer_key", target.customer_id)
         rows = await session.fetch("lock_customer_for_erasure", target.customer_id)
         customer = _live_customer(rows, target)
         await self._refuse_if_held(session, target.customer_id, None)
@@ -403,6 +405,7 @@ class Erasures:
         """A hold serialises with erasures and purges on the row they lock: the customer's
         (exclusive) for a customer, the user's for a user."""
         if target.scope is Scope.CUSTOMER:
+            await session.execute("lock_customer_key", target.customer_id)
             rows = await session.fetch("lock_customer_for_erasure", target.customer_id)
             _live_customer(rows, target)
             return

@@ -58,7 +58,9 @@ async def apply_admin_event(
     settle `settle` after it, and `event_key` keys the ids of the events it emits."""
     await session.execute("ensure_customer", event.customer_id)
     # Waits for the license decisions in progress for this customer, and holds off new ones
-    # until this change commits: neither can decide on what the other has not written yet.
+    # until this change commits: neither can decide on what the other has not written yet
+    # (the customer's advisory lock; the row lock keeps the purge away).
+    await session.execute("lock_customer_key", event.customer_id)
     await session.execute("lock_customer", event.customer_id)
     applier = _Applier(session, event, now, window, settle=settle, event_key=event_key)
     if isinstance(event, CustomerUpserted):

@@ -402,6 +402,7 @@ async def write_and_decide(
         window,
         settle=settings.allocation_settle,
         event_key=settings.event_id_key(),
+        written=result.subjects,
     )
     return result, decided
 

@@ -11,7 +11,9 @@
 --   -> license history and outbox (appended; unique event ids).
 -- Arrays handed to INSERT ... ON CONFLICT are sorted by the caller (rows are locked in array
 -- order); UPDATE ... FROM unnest(...) only touches rows locked before, or locks them in a
--- sorted CTE. The purge skips what is locked (SKIP LOCKED) instead of waiting.
+-- sorted CTE. The purge skips what is locked (SKIP LOCKED) instead of waiting. A row this
+-- transaction inserted (a new user or device, see upsert_users, upsert_devices) is locked by
+-- its insert: a decision does not lock it again (decide_groups).
 
 -- name: customer_terms
 -- What a license decision needs of its customers, share-locked like share_customers (and

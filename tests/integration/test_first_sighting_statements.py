@@ -5,6 +5,7 @@ what the general path decides."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -189,3 +190,49 @@ async def test_new_subjects_are_decided_as_the_general_path_decides_them(
     assert fast["licenses"]
     assert any(row[1].startswith("newcomer") for row in fast["licenses"])
     assert fast == general
+
+
+async def test_a_device_another_transaction_created_meanwhile_is_not_new_to_this_one(
+    database_url: str, settings: Settings
+) -> None:
+    """Two replicas write the same new device without a user: the second waits for the
+    first's insert, then updates a row its statement's snapshot did not see. It did not
+    create the device (the first did, and licensed it): its decision reads the license."""
+    events = first_sightings("acme", 20, NOW)
+    lone = [event for event in events if event.user_id is None]
+    assert len(lone) == 2
+    first, second = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    try:
+        await write(first, settings, [lone[0]])  # the customer exists before both
+        transaction = first.transaction()
+        await transaction.start()
+        await write_and_decide(
+            Session(first), coalesce([lone[1]], NOW, TOLERANCE), [], settings, NOW
+        )
+        later = lone[1].model_dump(mode="json") | {
+            "event_id": str(uuid.uuid4()),
+            "occurred_at": (NOW + timedelta(minutes=1)).isoformat(),
+        }
+        waiting = asyncio.create_task(
+            write(second, settings, [AGENT_EVENT_ADAPTER.validate_python(later)])
+        )
+        await asyncio.sleep(1)
+        assert not waiting.done()  # on the first one's insert of the device
+        await transaction.commit()
+        log = await asyncio.wait_for(waiting, 30)
+    finally:
+        await first.close()
+        await second.close()
+    assert "held_licenses" in log.names
+    licenses = await fetch(
+        database_url,
+        "SELECT event_sequence, active FROM licenses WHERE subject_id = $1",
+        lone[1].device_id,
+    )
+    assert [tuple(row) for row in licenses] == [(1, True)]
+    events_of_device = await fetch(
+        database_url,
+        "SELECT payload->>'type' AS type FROM license_outbox WHERE subject_id = $1",
+        lone[1].device_id,
+    )
+    assert [row["type"] for row in events_of_device] == ["license.allocated"]

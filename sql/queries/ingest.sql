@@ -66,27 +66,34 @@ ORDER BY d.customer_id, d.device_id
 FOR NO KEY UPDATE OF d;
 
 -- name: upsert_users
-INSERT INTO users AS u (
-    customer_id, user_id, email, display_name, profile_reported_at, first_seen_at, last_seen_at
+-- Returns the users this statement created (xmax 0: inserted, not updated) with their first
+-- sighting: new to this transaction, they hold no license yet and their rows are locked by
+-- the insert, so a decision about them reads and locks nothing more (decide_groups).
+WITH upserted AS (
+    INSERT INTO users AS u (
+        customer_id, user_id, email, display_name, profile_reported_at, first_seen_at, last_seen_at
+    )
+    SELECT * FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
+        $7::timestamptz[]
+    ) AS b (customer_id, user_id, email, display_name, profile_reported_at, first_seen_at,
+            last_seen_at)
+    -- Nothing is stored for an erased customer (migration 0009): a late signal does not
+    -- bring its people back.
+    WHERE NOT EXISTS (
+        SELECT FROM customers AS c WHERE c.customer_id = b.customer_id AND c.erased_at IS NOT NULL
+    )
+    ON CONFLICT (customer_id, user_id) DO UPDATE SET
+        email = CASE WHEN EXCLUDED.profile_reported_at >= coalesce(u.profile_reported_at, '-infinity')
+                     THEN EXCLUDED.email ELSE u.email END,
+        display_name = CASE WHEN EXCLUDED.profile_reported_at >= coalesce(u.profile_reported_at, '-infinity')
+                            THEN EXCLUDED.display_name ELSE u.display_name END,
+        profile_reported_at = greatest(u.profile_reported_at, EXCLUDED.profile_reported_at),
+        first_seen_at = least(u.first_seen_at, EXCLUDED.first_seen_at),
+        last_seen_at = greatest(u.last_seen_at, EXCLUDED.last_seen_at)
+    RETURNING u.customer_id, u.user_id, u.first_seen_at, u.xmax = 0 AS created
 )
-SELECT * FROM unnest(
-    $1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-    $7::timestamptz[]
-) AS b (customer_id, user_id, email, display_name, profile_reported_at, first_seen_at,
-        last_seen_at)
--- Nothing is stored for an erased customer (migration 0009): a late signal does not
--- bring its people back.
-WHERE NOT EXISTS (
-    SELECT FROM customers AS c WHERE c.customer_id = b.customer_id AND c.erased_at IS NOT NULL
-)
-ON CONFLICT (customer_id, user_id) DO UPDATE SET
-    email = CASE WHEN EXCLUDED.profile_reported_at >= coalesce(u.profile_reported_at, '-infinity')
-                 THEN EXCLUDED.email ELSE u.email END,
-    display_name = CASE WHEN EXCLUDED.profile_reported_at >= coalesce(u.profile_reported_at, '-infinity')
-                        THEN EXCLUDED.display_name ELSE u.display_name END,
-    profile_reported_at = greatest(u.profile_reported_at, EXCLUDED.profile_reported_at),
-    first_seen_at = least(u.first_seen_at, EXCLUDED.first_seen_at),
-    last_seen_at = greatest(u.last_seen_at, EXCLUDED.last_seen_at);
+SELECT customer_id, user_id, first_seen_at FROM upserted WHERE created;
 
 -- name: upsert_devices
 -- Returns the devices whose change can change a license (`relevant`): new, (un)installed,
@@ -95,7 +102,9 @@ ON CONFLICT (customer_id, user_id) DO UPDATE SET
 -- from after having been silent past the window ($17). With $19, every device written,
 -- with what the replica remembers of it to skip its next heartbeats without a read
 -- (worker/ingest/last_seen_memory.py). Appends the device history of those whose user,
--- kind or install state changed (`recorded`).
+-- kind or install state changed (`recorded`). With each, the facts the license rules read
+-- (as lock_group_devices) and whether this statement created it (`created`, xmax 0): a new
+-- device holds no license, and its insert locks it (decide_groups reads nothing more of it).
 -- `before` reads the rows as they were: every part of one statement sees the same snapshot.
 WITH batch AS (
     SELECT * FROM unnest(
@@ -154,7 +163,8 @@ upserted AS (
         last_installed_at = greatest(d.last_installed_at, EXCLUDED.last_installed_at),
         last_uninstalled_at = greatest(d.last_uninstalled_at, EXCLUDED.last_uninstalled_at)
     RETURNING d.customer_id, d.device_id, d.user_id, d.device_kind, d.protected, d.first_seen_at,
-              d.last_seen_at, d.agent_version
+              d.last_seen_at, d.agent_version, d.last_present_at, d.last_uninstalled_at,
+              d.xmax = 0 AS created
 ),
 recorded AS (
     -- The device history (migration 0012) for `report usage --as-of`: a row when a device is
@@ -185,7 +195,7 @@ decided AS (
     LEFT JOIN before AS b USING (customer_id, device_id)
 )
 SELECT customer_id, device_id, user_id, previous_user_id, relevant, last_seen_at, device_kind,
-       protected, agent_version
+       protected, agent_version, first_seen_at, last_present_at, last_uninstalled_at, created
 FROM decided
 WHERE relevant OR $19::boolean;
 

@@ -14,7 +14,9 @@
 --   -> license history and outbox (appended; unique event ids).
 -- Arrays handed to INSERT ... ON CONFLICT are sorted by the caller (rows are locked in array
 -- order); UPDATE ... FROM unnest(...) only touches rows locked before, or locks them in a
--- sorted CTE. The purge skips what is locked (SKIP LOCKED) instead of waiting.
+-- sorted CTE. The purge skips what is locked (SKIP LOCKED) instead of waiting. A row this
+-- transaction inserted (a new user or device, see upsert_users, upsert_devices) is locked by
+-- its insert: a decision does not lock it again (decide_groups).
 
 -- name: customer_terms
 -- What a license decision needs of its customers. Read after share_customers, in a statement
@@ -216,14 +218,27 @@ WHERE l.customer_id = x.customer_id
 RETURNING 1;
 
 -- name: append_license_history
-INSERT INTO license_history (
-    customer_id, subject_type, subject_id, change, basis, reason, effective_at, package,
-    decided_at, event_id
+-- The history rows of a decision's changes and, for those that announce an event ($10 not
+-- NULL), their outbox rows (as enqueue_license_events; $11 payload, $12 when an allocation
+-- settles), in one statement: one round trip for both appends. $9: when it was decided.
+WITH history AS (
+    INSERT INTO license_history (
+        customer_id, subject_type, subject_id, change, basis, reason, effective_at, package,
+        decided_at, event_id
+    )
+    SELECT c, t, s, ch, b, r, e, p, $9::timestamptz, ev
+    FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+        $7::timestamptz[], $8::text[], $10::uuid[]
+    ) AS x (c, t, s, ch, b, r, e, p, ev)
 )
-SELECT * FROM unnest(
-    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-    $7::timestamptz[], $8::text[], $9::timestamptz[], $10::uuid[]
-);
+INSERT INTO license_outbox (event_id, customer_id, subject_type, subject_id, payload, settles_at)
+SELECT ev, c, t, s, payload, settles_at
+FROM unnest($1::text[], $2::text[], $3::text[], $10::uuid[], $11::jsonb[], $12::timestamptz[])
+    WITH ORDINALITY AS x (c, t, s, ev, payload, settles_at, n)
+WHERE ev IS NOT NULL
+ORDER BY n
+ON CONFLICT (event_id) DO NOTHING;
 
 -- name: enqueue_license_events
 -- $6: when an allocation settles (NULL: publish at once).

@@ -45,12 +45,25 @@ class WrittenDevice:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchSubjects:
+    """What a batch's writes tell its license decisions without another read: the users it
+    created, with their first sighting, and each device whose change can change a license as
+    the device upsert left it (`lock_group_devices`' columns, and `created`: this transaction
+    inserted it). A subject created in this transaction holds no license and no pending
+    allocation, and its insert locks its row (decide_groups)."""
+
+    created_users: dict[tuple[str, str], datetime] = field(default_factory=dict)
+    relevant_devices: dict[tuple[str, str], asyncpg.Record] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class SignalWriteResult:
     # (customer_id, event_id) of the lifecycle events recorded for the first time.
     inserted_lifecycle_events: set[tuple[str, str]]
     license_relevant: list[LicenseRelevantDevice]
     # Every device written, when asked for (`remember`); else empty.
     written: list[WrittenDevice] = field(default_factory=list)
+    subjects: BatchSubjects = field(default_factory=BatchSubjects)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +160,7 @@ class Session:
         connection = self._connection
         relevant: list[LicenseRelevantDevice] = []
         written: list[WrittenDevice] = []
+        subjects = BatchSubjects()
         if changes.devices:
             if create_customers:
                 await connection.execute(query("upsert_customers"), changes.customer_ids)
@@ -154,10 +168,10 @@ class Session:
             # change to one of these customers waits for this batch, or this batch for it.
             await connection.execute(query("share_customers"), changes.customer_ids)
             await self._lock_device_users(changes)
-            await self._upsert_users(changes)
+            subjects.created_users.update(await self._upsert_users(changes))
             await self._lock_devices_without_user(changes)
             relevant, written = await self._upsert_devices(
-                changes, window_start, recorded_at, remember
+                changes, window_start, recorded_at, remember, subjects
             )
             await self._credit_device_users(changes)
         inserted = await self._insert_lifecycle(changes)
@@ -169,7 +183,7 @@ class Session:
                     "topic partition next_offset last_message_at",
                 ),
             )
-        return SignalWriteResult(inserted, relevant, written)
+        return SignalWriteResult(inserted, relevant, written, subjects)
 
     async def _lock_device_users(self, changes: BatchChanges) -> None:
         """Locks, in key order and before any device, every user whose license this batch
@@ -188,17 +202,20 @@ class Session:
             query("lock_devices_without_user"), *_key_columns(sorted(changes.devices))
         )
 
-    async def _upsert_users(self, changes: BatchChanges) -> None:
+    async def _upsert_users(self, changes: BatchChanges) -> dict[tuple[str, str], datetime]:
+        """Returns the users created, with their first sighting."""
         users = changes.sorted_users()
-        if users:
-            await self._connection.execute(
-                query("upsert_users"),
-                *_columns(
-                    users,
-                    "customer_id user_id email display_name profile_reported_at "
-                    "first_seen_at last_seen_at",
-                ),
-            )
+        if not users:
+            return {}
+        rows = await self._connection.fetch(
+            query("upsert_users"),
+            *_columns(
+                users,
+                "customer_id user_id email display_name profile_reported_at "
+                "first_seen_at last_seen_at",
+            ),
+        )
+        return {(row["customer_id"], row["user_id"]): row["first_seen_at"] for row in rows}
 
     async def _upsert_devices(
         self,
@@ -206,6 +223,7 @@ class Session:
         window_start: datetime,
         recorded_at: datetime | None,
         remember: bool,
+        subjects: BatchSubjects,
     ) -> tuple[list[LicenseRelevantDevice], list[WrittenDevice]]:
         rows = await self._connection.fetch(
             query("upsert_devices"),
@@ -221,6 +239,9 @@ class Session:
             remember,
         )
         relevant = [LicenseRelevantDevice(*row[:4]) for row in rows if row["relevant"]]
+        subjects.relevant_devices.update(
+            ((row["customer_id"], row["device_id"]), row) for row in rows if row["relevant"]
+        )
         if not remember:
             return relevant, []
         return relevant, [
@@ -246,11 +267,15 @@ class Session:
         return {(row["customer_id"], row["event_id"]) for row in rows}
 
     async def lock_group_users(self, users: Sequence[tuple[str, str]]) -> list[asyncpg.Record]:
+        if not users:
+            return []
         return list(await self._connection.fetch(query("lock_group_users"), *_key_columns(users)))
 
     async def lock_group_devices(
         self, users: Sequence[tuple[str, str]], devices: Sequence[tuple[str, str]]
     ) -> list[asyncpg.Record]:
+        if not users and not devices:
+            return []
         return list(
             await self._connection.fetch(
                 query("lock_group_devices"), *_key_columns(users), *_key_columns(devices)
@@ -258,6 +283,8 @@ class Session:
         )
 
     async def held_licenses(self, subjects: Sequence[tuple[str, str, str]]) -> list[asyncpg.Record]:
+        if not subjects:
+            return []
         return list(
             await self._connection.fetch(
                 query("held_licenses"),
@@ -281,6 +308,8 @@ class Session:
         self, subjects: Sequence[tuple[str, str, str]], now: datetime
     ) -> list[asyncpg.Record]:
         """The subjects' allocations still in their settle window at `now`, locked."""
+        if not subjects:
+            return []
         return list(
             await self._connection.fetch(
                 query("unsettled_allocations"),
@@ -361,17 +390,15 @@ class Session:
                 *_columns(rebased, "customer_id subject_type subject_id basis package"),
             )
         if rows:
-            history = _columns(
-                rows,
-                "customer_id subject_type subject_id change basis reason effective_at package",
-            )
             await connection.execute(
                 query("append_license_history"),
-                *history,
-                [decided_at] * len(rows),
-                [row.event_id for row in rows],
+                *_columns(
+                    rows,
+                    "customer_id subject_type subject_id change basis reason effective_at package",
+                ),
+                decided_at,
+                *_columns(rows, "event_id payload settles_at"),
             )
-        await self.enqueue_events([row for row in rows if row.event_id is not None])
 
 
 def _expect_decided(rows: Sequence[LicenseRow], written: Sequence[asyncpg.Record]) -> None:

@@ -16,13 +16,13 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import structlog
 from aiokafka import TopicPartition
 
-from worker.db.session import SignalWriteResult, WrittenDevice
+from worker.db.session import LicenseRow, Session, SignalWriteResult, WrittenDevice
 from worker.ingest.batch import (
     DecodedBatch,
     DecodedRecord,
@@ -50,6 +50,7 @@ from worker.ingest.last_seen_memory import (
 from worker.licensing.decisions import count_license_changes, decide_groups, groups_of_devices
 from worker.ops import metrics
 from worker.retry import Stopped
+from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -314,28 +315,15 @@ class IngestionLoop:
         """Signals and the license decisions they cause, in one transaction. `remember`:
         the result lists every device written, for the last-seen memory."""
         now = self._session.clock.now()
-        window = self._session.settings.release_window
         async with self._session.repository.transaction() as session:
-            result = await session.write_signals(
+            result, decided = await write_and_decide(
+                session,
                 changes,
                 progress,
-                now - window,
+                self._session.settings,
+                now,
                 create_customers=self._admit_customers,
-                recorded_at=now,
                 remember=remember,
-            )
-            groups = groups_of_devices(
-                (d.customer_id, d.device_id, d.user_id, d.previous_user_id)
-                for d in result.license_relevant
-            )
-            decided = await decide_groups(
-                session,
-                groups,
-                now,
-                now,
-                window,
-                settle=self._session.settings.allocation_settle,
-                event_key=self._session.settings.event_id_key(),
             )
         count_license_changes(decided)
         return result
@@ -379,6 +367,44 @@ class _Stored:
 class _InFlight:
     batch: DecodedBatch
     write: asyncio.Task[_Stored]
+
+
+async def write_and_decide(
+    session: Session,
+    changes: BatchChanges,
+    progress: Sequence[PartitionProgress],
+    settings: Settings,
+    now: datetime,
+    *,
+    create_customers: bool = True,
+    remember: bool = False,
+) -> tuple[SignalWriteResult, list[LicenseRow]]:
+    """A batch's signals and the license decisions they cause, in the caller's transaction
+    (`now`: the service's clock). The subjects the batch created are new to the decisions:
+    they hold no license and no pending allocation, so nothing of theirs is read."""
+    window = settings.release_window
+    result = await session.write_signals(
+        changes,
+        progress,
+        now - window,
+        create_customers=create_customers,
+        recorded_at=now,
+        remember=remember,
+    )
+    groups = groups_of_devices(
+        (d.customer_id, d.device_id, d.user_id, d.previous_user_id) for d in result.license_relevant
+    )
+    decided = await decide_groups(
+        session,
+        groups,
+        now,
+        now,
+        window,
+        settle=settings.allocation_settle,
+        event_key=settings.event_id_key(),
+        written=result.subjects,
+    )
+    return result, decided
 
 
 def _count(batch: DecodedBatch, stored: _Stored, letters: Sequence[DeadLetter]) -> None:

@@ -12,7 +12,13 @@ from typing import Any
 
 import orjson
 
-from worker.db.session import LicenseRow, Session, SettledLicense, WithdrawnAllocation
+from worker.db.session import (
+    BatchSubjects,
+    LicenseRow,
+    Session,
+    SettledLicense,
+    WithdrawnAllocation,
+)
 from worker.licensing.rules import (
     Basis,
     ChangeKind,
@@ -56,32 +62,45 @@ async def decide_groups(
     *,
     settle: timedelta = timedelta(0),
     event_key: bytes,
+    written: BatchSubjects | None = None,
 ) -> list[LicenseRow]:
     """Brings the licenses of `groups` in line with the rules as of `now`; returns what changed.
     `emitted_at` is the service's clock: an allocation's event settles `settle` after it, and
     until then a decision about its subject may withdraw or re-date it
-    (`settled_license_changes`). `event_key` keys the event ids (`Settings.event_id_key()`)."""
+    (`settled_license_changes`). `event_key` keys the event ids (`Settings.event_id_key()`).
+    `written`: what this transaction's signal writes created (`write_signals`); a group whose
+    subject they created is decided from them, without a lock or a read (`new_groups`)."""
     groups = sorted(set(groups), key=lambda g: (g.customer_id, g.subject_type, g.subject_id))
     if not groups:
         return []
+    written = written or BatchSubjects()
+    created = new_groups(groups, written)
     users = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.USER]
     lone = [(g.customer_id, g.subject_id) for g in groups if g.subject_type is SubjectType.DEVICE]
     customers = sorted({g.customer_id for g in groups})
     # The lock order at the top of sql/queries/licensing.sql: customers (a shared advisory
     # lock each, not their rows), users, devices, licenses, each in key order. A user's row is
-    # the lock of its decision. The customers' rows are read after their locks are held.
+    # the lock of its decision. The customers' rows are read after their locks are held. What
+    # this transaction created is locked by its insert already.
     await session.execute("share_customers", customers)
     customer_rows = await session.fetch("customer_terms", customers)
-    user_rows = await session.lock_group_users(users)
-    device_rows = await session.lock_group_devices(users, lone)
+    known_users = [(c, u) for c, u in users if Group(c, SubjectType.USER, u) not in created]
+    known_lone = [(c, d) for c, d in lone if Group(c, SubjectType.DEVICE, d) not in created]
+    user_rows = await session.lock_group_users(known_users)
+    device_rows = [
+        *await session.lock_group_devices(known_users, known_lone),
+        *devices_of_new_groups(created, written),
+    ]
     devices_by_customer: dict[str, list[DeviceFacts]] = defaultdict(list)
-    for row in device_rows:
+    for row in sorted(device_rows, key=lambda row: (row["customer_id"], row["device_id"])):
         devices_by_customer[row["customer_id"]].append(device_facts(row))
-    subjects = {(c, SubjectType.USER.value, u) for c, u in users}
+    # A subject this transaction created holds no license and no pending allocation.
+    subjects = {(c, SubjectType.USER.value, u) for c, u in known_users}
     subjects |= {
         (c, SubjectType.DEVICE.value, d.device_id)
         for c, ds in devices_by_customer.items()
         for d in ds
+        if not _created_device(written, c, d.device_id)
     }
     held_by_customer: dict[str, dict[Subject, HeldLicense]] = defaultdict(dict)
     for row in await session.held_licenses(sorted(subjects)):
@@ -97,6 +116,11 @@ async def decide_groups(
         pending_by_customer[row["customer_id"]][subject] = allocation
         pending_rows[(row["customer_id"], subject)] = row
     first_seen = {(row["customer_id"], row["user_id"]): row["first_seen_at"] for row in user_rows}
+    first_seen |= {
+        (g.customer_id, g.subject_id): written.created_users[(g.customer_id, g.subject_id)]
+        for g in created
+        if g.subject_type is SubjectType.USER
+    }
     terms = await customer_terms(session, customer_rows, users, first_seen)
     rows: list[LicenseRow] = []
     withdrawn: list[WithdrawnAllocation] = []
@@ -124,6 +148,41 @@ async def decide_groups(
     if withdrawn:
         metrics.WITHDRAWN_ALLOCATIONS.inc(len(withdrawn))
     return rows
+
+
+def new_groups(groups: Iterable[Group], written: BatchSubjects) -> set[Group]:
+    """The groups whose subject this transaction created: a user it inserted (every device
+    of theirs is then one of the batch's relevant devices, since none was theirs before), or
+    a device without a user it inserted."""
+    created = set()
+    for group in groups:
+        key = (group.customer_id, group.subject_id)
+        if group.subject_type is SubjectType.USER:
+            if key in written.created_users:
+                created.add(group)
+        elif _created_device(written, *key):
+            created.add(group)
+    return created
+
+
+def devices_of_new_groups(created: set[Group], written: BatchSubjects) -> list[Any]:
+    """The devices of the created groups, as this transaction's device upsert left them."""
+    devices = []
+    for (customer_id, device_id), row in written.relevant_devices.items():
+        user_id = row["user_id"]
+        group = (
+            Group(customer_id, SubjectType.DEVICE, device_id)
+            if user_id is None
+            else Group(customer_id, SubjectType.USER, user_id)
+        )
+        if group in created:
+            devices.append(row)
+    return devices
+
+
+def _created_device(written: BatchSubjects, customer_id: str, device_id: str) -> bool:
+    row = written.relevant_devices.get((customer_id, device_id))
+    return row is not None and bool(row["created"])
 
 
 async def withdraw_every_pending_allocation(

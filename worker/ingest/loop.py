@@ -403,6 +403,7 @@ async def write_and_decide(
         settle=settings.allocation_settle,
         event_key=settings.event_id_key(),
         written=result.subjects,
+        customers_locked=True,  # write_signals took them (share_customers)
     )
     return result, decided
 

@@ -63,13 +63,16 @@ async def decide_groups(
     settle: timedelta = timedelta(0),
     event_key: bytes,
     written: BatchSubjects | None = None,
+    customers_locked: bool = False,
 ) -> list[LicenseRow]:
     """Brings the licenses of `groups` in line with the rules as of `now`; returns what changed.
     `emitted_at` is the service's clock: an allocation's event settles `settle` after it, and
     until then a decision about its subject may withdraw or re-date it
     (`settled_license_changes`). `event_key` keys the event ids (`Settings.event_id_key()`).
     `written`: what this transaction's signal writes created (`write_signals`); a group whose
-    subject they created is decided from them, without a lock or a read (`new_groups`)."""
+    subject they created is decided from them, without a lock or a read (`new_groups`).
+    `customers_locked`: this transaction already holds the customers' shared locks (the batch
+    write path takes them first), so they are not taken again."""
     groups = sorted(set(groups), key=lambda g: (g.customer_id, g.subject_type, g.subject_id))
     if not groups:
         return []
@@ -82,7 +85,8 @@ async def decide_groups(
     # lock each, not their rows), users, devices, licenses, each in key order. A user's row is
     # the lock of its decision. The customers' rows are read after their locks are held. What
     # this transaction created is locked by its insert already.
-    await session.execute("share_customers", customers)
+    if not customers_locked:
+        await session.execute("share_customers", customers)
     customer_rows = await session.fetch("customer_terms", customers)
     known_users = [(c, u) for c, u in users if Group(c, SubjectType.USER, u) not in created]
     known_lone = [(c, d) for c, d in lone if Group(c, SubjectType.DEVICE, d) not in created]

@@ -13,7 +13,7 @@ CREATE TABLE device_history (
     device_id    text NOT NULL,
     user_id      text,
     device_kind  text,
-    protected    boolean NOT NULL,
+    protected    boolean NOT NULL,  -- false for a device only ever seen uninstalled (devices: NULL)
     seen_at      timestamptz NOT NULL,
     recorded_at  timestamptz NOT NULL,
     FOREIGN KEY (customer_id, device_id) REFERENCES devices (customer_id, device_id)
@@ -30,6 +30,7 @@ CREATE INDEX device_history_by_user ON device_history (customer_id, user_id)
 INSERT INTO device_history (
     customer_id, device_id, user_id, device_kind, protected, seen_at, recorded_at
 )
-SELECT customer_id, device_id, user_id, device_kind, protected, last_seen_at, now()
+SELECT customer_id, device_id, user_id, device_kind, coalesce(protected, false), last_seen_at,
+       now()
 FROM devices
 ORDER BY customer_id, device_id;

@@ -174,7 +174,8 @@ recorded AS (
     INSERT INTO device_history (
         customer_id, device_id, user_id, device_kind, protected, seen_at, recorded_at
     )
-    SELECT u.customer_id, u.device_id, u.user_id, u.device_kind, u.protected, u.last_seen_at,
+    SELECT u.customer_id, u.device_id, u.user_id, u.device_kind, coalesce(u.protected, false),
+           u.last_seen_at,
            coalesce($18::timestamptz, now())
     FROM upserted AS u
     LEFT JOIN before AS b USING (customer_id, device_id)

@@ -155,7 +155,8 @@ WITH detached AS (
     INSERT INTO device_history (
         customer_id, device_id, user_id, device_kind, protected, seen_at, recorded_at
     )
-    SELECT d.customer_id, d.device_id, NULL, d.device_kind, d.protected, d.last_seen_at,
+    SELECT d.customer_id, d.device_id, NULL, d.device_kind, coalesce(d.protected, false),
+           d.last_seen_at,
            $3::timestamptz
     FROM devices AS d
     JOIN unnest($1::text[], $2::text[]) AS p (customer_id, device_id)

@@ -221,3 +221,18 @@ async def test_only_changes_are_recorded_not_heartbeats(
         (ALICE, "business", True),
         (BOB, "business", True),
     ]
+
+
+async def test_a_device_first_seen_by_its_uninstall_is_stored_and_recorded_unprotected(
+    services: Services, settings: Settings
+) -> None:
+    """An uninstall is a device's first signal (its install was lost): the device row has no
+    protected state yet (NULL), and its history row says not protected instead of refusing
+    the whole batch (the batch went to the DLQ as database_rejected before)."""
+    timeline = Timeline(services, settings)
+    await timeline.step(day(0), (laptop(ALICE), "uninstall"))
+    url = services.superuser_url(settings.database_url.get_secret_value())
+    rows = await fetch(url, "SELECT user_id, protected FROM device_history ORDER BY id")
+    assert [tuple(row) for row in rows] == [(None, False)]  # an uninstall names no user
+    stored = await fetch(url, "SELECT protected FROM devices")
+    assert [row["protected"] for row in stored] == [None]

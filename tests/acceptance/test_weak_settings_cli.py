@@ -50,8 +50,10 @@ async def test_a_local_run_warns_of_each_weak_setting_and_starts(
     try:
 
         async def ready() -> bool:
+            # Ready, not only alive: the probes answer before the worker has connected and
+            # checked its database role (the third warning).
             try:
-                return (await asyncio.to_thread(http_get, port, "/livez"))[0] == 200
+                return (await asyncio.to_thread(http_get, port, "/readyz"))[0] == 200
             except OSError:
                 return False
 

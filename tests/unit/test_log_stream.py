@@ -174,3 +174,24 @@ def test_every_event_name_is_area_dot_event_and_documented() -> None:
         area = name.split(".")[0]
         assert area in AREAS, f"{name} ({place}): not one of the documented areas"
         assert f"`{name}`" in operations, f"{name} ({place}) is not in docs/operations.md"
+
+
+def test_a_fresh_brokers_coordinator_wait_is_not_an_error(
+    restored_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """aiokafka logs the wait for a fresh broker's group coordinator at error level (the demo
+    on a clean machine printed it twice): shown at info, only when info is logged; every other
+    aiokafka error stays an error."""
+    coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
+    wait = "Group Coordinator Request failed: [Error 15] GroupCoordinatorNotAvailableError"
+    configure_logging("warning", "json", replica=REPLICA)
+    coordinator.error(wait)
+    coordinator.error("Error sending JoinGroupRequest_v2 to node 1 [NodeNotReadyError]")
+    lines = json_lines(capsys.readouterr().err)
+    assert [(line["event"][:29], line["level"]) for line in lines] == [
+        ("Error sending JoinGroupReques", "error")
+    ]
+    configure_logging("info", "json", replica=REPLICA, library_level="info")
+    coordinator.error(wait)
+    [line] = json_lines(capsys.readouterr().err)
+    assert (line["event"], line["level"]) == (wait, "info")

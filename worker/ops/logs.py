@@ -87,6 +87,18 @@ class _LibraryLogHandler(logging.Handler):
             self.handleError(record)
 
 
+class _TransientCoordinatorWait(logging.Filter):
+    """aiokafka logs "Group Coordinator Request failed: ... GroupCoordinatorNotAvailableError"
+    at error level while a fresh broker creates its offsets topic, and retries by itself
+    until the coordinator answers: a normal wait, told as one, at info level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "GroupCoordinatorNotAvailable" in str(record.msg):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger().isEnabledFor(logging.INFO)
+        return True
+
+
 def _route_library_logs(
     renderer: structlog.types.Processor,
     stamps: list[structlog.types.Processor],
@@ -110,6 +122,7 @@ def _route_library_logs(
     root = logging.getLogger()
     for previous in [h for h in root.handlers if isinstance(h, _LibraryLogHandler)]:
         root.removeHandler(previous)
+    handler.addFilter(_TransientCoordinatorWait())
     root.addHandler(handler)
     root.setLevel(logging.getLevelName(library_level.upper()))
 

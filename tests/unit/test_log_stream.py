@@ -185,7 +185,10 @@ def test_a_fresh_brokers_coordinator_wait_is_not_an_error(
     coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
     wait = "Group Coordinator Request failed: [Error 15] GroupCoordinatorNotAvailableError"
     configure_logging("warning", "json", replica=REPLICA)
-    coordinator.error(wait)
+    # As aiokafka logs it: the error is an argument of the format.
+    coordinator.error(
+        "Group Coordinator Request failed: %s", "[Error 15] GroupCoordinatorNotAvailableError"
+    )
     coordinator.error("Error sending JoinGroupRequest_v2 to node 1 [NodeNotReadyError]")
     lines = json_lines(capsys.readouterr().err)
     assert [(line["event"][:29], line["level"]) for line in lines] == [

@@ -93,7 +93,10 @@ class _TransientCoordinatorWait(logging.Filter):
     until the coordinator answers: a normal wait, told as one, at info level."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and "GroupCoordinatorNotAvailable" in str(record.msg):
+        if (
+            record.levelno >= logging.ERROR
+            and "GroupCoordinatorNotAvailable" in record.getMessage()
+        ):
             record.levelno, record.levelname = logging.INFO, "INFO"
             return logging.getLogger().isEnabledFor(logging.INFO)
         return True

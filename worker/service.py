@@ -33,6 +33,7 @@ from worker.kafka.clients import (
     create_consumer,
     create_producer,
     start_with_retry,
+    stop_consumer,
 )
 from worker.licensing.relay import Relay
 from worker.licensing.sweeper import Sweeper
@@ -243,7 +244,7 @@ class Worker:
                 return
             finally:
                 self._consumer = None
-                await consumer.stop()
+                await stop_consumer(consumer, self._stopping, settings.consumer_group)
             if not self._stopping.is_set():
                 metrics.CONSUMER_RECREATIONS.inc()
                 log.warning("ingest.consumer_recreated")
@@ -262,7 +263,7 @@ class Worker:
         except StoppedDuringStartup:
             return
         finally:
-            await consumer.stop()
+            await stop_consumer(consumer, self._stopping, settings.admin_consumer_group)
 
     def _session(
         self,

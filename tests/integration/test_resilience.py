@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from tests.support import (
     Services,
@@ -275,3 +276,62 @@ async def test_a_replica_joining_mid_stream_gets_half_at_once(
             if worker is not None:
                 with contextlib.suppress(Exception):
                     worker.kill()
+
+
+class SlowToRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """A group member that takes `seconds` to give up its partitions: every rebalance of its
+    group waits for it (its rebalance timeout is longer)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.revoking = asyncio.Event()
+        self.released = asyncio.Event()
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked:
+            self.revoking.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.released.wait(), self.seconds)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        pass
+
+
+async def test_sigterm_while_a_rebalance_holds_the_join_exits_promptly(
+    services: Services, database_url: str, topics: dict[str, str], tmp_path: Path
+) -> None:
+    """A worker told to stop while its group waits for a slow member must not wait for that
+    rebalance to end: the fault suite saw a replica outlive SIGTERM by more than 90 s."""
+    settings = make_settings(services, database_url, topics)
+    slow = SlowToRevoke(seconds=80)
+    member = AIOKafkaConsumer(
+        bootstrap_servers=services.kafka_bootstrap_servers,
+        group_id=settings.consumer_group,
+        session_timeout_ms=120_000,
+        rebalance_timeout_ms=150_000,
+        heartbeat_interval_ms=1_000,
+    )
+    member.subscribe(list(settings.agent_topics), listener=slow)
+    await member.start()
+    worker: WorkerProcess | None = None
+    try:
+        await wait_until(lambda: _has_assignment(member), timeout=60)
+        worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+        await asyncio.wait_for(slow.revoking.wait(), timeout=60)
+        await asyncio.sleep(3)  # the worker now waits in its join
+        started = time.monotonic()
+        assert worker.terminate(timeout=75) == 0
+        stopped_in = time.monotonic() - started
+        assert stopped_in < 30, f"stopped in {stopped_in:.0f} s, waiting for the rebalance"
+        assert "kafka.consumer_stop_timed_out" in worker.log_text()
+    finally:
+        if worker is not None:
+            with contextlib.suppress(Exception):
+                worker.kill()
+        slow.released.set()
+        await member.stop()
+
+
+async def _has_assignment(consumer: AIOKafkaConsumer) -> bool:
+    await asyncio.sleep(0)
+    return bool(consumer.assignment())

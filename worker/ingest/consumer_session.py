@@ -16,6 +16,7 @@ the clients and their error vocabulary, which it uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -150,10 +151,26 @@ class ConsumerSession:
             await take(await self.fetch(max_records))
 
     async def fetch(self, max_records: int) -> Mapping[Any, Sequence[Record]]:
-        """The next batch: whatever arrived within `batch_max_wait_ms`, possibly nothing."""
-        records: Mapping[Any, Sequence[Record]] = await self.consumer.getmany(
-            timeout_ms=self.settings.batch_max_wait_ms, max_records=max_records
+        """The next batch: whatever arrived within `batch_max_wait_ms`, possibly nothing.
+        A rebalance can hold `getmany` far longer (until the group's slowest member has
+        rejoined); `stopping` ends that wait, with nothing: the records it would have
+        returned are not committed, and the next owner reads them."""
+        fetching = asyncio.ensure_future(
+            self.consumer.getmany(
+                timeout_ms=self.settings.batch_max_wait_ms, max_records=max_records
+            )
         )
+        stop_requested = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({fetching, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_requested.cancel()
+        if not fetching.done():
+            fetching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await fetching
+            return {}
+        records: Mapping[Any, Sequence[Record]] = fetching.result()
         self.beat()
         return records
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -31,6 +32,11 @@ PRODUCER_MAX_REQUEST_BYTES = 1_048_576
 READ_FETCH_PARTITION_BYTES = 262_144
 READ_FETCH_BYTES = 1_048_576
 READ_BATCH_RECORDS = 100
+# How long a stopping worker waits for its consumer to leave the group (stop_consumer).
+CONSUMER_STOP_GRACE_SECONDS = 10.0
+# How much longer than REBALANCE_FLUSH_TIMEOUT_SECONDS the group coordinator waits for a
+# member to rejoin: the revocation's flush runs before the member rejoins.
+REJOIN_MARGIN_SECONDS = 10.0
 
 
 def create_consumer(settings: Settings, group_id: str | None = None) -> AIOKafkaConsumer:
@@ -50,6 +56,37 @@ def create_consumer(settings: Settings, group_id: str | None = None) -> AIOKafka
         # Round robin too, so that a group still joins while a member of an older release
         # (round robin only) is in it; the worker then writes every heartbeat.
         partition_assignment_strategy=(RangePartitionAssignor, RoundRobinPartitionAssignor),
+        # aiokafka's default is the session timeout (10 s): a member whose revocation waits
+        # longer for its batch's commit (Postgres restarting) was dropped from the group,
+        # rejoined, and started another rebalance. Dead members are still dropped after the
+        # session timeout (the Java client's default here is max.poll.interval.ms, 300 s).
+        rebalance_timeout_ms=int(
+            (settings.rebalance_flush_timeout_seconds + REJOIN_MARGIN_SECONDS) * 1000
+        ),
+    )
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer, stopping: asyncio.Event, group: str) -> None:
+    """Stops `consumer`, leaving its group. aiokafka lets a join in progress finish first,
+    and a join waits for the group's slowest member (up to its rebalance timeout). While
+    the worker is stopping, that wait is cut at CONSUMER_STOP_GRACE_SECONDS: the offsets of
+    every finished batch are committed by then, and the group drops this member after its
+    session timeout. A consumer recreated while the worker runs waits the join out."""
+    closing = asyncio.ensure_future(consumer.stop())
+    stop_requested = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({closing, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_requested.cancel()
+    done, _ = await asyncio.wait({closing}, timeout=CONSUMER_STOP_GRACE_SECONDS)
+    if done:
+        closing.result()
+        return
+    closing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await closing
+    log.warning(
+        "kafka.consumer_stop_timed_out", group=group, waited_seconds=CONSUMER_STOP_GRACE_SECONDS
     )
 
 

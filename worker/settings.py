@@ -148,7 +148,16 @@ class Settings(BaseSettings):
     write_concurrency: int = Field(default=2, ge=1, le=16)
     max_message_bytes: int = Field(default=65_536, ge=256, le=10_485_760)
     future_tolerance_seconds: float = Field(default=300.0, ge=0)
-    rebalance_flush_timeout_seconds: float = Field(default=60.0, gt=0)
+    rebalance_flush_timeout_seconds: float = Field(
+        default=25.0,
+        gt=0,
+        le=25,
+        description=(
+            "How long a revocation waits for the batch in hand to commit. The group waits "
+            "this + 10 s for the member to rejoin (rebalance_timeout_ms), which must stay "
+            "under the 40 s a client waits for a JoinGroup answer (docs/operations.md)."
+        ),
+    )
 
     license_release_days: int = Field(default=30, ge=1, le=3650)
     last_seen_precision_seconds: float = Field(

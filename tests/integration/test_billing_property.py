@@ -13,7 +13,6 @@ included)."""
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,6 +24,7 @@ from hypothesis import HealthCheck, Phase, example, given, note, settings
 from hypothesis import strategies as st
 
 from tests.integration.license_support import admin_event, day, publish_outbox, send, sweep
+from tests.service_fixtures import fresh_topic_names
 from tests.support import (
     Services,
     committed_offsets_total,
@@ -174,16 +174,7 @@ async def test_billing_folded_from_the_topic_equals_the_report_at_every_sweep(
 
 
 async def _fresh_settings(services: Services, database_url: str) -> Settings:
-    suffix = uuid.uuid4().hex[:10]
-    names = {
-        "heartbeat_topic": f"agent.heartbeat.{suffix}",
-        "lifecycle_topic": f"agent.lifecycle.{suffix}",
-        "dlq_topic": f"agent.events.dlq.{suffix}",
-        "license_events_topic": f"license.events.{suffix}",
-        "admin_topic": f"tenant.admin.{suffix}",
-        "consumer_group": f"license-telemetry-{suffix}",
-        "admin_consumer_group": f"license-telemetry-admin-{suffix}",
-    }
+    names = fresh_topic_names()
     await create_topics(services.kafka_bootstrap_servers, names, partitions=2)
     # The test publishes at each sweep, once the allocations decided so far have settled
     # (the production window: allocations withdrawn within it are never billed).

@@ -23,6 +23,7 @@ from tests.integration.license_support import (
     send,
     sweep,
 )
+from tests.service_fixtures import fresh_topic_names
 from tests.support import (
     Services,
     create_topics,
@@ -33,6 +34,7 @@ from tests.support import (
 from worker.clock import FixedClock
 from worker.db.repository import Repository
 from worker.kafka.clients import read_until_end
+from worker.licensing.billing_fold import BillingFold, license_event
 from worker.licensing.erasure_rules import ErasureTarget, Scope
 from worker.licensing.erasures import Erasures
 from worker.settings import Settings
@@ -66,44 +68,22 @@ async def license_events(settings: Settings) -> list[dict[str, Any]]:
 
 
 def fold(events: Iterable[dict[str, Any]]) -> dict[Subject, list[Interval]]:
-    """Billing's fold of the topic: per subject, by `sequence`, allocated opens an interval
-    and released closes it. Asserts what billing relies on: numbers without gaps, effective
-    times that never go back, no interval opened before the previous one closed."""
-    by_subject: dict[Subject, list[dict[str, Any]]] = defaultdict(list)
+    """Billing's fold of the topic with the reference consumer (worker/licensing/billing_fold):
+    per subject, the intervals by `effective_at`. Asserts what billing relies on: numbers
+    from 1 without gaps, no interval that changes the past or overlaps the previous one."""
+    billing = BillingFold()
+    numbers: dict[Subject, list[int]] = defaultdict(list)
     for event in events:
-        if event["type"] in ("license.allocated", "license.released"):
-            by_subject[(event["customer_id"], event["subject_type"], event["subject_id"])].append(
-                event
-            )
-    folded: dict[Subject, list[Interval]] = {}
-    for subject, subject_events in by_subject.items():
-        subject_events.sort(key=lambda e: e["sequence"])
-        assert [e["sequence"] for e in subject_events] == list(range(1, len(subject_events) + 1)), (
-            subject
-        )
-        times = [datetime.fromisoformat(e["effective_at"]) for e in subject_events]
-        assert times == sorted(times), f"{subject}: effective_at goes back: {trail(subject_events)}"
-        intervals: list[Interval] = []
-        for event, at in zip(subject_events, times, strict=True):
-            if event["type"] == "license.allocated":
-                assert not intervals or intervals[-1][1] is not None, trail(subject_events)
-                assert not intervals or at >= intervals[-1][1], trail(subject_events)  # type: ignore[operator]
-                intervals.append((at, None))
-            else:
-                assert intervals, trail(subject_events)
-                assert intervals[-1][1] is None, trail(subject_events)
-                assert at >= intervals[-1][0], trail(subject_events)
-                intervals[-1] = (intervals[-1][0], at)
-        folded[subject] = intervals
-    return folded
-
-
-def trail(events: list[dict[str, Any]]) -> str:
-    return " -> ".join(
-        f"#{e['sequence']} {e['type'].removeprefix('license.')}"
-        f"({e['reason']} @ {e['effective_at']})"
-        for e in events
-    )
+        parsed = license_event(event)
+        if parsed is not None:
+            billing.add(*parsed)
+            numbers[parsed[0]].append(event["sequence"])
+    assert billing.anomalies() == []
+    assert all(min(subject_numbers) == 1 for subject_numbers in numbers.values()), numbers
+    return {
+        subject: [(interval.start, interval.end) for interval in intervals]
+        for subject, intervals in billing.intervals().items()
+    }
 
 
 def daily_counts(
@@ -267,16 +247,7 @@ async def bill_the_stream(
     `batch_max_records`, swept and published after the settle window, read back and folded."""
     url = await services.create_database("license_test", template=template_database)
     await services.set_up_roles(url)
-    suffix = uuid.uuid4().hex[:10]
-    names = {
-        "heartbeat_topic": f"agent.heartbeat.{suffix}",
-        "lifecycle_topic": f"agent.lifecycle.{suffix}",
-        "dlq_topic": f"agent.events.dlq.{suffix}",
-        "license_events_topic": f"license.events.{suffix}",
-        "admin_topic": f"tenant.admin.{suffix}",
-        "consumer_group": f"license-telemetry-{suffix}",
-        "admin_consumer_group": f"license-telemetry-admin-{suffix}",
-    }
+    names = fresh_topic_names()
     await create_topics(services.kafka_bootstrap_servers, names, partitions=4)
     settings = make_settings(
         services,

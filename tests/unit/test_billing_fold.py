@@ -158,6 +158,17 @@ def test_gaps_and_conflicting_numbers_are_anomalies() -> None:
     }
 
 
+def test_an_allocation_effective_before_the_previous_release_overlaps_and_is_an_anomaly() -> None:
+    fold = folded(
+        wire("license.allocated", 1, 1),
+        wire("license.released", 2, 5),
+        wire("license.allocated", 3, 4),  # would bill days 4 to 5 twice
+    )
+    assert [a.problem for a in fold.anomalies()] == [
+        "#3 allocated takes effect before the previous interval ended"
+    ]
+
+
 def test_a_release_of_nothing_is_an_anomaly_and_counts_nothing() -> None:
     fold = folded(wire("license.released", 4, 2))
     assert [a.problem for a in fold.anomalies()] == ["#4 released of a license not held"]

@@ -37,6 +37,8 @@ CONSUMER_STOP_GRACE_SECONDS = 10.0
 # How much longer than REBALANCE_FLUSH_TIMEOUT_SECONDS the group coordinator waits for a
 # member to rejoin: the revocation's flush runs before the member rejoins.
 REJOIN_MARGIN_SECONDS = 10.0
+# aiokafka's default, said out loud: no request of a consumer, JoinGroup included, waits longer.
+CONSUMER_REQUEST_TIMEOUT_MS = 40_000
 
 
 def create_consumer(settings: Settings, group_id: str | None = None) -> AIOKafkaConsumer:
@@ -59,10 +61,12 @@ def create_consumer(settings: Settings, group_id: str | None = None) -> AIOKafka
         # aiokafka's default is the session timeout (10 s): a member whose revocation waits
         # longer for its batch's commit (Postgres restarting) was dropped from the group,
         # rejoined, and started another rebalance. Dead members are still dropped after the
-        # session timeout (the Java client's default here is max.poll.interval.ms, 300 s).
+        # session timeout. A JoinGroup's answer waits for the rebalance, so it must come
+        # within the request timeout (settings cap the flush timeout at 25 s: 35 < 40 s).
         rebalance_timeout_ms=int(
             (settings.rebalance_flush_timeout_seconds + REJOIN_MARGIN_SECONDS) * 1000
         ),
+        request_timeout_ms=CONSUMER_REQUEST_TIMEOUT_MS,
     )
 
 

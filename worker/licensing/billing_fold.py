@@ -292,6 +292,7 @@ def _life_intervals(events: list[BilledEvent]) -> tuple[list[Interval], list[str
     intervals: list[Interval] = []
     problems: list[str] = []
     open_since: datetime | None = None
+    last_end: datetime | None = None
     package = NO_PACKAGE
     for event in events:
         label = f"#{event.sequence}" if event.sequence is not None else "an unnumbered event"
@@ -299,6 +300,14 @@ def _life_intervals(events: list[BilledEvent]) -> tuple[list[Interval], list[str
         if open_since is not None and at < open_since:
             problems.append(f"{label} {event.kind} takes effect before the interval it changes")
             at = open_since
+        if (
+            event.kind == ALLOCATED
+            and last_end is not None
+            and open_since is None
+            and at < last_end
+        ):
+            problems.append(f"{label} {event.kind} takes effect before the previous interval ended")
+            at = last_end
         if event.kind == ALLOCATED:
             if open_since is not None:
                 problems.append(f"{label} allocates a license already held")
@@ -311,7 +320,7 @@ def _life_intervals(events: list[BilledEvent]) -> tuple[list[Interval], list[str
             open_since, package = at, event.package
         else:
             intervals.append(Interval(open_since, at, package))
-            open_since = None
+            open_since, last_end = None, at
     if open_since is not None:
         intervals.append(Interval(open_since, None, package))
     return intervals, problems

@@ -47,6 +47,15 @@ def is_skippable(change: DeviceChange, remembered: Remembered, precision: timede
     device that is installed (a heartbeat after an uninstall is a reinstall), the same user,
     kind and agent version as stored (or none named), and every event at or after the
     stored last seen and before it plus the precision."""
+    return is_refresh(change, remembered) and (
+        change.last_seen_at < remembered.last_seen_at + precision
+    )
+
+
+def is_refresh(change: DeviceChange, remembered: Remembered) -> bool:
+    """True if writing `change` would only move the device's last seen (and its user's)
+    forward, by any amount: `is_skippable` without the precision. The database checks it
+    again against the stored row (`refresh_devices`), with the license window."""
     return (
         remembered.protected
         and change.last_installed_at is None
@@ -56,7 +65,6 @@ def is_skippable(change: DeviceChange, remembered: Remembered, precision: timede
         and (change.device_kind is None or change.device_kind == remembered.device_kind)
         and (change.agent_version is None or change.agent_version == remembered.agent_version)
         and change.first_seen_at >= remembered.last_seen_at
-        and change.last_seen_at < remembered.last_seen_at + precision
     )
 
 
@@ -467,13 +475,18 @@ class LastSeenMemory:
 
 
 def keep_back_unchanged(
-    changes: BatchChanges, memory: LastSeenMemory, precision: timedelta
+    changes: BatchChanges,
+    memory: LastSeenMemory,
+    precision: timedelta,
+    refresh: set[DeviceKey] | None = None,
 ) -> set[DeviceKey]:
     """Takes out of `changes` every device change that `is_skippable`, keeping it in the
     memory, and the user changes that then only move a remembered user's last seen by less
     than `precision`; merges every written device's kept-back changes into its change.
     A user change that remains is written with its customer's devices, so a customer left
-    with one keeps its devices written. Returns the keys of the devices taken out."""
+    with one keeps its devices written. Returns the keys of the devices taken out; adds to
+    `refresh` those written that are only a last-seen move (`is_refresh`: the database's
+    `refresh_devices` writes them more cheaply)."""
     entries = {key: entry for key in changes.devices if (entry := memory.find(key)) >= 0}
     recalled = {key: memory.recall(entry) for key, entry in entries.items()}
     candidates = {
@@ -501,6 +514,8 @@ def keep_back_unchanged(
         if kept_back is not None:
             merge_earlier(change, kept_back)
             merged.append(kept_back)
+        if refresh is not None and is_refresh(change, recalled[key]):
+            refresh.add(key)
     for key in candidates:
         del changes.devices[key]
     for user_key in dropped:

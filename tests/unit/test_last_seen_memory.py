@@ -14,9 +14,13 @@ import pytest
 from schemas import AGENT_EVENT_ADAPTER
 from worker.ingest.coalesce import BatchChanges, DeviceChange, coalesce
 from worker.ingest.last_seen_memory import (
+    REFRESH,
+    SKIPPABLE,
+    WRITE,
     LastSeenMemory,
     Remembered,
     co_partitioning_problem,
+    is_refresh,
     is_skippable,
     keep_back_unchanged,
     merge_earlier,
@@ -382,3 +386,49 @@ def test_a_user_named_only_by_a_skippable_device_keeps_its_device_written() -> N
     assert KEY in changes.devices
     assert ("cust-1", "bob") in changes.users
     assert changes.split_by_customer(2)  # every user change has its customer's devices
+
+
+def test_the_packed_classification_is_the_rule_of_is_skippable_and_is_refresh() -> None:
+    """`LastSeenMemory.classify` reads the packed entry; `is_skippable` and `is_refresh` state
+    the rule. Random changes against random remembered devices: the same answer."""
+    rng = random.Random(3)
+    users, kinds, versions = ["alice", "bob", None], ["business", "personal", None], ["5.3.1", None]
+    memory = LastSeenMemory(2_000)
+    precision_micros = PRECISION // timedelta(microseconds=1)
+    answers = set()
+    for number in range(2_000):
+        key = ("c", f"d{number}")
+        remembered = written(
+            user_id=rng.choice(users),
+            device_kind=rng.choice(kinds),
+            agent_version=rng.choice(versions),
+            protected=rng.random() < 0.8,
+            last_seen_at=at(rng.choice([0, 0.5])),
+        )
+        memory.remember(key, remembered, memory.generation)
+        seen = at(rng.choice([-1, 0, 0.5, 3, 14.99, 15, 15.5, 20]))
+        change = DeviceChange("c", key[1], seen, seen, seen)
+        if rng.random() < 0.3:
+            change.first_seen_at = at(rng.choice([-2, 0, 1]))
+            change.last_seen_at = max(change.first_seen_at, seen)
+        if rng.random() < 0.7:
+            change.user_id, change.user_reported_at = rng.choice(users), seen
+        if rng.random() < 0.5:
+            change.device_kind, change.kind_reported_at = rng.choice(kinds[:2]), seen
+        if rng.random() < 0.5:
+            change.agent_version = rng.choice(["5.3.1", "6.0"])
+            change.agent_version_reported_at = seen
+        if rng.random() < 0.1:
+            change.last_uninstalled_at = seen
+        if rng.random() < 0.1:
+            change.details_reported_at, change.hostname = seen, "h"
+        expected = (
+            SKIPPABLE
+            if is_skippable(change, remembered, PRECISION)
+            else REFRESH
+            if is_refresh(change, remembered)
+            else WRITE
+        )
+        answers.add(expected)
+        assert memory.classify(memory.find(key), change, precision_micros) == expected
+    assert answers == {SKIPPABLE, REFRESH, WRITE}

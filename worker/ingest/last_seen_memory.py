@@ -90,7 +90,10 @@ def merge_earlier(change: DeviceChange, earlier: DeviceChange) -> None:
         change.agent_version_reported_at = earlier.agent_version_reported_at
 
 
+# What `LastSeenMemory.classify` finds a device's change to be.
+WRITE, REFRESH, SKIPPABLE = 0, 1, 2
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MICROSECOND = timedelta(microseconds=1)
 _NONE = -(2**63)  # no time: below every other, so max() keeps the later of two
 _MIN_SLOTS = 1 << 10
 _MAX_LOAD = 0.75  # entries (dead ones too) per slot before the slots double
@@ -230,6 +233,50 @@ class LastSeenMemory:
             self._versions.values[version] if version else self._uncoded.get((entry, "version")),
             bool(self._meta[entry] & _PROTECTED),
         )
+
+    def classify(self, entry: int, change: DeviceChange, precision_micros: int) -> int:
+        """`is_skippable` (SKIPPABLE), else `is_refresh` (REFRESH), else WRITE, of a change
+        against the entry: the same rules, read from the packed entry without building a
+        `Remembered` (tests/unit/test_last_seen_memory.py compares the two)."""
+        meta = self._meta[entry]
+        if (
+            not meta & _PROTECTED
+            or change.last_installed_at is not None
+            or change.last_uninstalled_at is not None
+            or change.details_reported_at is not None
+        ):
+            return WRITE
+        if change.user_reported_at is not None and change.user_id != self._user(entry):
+            return WRITE
+        if change.device_kind is not None:
+            code = self._kind[entry]
+            kind = self._kinds.values[code] if code else self._uncoded.get((entry, "kind"))
+            if change.device_kind != kind:
+                return WRITE
+        if change.agent_version is not None:
+            code = self._version[entry]
+            version = self._versions.values[code] if code else self._uncoded.get((entry, "version"))
+            if change.agent_version != version:
+                return WRITE
+        last_written = self._last_seen[entry]
+        first, last = change.first_seen_at, change.last_seen_at
+        last_micros = _micros(last)
+        if (last_micros if first is last else _micros(first)) < last_written:
+            return WRITE
+        return SKIPPABLE if last_micros < last_written + precision_micros else REFRESH
+
+    def user_seen_within(self, entry: int, user: UserChange, precision_micros: int) -> bool:
+        """True if the user change only moves the last seen of the entry's user (written with
+        a last seen at least the device's) by less than the precision."""
+        last_written = self._last_seen[entry]
+        return (
+            user.profile_reported_at is None
+            and _micros(user.first_seen_at) >= last_written
+            and _micros(user.last_seen_at) < last_written + precision_micros
+        )
+
+    def user(self, entry: int) -> str | None:
+        return self._user(entry)
 
     def get(self, key: DeviceKey) -> Remembered | None:
         """A copy of what is remembered of the device, with what was kept back since."""
@@ -488,13 +535,14 @@ def keep_back_unchanged(
     `refresh` those written that are only a last-seen move (`is_refresh`: the database's
     `refresh_devices` writes them more cheaply)."""
     entries = {key: entry for key in changes.devices if (entry := memory.find(key)) >= 0}
-    recalled = {key: memory.recall(entry) for key, entry in entries.items()}
+    precision_micros = precision // _ONE_MICROSECOND
+    devices = changes.devices
     candidates = {
-        key: remembered
-        for key, remembered in recalled.items()
-        if is_skippable(changes.devices[key], remembered, precision)
+        key: entry
+        for key, entry in entries.items()
+        if memory.classify(entry, devices[key], precision_micros) == SKIPPABLE
     }
-    dropped = _user_changes_within_precision(changes, candidates.items(), precision)
+    dropped = _user_changes_within_precision(changes, memory, candidates, precision_micros)
     written_customers = {customer for customer, _ in changes.devices.keys() - candidates.keys()}
     needing_devices = {
         customer
@@ -502,11 +550,11 @@ def keep_back_unchanged(
         if customer not in written_customers
     }
     if needing_devices:
-        candidates = {k: r for k, r in candidates.items() if k[0] not in needing_devices}
-        dropped = _user_changes_within_precision(changes, candidates.items(), precision)
+        candidates = {k: e for k, e in candidates.items() if k[0] not in needing_devices}
+        dropped = _user_changes_within_precision(changes, memory, candidates, precision_micros)
     merged: list[DeviceChange] = []
     for key, entry in entries.items():
-        change = changes.devices[key]
+        change = devices[key]
         if key in candidates:
             memory.keep_back(entry, change)
             continue
@@ -514,7 +562,7 @@ def keep_back_unchanged(
         if kept_back is not None:
             merge_earlier(change, kept_back)
             merged.append(kept_back)
-        if refresh is not None and is_refresh(change, recalled[key]):
+        if refresh is not None and memory.classify(entry, change, precision_micros) != WRITE:
             refresh.add(key)
     for key in candidates:
         del changes.devices[key]
@@ -525,23 +573,25 @@ def keep_back_unchanged(
 
 
 def _user_changes_within_precision(
-    changes: BatchChanges, skipped: Iterable[tuple[DeviceKey, Remembered]], precision: timedelta
+    changes: BatchChanges,
+    memory: LastSeenMemory,
+    skipped: dict[DeviceKey, int],
+    precision_micros: int,
 ) -> set[tuple[str, str]]:
     """The user changes that only move the last seen of the remembered user of a skipped
     device by less than the precision: that user was written with a last seen at least the
     device's."""
     dropped = set()
-    for (customer_id, _), remembered in skipped:
-        if remembered.user_id is None:
+    users = changes.users
+    for (customer_id, _), entry in skipped.items():
+        if not users:
+            break
+        user_id = memory.user(entry)
+        if user_id is None:
             continue
-        user_key = (customer_id, remembered.user_id)
-        user = changes.users.get(user_key)
-        if (
-            user is not None
-            and user.profile_reported_at is None
-            and user.first_seen_at >= remembered.last_seen_at
-            and user.last_seen_at < remembered.last_seen_at + precision
-        ):
+        user_key = (customer_id, user_id)
+        user = users.get(user_key)
+        if user is not None and memory.user_seen_within(entry, user, precision_micros):
             dropped.add(user_key)
     return dropped
 

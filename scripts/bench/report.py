@@ -95,12 +95,14 @@ def shape_medians(runs: list[dict[str, Any]]) -> dict[str, float]:
                 for who, source in (("worker", "drain"), ("peer", "peer"))
                 for group in ("worker", "postgres")
             },
-            **{
-                f"worker_{group}_cpu_us_per_event_after_first_round": median(
-                    cpu_us_per_event_after_first_round(r["drain"], group) for r in runs
-                )
-                for group in ("worker", "postgres")
-            },
+        }
+    # A fleet stored beforehand only (no NaN in the JSON for the other shapes).
+    if all(r["drain"]["extra"].get("after_first_round") for r in runs):
+        medians |= {
+            f"worker_{group}_cpu_us_per_event_after_first_round": median(
+                cpu_us_per_event_after_first_round(r["drain"], group) for r in runs
+            )
+            for group in ("worker", "postgres")
         }
     return medians
 

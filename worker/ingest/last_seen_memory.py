@@ -3,10 +3,12 @@ user's) forward by less than `LAST_SEEN_PRECISION_SECONDS` is not written.
 
 Each replica remembers, per device it owns, what its last write of the device returned
 (`LastSeenMemory`). A device's folded change that carries nothing else than such a move is
-kept back here (`Remembered.pending`) instead of written; the device's next write carries
-it along (`merge_earlier`), so an event processed later but older than a kept-back
+kept back here (`LastSeenMemory.keep_back`) instead of written; the device's next write
+carries it along (`merge_earlier`), so an event processed later but older than a kept-back
 heartbeat (a late uninstall, another user) is decided as if every heartbeat had been
-written. Pure: no I/O; the caller owns the clock and the writes. docs/ingestion.md,
+written. A written change that is still only a last-seen move is marked for the cheaper
+`refresh_devices` (`is_refresh`). The memory is packed (about 50 bytes a device plus its
+ids). Pure: no I/O; the caller owns the clock and the writes. docs/ingestion.md,
 "Last-seen precision".
 """
 

@@ -51,6 +51,17 @@ def cpu_us_per_event(result: dict[str, Any], group: str) -> float:
     return float(cores[group] * result["measured_seconds"] / events * 1e6)
 
 
+def cpu_us_per_event_after_first_round(result: dict[str, Any], group: str) -> float:
+    """As `cpu_us_per_event`, over the rounds after the first of a fleet stored beforehand
+    (the first is written whatever the precision: the worker has just started); NaN when
+    not measured."""
+    window = result.get("extra", {}).get("after_first_round") or {}
+    cores = window.get("cores_used") or {}
+    if group not in cores or not window.get("events"):
+        return float("nan")
+    return float(cores[group] * window["seconds"] / window["events"] * 1e6)
+
+
 def shape_medians(runs: list[dict[str, Any]]) -> dict[str, float]:
     """The medians of a shape's runs, as written in the JSON."""
     medians = {
@@ -84,6 +95,14 @@ def shape_medians(runs: list[dict[str, Any]]) -> dict[str, float]:
                 for who, source in (("worker", "drain"), ("peer", "peer"))
                 for group in ("worker", "postgres")
             },
+        }
+    # A fleet stored beforehand only (no NaN in the JSON for the other shapes).
+    if all(r["drain"]["extra"].get("after_first_round") for r in runs):
+        medians |= {
+            f"worker_{group}_cpu_us_per_event_after_first_round": median(
+                cpu_us_per_event_after_first_round(r["drain"], group) for r in runs
+            )
+            for group in ("worker", "postgres")
         }
     return medians
 
@@ -227,6 +246,25 @@ def peer_rows(shape: str, runs: list[dict[str, Any]]) -> list[Row]:
             rows.append(target_row(label, values, 1, f"{shape}_postgres_cpu_us_per_event", False))
         else:
             rows.append(measure_row(label, values, 1))
+    if any(r["drain"]["extra"].get("after_first_round") for r in runs):
+        for group, name in (("worker", "its process"), ("postgres", "Postgres")):
+            rows.append(
+                measure_row(
+                    f"{shape}: worker CPU-µs per event, {name}, after the first round",
+                    [cpu_us_per_event_after_first_round(r["drain"], group) for r in runs],
+                    1,
+                )
+            )
+        rows.append(
+            measure_row(
+                f"{shape}: heartbeats not written (precision), share",
+                [
+                    (r["drain"]["extra"].get("heartbeats_skipped") or 0) / r["messages"]
+                    for r in runs
+                ],
+                2,
+            )
+        )
     return rows
 
 

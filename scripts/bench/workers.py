@@ -23,6 +23,7 @@ from scripts.bench.meters import CpuMeter, RssSampler
 from scripts.bench.scenario import Scenario, Services
 from scripts.bench.shapes import Workload
 from scripts.bench.stages import RateResult
+from scripts.bench.statements import StatementStats
 
 PROGRESS_POLL_SECONDS = 0.02  # drain: how often ingestion_progress is read
 
@@ -38,6 +39,10 @@ def scrape_batch_metrics(port: int) -> dict[str, float]:
         "license_worker_batch_size_sum": "messages",
         "license_worker_batch_size_count": "batches",
         "license_worker_batch_write_seconds_sum": "write_seconds",
+        # Last-seen precision (docs/ingestion.md): heartbeats not written, and whether the
+        # worker skipped at all (1) when scraped, after the drain.
+        "license_worker_heartbeats_skipped_total": "heartbeats_skipped",
+        "license_worker_last_seen_skipping": "last_seen_skipping",
     }
     found: dict[str, float] = {}
     for line in text.splitlines():
@@ -177,7 +182,10 @@ async def measure_drain(
     beforehand (see `store_beforehand`). Peak RSS is the largest of one process."""
     already = len(workload.stored_beforehand)
     total = already + workload.total  # the stored offsets count from the topics' start
-    async with ProgressWatch(services, scenario) as watch:
+    async with (
+        ProgressWatch(services, scenario) as watch,
+        StatementStats(services, scenario) as statements,
+    ):
         replicas = [
             WorkerProcess(
                 scenario.worker_environment(services),
@@ -187,7 +195,16 @@ async def measure_drain(
             for number in range(workers)
         ]
         worker = replicas[0]
-        cpu = CpuMeter([r.process.pid for r in replicas], services)  # type: ignore[union-attr]
+        pids = [r.process.pid for r in replicas]  # type: ignore[union-attr]
+        cpu = CpuMeter(pids, services)
+        # A fleet stored beforehand: its first round is written whatever the precision (a
+        # replica that just started remembers nothing), so the rounds after it are also
+        # measured apart (CPU and statements): the steady state proper.
+        first_round = already + workload.devices if workload.stored_beforehand else None
+        after_first = CpuMeter(pids, services)
+        after_first_at: float | None = None
+        after_first_count = 0
+        statements_first_round: list[dict[str, Any]] | None = None
         try:
             deadline = worker.started_at + limit_seconds
             first_at: float | None = None
@@ -210,7 +227,13 @@ async def measure_drain(
                 seen = time.perf_counter()
                 if done > already and first_at is None:
                     first_at, first_count = seen, done
+                    await statements.reset()
                     cpu.start()
+                if first_round is not None and after_first_at is None and done >= first_round:
+                    after_first_at, after_first_count = seen, done
+                    statements_first_round = await statements.read()
+                    await statements.reset()
+                    after_first.start()
                 if done >= already + workload.total / 2 and half_at is None:
                     half_at, half_count = seen, done
                 if done >= total:
@@ -228,6 +251,8 @@ async def measure_drain(
                 await asyncio.sleep(0.005)
             finished = seen
             cores = cpu.stop()
+            after_first_cores = after_first.stop() if after_first_at is not None else None
+            statement_stats = await statements.read()
             assert first_at is not None
             assert stored_at is not None
             measured = finished - first_at
@@ -288,6 +313,22 @@ async def measure_drain(
             ),
             "license_events": license_events,
             "license_events_per_device": round(license_events / devices, 3) if devices else None,
+            "heartbeats_skipped": batches.get("heartbeats_skipped"),
+            "last_seen_skipping": batches.get("last_seen_skipping"),
+            # pg_stat_statements of the measured window (None unless the server loads it);
+            # with a fleet stored beforehand, of the rounds after the first, and of the first
+            # round (from the first progress) apart.
+            "statements": statement_stats,
+            "statements_first_round": statements_first_round,
+            "after_first_round": (
+                {
+                    "events": total - after_first_count,
+                    "seconds": round(finished - after_first_at, 3),
+                    "cores_used": after_first_cores,
+                }
+                if after_first_at is not None
+                else None
+            ),
             "exit_code": code,
             "error_log_lines": len(errors),
         },

@@ -200,6 +200,47 @@ SELECT customer_id, device_id, user_id, previous_user_id, relevant, last_seen_at
 FROM decided
 WHERE relevant OR $19::boolean;
 
+-- name: refresh_devices
+-- The steady state's writes: heartbeats of devices this replica remembers, that only move the
+-- last seen (by the last-seen precision or more) and the report times of what the device
+-- already has (worker/ingest/last_seen_memory.py, `refresh_candidates`). A plain UPDATE of
+-- the columns that move, with no before-image, no history and no license facts: applied only
+-- where the stored row makes it exactly what upsert_devices would write, and not
+-- license-relevant (installed, the same user, kind and agent version where the batch names
+-- them, first seen not earlier, not silent past the window $10). The rows it does not return
+-- are written by upsert_devices in the same transaction. Runs after the locks of
+-- lock_device_users and lock_devices_without_user, like upsert_devices. Returns what the
+-- replica remembers of each row.
+UPDATE devices AS d SET
+    user_reported_at = greatest(d.user_reported_at, b.user_reported_at),
+    kind_reported_at = greatest(d.kind_reported_at, b.kind_reported_at),
+    agent_version_reported_at = greatest(d.agent_version_reported_at,
+                                         b.agent_version_reported_at),
+    last_seen_at = greatest(d.last_seen_at, b.last_seen_at),
+    last_present_at = greatest(d.last_present_at, b.last_present_at)
+FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::timestamptz[],
+    $7::text[], $8::timestamptz[], $9::timestamptz[], $11::timestamptz[], $12::timestamptz[]
+) AS b (
+    customer_id, device_id, user_id, user_reported_at, device_kind, kind_reported_at,
+    agent_version, agent_version_reported_at, first_seen_at, last_seen_at, last_present_at
+)
+WHERE d.customer_id = b.customer_id
+  AND d.device_id = b.device_id
+  AND d.protected
+  AND d.last_seen_at >= $10::timestamptz
+  AND d.first_seen_at <= b.first_seen_at
+  AND (b.user_reported_at IS NULL OR d.user_id IS NOT DISTINCT FROM b.user_id)
+  AND (b.kind_reported_at IS NULL OR d.device_kind IS NOT DISTINCT FROM b.device_kind)
+  AND (b.agent_version_reported_at IS NULL
+       OR d.agent_version IS NOT DISTINCT FROM b.agent_version)
+  -- Nothing is stored for an erased customer (as upsert_devices).
+  AND NOT EXISTS (
+      SELECT FROM customers AS c WHERE c.customer_id = b.customer_id AND c.erased_at IS NOT NULL
+  )
+RETURNING d.customer_id, d.device_id, d.last_seen_at, d.user_id, d.device_kind, d.agent_version,
+          d.protected;
+
 -- name: credit_device_users
 -- Signals that did not name a user (uninstalls, heartbeats without user_id) count for the
 -- device's current user. Runs after upsert_devices, so "current" includes this batch. One

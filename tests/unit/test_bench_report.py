@@ -13,6 +13,7 @@ from scripts.bench.report import (
     TARGETS,
     alternating_order,
     cpu_us_per_event,
+    cpu_us_per_event_after_first_round,
     fmt,
     measure_row,
     median,
@@ -143,6 +144,25 @@ def test_cpu_per_event_counts_the_measured_window_after_the_first_batch() -> Non
     assert cpu_us_per_event(result, "postgres") == pytest.approx(50.0)
     assert math.isnan(cpu_us_per_event(result, "kafka"))  # not found on this machine
     assert math.isnan(cpu_us_per_event(run_result(0.0, 1_000, 1_000, 0.0, {"worker": 1}), "worker"))
+
+
+def test_cpu_per_event_after_the_first_round_is_of_its_own_window() -> None:
+    """A fleet stored beforehand: its first round is written whatever the precision, so the
+    window after it is measured apart; the other shapes have none (and no NaN median)."""
+    runs = [shape_run(80_000.0, 100_000.0) for _ in range(3)]
+    assert "worker_postgres_cpu_us_per_event_after_first_round" not in shape_medians(runs)
+    for run in runs:
+        run["drain"]["extra"]["after_first_round"] = {
+            "events": 8_000,
+            "seconds": 1.6,
+            "cores_used": {"worker": 0.5, "postgres": 0.05},
+        }
+    # 0.05 of a core for 1.6 s over 8,000 events: 10 µs each.
+    assert cpu_us_per_event_after_first_round(runs[0]["drain"], "postgres") == pytest.approx(10.0)
+    medians = shape_medians(runs)
+    assert medians["worker_postgres_cpu_us_per_event_after_first_round"] == pytest.approx(10.0)
+    assert medians["worker_worker_cpu_us_per_event_after_first_round"] == pytest.approx(100.0)
+    assert math.isnan(cpu_us_per_event_after_first_round(shape_run(1.0, 1.0)["drain"], "worker"))
 
 
 def test_medians_of_the_ratios_to_the_peer_and_of_the_cpu_per_event() -> None:

@@ -3,7 +3,7 @@ console change runs, and the set-based writes of signals and license changes."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -13,7 +13,7 @@ import asyncpg
 from worker.db.errors import ConcurrentDecisionError
 from worker.db.sql_files import query
 from worker.ingest.batch import PartitionProgress
-from worker.ingest.coalesce import BatchChanges
+from worker.ingest.coalesce import BatchChanges, DeviceChange
 
 # Rows a streaming cursor fetches per round trip: few enough to keep memory flat, enough to
 # keep round trips from dominating.
@@ -152,11 +152,15 @@ class Session:
         create_customers: bool = True,
         recorded_at: datetime | None = None,
         remember: bool = False,
+        refresh: Collection[tuple[str, str]] = (),
     ) -> SignalWriteResult:
         """`create_customers=False` (UNKNOWN_CUSTOMERS=refuse): the caller has left out the
         changes of unknown customers, and the foreign keys refuse any that would remain.
         `recorded_at`: the service's clock, stamped on the device history (None: the
-        database's). `remember`: the result lists every device written (`written`)."""
+        database's). `remember`: the result lists every device written (`written`).
+        `refresh`: devices whose change is likely a plain last-seen move (the last-seen
+        memory's `refresh_candidates`): tried with `refresh_devices` first, the others and
+        those it does not apply to with `upsert_devices`."""
         connection = self._connection
         relevant: list[LicenseRelevantDevice] = []
         written: list[WrittenDevice] = []
@@ -170,9 +174,19 @@ class Session:
             await self._lock_device_users(changes)
             subjects.created_users.update(await self._upsert_users(changes))
             await self._lock_devices_without_user(changes)
-            relevant, written = await self._upsert_devices(
-                changes, window_start, recorded_at, remember, subjects
-            )
+            devices = changes.sorted_devices()
+            if refresh:
+                refreshed = await self._refresh_devices(devices, refresh, window_start)
+                written.extend(refreshed)
+                done = {(device.customer_id, device.device_id) for device in refreshed}
+                devices = [d for d in devices if (d.customer_id, d.device_id) not in done]
+            if devices:
+                relevant, upserted = await self._upsert_devices(
+                    devices, window_start, recorded_at, remember, subjects
+                )
+                written.extend(upserted)
+            if not remember:
+                written = []
             await self._credit_device_users(changes)
         inserted = await self._insert_lifecycle(changes)
         if progress:
@@ -217,9 +231,32 @@ class Session:
         )
         return {(row["customer_id"], row["user_id"]): row["first_seen_at"] for row in rows}
 
+    async def _refresh_devices(
+        self,
+        devices: Sequence[DeviceChange],
+        refresh: Collection[tuple[str, str]],
+        window_start: datetime,
+    ) -> list[WrittenDevice]:
+        """The candidates that are plain last-seen moves of stored devices, written; the
+        others are left to `upsert_devices`."""
+        candidates = [d for d in devices if (d.customer_id, d.device_id) in refresh]
+        if not candidates:
+            return []
+        rows = await self._connection.fetch(
+            query("refresh_devices"),
+            *_columns(
+                candidates,
+                "customer_id device_id user_id user_reported_at device_kind kind_reported_at "
+                "agent_version agent_version_reported_at first_seen_at",
+            ),
+            window_start,
+            *_columns(candidates, "last_seen_at last_present_at"),
+        )
+        return [WrittenDevice(*row) for row in rows]
+
     async def _upsert_devices(
         self,
-        changes: BatchChanges,
+        devices: Sequence[DeviceChange],
         window_start: datetime,
         recorded_at: datetime | None,
         remember: bool,
@@ -228,7 +265,7 @@ class Session:
         rows = await self._connection.fetch(
             query("upsert_devices"),
             *_columns(
-                changes.sorted_devices(),
+                devices,
                 "customer_id device_id user_id user_reported_at device_kind kind_reported_at "
                 "hostname os details_reported_at agent_version agent_version_reported_at "
                 "first_seen_at last_seen_at last_present_at last_installed_at "

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -207,7 +207,8 @@ class IngestionLoop:
         started = time.perf_counter()
         changes, unknown = await self._refuse_unknown_customers(batch, changes)
         # From here to the writes' results, nothing awaits: the memory is the one of now.
-        skipped, remember = self._keep_back_unchanged(changes), self._skipping
+        refresh: set[DeviceKey] = set()  # plain last-seen moves, written more cheaply
+        skipped, remember = self._keep_back_unchanged(changes, refresh), self._skipping
         generation = self._memory.generation
         parts = changes.split_by_customer(
             self._session.settings.write_concurrency, MIN_DEVICES_PER_PART
@@ -216,7 +217,9 @@ class IngestionLoop:
         # Several: the progress waits until all have committed, so that it never claims
         # signals that are not stored yet (the sweeper's guard trusts it).
         together = batch.progress if len(parts) == 1 else []
-        results = await _all_or_none(self._write_part(part, together, remember) for part in parts)
+        results = await _all_or_none(
+            self._write_part(part, together, remember, refresh) for part in parts
+        )
         stored = _Stored(refused=unknown, new_lifecycle_events=set(), skipped=skipped)
         refused_customers: set[str] = set()
         for part, result in zip(parts, results, strict=True):
@@ -261,12 +264,16 @@ class IngestionLoop:
         return changes.without_customers(unknown), letters
 
     async def _write_part(
-        self, part: BatchChanges, progress: Sequence[PartitionProgress], remember: bool
+        self,
+        part: BatchChanges,
+        progress: Sequence[PartitionProgress],
+        remember: bool,
+        refresh: set[DeviceKey],
     ) -> SignalWriteResult | None:
         """One group of customers' changes in one transaction; None if refused as data."""
         try:
             return await self._session.retry_database(
-                lambda: self._write(part, progress, remember=remember)
+                lambda: self._write(part, progress, remember=remember, refresh=refresh)
             )
         except PermanentDatabaseError:
             return None
@@ -311,9 +318,11 @@ class IngestionLoop:
         progress: Sequence[PartitionProgress],
         *,
         remember: bool = False,
+        refresh: Collection[DeviceKey] = (),
     ) -> SignalWriteResult:
         """Signals and the license decisions they cause, in one transaction. `remember`:
-        the result lists every device written, for the last-seen memory."""
+        the result lists every device written, for the last-seen memory; `refresh`: the
+        devices whose change is likely a plain last-seen move (`Session.write_signals`)."""
         now = self._session.clock.now()
         async with self._session.repository.transaction() as session:
             result, decided = await write_and_decide(
@@ -324,15 +333,19 @@ class IngestionLoop:
                 now,
                 create_customers=self._admit_customers,
                 remember=remember,
+                refresh=refresh,
             )
         count_license_changes(decided)
         return result
 
-    def _keep_back_unchanged(self, changes: BatchChanges) -> set[DeviceKey]:
-        """The devices whose changes are kept back, not written (last-seen precision)."""
+    def _keep_back_unchanged(
+        self, changes: BatchChanges, refresh: set[DeviceKey]
+    ) -> set[DeviceKey]:
+        """The devices whose changes are kept back, not written (last-seen precision); adds
+        to `refresh` the written ones that only move the last seen."""
         if not self._skipping:
             return set()
-        return keep_back_unchanged(changes, self._memory, self._precision)
+        return keep_back_unchanged(changes, self._memory, self._precision, refresh)
 
     def _remember(self, written: Sequence[WrittenDevice], generation: int) -> None:
         for device in written:
@@ -378,6 +391,7 @@ async def write_and_decide(
     *,
     create_customers: bool = True,
     remember: bool = False,
+    refresh: Collection[DeviceKey] = (),
 ) -> tuple[SignalWriteResult, list[LicenseRow]]:
     """A batch's signals and the license decisions they cause, in the caller's transaction
     (`now`: the service's clock). The subjects the batch created are new to the decisions:
@@ -390,6 +404,7 @@ async def write_and_decide(
         create_customers=create_customers,
         recorded_at=now,
         remember=remember,
+        refresh=refresh,
     )
     groups = groups_of_devices(
         (d.customer_id, d.device_id, d.user_id, d.previous_user_id) for d in result.license_relevant

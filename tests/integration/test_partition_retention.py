@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from tests.integration.license_support import sweep
 from tests.support import ROLES, Services, fetch, fetchval, make_settings, run_cli
 from worker.db.repository import Repository
+from worker.db.sql_files import load_migrations
 from worker.licensing.partitions import maintain_partitions
 from worker.settings import Settings
 
@@ -392,3 +393,74 @@ async def test_report_as_of_before_the_kept_history_is_refused_in_one_line(
         status, out, err = await report_as_of(reporter, at)
         assert status == 0, err
         assert json.loads(out)["totals"]["total_licenses"] == expected, (at, out)
+
+
+async def test_0015_moves_existing_rows_and_keeps_the_workers_grants(services: Services) -> None:
+    """An install upgraded with data: every row in its month's partition (older than 36
+    months, or in 1970: in the default one), ids continuing, and the worker's privileges
+    carried over before `create-roles` runs again."""
+    url = await services.create_database("license_migrate")
+    try:
+        await services.set_up_roles(url)
+        owner = await Repository.connect(services.owner_url(url), 1)
+        try:
+            await owner.apply_migrations([m for m in load_migrations() if m.version <= 14])
+            await services.set_up_roles(url)  # the worker's grants on the old tables
+            superuser = services.superuser_url(url)
+            await add_customer_and_device(superuser)
+            for subject, at in (("d1", NOW), ("d2", in_month(5)), ("d3", in_month(40))):
+                await add_history(superuser, subject, "allocated", at)
+            await fetch(
+                superuser,
+                "INSERT INTO device_lifecycle_events (customer_id, event_id, device_id, "
+                "event_type, occurred_at) VALUES ('acme', 'e1', 'd1', 'install', now()), "
+                "('acme', 'e0', 'd1', 'install', '1970-01-02')",
+            )
+            await fetch(
+                superuser,
+                "INSERT INTO usage_snapshots VALUES ('acme', $1, gen_random_uuid(), now())",
+                in_month(5).date(),
+            )
+            last_id = await fetchval(superuser, "SELECT max(id) FROM license_history")
+            await owner.apply_migrations(load_migrations())
+        finally:
+            await owner.close()
+
+        history = await fetch(
+            superuser,
+            "SELECT subject_id, tableoid::regclass::text AS part FROM license_history "
+            "ORDER BY subject_id",
+        )
+        assert [(row["subject_id"], row["part"]) for row in history] == [
+            ("d1", partition("license_history", 0)),
+            ("d2", partition("license_history", 5)),
+            ("d3", "license_history_default"),
+        ]
+        events = await fetch(
+            superuser,
+            "SELECT event_id, tableoid::regclass::text AS part FROM device_lifecycle_events "
+            "ORDER BY event_id",
+        )
+        assert [(row["event_id"], row["part"]) for row in events] == [
+            ("e0", "device_lifecycle_events_default"),
+            ("e1", partition("device_lifecycle_events", 0)),
+        ]
+        assert await fetchval(
+            superuser, "SELECT tableoid::regclass::text FROM usage_snapshots"
+        ) == partition("usage_snapshots", 5)
+
+        worker = services.worker_url(url)  # create-roles not run since the migration
+        await add_history(worker, "d4", "allocated", NOW)
+        assert await fetchval(worker, "SELECT id FROM license_history WHERE subject_id = 'd4'") > (
+            last_id
+        )
+        await fetch(worker, "UPDATE license_history SET subject_id = 'p1' WHERE subject_id = 'd4'")
+        for statement in (
+            "DELETE FROM license_history",
+            "UPDATE license_history SET change = 'released'",
+            "DELETE FROM device_lifecycle_events",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await fetch(worker, statement)
+    finally:
+        await services.drop_database(url)

@@ -24,13 +24,15 @@
 -- (partition_retention.retained_from).
 --
 -- What this migration locks, for how long, and how to run it online instead:
--- docs/migrations.md (0015). It copies the three tables under an EXCLUSIVE lock (reads go
--- on, writes wait), then swaps the names (ACCESS EXCLUSIVE, brief).
+-- docs/migrations.md (0015). The three tables are locked ACCESS EXCLUSIVE (reads wait too)
+-- for the whole migration: the copy, the key builds and the foreign keys' validation.
 
 -- Month boundaries are UTC months, whatever the migrating session's time zone.
 SET LOCAL timezone = 'UTC';
 
-LOCK TABLE license_history, device_lifecycle_events, usage_snapshots IN EXCLUSIVE MODE;
+-- All three at once, in one wait bounded by the lock timeout, before anything is changed:
+-- the renames below take ACCESS EXCLUSIVE anyway, held until the migration commits.
+LOCK TABLE license_history, device_lifecycle_events, usage_snapshots IN ACCESS EXCLUSIVE MODE;
 
 -- The old tables keep their data until the copy is done; the new ones take their names.
 -- Renamed and dropped below, in this transaction, once its rows are copied: no reader sees

@@ -16,7 +16,15 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.integration.license_support import sweep
-from tests.support import ROLES, Services, fetch, fetchval, make_settings, run_cli
+from tests.support import (
+    ROLES,
+    Services,
+    fetch,
+    fetchval,
+    make_settings,
+    run_cli,
+    settings_environment,
+)
 from worker.db.repository import Repository
 from worker.db.sql_files import load_migrations
 from worker.licensing.partitions import maintain_partitions
@@ -464,3 +472,22 @@ async def test_0015_moves_existing_rows_and_keeps_the_workers_grants(services: S
                 await fetch(worker, statement)
     finally:
         await services.drop_database(url)
+
+
+async def test_reconcile_days_before_the_kept_history_is_refused_in_one_line(
+    services: Services, settings: Settings
+) -> None:
+    """`reconcile --from/--to` compares through the as-of counts: the same refusal."""
+    superuser = services.superuser_url(settings.database_url.get_secret_value())
+    await add_customer_and_device(superuser)
+    await add_history(superuser, "d-old", "allocated", in_month(30))
+    await maintain(settings, in_month(10))
+    await maintain(settings, NOW)
+    old_day = in_month(27).date().isoformat()
+    done = await asyncio.to_thread(
+        run_cli, settings_environment(settings), "reconcile", "--from", old_day, "--to", old_day
+    )
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "is before the kept license history, which begins at" in lines[0]

@@ -334,7 +334,10 @@ BEGIN
                                   ELSE quote_literal(cutoff) END;
     this_month := date_trunc('month', as_of);
 
-    -- Whole partitions past the retention: folded (history), detached, dropped.
+    -- Whole partitions past the retention: folded (history), then dropped while attached:
+    -- ACCESS EXCLUSIVE on the parent for a catalogue change. (DETACH first would make the
+    -- partition's foreign key a constraint of its own, whose drop locks devices or
+    -- customers ACCESS EXCLUSIVE: every ingestion batch would wait.)
     FOR part IN
         SELECT c.relname,
                (regexp_match(pg_get_expr(c.relpartbound, c.oid),
@@ -350,7 +353,6 @@ BEGIN
         IF parent = 'license_history' THEN
             PERFORM fold_into_license_history_baseline(part.relname, cutoff);
         END IF;
-        EXECUTE format('ALTER TABLE public.%I DETACH PARTITION public.%I', parent, part.relname);
         EXECUTE format('DROP TABLE public.%I', part.relname);
         dropped := dropped + 1;
     END LOOP;

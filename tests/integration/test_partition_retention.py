@@ -491,3 +491,30 @@ async def test_reconcile_days_before_the_kept_history_is_refused_in_one_line(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "is before the kept license history, which begins at" in lines[0]
+
+
+async def test_dropping_a_month_never_waits_for_the_writers_of_devices(
+    services: Services, settings: Settings
+) -> None:
+    """A lifecycle partition has a foreign key to devices: dropped while attached, it takes
+    no lock on devices (detached first, its key's drop would lock devices ACCESS EXCLUSIVE:
+    the maintenance would wait behind every ingestion batch, and they behind it)."""
+    url = settings.database_url.get_secret_value()
+    superuser = services.superuser_url(url)
+    await add_customer_and_device(superuser)
+    assert await add_lifecycle_event(url, "e-old", in_month(14)) == ["e-old"]
+    await maintain(settings, in_month(10))  # the month 14 back gets its partition
+    assert partition("device_lifecycle_events", 14) in await partitions(
+        url, "device_lifecycle_events"
+    )
+    writer = await asyncpg.connect(superuser)
+    transaction = writer.transaction()
+    await transaction.start()
+    try:
+        await writer.execute("UPDATE devices SET os = 'linux'")  # an ingestion batch, open
+        changes = await asyncio.wait_for(maintain(settings, NOW), timeout=30)
+    finally:
+        await transaction.rollback()
+        await writer.close()
+    assert changes["device_lifecycle_events"][1] == 1
+    assert await fetchval(url, "SELECT count(*) FROM device_lifecycle_events") == 0

@@ -9,6 +9,9 @@ database it applies 0001-0003, loads a fleet with set-based SQL (1,000 devices a
 one user per device, one active license, one history row and one published outbox row per
 user), VACUUM ANALYZEs it, then applies each later migration alone and prints its time,
 and the time of one plain index build on devices (what 0001-0003 did, before any data).
+Before 0015 (which copies them into monthly partitions) it adds what that migration moves:
+one install event per device, a year of daily usage snapshots per customer, and the
+history's decision times spread over the last 24 months (untimed).
 """
 
 from __future__ import annotations
@@ -54,11 +57,26 @@ SELECT gen_random_uuid(), 'c' || (i / 1000), 'user', 'u' || i,
 FROM generate_series(0, $1::int - 1) AS i;
 """
 
+# What migration 0015 copies, loaded before it (set-based, untimed).
+SEED_BEFORE_0015 = """
+INSERT INTO device_lifecycle_events (customer_id, event_id, device_id, event_type, occurred_at)
+SELECT 'c' || (i / 1000), 'e' || i, 'd' || i, 'install',
+       now() - (i % 730) * interval '1 day'
+FROM generate_series(0, $1::int - 1) AS i;
+INSERT INTO usage_snapshots (customer_id, day, event_id, taken_at)
+SELECT 'c' || c, current_date - d, gen_random_uuid(), now()
+FROM generate_series(0, ($1::int - 1) / 1000) AS c, generate_series(0, 364) AS d
+WHERE $1::int > 0;
+UPDATE license_history SET decided_at = now() - (id % 730) * interval '1 day'
+WHERE $1::int > 0
+"""
+PARTITIONED_IN = 15
 
-async def seed(url: str, devices: int) -> None:
+
+async def seed(url: str, devices: int, statements: str = SEED) -> None:
     connection = await asyncpg.connect(url)
     try:
-        for statement in filter(str.strip, SEED.split(";\n")):
+        for statement in filter(str.strip, statements.split(";\n")):
             await connection.execute(statement, devices, timeout=3600)
         await connection.execute("VACUUM ANALYZE", timeout=3600)
     finally:
@@ -97,6 +115,8 @@ async def main(devices: int) -> None:
         await seed(url, devices)
         print(f"loaded {devices:,} devices in {time.perf_counter() - started:.1f} s")
         for count in range(LOADED_BEFORE + 1, len(migrations) + 1):
+            if migrations[count - 1].version == PARTITIONED_IN:
+                await seed(url, devices, SEED_BEFORE_0015)
             started = time.perf_counter()
             await repository.apply_migrations(migrations[:count])
             migration = migrations[count - 1]

@@ -203,6 +203,36 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(default=300.0, gt=0)
     sweep_page_size: int = Field(default=2000, ge=1, le=100_000)
     usage_snapshots_enabled: bool = True
+    # Partitioned tables (migration 0015; docs/scaling.md, "Partitioning and retention"): the
+    # sweeper creates monthly partitions ahead and drops those wholly past the retention.
+    license_history_retention_months: int = Field(
+        default=25,
+        ge=2,
+        le=1200,
+        description="months of license history kept (billing's 25: two years and the month "
+        "being billed); older months are dropped, each subject's latest change kept aside so "
+        "that `report usage --as-of` stays exact within the kept range",
+    )
+    lifecycle_events_retention_months: int = Field(
+        default=13,
+        ge=2,
+        le=1200,
+        description="months of install and uninstall events kept, by event time (a year of "
+        "audit and the month in progress; nothing else reads them)",
+    )
+    usage_snapshots_retention_months: int = Field(
+        default=25,
+        ge=2,
+        le=1200,
+        description="months of usage snapshot records kept, by day (as the history: "
+        "`reconcile --from/--to` compares them with the history's as-of counts)",
+    )
+    partition_months_ahead: int = Field(
+        default=3,
+        ge=1,
+        le=24,
+        description="monthly partitions the sweeper keeps created ahead of the current month",
+    )
     guard_max_release_share: float = Field(default=0.2, gt=0, le=1)
     guard_min_releases: int = Field(default=10, ge=1)
     guard_override: bool = False

@@ -263,6 +263,10 @@ WHERE u.customer_id = c.customer_id
   AND u.last_seen_at < c.seen_at;
 
 -- name: insert_lifecycle_events
+-- The table is partitioned by occurred_at (migration 0015), so its key is (customer_id,
+-- event_id, occurred_at): a redelivered event (the same time) conflicts; one stored with
+-- another time (its agent clock ahead, clamped at each delivery to that delivery's receive
+-- time) is found by its id alone, a probe of the key's index in each partition.
 INSERT INTO device_lifecycle_events (customer_id, event_id, device_id, event_type, occurred_at)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
     AS b (customer_id, event_id, device_id, event_type, occurred_at)
@@ -270,7 +274,11 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timesta
 WHERE NOT EXISTS (
     SELECT FROM customers AS c WHERE c.customer_id = b.customer_id AND c.erased_at IS NOT NULL
 )
-ON CONFLICT (customer_id, event_id) DO NOTHING
+  AND NOT EXISTS (
+    SELECT FROM device_lifecycle_events AS e
+    WHERE e.customer_id = b.customer_id AND e.event_id = b.event_id
+)
+ON CONFLICT (customer_id, event_id, occurred_at) DO NOTHING
 RETURNING customer_id, event_id;
 
 -- name: record_ingestion_progress

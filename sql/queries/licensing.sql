@@ -105,11 +105,20 @@ FROM license_outbox AS o
 JOIN unnest($1::text[], $2::text[], $3::text[]) AS s (customer_id, subject_type, subject_id)
     USING (customer_id, subject_type, subject_id)
 LEFT JOIN LATERAL (
-    SELECT h.basis, h.package, h.effective_at, h.reason
-    FROM license_history AS h
-    WHERE h.customer_id = o.customer_id AND h.subject_type = o.subject_type
-      AND h.subject_id = o.subject_id AND h.change = 'released'
-    ORDER BY h.id DESC
+    SELECT r.basis, r.package, r.effective_at, r.reason
+    FROM (
+        SELECT h.id, h.basis, h.package, h.effective_at, h.reason
+        FROM license_history AS h
+        WHERE h.customer_id = o.customer_id AND h.subject_type = o.subject_type
+          AND h.subject_id = o.subject_id AND h.change = 'released'
+        UNION ALL
+        -- A release before the retained history (migration 0015), if it was the last change.
+        SELECT b.id, b.basis, b.package, b.effective_at, b.reason
+        FROM license_history_baseline AS b
+        WHERE b.customer_id = o.customer_id AND b.subject_type = o.subject_type
+          AND b.subject_id = o.subject_id AND b.change = 'released'
+    ) AS r
+    ORDER BY r.id DESC
     LIMIT 1
 ) AS r ON true
 WHERE o.published_at IS NULL AND o.settles_at > $4::timestamptz

@@ -100,6 +100,14 @@ history_done AS (
     WHERE h.customer_id = p.customer_id AND h.subject_type = 'user' AND h.subject_id = p.user_id
     RETURNING 1
 ),
+baseline_done AS (
+    -- The history kept from before the retained range (migration 0015): the same rewrite.
+    UPDATE license_history_baseline AS b
+    SET subject_id = p.pseudonym
+    FROM purged AS p
+    WHERE b.customer_id = p.customer_id AND b.subject_type = 'user' AND b.subject_id = p.user_id
+    RETURNING 1
+),
 memberships_done AS (
     -- Group membership names the user: it goes too (the console re-adds a returning user).
     DELETE FROM group_members AS m

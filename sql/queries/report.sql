@@ -18,8 +18,18 @@ WHERE ($1::text IS NULL OR c.customer_id = $1)
           SELECT 1 FROM license_history AS h
           WHERE h.customer_id = c.customer_id AND h.decided_at <= $2
       )
+      OR EXISTS (
+          SELECT 1 FROM license_history_baseline AS b
+          WHERE b.customer_id = c.customer_id AND b.decided_at <= $2
+      )
   )
 ORDER BY c.customer_id COLLATE "C";
+
+-- name: history_retained_from
+-- Where the kept license history begins (migration 0015): the maintenance dropped what was
+-- decided before it, keeping each subject's latest change in license_history_baseline. No
+-- row: nothing was dropped. An as-of time before it cannot be replayed.
+SELECT retained_from FROM partition_retention WHERE table_name = 'license_history';
 
 -- name: report_live_counts
 -- Active licenses by customer, subject type, basis and package: the live report's totals,
@@ -85,13 +95,20 @@ ORDER BY customer_id COLLATE "C", user_id COLLATE "C" NULLS LAST, subject_type D
          subject_id COLLATE "C";
 
 -- name: report_history_counts
--- $2: the as-of time. Each subject's latest license change decided by then; the subjects
--- whose latest change left them licensed, counted by kind and package.
+-- $2: the as-of time. Each subject's latest license change decided by then (in the history,
+-- or before the retained history in its baseline); the subjects whose latest change left
+-- them licensed, counted by kind and package.
 WITH latest AS (
     SELECT DISTINCT ON (customer_id, subject_type, subject_id)
            customer_id, subject_type, subject_id, change, basis, package
-    FROM license_history
-    WHERE ($1::text IS NULL OR customer_id = $1) AND decided_at <= $2
+    FROM (
+        SELECT * FROM license_history
+        WHERE ($1::text IS NULL OR customer_id = $1) AND decided_at <= $2
+        UNION ALL
+        -- Each subject's latest change before the retained history (migration 0015).
+        SELECT * FROM license_history_baseline
+        WHERE ($1::text IS NULL OR customer_id = $1) AND decided_at <= $2
+    ) AS kept
     ORDER BY customer_id, subject_type, subject_id, decided_at DESC, id DESC
 )
 SELECT customer_id, subject_type, basis, package, count(*) AS licenses
@@ -114,8 +131,14 @@ ORDER BY customer_id COLLATE "C";
 WITH latest AS (
     SELECT DISTINCT ON (customer_id, subject_type, subject_id)
            customer_id, subject_type, subject_id, change, basis, reason, package
-    FROM license_history
-    WHERE ($1::text IS NULL OR customer_id = $1) AND decided_at <= $2
+    FROM (
+        SELECT * FROM license_history
+        WHERE ($1::text IS NULL OR customer_id = $1) AND decided_at <= $2
+        UNION ALL
+        -- Each subject's latest change before the retained history (migration 0015).
+        SELECT * FROM license_history_baseline
+        WHERE ($1::text IS NULL OR customer_id = $1) AND decided_at <= $2
+    ) AS kept
     ORDER BY customer_id, subject_type, subject_id, decided_at DESC, id DESC
 ),
 attributes AS (

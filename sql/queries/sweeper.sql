@@ -174,3 +174,12 @@ UPDATE subscriptions AS s
 SET over_seats = v.over_seats
 FROM unnest($1::text[], $2::text[], $3::boolean[]) AS v (customer_id, subscription_id, over_seats)
 WHERE s.customer_id = v.customer_id AND s.subscription_id = v.subscription_id;
+
+-- name: maintain_partitions
+-- One partitioned table ($1: license_history, device_lifecycle_events or usage_snapshots):
+-- partitions created $4 months ahead of $2 (the sweeper's clock), those wholly older than
+-- $3 months (the table's retention) dropped; only through the SECURITY DEFINER function of
+-- migration 0015 (docs/scaling.md, "Partitioning and retention").
+SELECT created, dropped, moved, deleted, retained_from
+FROM maintain_partitions($1::text, $2::timestamptz, make_interval(months => $3::integer),
+                         $4::integer);

@@ -143,6 +143,12 @@ $schema$;
 --   the SECURITY DEFINER function prune_published_license_events (migration 0013), which never
 --   deletes an unpublished row, a row published less than a day before, nor more than 10000
 --   rows per call.
+-- - The partitioned tables (migration 0015: license_history, device_lifecycle_events,
+--   usage_snapshots) get partitions and lose those past their retention only through the
+--   SECURITY DEFINER function maintain_partitions, which touches nothing else (no DDL, no
+--   DELETE grant). license_history_baseline (each subject's latest change before the kept
+--   history) is written by it alone; the purge replaces a user's id there too: UPDATE of
+--   subject_id only. partition_retention (where the kept rows begin) is read by the report.
 -- - sweep_holds: the sweeper holds, extends and applies; confirm-releases confirms (migration
 --   0008's trigger records session_user as confirmed_by). Never its customer or held_at.
 -- - DELETE only on group_members (the purge deletes a purged user's memberships; a customer's
@@ -172,6 +178,8 @@ BEGIN
             ('worker', 'ingestion_progress', 'SELECT, INSERT, UPDATE'),
             ('worker', 'licenses', 'SELECT, INSERT, UPDATE'),
             ('worker', 'license_history', 'SELECT, INSERT, UPDATE (subject_id)'),
+            ('worker', 'license_history_baseline', 'SELECT, UPDATE (subject_id)'),
+            ('worker', 'partition_retention', 'SELECT'),
             ('worker', 'license_outbox',
              'SELECT, INSERT, UPDATE (published_at, subject_id, payload)'),
             ('worker', 'sweep_state', 'SELECT, INSERT, UPDATE'),
@@ -189,6 +197,8 @@ BEGIN
             ('reporter', 'device_history', 'SELECT'),
             ('reporter', 'licenses', 'SELECT'),
             ('reporter', 'license_history', 'SELECT'),
+            ('reporter', 'license_history_baseline', 'SELECT'),
+            ('reporter', 'partition_retention', 'SELECT'),
             ('reporter', 'subscriptions', 'SELECT'),
             ('reporter', 'group_members', 'SELECT')
         ) AS g (grantee, table_name, privileges)
@@ -215,6 +225,14 @@ BEGIN
        IS NOT NULL THEN
         EXECUTE format('GRANT EXECUTE ON FUNCTION public.prune_published_license_events('
                        'timestamptz, interval, integer) TO %I', worker_role);
+    END IF;
+    -- Partitions ahead and past the retention likewise (migration 0015): only through this
+    -- function, which touches the three partitioned tables alone and keeps at least two
+    -- months.
+    IF to_regprocedure('public.maintain_partitions(text, timestamptz, interval, integer)')
+       IS NOT NULL THEN
+        EXECUTE format('GRANT EXECUTE ON FUNCTION public.maintain_partitions('
+                       'text, timestamptz, interval, integer) TO %I', worker_role);
     END IF;
 END
 $tables$;

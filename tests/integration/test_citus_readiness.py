@@ -25,16 +25,17 @@ GLOBAL_TABLES = {
     "customers, so the row has no customer; a reference table (written once per batch)",
     "sweep_state": "the sweeper's single row (its boundary): global by design, one sweeper "
     "leader for the whole fleet; a reference table",
+    "partition_retention": "where the kept rows of each partitioned table begin (migration "
+    "0015): three rows at most, read by the report; a reference table",
 }
 
 # Per-customer tables whose primary key (a bigserial `id`) does not lead with customer_id.
 # Citus refuses a primary key or unique index without the distribution column: before
 # create_distributed_table each becomes (customer_id, id) (docs/scaling.md, "Keys to change
-# first"). Not done here: license_history and device_history are being range-partitioned by
-# another change (#15 part 3), whose key the new key must include; the outbox's id order
-# is what the relay publishes in.
+# first"). license_history's is (customer_id, decided_at, id) since it is partitioned by
+# month (migration 0015). Not done here: device_history may be partitioned too, whose key the
+# new key must then include; the outbox's id order is what the relay publishes in.
 PRIMARY_KEYS_TO_CHANGE = {
-    "license_history": "id, the order of a subject's events; becomes (customer_id, id)",
     "license_outbox": "id, the relay's publication order; becomes (customer_id, id)",
     "device_history": "id, the order of a device's records; becomes (customer_id, id)",
     "erasure_audit": "id, an audit row's number; becomes (customer_id, id)",
@@ -90,10 +91,13 @@ async def per_customer_tables(database_url: str) -> frozenset[str]:
 
 
 async def all_tables(database_url: str) -> set[str]:
+    """Every table but the partitions of a partitioned one (migration 0015): Citus
+    distributes a partitioned table with its partitions, which have its keys."""
     rows = await fetch(
         database_url,
         "SELECT relname FROM pg_class "
-        "WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p')",
+        "WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p') "
+        "AND NOT relispartition",
     )
     return {row["relname"] for row in rows}
 
@@ -109,7 +113,9 @@ SELECT c.conrelid::regclass::text AS table_name, c.conname AS name, c.contype::t
         JOIN pg_attribute AS a ON a.attrelid = c.confrelid AND a.attnum = k.attnum)
            AS referenced_columns
 FROM pg_constraint AS c
+JOIN pg_class AS t ON t.oid = c.conrelid
 WHERE c.connamespace = 'public'::regnamespace AND c.contype IN ('p', 'f')
+  AND NOT t.relispartition
 ORDER BY 1, 2
 """
 
@@ -121,7 +127,7 @@ SELECT t.relname AS table_name, i.relname AS name,
 FROM pg_index AS x
 JOIN pg_class AS i ON i.oid = x.indexrelid
 JOIN pg_class AS t ON t.oid = x.indrelid
-WHERE t.relnamespace = 'public'::regnamespace AND x.indisunique
+WHERE t.relnamespace = 'public'::regnamespace AND x.indisunique AND NOT t.relispartition
 ORDER BY 1, 2
 """
 

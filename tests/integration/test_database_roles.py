@@ -117,6 +117,15 @@ FORBIDDEN_TO_THE_WORKER = [
     "UPDATE license_history SET event_id = NULL",
     "UPDATE license_history SET customer_id = 'other'",
     "DELETE FROM license_history",
+    "DELETE FROM license_history_default",
+    "DROP TABLE license_history_default",
+    "ALTER TABLE license_history DETACH PARTITION license_history_default",
+    # The baseline of the history (migration 0015): the purge's pseudonym only.
+    "UPDATE license_history_baseline SET change = 'released'",
+    "INSERT INTO license_history_baseline SELECT * FROM license_history",
+    "DELETE FROM license_history_baseline",
+    "UPDATE partition_retention SET retained_from = now()",
+    "DELETE FROM partition_retention",
     # The device history likewise (migration 0012): the purge replaces the user's id only.
     "UPDATE device_history SET device_kind = 'personal'",
     "UPDATE device_history SET recorded_at = now()",
@@ -207,6 +216,8 @@ READ_BY_THE_REPORT = [
     "licenses",
     "license_history",
     "device_history",  # as-of detail
+    "license_history_baseline",  # as-of, before the kept history (migration 0015)
+    "partition_retention",  # where the kept history begins
     "subscriptions",  # seats
     "group_members",  # seats
 ]
@@ -228,9 +239,10 @@ async def test_the_reporter_role_reads_what_the_report_reads_and_writes_nothing(
     assert await fetchval(reporter, "SELECT current_user") == ROLES.reporter
     for table in READ_BY_THE_REPORT:
         await fetchval(reporter, f"SELECT count(*) FROM {table}")
+        column = "table_name" if table == "partition_retention" else "customer_id"
         for statement in (
             f"INSERT INTO {table} DEFAULT VALUES",
-            f"UPDATE {table} SET customer_id = customer_id",
+            f"UPDATE {table} SET {column} = {column}",
             f"DELETE FROM {table}",
             f"TRUNCATE {table}",
         ):

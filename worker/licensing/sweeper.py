@@ -2,7 +2,8 @@
 A pass releases licenses silent past the window and holds suspicious mass releases
 (`releases.py`), purges personal data past the retention (`purges.py`), ends trials
 (`trials.py`), tells billing about subscriptions over their seats (`seats.py`) and
-takes the daily usage snapshots (`usage_snapshots.py`).
+takes the daily usage snapshots (`usage_snapshots.py`), then keeps the monthly partitions
+of the history, lifecycle events and snapshots (`partitions.py`).
 
 It only reads the clock, calls the pure rules, writes and sleeps: the decisions are
 `worker/licensing/rules.py` and `worker/licensing/sweep_rules.py`.
@@ -22,6 +23,7 @@ from worker.clock import Clock
 from worker.db.errors import is_transient_database_error
 from worker.db.repository import Repository
 from worker.db.wait import wait_to_retry
+from worker.licensing.partitions import maintain_partitions_logged
 from worker.licensing.purges import Purges
 from worker.licensing.releases import BEGINNING, Releases, silent_devices
 from worker.licensing.seats import check_seats
@@ -141,6 +143,8 @@ class Sweeper:
         await check_seats(self._repository, report, dry_run, event_key)
         if self._settings.usage_snapshots_enabled:
             await take_usage_snapshots(self._repository, report, dry_run, event_key)
+        if not dry_run:
+            await maintain_partitions_logged(self._repository, self._settings, now)
         duration = asyncio.get_running_loop().time() - started
         if not dry_run:
             metrics.SWEEP_LAST_SUCCESS.set(time.time())

@@ -3,7 +3,9 @@ the report, customer by customer and row by row, to a writer of `worker/report/f
 (or `worker/report/xlsx.py`).
 
 Live, the totals come from the active license rows and the detail from every user and
-device. As of a past time, both are replayed from the license history decided by then.
+device. As of a past time, both are replayed from the license history decided by then; a
+time before the kept history (LICENSE_HISTORY_RETENTION_MONTHS) is refused, not answered
+with counts that miss what was dropped.
 Detail rows come through a server-side cursor, so memory does not grow with the fleet.
 """
 
@@ -20,6 +22,7 @@ from typing import TextIO
 
 from worker.db.repository import Repository
 from worker.db.session import Session
+from worker.failures import OperatorError
 from worker.licensing.seats import seat_usage
 from worker.licensing.subscription_rules import SeatUsage
 from worker.licensing.usage import LicenseCount, UsageTotals, usage_totals
@@ -42,6 +45,29 @@ class UnknownCustomerError(LookupError):
         super().__init__(f"no customer {customer_id!r} in the database")
 
 
+class HistoryNotRetainedError(OperatorError):
+    """An as-of time before the kept license history: the changes decided before it were
+    dropped (migration 0015), so the counts then cannot be replayed. Exit status 1."""
+
+    def __init__(self, as_of: datetime, retained_from: datetime) -> None:
+        super().__init__(
+            f"{as_of.astimezone(UTC).isoformat()} is before the kept license history, which "
+            f"begins at {retained_from.astimezone(UTC).isoformat()} "
+            "(LICENSE_HISTORY_RETENTION_MONTHS): licenses then cannot be counted; ask for a "
+            "time at or after it"
+        )
+
+
+async def refuse_before_kept_history(session: Session, as_of: datetime | None) -> None:
+    """Raises HistoryNotRetainedError when `as_of` is before the kept history (from the
+    time the oldest dropped month ended, in the baseline the report reads with it)."""
+    if as_of is None:
+        return
+    rows = await session.fetch("history_retained_from")
+    if rows and as_of < rows[0]["retained_from"]:
+        raise HistoryNotRetainedError(as_of, rows[0]["retained_from"])
+
+
 @dataclass(frozen=True, slots=True)
 class ReportRequest:
     customer_id: str | None  # None: every customer
@@ -58,6 +84,7 @@ async def write_usage_report(
     repository: Repository, writer: ReportWriter, request: ReportRequest
 ) -> None:
     async with repository.snapshot() as session:
+        await refuse_before_kept_history(session, request.as_of)
         customers = await _customers(session, request)
         counts = await _counts(session, request)
         by_customer: dict[str, list[LicenseCount]] = defaultdict(list)
@@ -134,6 +161,7 @@ async def totals_as_of(
     UnknownCustomerError."""
     now = as_of or datetime.now(UTC)
     request = ReportRequest(customer_id, as_of, now=now, window=timedelta(0))
+    await refuse_before_kept_history(session, as_of)
     if customer_id is not None:
         await _customers(session, request)
     by_customer: dict[str, list[LicenseCount]] = defaultdict(list)

@@ -25,6 +25,8 @@ GLOBAL_TABLES = {
     "customers, so the row has no customer; a reference table (written once per batch)",
     "sweep_state": "the sweeper's single row (its boundary): global by design, one sweeper "
     "leader for the whole fleet; a reference table",
+    "leases": "the sweeper's and the relay's leader leases, one row each: global by design, "
+    "one leader of each for the whole fleet; a reference table",
 }
 
 # Per-customer tables whose primary key (a bigserial `id`) does not lead with customer_id.

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 
@@ -200,3 +201,26 @@ async def check_billing_received_each_decision_once(
     assert await fetchval(
         database_url, "SELECT holder IS NOT NULL FROM leases WHERE name = 'sweeper'"
     )
+
+
+async def test_a_streamed_report_leaves_no_prepared_statement_on_the_server_connection(
+    services: Services, database_url: str
+) -> None:
+    """A cursor (the report's detail rows) needs a prepared statement; a named one would stay
+    on PgBouncer's server connection after the transaction, where another client's statement
+    of the same name (asyncpg numbers them per process) then fails with "already exists".
+    Here the stream is the transaction's last statement; the next client, in a fresh
+    database's pool of one server connection, gets that server connection."""
+    through = services.through_pgbouncer(database_url)
+    repository = await Repository.connect(through, 1, statement_cache_size=0)
+    try:
+        async with repository.snapshot() as session:
+            assert [row async for row in session.stream("sweep_state")] == []
+        observer = await asyncpg.connect(through, statement_cache_size=0)
+        try:
+            left = await observer.fetchval("SELECT count(*) FROM pg_prepared_statements")
+        finally:
+            await observer.close()
+    finally:
+        await repository.close()
+    assert left == 0

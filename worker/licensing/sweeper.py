@@ -87,7 +87,7 @@ class Sweeper:
         while not self._stopping.is_set():
             try:
                 another_replica_sweeps = not await self._lead_while_held()
-                backoff.reset()  # led until the lease was lost
+                backoff.reset()
             except Exception as error:
                 if not is_transient_database_error(error):
                     raise
@@ -96,7 +96,7 @@ class Sweeper:
             if another_replica_sweeps:
                 await self._sleep(self._settings.sweep_interval_seconds)
             elif not self._stopping.is_set():
-                # The lease was lost, or could not be asked for.
+                # The lease could not be asked for: Postgres did not answer.
                 await wait_to_retry(
                     self._repository.answers,
                     backoff,
@@ -106,7 +106,8 @@ class Sweeper:
                 )
 
     async def _lead_while_held(self) -> bool:
-        """Sweeps every interval while this replica holds the lease; False if another does."""
+        """Sweeps every interval while this replica holds the lease; False if another does,
+        or took it over (then this replica competes again after an interval)."""
         async with self._leadership() as leadership:
             lease = await leadership.acquire()
             if lease is None:
@@ -120,7 +121,7 @@ class Sweeper:
                     await self._sleep(self._settings.sweep_interval_seconds, lease)
             finally:
                 _withdraw_leader_gauges()
-            return True
+            return self._stopping.is_set()
 
     async def _run_logged(self) -> None:
         try:

@@ -32,13 +32,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def _services_from_environment() -> Services | None:
     kafka, database = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("DATABASE_URL")
+    pgbouncer = os.environ.get("PGBOUNCER_DATABASE_URL") or None
     if kafka and database:
         # Set by `.ci/run` and `make test`: lets the outage tests stop and start a service.
         state_dir = os.environ.get("LOCAL_SERVICES_DIR")
         if not state_dir:
-            return Services(kafka, database)
+            return Services(kafka, database, pgbouncer_url=pgbouncer)
         path = Path(state_dir)
-        return Services(kafka, database, state_dir=path, secure=SecureKafka.from_state_dir(path))
+        return Services(
+            kafka,
+            database,
+            state_dir=path,
+            secure=SecureKafka.from_state_dir(path),
+            pgbouncer_url=pgbouncer,
+        )
     return None
 
 

@@ -112,6 +112,26 @@ class Services:
     state_dir: Path | None = None
     # Only where deploy/local/services.sh runs the broker.
     secure: SecureKafka | None = None
+    # PgBouncer in transaction mode in front of that Postgres (a superuser's URL through it),
+    # where deploy/local/services.sh runs it: PGBOUNCER_DATABASE_URL.
+    pgbouncer_url: str | None = None
+
+    def through_pgbouncer(self, url: str) -> str:
+        """`url` (its user, password and database) through PgBouncer. Where none runs, the
+        test is skipped, or fails under CI=true (CI installs pgbouncer)."""
+        if self.pgbouncer_url is None:
+            reason = (
+                "PgBouncer is not running (apt-get install pgbouncer; deploy/local/services.sh)"
+            )
+            if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+                pytest.fail(f"{reason}; CI must run this check")
+            pytest.skip(reason)
+        bouncer = urlsplit(self.pgbouncer_url)
+        parts = urlsplit(url)
+        credentials = parts.netloc.rpartition("@")[0]
+        return urlunsplit(
+            parts._replace(netloc=f"{credentials}@{bouncer.netloc.rpartition('@')[2]}")
+        )
 
     def database_url_for(self, name: str) -> str:
         parts = urlsplit(self.database_url)
@@ -203,6 +223,7 @@ def local_services(state_dir: Path, *, clean: bool = False) -> Iterator[Services
             values["DATABASE_URL"],
             state_dir=state_dir,
             secure=SecureKafka.from_state_dir(state_dir),
+            pgbouncer_url=values.get("PGBOUNCER_DATABASE_URL"),
         )
     finally:
         stop = ["bash", str(SERVICES_SCRIPT), "stop", *(["--clean"] if clean else [])]

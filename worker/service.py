@@ -112,7 +112,7 @@ class Worker:
         it is unreachable; each is closed with `resources`, in reverse order."""
         settings = self._settings
         # Two pools: ingestion never waits for a connection held by the relay, the sweeper
-        # (whose leader lock keeps one for good) or the monitor.
+        # or the monitor.
         repository = await _connect_database(settings, settings.database_pool_size)
         resources.push_async_callback(repository.close)
         await ensure_migrated(repository, settings.database_url.get_secret_value())
@@ -339,7 +339,12 @@ async def _connect_database(settings: Settings, pool_size: int) -> Repository:
         return database_refusal(error) is None and is_transient_database_error(error)
 
     try:
-        connect = functools.partial(Repository.connect, url, pool_size)
+        connect = functools.partial(
+            Repository.connect,
+            url,
+            pool_size,
+            statement_cache_size=settings.database_statement_cache_size,
+        )
         return await retry(connect, retriable=retriable, wait=wait)
     except Exception as error:
         reason = database_refusal(error)

@@ -50,6 +50,27 @@ class Settings(BaseSettings):
     )
     database_pool_size: int = Field(default=4, ge=1, le=100)
     background_pool_size: int = Field(default=4, ge=2, le=100)
+    database_statement_cache_size: int = Field(
+        default=64,
+        ge=0,
+        le=10_000,
+        description=(
+            "Statements each database connection keeps prepared. 0 turns the cache off: "
+            "required through PgBouncer in transaction mode before 1.21; from 1.21 set "
+            "PgBouncer's max_prepared_statements instead (docs/scaling.md, 'PgBouncer')"
+        ),
+    )
+    leader_lease_seconds: float = Field(
+        default=30.0,
+        ge=1,
+        le=3600,
+        description=(
+            "How long the sweeper's and the relay's leader lease lasts unless renewed (its "
+            "holder renews it every third of this). A leader that died is replaced after at "
+            "most this long; a leader that cannot renew stops acting before it expires "
+            "(docs/scaling.md, 'Leader leases')"
+        ),
+    )
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"

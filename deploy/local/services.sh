@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Local Kafka (KRaft, single node) + PostgreSQL for development and tests,
+# Local Kafka (KRaft, single node) + PostgreSQL (+ PgBouncer) for development and tests,
 # without Docker.  Kafka runs from jars fetched from Maven Central
 # (deploy/local/pom.xml) with the installed JDK; Postgres runs from the
 # distribution's server binaries.  Everything lives under one STATE_DIR and
@@ -7,13 +7,14 @@
 #
 # Usage: deploy/local/services.sh COMMAND [--clean] [STATE_DIR]
 #
-#   start          start Kafka and Postgres (idempotent: if they already run,
-#                  only reprint the env); prints the env lines on stdout
-#   stop [--clean] stop both (SIGTERM, then SIGKILL after 30 s for Kafka;
+#   start          start Kafka, Postgres and PgBouncer (idempotent: if they
+#                  already run, only reprint the env); prints the env lines
+#   stop [--clean] stop them (SIGTERM, then SIGKILL after 30 s for Kafka;
 #                  pg_ctl stop -m fast); --clean also deletes STATE_DIR
 #   clean          same as stop --clean
-#   env            print the env lines if both services are running
-#   status         show what is running (stderr), exit 0 if both run
+#   env            print the env lines if Kafka and Postgres are running
+#   status         show what is running (stderr), exit 0 if Kafka and
+#                  Postgres run
 #   stop-postgres / start-postgres   stop/restart only Postgres, same port
 #   stop-kafka    / start-kafka      stop/restart only Kafka, same ports
 #   env-secure     print the env lines of the secured (SASL_SSL) listener
@@ -24,14 +25,30 @@
 #                  SERVICES_AUTO_INSTALL=1; otherwise only says it is missing
 #                  (the test then skips, or fails under CI=true)
 #
-# STATE_DIR defaults to <repo>/.local/services.  stdout carries only the two
+# STATE_DIR defaults to <repo>/.local/services.  stdout carries only the
 # env lines, so this works:
 #     env_lines="$(deploy/local/services.sh start)" && eval "$env_lines"
 # which exports
 #     KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:<port>
 #     DATABASE_URL=postgresql://postgres@127.0.0.1:<port>/license
+#     PSEUDONYM_KEY_FILE=STATE_DIR/pseudonym.key
+#     PGBOUNCER_DATABASE_URL=postgresql://postgres@127.0.0.1:<port>/license
+#                          (only while PgBouncer runs; see below)
 # (the same lines are written to STATE_DIR/env).  All progress messages go
 # to stderr.
+#
+# PgBouncer (Debian's `pgbouncer` package) runs in front of that Postgres in
+# pool_mode=transaction, on a port of its own, for the tests that run the
+# worker through it (docs/scaling.md, "PgBouncer").  Every database of the
+# local Postgres is reachable through it under its own name.  Its client
+# authentication mirrors Postgres': the superuser `postgres` is trusted,
+# every other role gives its SCRAM password, which PgBouncer checks against
+# the verifier it reads from pg_shadow as `postgres` (auth_user, auth_query)
+# and passes on to Postgres (SCRAM pass-through): roles created later, by
+# `license-worker create-roles` or the tests, need no userlist entry.  When
+# the pgbouncer binary is missing it is installed with
+# SERVICES_AUTO_INSTALL=1, otherwise only reported: Kafka and Postgres start
+# anyway, and PGBOUNCER_DATABASE_URL is not printed.
 #
 # Beside the PLAINTEXT listener the broker always has a SASL_SSL listener on
 # a second free port: TLS with a throw-away CA and broker certificate
@@ -56,18 +73,22 @@
 #   KAFKA_START_TIMEOUT  seconds to wait for "Kafka Server started" (90)
 #   PG_BIN               Postgres server binaries (default: newest
 #                        /usr/lib/postgresql/*/bin, preferring 15)
+#   PGBOUNCER_BIN        the pgbouncer binary (default: on PATH, or
+#                        /usr/sbin/pgbouncer)
 #   SERVICES_AUTO_INSTALL=1
 #                        when running as root with apt-get, install missing
-#                        JDK/Maven/Postgres packages (and, for
+#                        JDK/Maven/Postgres/PgBouncer packages (and, for
 #                        require-libreoffice, LibreOffice) instead of failing.
 #                        Off by default: a script that silently changes the
 #                        system's packages is a surprise, and the Debian
 #                        postgresql package may also create/start its own
-#                        cluster on port 5432.  CI on a fresh machine can
+#                        cluster on port 5432 (and pgbouncer its own
+#                        service on 6432, unused here).  CI on a fresh machine can
 #                        set it.
 #
-# As root, Postgres runs as the `postgres` user (initdb refuses root); every
-# directory above STATE_DIR must then be traversable by that user.
+# As root, Postgres and PgBouncer run as the `postgres` user (initdb and
+# pgbouncer refuse root); every directory above STATE_DIR must then be
+# traversable by that user.
 #
 # Postgres accepts TLS and plain connections on the same port.  Its
 # certificate comes from a throw-away CA made with openssl at first start:
@@ -89,7 +110,7 @@ log() { printf '[services] %s\n' "$*" >&2; }
 die() { printf '[services] ERROR: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-  sed -n '8,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '8,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -127,12 +148,16 @@ PG_DIR="$STATE_DIR/pg"
 PG_DATA="$PG_DIR/data"
 PG_LOG="$PG_DIR/postgres.log"
 PG_TLS_DIR="$STATE_DIR/pg-tls"
+PGB_DIR="$STATE_DIR/pgbouncer"
+PGB_CONFIG="$PGB_DIR/pgbouncer.ini"
+PGB_PID="$PGB_DIR/pgbouncer.pid"
+PGB_LOG="$PGB_DIR/pgbouncer.log"
 PORTS_FILE="$STATE_DIR/ports"
 ENV_FILE="$STATE_DIR/env"
 SECURE_ENV_FILE="$STATE_DIR/env-secure"
 MARKER="$STATE_DIR/.local-services"   # lets `clean` know the dir is ours
 
-KAFKA_PORT="" CONTROLLER_PORT="" PG_PORT="" KAFKA_SECURE_PORT=""
+KAFKA_PORT="" CONTROLLER_PORT="" PG_PORT="" KAFKA_SECURE_PORT="" PGBOUNCER_PORT=""
 
 # ------------------------------------------------------------- small helpers
 is_root() { [ "$(id -u)" -eq 0 ]; }
@@ -181,14 +206,15 @@ load_ports() {
   [ -f "$PORTS_FILE" ] || return 1
   # shellcheck disable=SC1090
   . "$PORTS_FILE"
-  # KAFKA_SECURE_PORT may be missing: state dirs from before the secured
-  # listener get one in choose_ports.
+  # KAFKA_SECURE_PORT and PGBOUNCER_PORT may be missing: state dirs from
+  # before the secured listener or PgBouncer get one in choose_ports.
   [ -n "$KAFKA_PORT" ] && [ -n "$CONTROLLER_PORT" ] && [ -n "$PG_PORT" ]
 }
 
 save_ports() {
-  printf 'KAFKA_PORT=%s\nCONTROLLER_PORT=%s\nPG_PORT=%s\nKAFKA_SECURE_PORT=%s\n' \
-    "$KAFKA_PORT" "$CONTROLLER_PORT" "$PG_PORT" "$KAFKA_SECURE_PORT" >"$PORTS_FILE.tmp"
+  printf 'KAFKA_PORT=%s\nCONTROLLER_PORT=%s\nPG_PORT=%s\nKAFKA_SECURE_PORT=%s\nPGBOUNCER_PORT=%s\n' \
+    "$KAFKA_PORT" "$CONTROLLER_PORT" "$PG_PORT" "$KAFKA_SECURE_PORT" "$PGBOUNCER_PORT" \
+    >"$PORTS_FILE.tmp"
   mv "$PORTS_FILE.tmp" "$PORTS_FILE"
 }
 
@@ -196,6 +222,10 @@ env_lines() {
   printf 'export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:%s\n' "$KAFKA_PORT"
   printf 'export DATABASE_URL=postgresql://%s@127.0.0.1:%s/%s\n' "$PG_SUPERUSER" "$PG_PORT" "$PG_DB"
   printf 'export PSEUDONYM_KEY_FILE=%s\n' "$PSEUDONYM_KEY_FILE"
+  if pgbouncer_running; then
+    printf 'export PGBOUNCER_DATABASE_URL=postgresql://%s@127.0.0.1:%s/%s\n' \
+      "$PG_SUPERUSER" "$PGBOUNCER_PORT" "$PG_DB"
+  fi
 }
 
 # The worker's pseudonym key (docs/security.md): 32 random bytes as hexadecimal text, made
@@ -682,6 +712,132 @@ stop_postgres() {
   as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop </dev/null >&2 9>&-
 }
 
+# ---------------------------------------------------------------- PgBouncer
+find_pgbouncer() {
+  if [ -n "${PGBOUNCER_BIN:-}" ]; then
+    [ -x "$PGBOUNCER_BIN" ] || die "PGBOUNCER_BIN=$PGBOUNCER_BIN is not executable"
+    return
+  fi
+  PGBOUNCER_BIN="$(command -v pgbouncer 2>/dev/null || true)"
+  if [ -z "$PGBOUNCER_BIN" ] && [ -x /usr/sbin/pgbouncer ]; then PGBOUNCER_BIN=/usr/sbin/pgbouncer; fi
+}
+
+# True when pgbouncer is there (installed now with SERVICES_AUTO_INSTALL=1);
+# otherwise says so: the PgBouncer tests skip then (and fail under CI=true).
+require_pgbouncer() {
+  find_pgbouncer
+  [ -n "$PGBOUNCER_BIN" ] && return 0
+  if apt_install pgbouncer; then find_pgbouncer; fi
+  [ -n "$PGBOUNCER_BIN" ] && return 0
+  log "PgBouncer (pgbouncer) not found: not started; the PgBouncer tests skip (and fail under CI=true).
+    apt-get install -y pgbouncer
+(or rerun as root with SERVICES_AUTO_INSTALL=1)"
+  return 1
+}
+
+# Run PgBouncer as the postgres user when we are root (it refuses root).
+as_pgb() {
+  if is_root; then
+    (cd "$PGB_DIR" && runuser -u postgres -- "$@")
+  else
+    (cd "$PGB_DIR" && "$@")
+  fi
+}
+
+pgbouncer_pid() {
+  [ -f "$PGB_PID" ] || return 1
+  local pid
+  pid="$(cat "$PGB_PID" 2>/dev/null || true)"
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$PGB_CONFIG" || return 1
+  printf '%s\n' "$pid"
+}
+pgbouncer_running() { pgbouncer_pid >/dev/null; }
+
+# Rewritten on every start.  Transaction pooling, as in production
+# (docs/scaling.md, "PgBouncer"); small pools and a short idle timeout: the
+# tests make many databases, and every (database, user) pair has its pool.
+write_pgbouncer_config() {
+  mkdir -p "$PGB_DIR"
+  if is_root; then chown postgres: "$PGB_DIR"; chmod 700 "$PGB_DIR"; fi
+  as_pgb tee "$PGB_CONFIG" >/dev/null <<EOF
+; Generated by deploy/local/services.sh -- rewritten on every start.
+[databases]
+; Every database of the local Postgres, under the name the client asks for.
+* = host=127.0.0.1 port=$PG_PORT
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGBOUNCER_PORT
+unix_socket_dir =
+pidfile = $PGB_PID
+logfile = $PGB_LOG
+pool_mode = transaction
+; Clients as Postgres authenticates them (its pg_hba.conf): postgres is
+; trusted; other roles' SCRAM verifiers come from pg_shadow (auth_query as
+; auth_user), and SCRAM is passed through to Postgres.
+auth_type = hba
+auth_hba_file = $PGB_DIR/hba.conf
+auth_file = $PGB_DIR/userlist.txt
+auth_user = $PG_SUPERUSER
+admin_users = $PG_SUPERUSER
+default_pool_size = 20
+max_client_conn = 500
+server_idle_timeout = 30
+; In transaction mode PgBouncer runs it only with server_reset_query_always;
+; it matters in session mode.
+server_reset_query = DISCARD ALL
+; Sent by some drivers at start-up, harmless to drop. Not plan_cache_mode:
+; the worker does not send it with DATABASE_STATEMENT_CACHE_SIZE=0.
+ignore_startup_parameters = extra_float_digits
+log_connections = 0
+log_disconnections = 0
+EOF
+  as_pgb tee "$PGB_DIR/hba.conf" >/dev/null <<EOF
+# Generated by deploy/local/services.sh: PgBouncer's clients, as Postgres' own.
+host  all  $PG_SUPERUSER  127.0.0.1/32  trust
+host  all  all       127.0.0.1/32  scram-sha-256
+EOF
+  # The auth_user itself must be known to PgBouncer; no password (Postgres trusts it).
+  printf '"%s" ""\n' "$PG_SUPERUSER" | as_pgb tee "$PGB_DIR/userlist.txt" >/dev/null
+}
+
+start_pgbouncer() {
+  if pgbouncer_running; then log "PgBouncer already running on 127.0.0.1:$PGBOUNCER_PORT"; return; fi
+  write_pgbouncer_config
+  if [ -f "$PGB_LOG" ]; then as_pgb mv -f "$PGB_LOG" "$PGB_LOG.prev"; fi
+  log "starting PgBouncer on 127.0.0.1:$PGBOUNCER_PORT (pool_mode=transaction)"
+  as_pgb "$PGBOUNCER_BIN" -d "$PGB_CONFIG" </dev/null >&2 9>&- || {
+    tail -n 20 "$PGB_LOG" >&2 2>/dev/null || true
+    die "PgBouncer failed to start"
+  }
+  local i
+  for i in $(seq 1 50); do   # 10 s
+    if "$PG_BIN/psql" -h 127.0.0.1 -p "$PGBOUNCER_PORT" -U "$PG_SUPERUSER" -d "$PG_DB" -XtAq \
+        -c 'select 1' </dev/null >/dev/null 2>&1; then
+      log "PgBouncer started (pid $(pgbouncer_pid || echo '?'))"
+      return
+    fi
+    sleep 0.2
+  done
+  tail -n 20 "$PGB_LOG" >&2 2>/dev/null || true
+  die "PgBouncer does not answer on 127.0.0.1:$PGBOUNCER_PORT"
+}
+
+stop_pgbouncer() {
+  local pid
+  if ! pid="$(pgbouncer_pid)"; then
+    log "PgBouncer not running"
+    return
+  fi
+  log "stopping PgBouncer (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  local i
+  for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
+  log "PgBouncer stopped"
+}
+
 # --------------------------------------------------------------------- ports
 # For a fresh STATE_DIR pick new free ports.  For an existing one reuse the
 # saved ports of the services about to start (NAMES); with STRICT=1
@@ -695,9 +851,11 @@ choose_ports() {
       case "$name" in
         KAFKA_PORT|CONTROLLER_PORT|KAFKA_SECURE_PORT) kafka_running && continue ;;
         PG_PORT) pg_running && continue ;;
+        PGBOUNCER_PORT) pgbouncer_running && continue ;;
       esac
       if [ -z "${!name}" ]; then
-        # A state dir from before the secured listener: give it a port now.
+        # A state dir from before the secured listener or PgBouncer: give it
+        # a port now.
         new="$(free_ports 1)"
         log "choosing port $new for $name"
         printf -v "$name" '%s' "$new"
@@ -709,7 +867,8 @@ choose_ports() {
       fi
     done
   else
-    read -r KAFKA_PORT CONTROLLER_PORT PG_PORT KAFKA_SECURE_PORT <<<"$(free_ports 4)"
+    read -r KAFKA_PORT CONTROLLER_PORT PG_PORT KAFKA_SECURE_PORT PGBOUNCER_PORT \
+      <<<"$(free_ports 5)"
   fi
   save_ports
 }
@@ -728,7 +887,7 @@ require_state() {
 cmd_start() {
   take_lock
   touch "$MARKER"
-  if load_ports && kafka_running && pg_running; then
+  if load_ports && kafka_running && pg_running && { pgbouncer_running || ! require_pgbouncer; }; then
     log "already running in $STATE_DIR"
     write_env
     write_secure_env
@@ -737,10 +896,13 @@ cmd_start() {
   fi
   require_java_maven
   require_postgres
+  local with_pgbouncer=0
+  if require_pgbouncer; then with_pgbouncer=1; fi
   fetch_kafka_lib
-  choose_ports 0 KAFKA_PORT CONTROLLER_PORT KAFKA_SECURE_PORT PG_PORT
+  choose_ports 0 KAFKA_PORT CONTROLLER_PORT KAFKA_SECURE_PORT PG_PORT PGBOUNCER_PORT
   local t0=$SECONDS
   start_postgres
+  if [ "$with_pgbouncer" = 1 ]; then start_pgbouncer; fi
   start_kafka
   write_env
   write_secure_env
@@ -755,6 +917,7 @@ cmd_stop() {
   fi
   take_lock
   stop_kafka
+  stop_pgbouncer
   stop_postgres
   if [ "$CLEAN" = 1 ]; then
     if [ -f "$MARKER" ] || [ -z "$(ls -A "$STATE_DIR" | grep -v '^\.lock$' || true)" ]; then
@@ -785,6 +948,7 @@ cmd_status() {
   if ! load_ports 2>/dev/null; then log "no services in $STATE_DIR"; return 1; fi
   if kafka_running; then log "Kafka: running (pid $(kafka_pid)) 127.0.0.1:$KAFKA_PORT, SASL_SSL 127.0.0.1:${KAFKA_SECURE_PORT:-none}"; else log "Kafka: stopped"; ok=1; fi
   if pg_running; then log "Postgres: running 127.0.0.1:$PG_PORT"; else log "Postgres: stopped"; ok=1; fi
+  if pgbouncer_running; then log "PgBouncer: running (pid $(pgbouncer_pid)) 127.0.0.1:$PGBOUNCER_PORT"; else log "PgBouncer: stopped"; fi
   return $ok
 }
 

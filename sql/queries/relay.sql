@@ -1,11 +1,5 @@
--- The outbox relay (worker/licensing/relay.py): its cluster-wide lock, the license events
--- it publishes, and what `reconcile` compares with billing's view.
-
--- name: try_lock_relay
-SELECT pg_try_advisory_lock(hashtext('license-telemetry:relay'));
-
--- name: unlock_relay
-SELECT pg_advisory_unlock(hashtext('license-telemetry:relay'));
+-- The outbox relay (worker/licensing/relay.py; its leadership is a lease, leases.sql): the
+-- license events it publishes, and what `reconcile` compares with billing's view.
 
 -- name: pending_license_events
 -- The next events to publish as of $2 (the relay's clock): an allocation once settled, and

@@ -1,14 +1,6 @@
--- The sweeper (worker/licensing/sweeper.py): its cluster-wide lock, the silent devices it
--- releases, the outage guard's holds, trial ends and daily usage snapshots.
+-- The sweeper (worker/licensing/sweeper.py; its leadership is a lease, leases.sql): the
+-- silent devices it releases, the outage guard's holds, trial ends and daily usage snapshots.
 -- Row locks follow the one lock order stated at the top of licensing.sql.
-
--- name: try_lock_sweeper
--- Session lock: released when the sweep ends or its connection dies, so a crashed
--- sweeper's work is picked up by the next replica that tries.
-SELECT pg_try_advisory_lock(hashtext('license-telemetry:sweeper'));
-
--- name: unlock_sweeper
-SELECT pg_advisory_unlock(hashtext('license-telemetry:sweeper'));
 
 -- name: sweep_state
 SELECT scanned_until, last_run_at FROM sweep_state;

@@ -153,6 +153,8 @@ $schema$;
 --   0008's trigger records session_user as confirmed_by). Never its customer or held_at.
 -- - DELETE only on group_members (the purge deletes a purged user's memberships; a customer's
 --   erasure all of them) and legal_holds (`release-hold`).
+-- - leases (migration 0014): the sweeper and relay leaders take, renew, give up and check
+--   (FOR SHARE) their row; the rows themselves are the migration's.
 -- - reporter: the tables of sql/queries/report.sql, SELECT only.
 DO $tables$
 DECLARE
@@ -191,6 +193,7 @@ BEGIN
             ('worker', 'usage_snapshots', 'SELECT, INSERT'),
             ('worker', 'legal_holds', 'SELECT, INSERT, DELETE'),
             ('worker', 'erasure_audit', 'SELECT, INSERT'),
+            ('worker', 'leases', 'SELECT, UPDATE (holder, token, expires_at)'),
             ('reporter', 'customers', 'SELECT'),
             ('reporter', 'users', 'SELECT'),
             ('reporter', 'devices', 'SELECT'),

@@ -27,6 +27,8 @@ GLOBAL_TABLES = {
     "leader for the whole fleet; a reference table",
     "partition_retention": "where the kept rows of each partitioned table begin (migration "
     "0015): three rows at most, read by the report; a reference table",
+    "leases": "the sweeper's and the relay's leader leases, one row each: global by design, "
+    "one leader of each for the whole fleet; a reference table",
 }
 
 # Per-customer tables whose primary key (a bigserial `id`) does not lead with customer_id.

@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 
 from tests.integration.license_support import day, ingest, send, sweeper_at
 from tests.support import Services, make_settings, wait_until
+from worker.db.leases import Leadership
 from worker.licensing.relay import publish_pending_once
 from worker.licensing.sweeper import Sweeper
 from worker.settings import Settings
@@ -61,11 +62,11 @@ async def test_relay_gauges_are_withdrawn_on_a_replica_that_does_not_relay(
 ) -> None:
     await publish_pending_once(settings)
     assert REGISTRY.get_sample_value("license_worker_outbox_pending") == 0
-    # Another replica holds the relay lock: this one's figures are withdrawn, not kept.
+    # Another replica holds the relay lease: this one's figures are withdrawn, not kept.
     async with sweeper_at(settings, day(0)) as sweeper:
         repository = sweeper._repository
-        async with repository.exclusive("relay") as lock:
-            assert lock.acquired
+        async with Leadership(repository, "relay", "another-replica", 30.0) as another:
+            assert await another.acquire() is not None
             assert await publish_pending_once(settings) == 0
 
             async def withdrawn() -> bool:

@@ -33,12 +33,19 @@ from tests.support import (
 
 pytestmark = pytest.mark.integration
 
+LEASE_SECONDS = 2.0
+
 
 async def test_relay_killed_between_publish_and_mark_is_seen_once_by_billing(
     services: Services, database_url: str, topics: dict[str, str]
 ) -> None:
     settings = make_settings(
-        services, database_url, topics, sweep_enabled=False, relay_enabled=False
+        services,
+        database_url,
+        topics,
+        sweep_enabled=False,
+        relay_enabled=False,
+        leader_lease_seconds=LEASE_SECONDS,
     )
     devices = [*ALICE_DEVICES, KIOSK]
     total = await send(services, settings, [(d, "install", day(0)) for d in devices])
@@ -73,7 +80,10 @@ async def test_relay_killed_between_publish_and_mark_is_seen_once_by_billing(
         == 3
     )
 
-    assert await publish_outbox(settings) == 3  # the restarted relay publishes them again
+    # The killed relay's lease lapses (it never renews it again); then the restarted relay
+    # publishes them again.
+    await asyncio.sleep(LEASE_SECONDS + 0.2)
+    assert await publish_outbox(settings) == 3
     raw = await read_all(services.kafka_bootstrap_servers, settings.license_events_topic, 6)
     ids = Counter(orjson.loads(record.value)["event_id"] for record in raw)
     assert len(raw) == 6
@@ -93,7 +103,13 @@ async def test_relay_killed_between_publish_and_mark_is_seen_once_by_billing(
 async def test_two_run_processes_one_sweeps_and_the_other_takes_over(
     services: Services, database_url: str, topics: dict[str, str], tmp_path: Path
 ) -> None:
-    settings = make_settings(services, database_url, topics, sweep_interval_seconds=0.3)
+    settings = make_settings(
+        services,
+        database_url,
+        topics,
+        sweep_interval_seconds=0.3,
+        leader_lease_seconds=LEASE_SECONDS,
+    )
     first = WorkerProcess(settings, tmp_path / "first.log").start()
     second = WorkerProcess(settings, tmp_path / "second.log").start()
     try:
@@ -108,7 +124,7 @@ async def test_two_run_processes_one_sweeps_and_the_other_takes_over(
         assert '"sweep.finished"' not in other.log_text(), "only one replica sweeps"
         assert leader.log_text().count('"sweep.leader_elected"') == 1
 
-        leader.kill()
+        leader.kill()  # its lease lapses after LEASE_SECONDS, and the other takes it
 
         async def other_took_over() -> bool:
             return other.log_text().count('"sweep.finished"') >= 2

@@ -217,7 +217,9 @@ async def test_a_relay_killed_after_publishing_re_publishes_the_same_signatures(
     services: Services, database_url: str, topics: dict[str, str], tmp_path: Path
 ) -> None:
     key_file = write_keys(tmp_path / "license-events.json")
-    settings = signed_settings(services, database_url, topics, key_file, relay_enabled=False)
+    settings = signed_settings(
+        services, database_url, topics, key_file, relay_enabled=False, leader_lease_seconds=1
+    )
     devices = [*ALICE_DEVICES, KIOSK]
     total = await send(services, settings, [(d, "install", day(0)) for d in devices])
     await ingest(services, settings, day(0), total)
@@ -233,6 +235,7 @@ async def test_a_relay_killed_after_publishing_re_publishes_the_same_signatures(
         check=False,
     )
     assert crashed.returncode == -9, crashed.stderr.decode()
+    await asyncio.sleep(1.2)  # the killed relay's lease (1 s) lapses
     assert await publish_outbox(settings) == 3  # the restarted relay publishes them again
 
     records = await read_all(services.kafka_bootstrap_servers, settings.license_events_topic, 6)

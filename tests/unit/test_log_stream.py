@@ -137,6 +137,7 @@ AREAS = {
     "kafka",
     "relay",
     "sweep",
+    "lease",
     "monitor",
     "migration",
     "erasure",

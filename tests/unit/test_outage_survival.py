@@ -5,8 +5,6 @@ tests/integration/test_postgres_outages.py.)"""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,7 +78,7 @@ async def test_the_monitor_still_ends_on_a_bug() -> None:
 
 
 class LockUnreachable:
-    """A repository whose sweeper lock cannot be asked for `failures` times (Postgres down),
+    """A repository whose sweeper lease cannot be asked for `failures` times (Postgres down),
     then is held by another replica."""
 
     def __init__(self, failures: int, stopping: asyncio.Event) -> None:
@@ -94,14 +92,13 @@ class LockUnreachable:
 
         self.answers = DatabaseAnswers(probe)
 
-    @contextlib.asynccontextmanager
-    async def exclusive(self, name: str) -> AsyncIterator[Any]:
+    async def take_lease(self, lease: Any) -> bool:
         self.asked += 1
         if self.asked <= self.failures:
             raise ConnectionRefusedError(111, "refused")
         if self.asked > self.failures + 1:
             self.stopping.set()
-        yield type("Lock", (), {"acquired": False})()
+        return False
 
 
 async def test_the_sweeper_waits_for_postgres_instead_of_dying() -> None:

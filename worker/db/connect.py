@@ -37,7 +37,9 @@ async def connect_once(
     )
     variable = settings.report_database_variable() if for_reading else "DATABASE_URL"
     try:
-        repository = await Repository.connect(url, pool_size)
+        repository = await Repository.connect(
+            url, pool_size, statement_cache_size=settings.database_statement_cache_size
+        )
     except Exception as error:
         raise connection_failure(url, error, variable) from None
     try:

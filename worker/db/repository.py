@@ -1,47 +1,22 @@
-"""The pool: transactions, read-only snapshots, cluster-wide locks and one-off statements,
-each on a connection of its own."""
+"""The pool: transactions, read-only snapshots, leader leases and one-off statements, each on
+a connection of its own."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import copy
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
 
+from worker.db.leases import Lease, LeaseLost
 from worker.db.migrations import MigrationTimeouts, apply_migrations
 from worker.db.roles import DatabaseRoles, set_up_roles
 from worker.db.session import Session
 from worker.db.sql_files import Migration, query
 from worker.db.wait import DatabaseAnswers, database_answers
-
-_CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
-
-
-class ClusterLock:
-    def __init__(self, connection: asyncpg.Connection, name: str) -> None:
-        self._connection = connection
-        self._name = name
-        self.acquired = False
-
-    async def try_acquire(self) -> bool:
-        self.acquired = bool(await self._connection.fetchval(query(f"try_lock_{self._name}")))
-        return self.acquired
-
-    async def still_held(self) -> bool:
-        if not self.acquired:
-            return False
-        try:
-            await self._connection.fetchval("SELECT 1")
-        except _CONNECTION_ERRORS:
-            self.acquired = False
-        return self.acquired
-
-    async def release(self) -> None:
-        if self.acquired and not self._connection.is_closed():
-            with contextlib.suppress(*_CONNECTION_ERRORS):
-                await self._connection.fetchval(query(f"unlock_{self._name}"))
-        self.acquired = False
 
 
 class Repository:
@@ -49,21 +24,23 @@ class Repository:
         self._pool = pool
         # What the loops that use this pool wait on after a transient error.
         self.answers = DatabaseAnswers(lambda: database_answers(database_url))
+        # The lease every transaction of this view checks first (`fenced`).
+        self._fence: Lease | None = None
 
     @classmethod
-    async def connect(cls, database_url: str, pool_size: int) -> Repository:
+    async def connect(
+        cls, database_url: str, pool_size: int, *, statement_cache_size: int = 64
+    ) -> Repository:
+        """`statement_cache_size` (DATABASE_STATEMENT_CACHE_SIZE): statements kept prepared
+        per connection; 0 for PgBouncer in transaction mode before 1.21 (docs/scaling.md)."""
         pool = await asyncpg.create_pool(
             database_url,
             min_size=1,
             max_size=pool_size,
             command_timeout=60,
             # Statements are few and fixed; keep them prepared per connection.
-            statement_cache_size=64,
-            # ...but plan them on every execution: a generic plan made while a table was small
-            # (a fresh database, a new customer's fleet) keeps sequential scans long after
-            # the table grew, until autovacuum happens to analyze it. Planning costs far less
-            # than a batch statement.
-            server_settings={"plan_cache_mode": "force_custom_plan"},
+            statement_cache_size=statement_cache_size,
+            server_settings=_server_settings(statement_cache_size),
         )
         return cls(pool, database_url)
 
@@ -82,6 +59,7 @@ class Repository:
             transaction = connection.transaction()
             await transaction.start()
             try:
+                await self._check_fence(connection)
                 yield Session(connection)
             except BaseException:
                 await transaction.rollback()
@@ -102,18 +80,55 @@ class Repository:
         ):
             yield Session(connection)
 
-    @contextlib.asynccontextmanager
-    async def exclusive(self, name: str) -> AsyncIterator[ClusterLock]:
-        """Tries the named cluster-wide lock (`sweeper`, `relay`) for the block. The lock
-        lives on its own connection and dies with it, so a crashed holder never blocks the
-        others; `ClusterLock.still_held()` tells whether that connection is still alive."""
+    def fenced(self, lease: Lease) -> Repository:
+        """This pool, for a leader's work: every transaction, and every `execute`, first
+        checks that `lease` is still this replica's (FOR SHARE, held to the commit) and
+        raises LeaseLost otherwise. Reads outside a transaction (`fetch`) are not checked:
+        they do nothing."""
+        view = copy.copy(self)
+        view._fence = lease
+        return view
+
+    async def _check_fence(self, connection: asyncpg.Connection) -> None:
+        lease = self._fence
+        if lease is None:
+            return
+        if not lease.held:
+            raise LeaseLost(lease.name)
+        token = await connection.fetchval(
+            query("lease_held"), lease.name, lease.holder, lease.token
+        )
+        if token is None:
+            lease.give_up("expired or taken by another replica")
+            raise LeaseLost(lease.name)
+
+    async def take_lease(self, lease: Lease) -> bool:
+        """Takes `lease` if it expired (or renews it if already its holder's)."""
+        asked_at = asyncio.get_running_loop().time()
         async with self._pool.acquire() as connection:
-            lock = ClusterLock(connection, name)
-            await lock.try_acquire()
-            try:
-                yield lock
-            finally:
-                await lock.release()
+            token = await connection.fetchval(
+                query("take_lease"), lease.name, lease.holder, lease.duration
+            )
+        if token is None:
+            return False
+        lease.renewed(token, asked_at)
+        return True
+
+    async def renew_lease(self, lease: Lease) -> bool:
+        """Extends `lease` from now; False once it is no longer its holder's."""
+        asked_at = asyncio.get_running_loop().time()
+        async with self._pool.acquire() as connection:
+            token = await connection.fetchval(
+                query("renew_lease"), lease.name, lease.holder, lease.token, lease.duration
+            )
+        if token is None:
+            return False
+        lease.renewed(token, asked_at)
+        return True
+
+    async def release_lease(self, lease: Lease) -> None:
+        async with self._pool.acquire() as connection:
+            await connection.execute(query("release_lease"), lease.name, lease.holder, lease.token)
 
     async def fetch(self, name: str, *arguments: Any) -> list[asyncpg.Record]:
         """Runs a named read-only query outside any explicit transaction."""
@@ -121,6 +136,9 @@ class Repository:
             return list(await connection.fetch(query(name), *arguments))
 
     async def execute(self, name: str, *arguments: Any) -> str:
+        if self._fence is not None:
+            async with self.transaction() as session:
+                return await session.execute(name, *arguments)
         async with self._pool.acquire() as connection:
             return str(await connection.execute(query(name), *arguments))
 
@@ -148,3 +166,16 @@ class Repository:
         """Creates and grants the service's roles (worker.db.roles.set_up_roles)."""
         async with self._pool.acquire() as connection:
             await set_up_roles(connection, roles, *verifiers)
+
+
+def _server_settings(statement_cache_size: int) -> dict[str, str]:
+    """With prepared statements kept, Postgres would switch one to a generic plan after five
+    executions: a plan made while a table was small (a fresh database, a new customer's
+    fleet) keeps sequential scans long after the table grew, until autovacuum happens to
+    analyze it. So plan them on every execution; planning costs far less than a batch
+    statement. Without the cache (PgBouncer before 1.21) every statement is parsed again at
+    each execution and so always planned with its parameters: the start-up parameter, which
+    PgBouncer refuses, is not sent (docs/scaling.md, "PgBouncer")."""
+    if statement_cache_size == 0:
+        return {}
+    return {"plan_cache_mode": "force_custom_plan"}

@@ -138,8 +138,11 @@ class Session:
     ) -> AsyncIterator[asyncpg.Record]:
         """The rows of a named query through a server-side cursor, `prefetch` at a time:
         memory stays bounded however many rows match. Cursors live in a transaction, which
-        every session has."""
-        cursor = self._connection.cursor(query(name), *arguments, prefetch=prefetch)
+        every session has. The cursor's statement is unnamed (`prepare`): a named one would
+        outlive the transaction on PgBouncer's server connection, shared with other clients
+        (docs/scaling.md, "PgBouncer")."""
+        statement = await self._connection.prepare(query(name))
+        cursor = statement.cursor(*arguments, prefetch=prefetch)
         async for record in cursor:
             yield record
 

@@ -41,7 +41,9 @@ async def database_answers(database_url: str) -> bool:
     connection (never one of a pool's) within PROBE_TIMEOUT_SECONDS. A refusal is an answer."""
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
-            connection = await asyncpg.connect(database_url)
+            # No prepared statement: through PgBouncer in transaction mode a named one would
+            # stay behind on a server connection that other clients get next.
+            connection = await asyncpg.connect(database_url, statement_cache_size=0)
             try:
                 await connection.fetchval("SELECT 1")
             finally:

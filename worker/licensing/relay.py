@@ -1,5 +1,6 @@
 """The outbox relay: publishes pending license events in the order they were decided, then
-marks them published. One replica at a time (advisory lock), so per-customer order holds,
+marks them published. One replica at a time (the leader lease, worker/db/leases.py, checked
+by every transaction of its work), so per-customer order holds,
 except that an allocation waits until it has settled (`settles_at`, on the relay's clock):
 events of other subjects decided after it may go first. A subject's own events keep their
 order, since a decision about a subject with an unsettled allocation withdraws it or keeps
@@ -32,6 +33,7 @@ import structlog
 from worker.clock import Clock, SystemClock
 from worker.db.connect import connect_once
 from worker.db.errors import is_no_answer, is_transient_database_error
+from worker.db.leases import Leadership, LeaseLost, lease_holder
 from worker.db.repository import Repository
 from worker.db.session import Session
 from worker.db.wait import pause, wait_to_retry
@@ -70,10 +72,24 @@ class Relay:
         self._producer = producer
         self._signing_keys = settings.license_events_signing_keys()
         self._next_prune_at: datetime | None = None
+        # Kept from pass to pass: the leader stays the leader until it stops (`close`).
+        self._leadership = Leadership(
+            repository, "relay", lease_holder(settings.replica_id), settings.leader_lease_seconds
+        )
+
+    async def close(self) -> None:
+        """Gives the relay lease up, so another replica takes over at once."""
+        await self._leadership.close()
 
     async def run_forever(self, stopping: asyncio.Event) -> None:
         """Publishes what is pending every `relay_poll_seconds` (at once again after a pass
         that published), retrying a failed pass until it succeeds or the worker stops."""
+        try:
+            await self._run_until(stopping)
+        finally:
+            await self.close()
+
+    async def _run_until(self, stopping: asyncio.Event) -> None:
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
 
         async def wait(error: Exception) -> None:
@@ -121,49 +137,58 @@ class Relay:
 
     async def publish_pending(self) -> int:
         """Publishes every pending event, then prunes the outbox (while this replica holds
-        the relay lock)."""
+        the relay lease)."""
         total = 0
-        async with self._repository.exclusive("relay") as lock:
-            if not lock.acquired:
-                # Another replica relays: its backlog figures are the ones that count.
-                metrics.OUTBOX_PENDING.withdraw()
-                metrics.OUTBOX_OLDEST_AGE.withdraw()
-                return 0
-            while published := await self._publish_batch():
+        lease = await self._leadership.acquire()
+        if lease is None:
+            self._withdraw_backlog()  # another replica relays: its figures count
+            return 0
+        work = self._repository.fenced(lease)
+        try:
+            while published := await self._publish_batch(work):
                 total += published
             if self._prune:
-                await self._prune_without_holding_up_publication()
+                await self._prune_without_holding_up_publication(work)
+        except LeaseLost:
+            self._withdraw_backlog()  # logged as lease.lost; another replica relays now
+            return total
         await self._report_backlog()
         return total
 
-    async def _prune_without_holding_up_publication(self) -> None:
+    def _withdraw_backlog(self) -> None:
+        metrics.OUTBOX_PENDING.withdraw()
+        metrics.OUTBOX_OLDEST_AGE.withdraw()
+
+    async def _prune_without_holding_up_publication(self, work: Repository) -> None:
         """A prune Postgres refuses (no EXECUTE on the function: `create-roles` not run
         again after `migrate`) is logged, and tried again a PRUNE_EVERY later; publication
         goes on. An outage (no answer) is raised as any other, and retried."""
         try:
-            await self.prune_published()
+            await self.prune_published(work)
         except asyncpg.PostgresError as error:
             if is_no_answer(error):
                 raise
             log.error("relay.prune_refused", **error_fields(error))
             self._next_prune_at = self._clock.now() + PRUNE_EVERY
 
-    async def prune_published(self) -> int:
+    async def prune_published(self, work: Repository) -> int:
         """Deletes events published more than `outbox_retention_days` before the relay's
         clock, a batch per transaction, at most PRUNE_BATCHES_PER_PASS batches; then waits
-        PRUNE_EVERY once nothing is left to prune. Call while holding the relay lock."""
+        PRUNE_EVERY once nothing is left to prune. `work`: the repository fenced by the
+        relay lease."""
         now = self._clock.now()
         if self._next_prune_at is not None and now < self._next_prune_at:
             return 0
         retention = timedelta(days=self._settings.outbox_retention_days)
         total = 0
         for _ in range(PRUNE_BATCHES_PER_PASS):
-            [row] = await self._repository.fetch(
-                "prune_published_license_events",
-                now,
-                retention,
-                self._settings.outbox_prune_batch_size,
-            )
+            async with work.transaction() as session:
+                [row] = await session.fetch(
+                    "prune_published_license_events",
+                    now,
+                    retention,
+                    self._settings.outbox_prune_batch_size,
+                )
             pruned = int(row["pruned"])
             metrics.OUTBOX_PRUNED.inc(pruned)
             total += pruned
@@ -176,8 +201,8 @@ class Relay:
             )
         return total
 
-    async def _publish_batch(self) -> int:
-        async with self._repository.transaction() as session:
+    async def _publish_batch(self, work: Repository) -> int:
+        async with work.transaction() as session:
             rows = await session.fetch(
                 "pending_license_events", self._settings.relay_batch_size, self._clock.now()
             )
@@ -231,7 +256,10 @@ async def publish_pending_once(
     try:
         await start_once("kafka-producer", producer.start, settings)
         relay = Relay(settings, repository, producer, clock=clock, prune=prune)
-        return await relay.publish_pending()
+        try:
+            return await relay.publish_pending()
+        finally:
+            await relay.close()
     finally:
         await producer.stop()
         await repository.close()

@@ -1,4 +1,5 @@
-"""The license sweeper: one pass every interval, by one replica at a time (advisory lock).
+"""The license sweeper: one pass every interval, by one replica at a time (the leader lease,
+worker/db/leases.py: every transaction of a pass checks it).
 A pass releases licenses silent past the window and holds suspicious mass releases
 (`releases.py`), purges personal data past the retention (`purges.py`), ends trials
 (`trials.py`), tells billing about subscriptions over their seats (`seats.py`) and
@@ -12,7 +13,6 @@ It only reads the clock, calls the pure rules, writes and sleeps: the decisions 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
@@ -21,6 +21,7 @@ import structlog
 
 from worker.clock import Clock
 from worker.db.errors import is_transient_database_error
+from worker.db.leases import Leadership, Lease, LeaseLost, lease_holder
 from worker.db.repository import Repository
 from worker.db.wait import wait_to_retry
 from worker.licensing.partitions import maintain_partitions_logged
@@ -64,18 +65,31 @@ class Sweeper:
         self._end_offsets = end_offsets
         self._clock = clock
         self._stopping = stopping or asyncio.Event()
-        self._releases = Releases(settings, repository, stopping=self._stopping, beat=beat)
-        self._purges = Purges(settings, repository, clock)
+        self._holder = lease_holder(settings.replica_id)
+        self._work_on(repository)
+
+    def _work_on(self, repository: Repository) -> None:
+        """The repository a pass writes through: the leader's, fenced by its lease."""
+        self._work = repository
+        self._releases = Releases(
+            self._settings, repository, stopping=self._stopping, beat=self._beat
+        )
+        self._purges = Purges(self._settings, repository, self._clock)
+
+    def _leadership(self) -> Leadership:
+        return Leadership(
+            self._repository, "sweeper", self._holder, self._settings.leader_lease_seconds
+        )
 
     async def run_forever(self) -> None:
-        """Competes for the sweeper lock; the replica that holds it sweeps every interval
-        until it stops or loses its database connection, then another one takes over. When
-        Postgres is away, it waits until it answers and competes again at once."""
+        """Competes for the sweeper lease; the replica that holds it sweeps every interval
+        until it stops or loses the lease, then another one takes over. When Postgres is
+        away, it waits until it answers and competes again at once."""
         backoff = Backoff(self._settings.retry_initial_seconds, self._settings.retry_max_seconds)
         while not self._stopping.is_set():
             try:
                 another_replica_sweeps = not await self._lead_while_held()
-                backoff.reset()  # led until the lock's connection was lost
+                backoff.reset()
             except Exception as error:
                 if not is_transient_database_error(error):
                     raise
@@ -84,7 +98,7 @@ class Sweeper:
             if another_replica_sweeps:
                 await self._sleep(self._settings.sweep_interval_seconds)
             elif not self._stopping.is_set():
-                # The lock's connection was lost, or the lock could not be asked for.
+                # The lease could not be asked for: Postgres did not answer.
                 await wait_to_retry(
                     self._repository.answers,
                     backoff,
@@ -94,41 +108,54 @@ class Sweeper:
                 )
 
     async def _lead_while_held(self) -> bool:
-        """Sweeps every interval while this replica holds the lock; False if another does."""
-        async with self._repository.exclusive("sweeper") as lock:
-            if not lock.acquired:
+        """Sweeps every interval while this replica holds the lease; False if another does,
+        or took it over (then this replica competes again after an interval)."""
+        async with self._leadership() as leadership:
+            lease = await leadership.acquire()
+            if lease is None:
                 return False
-            log.info("sweep.leader_elected")
+            log.info("sweep.leader_elected", lease_token=lease.token)
+            self._work_on(self._repository.fenced(lease))
             try:
                 await self._publish_totals()  # true from the election, not after a pass
-                while await lock.still_held() and not self._stopping.is_set():
+                while lease.held and not self._stopping.is_set():
                     await self._run_logged()
-                    await self._sleep(self._settings.sweep_interval_seconds)
+                    await self._sleep(self._settings.sweep_interval_seconds, lease)
             finally:
                 _withdraw_leader_gauges()
-            return True
+            return self._stopping.is_set()
 
     async def _run_logged(self) -> None:
         try:
             await self._run(dry_run=False)
         except SweepInterrupted:
             log.info("sweep.interrupted_for_shutdown")
+        except LeaseLost:
+            pass  # logged as lease.lost; another replica sweeps now
         except Exception as error:
             # A failed run is retried at the next interval; its work is idempotent.
             metrics.SWEEP_FAILURES.inc()
             log.error("sweep.failed", **error_fields(error))
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float, lease: Lease | None = None) -> None:
+        """Until `seconds` passed, the worker stops, or `lease` is lost."""
         self._beat()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        events = [self._stopping] if lease is None else [self._stopping, lease.lost]
+        waits = [asyncio.ensure_future(event.wait()) for event in events]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def run_once(self, *, dry_run: bool = False) -> SweepReport:
         """One pass, if no other replica is sweeping (`ran` is False otherwise)."""
-        async with self._repository.exclusive("sweeper") as lock:
-            if not lock.acquired:
+        async with self._leadership() as leadership:
+            lease = await leadership.acquire()
+            if lease is None:
                 log.info("sweep.skipped_another_replica_sweeping")
                 return SweepReport(now=self._clock.now(), dry_run=dry_run, ran=False)
+            self._work_on(self._repository.fenced(lease))
             return await self._run(dry_run=dry_run)
 
     async def _run(self, *, dry_run: bool) -> SweepReport:
@@ -139,12 +166,12 @@ class Sweeper:
         # Independent of ingestion lag: trials end by the clock, and billing gets a snapshot
         # every day even while ingestion is behind.
         event_key = self._settings.event_id_key()
-        await end_trials(self._repository, report, dry_run, event_key)
-        await check_seats(self._repository, report, dry_run, event_key)
+        await end_trials(self._work, report, dry_run, event_key)
+        await check_seats(self._work, report, dry_run, event_key)
         if self._settings.usage_snapshots_enabled:
-            await take_usage_snapshots(self._repository, report, dry_run, event_key)
+            await take_usage_snapshots(self._work, report, dry_run, event_key)
         if not dry_run:
-            await maintain_partitions_logged(self._repository, self._settings, now)
+            await maintain_partitions_logged(self._work, self._settings, now)
         duration = asyncio.get_running_loop().time() - started
         if not dry_run:
             metrics.SWEEP_LAST_SUCCESS.set(time.time())
@@ -171,7 +198,7 @@ class Sweeper:
         await self._releases.apply_confirmed_holds(decision_time, report, dry_run)
         await self._purges.purge(decision_time, report, dry_run)
         if not dry_run:
-            await self._repository.execute("save_sweep_state", report.scanned_until, report.now)
+            await self._work.execute("save_sweep_state", report.scanned_until, report.now)
 
     async def _decision_time(self, report: SweepReport) -> datetime | None:
         """`now`, or less while ingestion is behind: our own lag must not look like silence."""

@@ -170,13 +170,14 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=65_536, ge=256, le=10_485_760)
     future_tolerance_seconds: float = Field(default=300.0, ge=0)
     rebalance_flush_timeout_seconds: float = Field(
-        default=25.0,
+        default=8.0,
         gt=0,
-        le=25,
+        le=30,
         description=(
             "How long a revocation waits for the batch in hand to commit. The group waits "
-            "this + 10 s for the member to rejoin (rebalance_timeout_ms), which must stay "
-            "under the 40 s a client waits for a JoinGroup answer (docs/operations.md)."
+            "this + 2 s for a member to rejoin (rebalance_timeout_ms), also for a member "
+            "that died while joining; it must stay under the 40 s a client waits for a "
+            "JoinGroup answer (docs/operations.md)."
         ),
     )
 

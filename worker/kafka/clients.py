@@ -36,7 +36,7 @@ READ_BATCH_RECORDS = 100
 CONSUMER_STOP_GRACE_SECONDS = 10.0
 # How much longer than REBALANCE_FLUSH_TIMEOUT_SECONDS the group coordinator waits for a
 # member to rejoin: the revocation's flush runs before the member rejoins.
-REJOIN_MARGIN_SECONDS = 10.0
+REJOIN_MARGIN_SECONDS = 2.0
 # aiokafka's default, said out loud: no request of a consumer, JoinGroup included, waits longer.
 CONSUMER_REQUEST_TIMEOUT_MS = 40_000
 
@@ -58,11 +58,11 @@ def create_consumer(settings: Settings, group_id: str | None = None) -> AIOKafka
         # Round robin too, so that a group still joins while a member of an older release
         # (round robin only) is in it; the worker then writes every heartbeat.
         partition_assignment_strategy=(RangePartitionAssignor, RoundRobinPartitionAssignor),
-        # aiokafka's default is the session timeout (10 s): a member whose revocation waits
-        # longer for its batch's commit (Postgres restarting) was dropped from the group,
-        # rejoined, and started another rebalance. Dead members are still dropped after the
-        # session timeout. A JoinGroup's answer waits for the rebalance, so it must come
-        # within the request timeout (settings cap the flush timeout at 25 s: 35 < 40 s).
+        # Longer than the revocation's flush: a member whose flush outlasted it (Postgres
+        # restarting) was dropped from the group, rejoined, and started another rebalance.
+        # Not much longer: a member killed while its JoinGroup waits is dropped only after
+        # this, and every member waits with it. A JoinGroup's answer must come within the
+        # request timeout (settings cap the flush timeout at 30 s: 32 < 40 s).
         rebalance_timeout_ms=int(
             (settings.rebalance_flush_timeout_seconds + REJOIN_MARGIN_SECONDS) * 1000
         ),

@@ -428,11 +428,19 @@ def size_fleet(
         server_pool=server_pool,
         state_gb=state_gb,
         state_compact_gb=state_compact_gb,
-        growth_gb_per_month=sum(growth.values()),
+        growth_gb_per_month=sum(
+            gb for table, gb in growth.items() if _kept_a_month_or_more(table, assumptions)
+        ),
         retained_gb=state_gb + retained,
         rows_per_month=monthly,
         growth_gb_per_month_by_table=growth,
     )
+
+
+def _kept_a_month_or_more(table: str, assumptions: Assumptions) -> bool:
+    """A table that keeps less than a month (the outbox) stops growing within the month."""
+    months = assumptions.retention_months(table)
+    return months is None or months >= 1
 
 
 def state_size_gb(devices: int, storage: StorageBasis, bytes_per_row: Mapping[str, float]) -> float:
@@ -501,13 +509,14 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "storage growth, GB a month",
-        "Σ tables (devices * Σ kinds rate * rows/event + customers * days * rows/customer-day)"
-        " * bytes/row",
+        "Σ tables kept a month or more (devices * Σ kinds rate * rows/event"
+        " + customers * days * rows/customer-day) * bytes/row",
         "storage: phases, bytes/row; rates assumed",
     ),
     (
         "size once retention is reached, GB",
-        "fleet state + Σ tables growth * months kept (device_history: 25)",
+        "fleet state + Σ tables growth * months kept (outbox: 7 days; device_history,"
+        " kept for ever: 25 months shown)",
         "storage; #15 part 3's retentions",
     ),
 )
@@ -527,7 +536,7 @@ def table_cells(size: FleetSize) -> list[str]:
         f"{size.client_connections_max:,}",
         f"{size.server_pool}",
         f"{size.state_gb:,.1f} ({size.state_compact_gb:,.1f})",
-        f"{size.growth_gb_per_month:,.1f}",
+        f"{size.growth_gb_per_month:,.2f}",
         f"{size.retained_gb:,.0f}",
     ]
 
@@ -545,16 +554,19 @@ def markdown_table(sizes: list[FleetSize]) -> str:
     return "\n".join(lines)
 
 
-def growth_table(sizes: list[FleetSize]) -> str:
-    """Rows and GB a month per growing table (the storage growth row, split)."""
-    header = ["table", *(f"{s.devices / 1e6:g}M: rows, GB a month" for s in sizes)]
+def growth_table(sizes: list[FleetSize], assumptions: Assumptions) -> str:
+    """Rows and GB a month per growing table (the storage growth row, split), and how long
+    each table keeps them."""
+    header = ["table", *(f"{s.devices / 1e6:g}M: rows, GB a month" for s in sizes), "kept"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for table in GROWING_TABLES:
         cells = [
             f"{s.rows_per_month[table]:,.0f}, {s.growth_gb_per_month_by_table[table]:,.2f}"
             for s in sizes
         ]
-        lines.append("| " + " | ".join([f"`{table}`", *cells]) + " |")
+        months = assumptions.retention_months(table)
+        kept = "for ever" if months is None else f"{months:.3g} months"
+        lines.append("| " + " | ".join([f"`{table}`", *cells, kept]) + " |")
     return "\n".join(lines)
 
 
@@ -628,7 +640,7 @@ def main() -> None:
         parser.exit(2, f"sizing: {error}\n")
     print(markdown_table(sizes))
     print()
-    print(growth_table(sizes))
+    print(growth_table(sizes, assumptions))
     print()
     print(basis_table(cpu, storage))
 

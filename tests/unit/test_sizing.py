@@ -326,3 +326,20 @@ def test_the_compact_fleet_state_uses_the_sizes_after_vacuum_full() -> None:
     size = size_fleet(1_000_000, CPU, storage, Assumptions())
     assert size.state_gb == pytest.approx(1_000_000 * 1_500 / 1e9)
     assert size.state_compact_gb == pytest.approx(1_000_000 * 1_000 / 1e9)
+
+
+def test_the_table_in_docs_scaling_md_is_the_commands_output() -> None:
+    """docs/scaling.md shows the sizing of the committed measurements: rerun
+    `python -m scripts.sizing` and paste its first two tables when they change."""
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.sizing"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    document = (REPO_ROOT / "docs" / "scaling.md").read_text()
+    sizing, growth = done.stdout.split("\n\n")[:2]
+    stale = [line for line in (sizing + "\n" + growth).splitlines() if line not in document]
+    assert not stale, "docs/scaling.md's sizing is not the script's output:\n" + "\n".join(stale)

@@ -59,17 +59,29 @@ DEFAULT_OUTPUT = REPO_ROOT / ".local" / "storage-growth.json"
 # An index's metapage is there even when the table is empty: not a cost of a row.
 INDEX_METAPAGE_BYTES = 8192
 
+# Per table of the public schema, a partitioned one (#15 part 3) with its partitions summed
+# (the parent has no storage of its own): every leaf table's forks, indexes and TOAST.
 TABLE_SIZES = """
-SELECT c.relname AS table_name,
-       pg_total_relation_size(c.oid) AS total_bytes,
-       pg_relation_size(c.oid) AS heap_bytes,
-       pg_indexes_size(c.oid) AS index_bytes,
-       COALESCE(pg_relation_size(NULLIF(c.reltoastrelid, 0)), 0) AS toast_bytes,
-       (SELECT count(*) FROM pg_index AS i WHERE i.indrelid = c.oid) AS indexes
+SELECT COALESCE(pg_partition_root(c.oid), c.oid)::regclass::text AS table_name,
+       count(*) AS partitions,
+       sum(pg_total_relation_size(c.oid))::bigint AS total_bytes,
+       sum(pg_relation_size(c.oid))::bigint AS heap_bytes,
+       sum(pg_indexes_size(c.oid))::bigint AS index_bytes,
+       sum(COALESCE(pg_relation_size(NULLIF(c.reltoastrelid, 0)), 0))::bigint AS toast_bytes,
+       sum((SELECT count(*) FROM pg_index AS i WHERE i.indrelid = c.oid))::bigint AS indexes
 FROM pg_class AS c
 JOIN pg_namespace AS n ON n.oid = c.relnamespace
-WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')
-ORDER BY c.relname
+WHERE n.nspname = 'public' AND c.relkind = 'r'
+GROUP BY 1
+ORDER BY 1
+"""
+
+# Tables as the sizing sees them: a partitioned table, not its partitions.
+ROOT_TABLES = """
+SELECT c.relname
+FROM pg_class AS c
+JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
 """
 
 
@@ -116,13 +128,7 @@ class Simulation:
 async def row_counts(url: str) -> dict[str, int]:
     connection = await asyncpg.connect(url)
     try:
-        tables = [
-            row["relname"]
-            for row in await connection.fetch(
-                "SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n "
-                "ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')"
-            )
-        ]
+        tables = [row["relname"] for row in await connection.fetch(ROOT_TABLES)]
         return {
             table: int(await connection.fetchval(f'SELECT count(*) FROM "{table}"'))
             for table in sorted(tables)
@@ -162,6 +168,7 @@ async def _sizes(url: str, vacuum: str) -> dict[str, dict[str, Any]]:
             )
             sizes[row["table_name"]] = {
                 "rows": rows,
+                "partitions": row["partitions"],
                 "total_bytes": row["total_bytes"],
                 "heap_bytes": row["heap_bytes"],
                 "index_bytes": row["index_bytes"],
@@ -275,14 +282,21 @@ async def simulate(simulation: Simulation) -> None:
     )
 
 
-async def measure(args: argparse.Namespace) -> dict[str, Any]:
+def services_from_environment() -> Services:
     kafka, database = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("DATABASE_URL")
     if not kafka or not database or not os.environ.get("PSEUDONYM_KEY_FILE"):
         raise SystemExit(
             "KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and PSEUDONYM_KEY_FILE must be set: "
             'eval "$(bash deploy/local/services.sh start)"'
         )
-    services = Services(kafka, database)
+    return Services(kafka, database)
+
+
+async def measure_fleet(
+    services: Services, customers: int, devices_per_customer: int
+) -> dict[str, Any]:
+    """The simulation in a fresh database and fresh topics (both removed afterwards), and
+    its result as written to the JSON file."""
     url = await services.create_database("license_storage")
     began = time.perf_counter()
     try:
@@ -290,7 +304,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         await migrate_database(services.owner_url(url))
         await services.set_up_roles(url)  # the grants on the tables the migrations made
         topics = fresh_topic_names()
-        await create_topics(kafka, topics, partitions=4)
+        await create_topics(services.kafka_bootstrap_servers, topics, partitions=4)
+        key_file = os.environ.get("PSEUDONYM_KEY_FILE")
         settings = make_settings(
             services,
             services.worker_url(url),
@@ -298,14 +313,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             # Production defaults (the tests' helpers set 0 for both).
             last_seen_precision_seconds=900,
             allocation_settle_seconds=300,
-            pseudonym_key_file=Path(os.environ["PSEUDONYM_KEY_FILE"]),
             # Only the sweeps of the phases run (a sweeper inside the ingesting worker would
             # take snapshots and release at the ingestion's times).
             sweep_enabled=False,
+            **({"pseudonym_key_file": Path(key_file)} if key_file else {}),
         )
         # The sweeper compares its clock with the broker's timestamps: start a day ago.
         start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
-        fleet = build_fleet(args.customers, args.devices_per_customer, seed=8)
+        fleet = build_fleet(customers, devices_per_customer, seed=8)
         simulation = Simulation(services, settings, services.superuser_url(url), fleet, start)
         await simulate(simulation)
         tables = await table_sizes(simulation.superuser_url)
@@ -314,11 +329,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         await services.drop_database(url)
     return {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m scripts.storage_growth", *sys.argv[1:]]),
         "postgres": postgres,
         "fleet": {
-            "customers": args.customers,
-            "devices_per_customer": args.devices_per_customer,
+            "customers": customers,
+            "devices_per_customer": devices_per_customer,
             "devices": len(fleet),
             "users": len({d.user_id for d in fleet if d.user_id}),
             "unassigned_devices": sum(1 for d in fleet if d.user_id is None),
@@ -357,7 +371,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.customers < 1 or args.devices_per_customer < 10:
         parser.error("--customers must be at least 1 and --devices-per-customer at least 10")
-    result = asyncio.run(measure(args))
+    services = services_from_environment()
+    result = asyncio.run(measure_fleet(services, args.customers, args.devices_per_customer))
+    result["command"] = " ".join(["python -m scripts.storage_growth", *sys.argv[1:]])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     log(f"written to {args.output} in {result['seconds']} s")

@@ -144,10 +144,11 @@ class CpuBasis:
     source: str
     shape: str
     runs: int
-    worker_us_per_event: float
+    worker_us_per_event: float  # of the drainer's process: the worker, or the peer
     postgres_us_per_event: float
     write_share: float
     drain_events_per_second: float
+    drainer: str = "worker"
 
 
 @dataclass(frozen=True)
@@ -199,17 +200,28 @@ def cpu_us_per_event(result: Mapping[str, Any], group: str) -> float:
     return float(cores) * float(result["measured_seconds"]) / float(events) * 1e6
 
 
-def cpu_basis(bench: Mapping[str, Any], source: str, shape: str = "steady") -> CpuBasis:
-    """The medians over the runs of `shape` in a benchmark result."""
+DRAINERS = {"worker": "drain", "peer": "peer"}
+
+
+def cpu_basis(
+    bench: Mapping[str, Any], source: str, shape: str = "steady", drainer: str = "worker"
+) -> CpuBasis:
+    """The medians over the runs of `shape` in a benchmark result: of the worker's drain, or
+    (`drainer="peer"`) of the minimal pipeline's drain of the same events, issue #17's
+    reference (the write share is the worker's either way: the peer has none)."""
+    _require(drainer in DRAINERS, f"unknown drainer {drainer!r}")
     try:
         runs = bench["shapes"][shape]["runs"]
     except KeyError:
         raise SizingError(f"{source}: no runs of the {shape!r} shape") from None
     _require(bool(runs), f"{source}: no runs of the {shape!r} shape")
-    drains = [run["drain"] for run in runs]
+    _require(all(DRAINERS[drainer] in run for run in runs), f"{source}: no {drainer} drain")
+    drains = [run[DRAINERS[drainer]] for run in runs]
+    writes = [run["drain"] for run in runs]
     return CpuBasis(
         source=source,
         shape=shape,
+        drainer=drainer,
         runs=len(runs),
         worker_us_per_event=_finite_positive(
             _median((cpu_us_per_event(d, "worker") for d in drains), "worker CPU"),
@@ -220,7 +232,7 @@ def cpu_basis(bench: Mapping[str, Any], source: str, shape: str = "steady") -> C
             "Postgres's CPU-µs per event",
         ),
         write_share=_share(
-            _median((d["extra"].get("write_share", float("nan")) for d in drains), "write share")
+            _median((d["extra"].get("write_share", float("nan")) for d in writes), "write share")
         ),
         drain_events_per_second=_finite_positive(
             _median((d["events_per_second"] for d in drains), "drain rate"), "the drain rate"
@@ -575,10 +587,10 @@ def basis_table(cpu: CpuBasis, storage: StorageBasis) -> str:
     lines = [
         "| measured | value | from |",
         "|---|---|---|",
-        f"| worker CPU-µs per event | {cpu.worker_us_per_event:.1f} | {cpu.source}, "
-        f"{cpu.shape} shape, median of {cpu.runs} run(s) |",
+        f"| {cpu.drainer} CPU-µs per event | {cpu.worker_us_per_event:.1f} | {cpu.source}, "
+        f"{cpu.shape} shape, the {cpu.drainer}'s drain, median of {cpu.runs} run(s) |",
         f"| Postgres CPU-µs per event | {cpu.postgres_us_per_event:.1f} | the same |",
-        f"| write share (time a replica writes) | {cpu.write_share:.2f} | the same |",
+        f"| write share (time a replica writes) | {cpu.write_share:.2f} | the same, the worker's |",
         f"| drain events/s (one replica, 2 shared cores) | {cpu.drain_events_per_second:,.0f}"
         " | the same |",
     ]
@@ -616,6 +628,12 @@ def main() -> None:
     )
     parser.add_argument("--bench", type=Path, default=DEFAULT_BENCH)
     parser.add_argument("--shape", default="steady", help="the benchmark shape to size from")
+    parser.add_argument(
+        "--drainer",
+        choices=sorted(DRAINERS),
+        default="worker",
+        help="whose CPU per event: the worker's, or the minimal pipeline's (issue #17's peer)",
+    )
     parser.add_argument("--storage", type=Path, default=DEFAULT_STORAGE)
     parser.add_argument(
         "--devices",
@@ -633,7 +651,8 @@ def main() -> None:
     try:
         fleets = [int(float(text)) for text in args.devices.split(",") if text]
         assumptions = replace(Assumptions(), **parse_overrides(args.set))  # type: ignore[arg-type]
-        cpu = cpu_basis(json.loads(args.bench.read_text()), _shown(args.bench), args.shape)
+        bench = json.loads(args.bench.read_text())
+        cpu = cpu_basis(bench, _shown(args.bench), args.shape, args.drainer)
         storage = storage_basis(json.loads(args.storage.read_text()), _shown(args.storage))
         sizes = [size_fleet(devices, cpu, storage, assumptions) for devices in fleets]
     except (SizingError, ValueError, OSError) as error:

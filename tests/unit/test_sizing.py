@@ -46,8 +46,9 @@ def drain(worker_cores: float, postgres_cores: float, write_share: float = 0.5) 
     }
 
 
-def bench(*drains: dict[str, Any]) -> dict[str, Any]:
-    return {"shapes": {"steady": {"runs": [{"drain": d} for d in drains]}}}
+def bench(*drains: dict[str, Any], peer: dict[str, Any] | None = None) -> dict[str, Any]:
+    runs = [{"drain": d, **({"peer": peer} if peer else {})} for d in drains]
+    return {"shapes": {"steady": {"runs": runs}}}
 
 
 CPU = CpuBasis(
@@ -126,12 +127,28 @@ def test_the_cpu_basis_is_the_median_of_the_runs_by_the_benchmarks_formula() -> 
     assert bench_cpu_us_per_event(runs[0], "worker") == pytest.approx(30.0)
 
 
+def test_the_peers_cpu_sizes_what_issue_17s_reference_would_need() -> None:
+    peer = drain(0.5, 0.25)
+    del peer["extra"]["write_share"]
+    basis = cpu_basis(bench(drain(2.0, 2.0, 0.6), peer=peer), "b.json", drainer="peer")
+    assert basis.worker_us_per_event == pytest.approx(5.0)
+    assert basis.postgres_us_per_event == pytest.approx(2.5)
+    assert basis.write_share == pytest.approx(0.6)  # the worker's: the peer has none
+    with pytest.raises(SizingError, match="no peer drain"):
+        cpu_basis(bench(drain(2.0, 2.0)), "b.json", drainer="peer")
+    with pytest.raises(SizingError, match="unknown drainer"):
+        cpu_basis(bench(drain(2.0, 2.0)), "b.json", drainer="bench")
+
+
 def test_the_committed_benchmark_gives_the_figures_its_table_printed() -> None:
     measured = json.loads(DEFAULT_BENCH.read_text())
     basis = cpu_basis(measured, "bench")
     medians = measured["shapes"]["steady"]["median"]
     assert basis.worker_us_per_event == pytest.approx(medians["worker_worker_cpu_us_per_event"])
     assert basis.postgres_us_per_event == pytest.approx(medians["worker_postgres_cpu_us_per_event"])
+    peer = cpu_basis(measured, "bench", drainer="peer")
+    assert peer.worker_us_per_event == pytest.approx(medians["peer_worker_cpu_us_per_event"])
+    assert peer.postgres_us_per_event == pytest.approx(medians["peer_postgres_cpu_us_per_event"])
 
 
 def test_steady_and_drain_rates_replicas_and_cores_follow_their_formulas() -> None:
@@ -328,18 +345,28 @@ def test_the_compact_fleet_state_uses_the_sizes_after_vacuum_full() -> None:
     assert size.state_compact_gb == pytest.approx(1_000_000 * 1_000 / 1e9)
 
 
-def test_the_table_in_docs_scaling_md_is_the_commands_output() -> None:
-    """docs/scaling.md shows the sizing of the committed measurements: rerun
-    `python -m scripts.sizing` and paste its first two tables when they change."""
-    done = subprocess.run(
-        [sys.executable, "-m", "scripts.sizing"],
+def sizing_output(*arguments: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.sizing", *arguments],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
-    )
+    ).stdout
+
+
+def test_the_tables_in_docs_scaling_md_are_the_commands_output() -> None:
+    """docs/scaling.md shows the sizing of the committed measurements: rerun
+    `python -m scripts.sizing` (and `--drainer peer`) and paste the tables when they
+    change."""
     document = (REPO_ROOT / "docs" / "scaling.md").read_text()
-    sizing, growth = done.stdout.split("\n\n")[:2]
+    sizing, growth = sizing_output().split("\n\n")[:2]
     stale = [line for line in (sizing + "\n" + growth).splitlines() if line not in document]
     assert not stale, "docs/scaling.md's sizing is not the script's output:\n" + "\n".join(stale)
+    start = document.index("### With the minimal pipeline's costs")
+    section = document[start : document.index("\n### ", start + 1)]
+    peer = sizing_output("--drainer", "peer").split("\n\n")[0].splitlines()
+    shown = [line for line in section.splitlines() if line.startswith("| ")][2:]
+    assert shown, "the peer's rows are missing"
+    assert [line for line in shown if line not in peer] == []

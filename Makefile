@@ -7,7 +7,7 @@ export UV := python3 -m uv
 SERVICES := deploy/local/services.sh
 export KAFKA_LIB_DIR ?= $(CURDIR)/.local/kafka-lib
 
-.PHONY: setup demo test faults lint audit bench bench-sweep load-proof services services-stop schemas clean
+.PHONY: setup demo test faults lint audit bench bench-sweep load-proof sizing services services-stop schemas clean
 
 setup: ## Install the locked Python environment into .venv
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
@@ -40,6 +40,9 @@ bench-sweep: setup ## One sweep over 1,000,000 silent devices (see docs/benchmar
 
 load-proof: setup ## A few minutes under load; writes docs/load-proof.png and .csv
 	bash scripts/bench.sh --load-proof
+
+sizing: setup ## Partitions, replicas, Postgres cores, connections and storage for 1M/10M/50M devices, from docs/measurements (docs/scaling.md)
+	$(UV) run --frozen python -m scripts.sizing $(SIZING_ARGS)
 
 services: ## Start local Kafka and Postgres (.local/services) and print their variables
 	bash $(SERVICES) start

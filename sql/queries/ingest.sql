@@ -31,6 +31,41 @@ FROM (
     ORDER BY k
 ) AS keys;
 
+-- name: insert_new_users
+-- The users the batch names ($1, $2 ...) that are not stored yet, inserted in key order
+-- before any user row is locked, with what upsert_users would store. Returns those this
+-- statement created, with their first sighting. A user no lock statement could see (it does
+-- not exist yet) would otherwise be locked later, by upsert_users, out of key order: when a
+-- third transaction creates it in between, and another batch that locked it then waits for
+-- a user this batch holds, the two deadlock (found in the fault run). Here a batch that
+-- meets another's uncommitted insert of the same user waits for it holding no user row.
+-- The caller leaves out the users its last-seen memory knows stored (the remembered user of
+-- a device it refreshes): the steady state then runs no such statement. Such a user removed
+-- since (an erasure, a purge) is inserted by upsert_users again: Postgres's deadlock
+-- detection is then the only guard left, and the batch is retried.
+-- The NOT EXISTS spares the stored users a conflict (ON CONFLICT DO NOTHING would wait for
+-- a transaction updating one); erased customers store nothing (as upsert_users).
+WITH inserted AS (
+    INSERT INTO users AS u (
+        customer_id, user_id, email, display_name, profile_reported_at, first_seen_at, last_seen_at
+    )
+    SELECT * FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
+        $7::timestamptz[]
+    ) AS b (customer_id, user_id, email, display_name, profile_reported_at, first_seen_at,
+            last_seen_at)
+    WHERE NOT EXISTS (
+        SELECT FROM users AS e WHERE e.customer_id = b.customer_id AND e.user_id = b.user_id
+    )
+    AND NOT EXISTS (
+        SELECT FROM customers AS c WHERE c.customer_id = b.customer_id AND c.erased_at IS NOT NULL
+    )
+    ORDER BY b.customer_id, b.user_id
+    ON CONFLICT (customer_id, user_id) DO NOTHING
+    RETURNING u.customer_id, u.user_id, u.first_seen_at
+)
+SELECT customer_id, user_id, first_seen_at FROM inserted;
+
 -- name: lock_device_users
 -- The users whose license a batch can change, locked in key order before any device: the
 -- current users of the batch's devices ($1, $2) and the users the batch names ($3, $4).
@@ -66,9 +101,11 @@ ORDER BY d.customer_id, d.device_id
 FOR NO KEY UPDATE OF d;
 
 -- name: upsert_users
--- Returns the users this statement created (xmax 0: inserted, not updated) with their first
--- sighting: new to this transaction, they hold no license yet and their rows are locked by
--- the insert, so a decision about them reads and locks nothing more (decide_groups).
+-- The batch's users that insert_new_users did not create, all locked before by
+-- lock_device_users (one removed since, e.g. purged, is inserted again). Returns the users
+-- this statement created (xmax 0: inserted, not updated) with their first sighting: new to
+-- this transaction, they hold no license yet and their rows are locked by the insert, so a
+-- decision about them reads and locks nothing more (decide_groups).
 WITH upserted AS (
     INSERT INTO users AS u (
         customer_id, user_id, email, display_name, profile_reported_at, first_seen_at, last_seen_at

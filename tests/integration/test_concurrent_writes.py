@@ -307,3 +307,75 @@ async def test_the_purge_skips_what_another_transaction_holds_and_purges_it_late
     assert skipped.purged == 0
     assert (await sweep(settings, day(122))).purged == 1
     assert await fetch(database_url, "SELECT 1 FROM users WHERE user_id = 'ann'") == []
+
+
+async def lock_waiters(superuser_url: str) -> int:
+    """Backends of this database waiting for a lock."""
+    return int(
+        await fetchval(
+            superuser_url,
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+    )
+
+
+async def test_a_user_created_by_another_batch_meanwhile_is_never_locked_out_of_order(
+    services: Services, database_url: str
+) -> None:
+    """Batch A names a new user u-a and a stored one u-b. Found in the fault run (1 in 183,173
+    events): A locked u-b in key order while u-a did not exist yet, then another transaction
+    created u-a, and batch B locked u-a then waited for u-b; A's user upsert then took u-a
+    out of order, behind B: a deadlock. New users are now inserted in key order before any
+    user row is locked, so A holds u-a before it waits for anything."""
+    superuser_url = services.superuser_url(database_url)
+    deadlocks_before = await database_deadlocks(superuser_url)
+    now = T0 + timedelta(hours=1)
+    repository = await Repository.connect(database_url, 4)
+    holder = await asyncpg.connect(superuser_url)
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        await write(repository, [agent("install", "dev-b1", T0, "u-b")], now)
+        holder_transaction = holder.transaction()
+        await holder_transaction.start()
+        await holder.execute("SELECT FROM users WHERE user_id = 'u-b' FOR UPDATE")
+
+        batch_a = [agent("install", "dev-a1", T0, "u-a"), agent("heartbeat", "dev-b2", T0, "u-b")]
+        tasks.append(asyncio.create_task(write(repository, batch_a, now)))
+        await wait_until(lambda: _waiters_at_least(superuser_url, 1), timeout=20)
+        tasks.append(
+            asyncio.create_task(
+                fetch(
+                    superuser_url,
+                    "INSERT INTO users (customer_id, user_id, first_seen_at, last_seen_at) "
+                    "VALUES ('acme', 'u-a', $1, $1) ON CONFLICT DO NOTHING",
+                    T0,
+                )
+            )
+        )
+        await asyncio.sleep(0.5)
+        batch_b = [agent("install", "dev-a2", T0, "u-a"), agent("heartbeat", "dev-b3", T0, "u-b")]
+        tasks.append(asyncio.create_task(write(repository, batch_b, now)))
+        await wait_until(lambda: _waiters_at_least(superuser_url, 2), timeout=20)
+        await asyncio.sleep(0.5)
+        await holder_transaction.rollback()
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await holder.close()
+        await repository.close()
+    assert [o for o in outcomes if isinstance(o, BaseException)] == []
+    assert await database_deadlocks(superuser_url) == deadlocks_before
+    devices = await fetch(database_url, "SELECT device_id, user_id FROM devices ORDER BY 1")
+    assert [(d["device_id"], d["user_id"]) for d in devices] == [
+        ("dev-a1", "u-a"),
+        ("dev-a2", "u-a"),
+        ("dev-b1", "u-b"),
+        ("dev-b2", "u-b"),
+        ("dev-b3", "u-b"),
+    ]
+
+
+async def _waiters_at_least(superuser_url: str, count: int) -> bool:
+    return await lock_waiters(superuser_url) >= count

@@ -518,3 +518,34 @@ async def test_dropping_a_month_never_waits_for_the_writers_of_devices(
         await writer.close()
     assert changes["device_lifecycle_events"][1] == 1
     assert await fetchval(url, "SELECT count(*) FROM device_lifecycle_events") == 0
+
+
+async def test_creating_a_month_waits_for_a_batch_instead_of_deadlocking_with_it(
+    services: Services, settings: Settings
+) -> None:
+    """Found in the fault run: a lifecycle partition's foreign key makes its creation lock
+    devices (SHARE ROW EXCLUSIVE) after the parent table; a batch holds devices and then
+    writes a lifecycle event into the parent. The maintenance now takes devices first, so
+    it waits for the batch and the batch never waits for it."""
+    url = settings.database_url.get_secret_value()
+    superuser = services.superuser_url(url)
+    await add_customer_and_device(superuser)
+    ahead = partition("device_lifecycle_events", -3)
+    await fetch(superuser, f"DROP TABLE {ahead}")  # the next pass creates it again
+    writer = await asyncpg.connect(superuser)
+    try:
+        async with writer.transaction():
+            await writer.execute("UPDATE devices SET os = 'linux'")  # an ingestion batch
+            maintenance = asyncio.create_task(maintain(settings, NOW))
+            await asyncio.sleep(1.5)  # the maintenance waits for the batch
+            await writer.execute(
+                "INSERT INTO device_lifecycle_events (customer_id, event_id, device_id, "
+                "event_type, occurred_at) VALUES ('acme', 'e-now', 'd1', 'install', now())"
+            )
+            await asyncio.sleep(1.5)  # past the deadlock timeout (1 s)
+        changes = await asyncio.wait_for(maintenance, timeout=30)
+    finally:
+        await writer.close()
+    assert changes["device_lifecycle_events"][0] == 1
+    assert ahead in await partitions(url, "device_lifecycle_events")
+    assert await fetchval(url, "SELECT count(*) FROM device_lifecycle_events") == 1

@@ -13,7 +13,7 @@ import asyncpg
 from worker.db.errors import ConcurrentDecisionError
 from worker.db.sql_files import query
 from worker.ingest.batch import PartitionProgress
-from worker.ingest.coalesce import BatchChanges, DeviceChange
+from worker.ingest.coalesce import BatchChanges, DeviceChange, UserChange
 
 # Rows a streaming cursor fetches per round trip: few enough to keep memory flat, enough to
 # keep round trips from dominating.
@@ -174,8 +174,10 @@ class Session:
             # Before any device lock, like every transaction that decides licenses: a console
             # change to one of these customers waits for this batch, or this batch for it.
             await connection.execute(query("share_customers"), changes.customer_ids)
-            await self._lock_device_users(changes)
-            subjects.created_users.update(await self._upsert_users(changes))
+            created = await self._insert_new_users(changes, _users_of(changes, refresh))
+            subjects.created_users.update(created)
+            await self._lock_device_users(changes, created)
+            subjects.created_users.update(await self._upsert_users(changes, created))
             await self._lock_devices_without_user(changes)
             devices = changes.sorted_devices()
             if refresh:
@@ -202,10 +204,14 @@ class Session:
             )
         return SignalWriteResult(inserted, relevant, written, subjects)
 
-    async def _lock_device_users(self, changes: BatchChanges) -> None:
+    async def _lock_device_users(
+        self, changes: BatchChanges, created: Collection[tuple[str, str]]
+    ) -> None:
         """Locks, in key order and before any device, every user whose license this batch
-        can change (the lock order at the top of sql/queries/licensing.sql)."""
-        devices, users = sorted(changes.devices), sorted(changes.users)
+        can change (the lock order at the top of sql/queries/licensing.sql), but those this
+        transaction created: their inserts hold them."""
+        devices = sorted(changes.devices)
+        users = sorted(key for key in changes.users if key not in created)
         await self._connection.execute(
             query("lock_device_users"), *_key_columns(devices), *_key_columns(users)
         )
@@ -219,19 +225,35 @@ class Session:
             query("lock_devices_without_user"), *_key_columns(sorted(changes.devices))
         )
 
-    async def _upsert_users(self, changes: BatchChanges) -> dict[tuple[str, str], datetime]:
-        """Returns the users created, with their first sighting."""
-        users = changes.sorted_users()
+    async def _insert_new_users(
+        self, changes: BatchChanges, stored: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], datetime]:
+        """Creates, in key order and before any user row is locked, the batch's users not
+        stored yet; returns those created, with their first sighting. `stored`: users the
+        replica knows to be stored (a remembered device's user), not looked for."""
+        users = [
+            user
+            for user in changes.sorted_users()
+            if (user.customer_id, user.user_id) not in stored
+        ]
         if not users:
             return {}
-        rows = await self._connection.fetch(
-            query("upsert_users"),
-            *_columns(
-                users,
-                "customer_id user_id email display_name profile_reported_at "
-                "first_seen_at last_seen_at",
-            ),
-        )
+        rows = await self._connection.fetch(query("insert_new_users"), *_user_columns(users))
+        return {(row["customer_id"], row["user_id"]): row["first_seen_at"] for row in rows}
+
+    async def _upsert_users(
+        self, changes: BatchChanges, created: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], datetime]:
+        """Writes the batch's users that `_insert_new_users` did not create; returns those
+        this statement created (removed in between), with their first sighting."""
+        users = [
+            user
+            for user in changes.sorted_users()
+            if (user.customer_id, user.user_id) not in created
+        ]
+        if not users:
+            return {}
+        rows = await self._connection.fetch(query("upsert_users"), *_user_columns(users))
         return {(row["customer_id"], row["user_id"]): row["first_seen_at"] for row in rows}
 
     async def _refresh_devices(
@@ -460,3 +482,20 @@ def _key_columns(keys: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]
 def _columns(rows: Sequence[Any], names: str) -> list[list[Any]]:
     """Column arrays for an `unnest(...)` statement, in the order the names are given."""
     return [[getattr(row, name) for row in rows] for name in names.split()]
+
+
+def _user_columns(users: Sequence[UserChange]) -> list[list[Any]]:
+    """The column arrays of insert_new_users and upsert_users."""
+    return _columns(
+        users,
+        "customer_id user_id email display_name profile_reported_at first_seen_at last_seen_at",
+    )
+
+
+def _users_of(changes: BatchChanges, devices: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The users the batch names for these of its devices."""
+    return {
+        (change.customer_id, change.user_id)
+        for key, change in changes.devices.items()
+        if key in devices and change.user_id is not None
+    }

@@ -156,7 +156,9 @@ class Worker:
             self._settings.liveness_slack_seconds,
         )
         liveness.register("ingest", slack)
-        tasks = [asyncio.create_task(self._ingest(repository, producer), name="ingest")]
+        tasks = [
+            asyncio.create_task(self._ingest(repository, producer, partition_ends), name="ingest")
+        ]
         if settings.admin_enabled:
             liveness.register("admin", settings.batch_max_wait_ms / 1000 + slack)
             admin = functools.partial(self._admin, repository, producer)
@@ -224,7 +226,9 @@ class Worker:
         with contextlib.suppress(Stopped):
             await retry(run, retriable=is_outage, wait=wait, stopping=self._stopping)
 
-    async def _ingest(self, repository: Repository, producer: Any) -> None:
+    async def _ingest(
+        self, repository: Repository, producer: Any, partition_ends: PartitionEnds
+    ) -> None:
         """Runs the ingestion loop on a consumer; recreates the consumer when the monitor
         finds a partition stuck, until the worker stops."""
         settings = self._settings
@@ -232,7 +236,10 @@ class Worker:
             self._consumer_done = asyncio.Event()
             consumer = create_consumer(settings)
             session = self._session("ingest", consumer, producer, repository, self._consumer_done)
-            ingest = IngestionLoop(session)
+            console_behind = functools.partial(
+                partition_ends.group_behind, settings.admin_consumer_group, settings.admin_topic
+            )
+            ingest = IngestionLoop(session, console_behind)
             consumer.subscribe(list(settings.agent_topics), listener=ingest.rebalance_listener())
             try:
                 await self._unless_stopped(

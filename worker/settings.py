@@ -118,6 +118,17 @@ class Settings(BaseSettings):
             "creates the customer, for deployments without the console topic"
         ),
     )
+    console_catch_up_wait_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        le=86_400,
+        description=(
+            "With UNKNOWN_CUSTOMERS=refuse: how long a batch holding signals of a customer "
+            "not in the database waits while the console's consumer group has not applied "
+            "every console message yet (the customer may be on its way) before its signals "
+            "go to the DLQ as unknown_customer. 0: no wait (docs/ingestion.md)"
+        ),
+    )
     agent_signing_keys_file: Path | None = Field(
         default=None,
         description=(

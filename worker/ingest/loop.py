@@ -14,15 +14,17 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import structlog
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 
 from worker.db.session import LicenseRow, Session, SignalWriteResult, WrittenDevice
+from worker.db.wait import pause
 from worker.ingest.batch import (
     DecodedBatch,
     DecodedRecord,
@@ -60,14 +62,21 @@ DECODE_SLICE = 500
 # below that, a second transaction costs more round trips than it saves (latency at low
 # rates, when batches are small).
 MIN_DEVICES_PER_PART = 500
+# How often a batch waiting for the console asks again (_wait_for_console).
+CONSOLE_POLL_SECONDS = 1.0
 
 
 class IngestionLoop:
     """Agent events: decoded and folded here, written concurrently per group of customers
     with their license decisions; the Kafka mechanics are the consumer session's."""
 
-    def __init__(self, session: ConsumerSession) -> None:
+    def __init__(
+        self, session: ConsumerSession, console_behind: Callable[[], Awaitable[int]] | None = None
+    ) -> None:
+        """`console_behind`: how many console messages the console's consumer group has not
+        applied yet (None: unknown customers' signals are refused at once)."""
         self._session = session
+        self._console_behind = console_behind
         self._signing_keys = session.settings.agent_signing_keys()
         self._admit_customers = session.settings.unknown_customers == "admit"
         self._in_flight: _InFlight | None = None
@@ -247,12 +256,12 @@ class IngestionLoop:
         create it and its foreign keys refuse the rows."""
         if self._admit_customers or not changes.devices:
             return changes, []
-        repository = self._session.repository
-        customer_ids = changes.customer_ids
-        rows = await self._session.retry_database(
-            lambda: repository.fetch("existing_customers", customer_ids)
-        )
-        unknown = set(customer_ids) - {row["customer_id"] for row in rows}
+        unknown = await self._unknown_customers(changes.customer_ids)
+        if unknown:
+            waited = await self._wait_for_console(batch, unknown)
+            if waited is None:  # revoked meanwhile: the new owner reads them again
+                return changes.without_customers(unknown), []
+            unknown = waited
         if not unknown:
             return changes, []
         rejection = Rejection(RejectReason.UNKNOWN_CUSTOMER, "customer_id: never created")
@@ -262,6 +271,74 @@ class IngestionLoop:
             if item.event.customer_id in unknown
         ]
         return changes.without_customers(unknown), letters
+
+    async def _unknown_customers(self, customer_ids: Collection[str]) -> set[str]:
+        """Those of these customers that are not in the database."""
+        repository, wanted = self._session.repository, sorted(customer_ids)
+        rows = await self._session.retry_database(
+            lambda: repository.fetch("existing_customers", wanted)
+        )
+        return set(wanted) - {row["customer_id"] for row in rows}
+
+    async def _wait_for_console(self, batch: DecodedBatch, unknown: set[str]) -> set[str] | None:
+        """While the console's consumer group has not applied every console message (one
+        may create these customers: the group rebalancing, its replica restarting), waits
+        for it, up to CONSOLE_CATCH_UP_WAIT_SECONDS, and returns the customers still not in
+        the database: those the console never created, or all of them once the wait ran
+        out. None: every partition of the batch was revoked meanwhile. A Kafka error while
+        asking counts as behind."""
+        seconds = self._session.settings.console_catch_up_wait_seconds
+        if self._console_behind is None or seconds <= 0:
+            return unknown
+        started = time.monotonic()
+        behind = await self._console_messages_behind()
+        if behind == 0:
+            return unknown
+        log.warning(
+            "ingest.waiting_for_console",
+            customers=len(unknown),
+            console_messages_behind=behind,
+            wait_seconds=seconds,
+        )
+        metrics.WAITING_FOR_CONSOLE.set(1)
+        try:
+            while unknown and behind != 0:
+                if time.monotonic() - started >= seconds:
+                    log.error(
+                        "ingest.console_wait_expired",
+                        customers=len(unknown),
+                        console_messages_behind=behind,
+                        waited_seconds=round(time.monotonic() - started, 1),
+                    )
+                    return unknown
+                await pause(self._session.stopping, CONSOLE_POLL_SECONDS)
+                if self._session.stopping.is_set():
+                    raise Stopped
+                if not self._still_assigned(batch):
+                    return None
+                unknown = await self._unknown_customers(unknown)
+                behind = await self._console_messages_behind()
+        finally:
+            metrics.WAITING_FOR_CONSOLE.set(0)
+        log.info(
+            "ingest.console_caught_up",
+            customers_still_unknown=len(unknown),
+            waited_seconds=round(time.monotonic() - started, 1),
+        )
+        return unknown
+
+    async def _console_messages_behind(self) -> int | None:
+        """The console group's backlog; None if Kafka did not say."""
+        assert self._console_behind is not None
+        try:
+            return await self._console_behind()
+        except KafkaError as error:
+            log.warning("ingest.console_progress_unknown", error=type(error).__name__)
+            return None
+
+    def _still_assigned(self, batch: DecodedBatch) -> bool:
+        assigned = self._session.consumer.assignment()
+        return any(TopicPartition(topic, p) in assigned for topic, p in batch.next_offsets)
 
     async def _write_part(
         self,

@@ -16,6 +16,7 @@ from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssigno
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from worker.failures import kafka_unreachable
+from worker.ingest.console_catch_up import messages_behind
 from worker.kafka.partitions import AgentTopicsNotCoPartitioned, co_partitioned
 from worker.kafka.refusals import KafkaAccessRefused, refusal_message
 from worker.retry import Backoff, retry
@@ -245,6 +246,19 @@ class PartitionEnds:
             return {}
         ends = await self._consumer.end_offsets(partitions)
         return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
+    async def group_behind(self, group: str, topic: str) -> int:
+        """How many messages of `topic` `group` has not committed yet (0: a topic that
+        does not exist). Kafka errors are raised."""
+        partitions = await describe_partitions(self._admin, [topic])
+        if not partitions:
+            return 0
+        ends = await self._consumer.end_offsets(partitions)
+        beginnings = await self._consumer.beginning_offsets(partitions)
+        committed = await self._admin.list_consumer_group_offsets(group, partitions=partitions)
+        return messages_behind(
+            ends, beginnings, {tp: meta.offset for tp, meta in committed.items()}
+        )
 
 
 async def read_topic(settings: Settings, topic: str, idle_seconds: float) -> list[bytes]:

@@ -155,6 +155,11 @@ CUSTOMERS_LICENSED = LeaderGauge(
     "Customers holding at least one license: the sweeper leader's count, from its election "
     "and after each pass.",
 )
+WAITING_FOR_CONSOLE = Gauge(
+    "license_worker_waiting_for_console",
+    "1 while an ingestion batch with signals of customers not in the database waits for the "
+    "console's consumer group to apply every console message (CONSOLE_CATCH_UP_WAIT_SECONDS).",
+)
 PAUSED_PARTITIONS = Gauge(
     "license_worker_paused_partitions",
     "Partitions paused while the worker waits out a Kafka or Postgres outage.",

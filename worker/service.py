@@ -78,6 +78,7 @@ class Worker:
         # Set to end the current consumer's life: on stop, or to recreate a stuck consumer.
         self._consumer_done = asyncio.Event()
         self._consumer: Any = None
+        self._ingestion: IngestionLoop | None = None
         self.liveness = Liveness()
         self.readiness = Readiness()
 
@@ -194,6 +195,7 @@ class Worker:
             liveness=liveness,
             readiness=self.readiness,
             on_stuck=self._recreate_consumer,
+            held=self._ingestion_held,
         )
         check = functools.partial(monitor.run_forever, self._stopping)
         tasks.append(self._through_outages("monitor", check, background))
@@ -239,7 +241,7 @@ class Worker:
             console_behind = functools.partial(
                 partition_ends.group_behind, settings.admin_consumer_group, settings.admin_topic
             )
-            ingest = IngestionLoop(session, console_behind)
+            ingest = self._ingestion = IngestionLoop(session, console_behind)
             consumer.subscribe(list(settings.agent_topics), listener=ingest.rebalance_listener())
             try:
                 await self._unless_stopped(
@@ -291,6 +293,9 @@ class Worker:
             beat=lambda: self.liveness.beat(task),
             task=task,
         )
+
+    def _ingestion_held(self) -> bool:
+        return self._ingestion is not None and self._ingestion.waiting_for_console
 
     def _recreate_consumer(self, stuck: list[tuple[str, int]]) -> None:
         self._consumer_done.set()

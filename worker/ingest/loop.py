@@ -77,6 +77,8 @@ class IngestionLoop:
         applied yet (None: unknown customers' signals are refused at once)."""
         self._session = session
         self._console_behind = console_behind
+        # True while a batch waits for the console (the monitor then calls nothing stuck).
+        self.waiting_for_console = False
         self._signing_keys = session.settings.agent_signing_keys()
         self._admit_customers = session.settings.unknown_customers == "admit"
         self._in_flight: _InFlight | None = None
@@ -301,6 +303,7 @@ class IngestionLoop:
             wait_seconds=seconds,
         )
         metrics.WAITING_FOR_CONSOLE.set(1)
+        self.waiting_for_console = True
         try:
             while unknown and behind != 0:
                 if time.monotonic() - started >= seconds:
@@ -320,6 +323,7 @@ class IngestionLoop:
                 behind = await self._console_messages_behind()
         finally:
             metrics.WAITING_FOR_CONSOLE.set(0)
+            self.waiting_for_console = False
         log.info(
             "ingest.console_caught_up",
             customers_still_unknown=len(unknown),

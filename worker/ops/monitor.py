@@ -37,7 +37,10 @@ class Monitor:
         liveness: Liveness,
         readiness: Readiness,
         on_stuck: Callable[[list[PartitionKey]], None],
+        held: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`held`: True while ingestion holds its partitions on purpose (a batch waiting
+        for the console, worker/ingest/loop.py): they are then not stuck."""
         self._settings = settings
         self._repository = repository
         self._partition_ends = partition_ends
@@ -45,6 +48,7 @@ class Monitor:
         self._liveness = liveness
         self._readiness = readiness
         self._on_stuck = on_stuck
+        self._held = held
         self._watched: dict[PartitionKey, Watch] = {}
         self._reported: set[PartitionKey] = set()
 
@@ -97,6 +101,10 @@ class Monitor:
         lags = {p: partition_lag(ends[p], stored.get(p), now) for p in assigned}
         self._publish(lags)
         offsets = {p: stored[p].next_offset if p in stored else 0 for p in assigned}
+        if self._held():  # waiting on purpose, with its own metric and log lines
+            self._watched = {}
+            metrics.STUCK_PARTITIONS.set(0)
+            return
         self._watched = watch_partitions(self._watched, offsets, time.monotonic())
         stuck = stuck_partitions(
             self._watched, lags, time.monotonic(), self._settings.stuck_partition_seconds

@@ -26,6 +26,12 @@ from scripts.bench.stages import RateResult
 from scripts.bench.statements import StatementStats
 
 PROGRESS_POLL_SECONDS = 0.02  # drain: how often ingestion_progress is read
+# What billing receives of a fleet: license events in the outbox, published or settling
+# (withdrawn allocations are gone from it).
+LICENSE_EVENTS = (
+    "SELECT count(*) FROM license_outbox "
+    "WHERE payload->>'type' IN ('license.allocated', 'license.released', 'license.package_changed')"
+)
 
 
 def scrape_batch_metrics(port: int) -> dict[str, float]:
@@ -196,6 +202,9 @@ async def measure_drain(
         ]
         worker = replicas[0]
         pids = [r.process.pid for r in replicas]  # type: ignore[union-attr]
+        # License events of the fleet stored beforehand (its installs allocate): the drain's
+        # own are those added after.
+        license_events_before = await watch.fetchval(LICENSE_EVENTS)
         cpu = CpuMeter(pids, services)
         # A fleet stored beforehand: its first round is written whatever the precision (a
         # replica that just started remembers nothing), so the rounds after it are also
@@ -265,11 +274,7 @@ async def measure_drain(
             lifecycle = await watch.fetchval("SELECT count(*) FROM device_lifecycle_events")
             # What billing receives of this fleet: license events in the outbox, published or
             # settling (withdrawn allocations are gone from it).
-            license_events = await watch.fetchval(
-                "SELECT count(*) FROM license_outbox "
-                "WHERE payload->>'type' IN "
-                "('license.allocated', 'license.released', 'license.package_changed')"
-            )
+            license_events = await watch.fetchval(LICENSE_EVENTS) - license_events_before
         finally:
             codes = [replica.stop() for replica in replicas]
             code = max(codes, key=abs)
@@ -312,6 +317,7 @@ async def measure_drain(
                 else None
             ),
             "license_events": license_events,
+            "license_events_stored_beforehand": license_events_before,
             "license_events_per_device": round(license_events / devices, 3) if devices else None,
             "heartbeats_skipped": batches.get("heartbeats_skipped"),
             "last_seen_skipping": batches.get("last_seen_skipping"),

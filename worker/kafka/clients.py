@@ -12,8 +12,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    InconsistentGroupProtocolError,
+    KafkaConnectionError,
+    KafkaError,
+    TopicAlreadyExistsError,
+)
 
 from worker.failures import kafka_unreachable
 from worker.ingest.console_catch_up import messages_behind
@@ -54,11 +58,13 @@ def create_consumer(settings: Settings, group_id: str | None = None) -> AIOKafka
         # batch of a fetch whole (KIP-74).
         max_partition_fetch_bytes=1_048_576,
         fetch_max_bytes=16_777_216,
-        # Range first: with the agent topics' equal partition counts it gives partition p of
-        # both to the same member, which the last-seen precision needs (docs/ingestion.md).
-        # Round robin too, so that a group still joins while a member of an older release
-        # (round robin only) is in it; the worker then writes every heartbeat.
-        partition_assignment_strategy=(RangePartitionAssignor, RoundRobinPartitionAssignor),
+        # Range: with the agent topics' equal partition counts it gives partition p of both
+        # to the same member, which the last-seen precision needs (docs/ingestion.md). One
+        # assignor only: aiokafka 0.14 sends a JoinGroup per configured assignor, each later
+        # one with a longer protocol list, which the coordinator takes as changed metadata and
+        # answers with another rebalance; under load a group of such members never settled
+        # (the fault run: 1,800 generations in 5 minutes; tests/integration/test_group_joins.py).
+        partition_assignment_strategy=(RangePartitionAssignor,),
         # Longer than the revocation's flush: a member whose flush outlasted it (Postgres
         # restarting) was dropped from the group, rejoined, and started another rebalance.
         # Not much longer: a member killed while its JoinGroup waits is dropped only after
@@ -130,7 +136,16 @@ async def start_with_retry(
     def unreachable(error: Exception) -> bool:
         return isinstance(error, KafkaConnectionError | OSError)
 
-    return await retry(start, retriable=unreachable, wait=wait)
+    try:
+        return await retry(start, retriable=unreachable, wait=wait)
+    except InconsistentGroupProtocolError:
+        log.error(
+            "kafka.group_protocol_mismatch",
+            service=name,
+            hint="members of a release before 2026-12-03 (round-robin assignor) are in the "
+            "group: stop them before starting this release (docs/operations.md, Upgrades)",
+        )
+        raise
 
 
 async def start_once(name: str, start: Callable[[], Awaitable[T]], settings: Settings) -> T:

@@ -73,14 +73,14 @@ def shape_medians(runs: list[dict[str, Any]]) -> dict[str, float]:
         },
         "drain_events_per_second": median(r["drain"]["events_per_second"] for r in runs),
         "drain_second_half_events_per_second": median(
-            r["drain"]["extra"].get("second_half_events_per_second") or float("nan") for r in runs
+            known(r["drain"]["extra"].get("second_half_events_per_second")) for r in runs
         ),
         "drain_events_per_second_with_startup": median(
             r["drain"]["events_per_second_with_startup"] for r in runs
         ),
         "ratio": median(r["ratio"] for r in runs),
         "license_events_per_device": median(
-            r["drain"]["extra"].get("license_events_per_device") or float("nan") for r in runs
+            known(r["drain"]["extra"].get("license_events_per_device")) for r in runs
         ),
     }
     if all("peer" in r for r in runs):
@@ -121,6 +121,12 @@ def shape_verdicts(shapes: dict[str, dict[str, Any]]) -> dict[str, str]:
             if target is not None and measure in medians:
                 verdicts[f"{name}_{key}"] = verdict(medians[measure], target, higher)
     return verdicts
+
+
+def known(value: float | None) -> float:
+    """A measured value, NaN where there is none (0 is a value: a steady drain's license
+    events)."""
+    return float("nan") if value is None else value
 
 
 def median(values: Iterable[float]) -> float:
@@ -181,13 +187,9 @@ def shape_rows(shape: str, runs: list[dict[str, Any]]) -> list[Row]:
     reads = [r["read"]["events_per_second"] for r in runs]
     drains = [r["drain"]["events_per_second"] for r in runs]
     walls = [r["drain"]["events_per_second_with_startup"] for r in runs]
-    halves = [
-        r["drain"]["extra"].get("second_half_events_per_second") or float("nan") for r in runs
-    ]
+    halves = [known(r["drain"]["extra"].get("second_half_events_per_second")) for r in runs]
     ratios = [r["ratio"] for r in runs]
-    per_device = [
-        r["drain"]["extra"].get("license_events_per_device") or float("nan") for r in runs
-    ]
+    per_device = [known(r["drain"]["extra"].get("license_events_per_device")) for r in runs]
     messages = runs[0]["messages"]
     rows = [measure_row(f"{shape} ({messages:,} msgs): (a) read limit, ev/s", reads)]
     if all(stage_rates(r) for r in runs):

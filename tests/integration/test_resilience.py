@@ -12,6 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from tests.support import (
     Services,
@@ -310,6 +311,7 @@ async def test_sigterm_while_a_rebalance_holds_the_join_exits_promptly(
         session_timeout_ms=120_000,
         rebalance_timeout_ms=150_000,
         heartbeat_interval_ms=1_000,
+        partition_assignment_strategy=(RangePartitionAssignor,),  # the worker's (one group)
     )
     member.subscribe(list(settings.agent_topics), listener=slow)
     await member.start()
